@@ -1,0 +1,151 @@
+"""Every setting of the backend, read once from the environment into one typed object.
+
+No other module reads ``os.environ``: the serve command builds a :class:`Settings` and passes it
+down, and tests build one by hand. ``SETTINGS_DOC`` is the source of README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_PROMPT_TEMPLATE = "Point to {label}\nPlease say 'There are none.' if it is not in the image."
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def _hf_home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # model
+    model: str = "allenai/Molmo2-4B"
+    revision: str | None = None
+    demo: str = "auto"  # "auto": demo model when there is no GPU and no local weights; "1"; "0"
+    device: str = "auto"  # "auto", "cuda", "cuda:1", "cpu"
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
+    max_new_tokens: int = 256
+    max_batch: int = 48
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    point_width: float = 0.75
+    cache_dir: Path = field(default_factory=lambda: _hf_home(os.environ) / "molmo-backend")
+    # Label Studio
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    # image fetching
+    fetch_timeout: float = 15.0
+    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+    allowed_hosts: tuple[str, ...] = ()
+    local_files_root: Path | None = None
+    # HTTP server
+    host: str = "0.0.0.0"
+    port: int = 9090
+    threads: int = 8
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    max_request_bytes: int = 64 * 1024 * 1024
+    log_level: str = "INFO"
+    log_format: str = "json"  # "json" or "text"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from environment variables (see ``SETTINGS_DOC``), then ``overrides``."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in fields(cls):
+            var = ENV_NAMES[f.name]
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, var, raw)
+        if "cache_dir" not in values:
+            values["cache_dir"] = _hf_home(env) / "molmo-backend"
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if "{label}" not in self.prompt_template:
+            raise SettingsError("MOLMO_PROMPT_TEMPLATE must contain '{label}'")
+        if self.demo not in ("auto", "0", "1"):
+            raise SettingsError("MOLMO_DEMO must be auto, 1 or 0")
+        if self.max_batch < 1 or self.max_new_tokens < 1 or self.threads < 1:
+            raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError("LOG_FORMAT must be json or text")
+
+    def redacted(self) -> dict:
+        """The settings as a dict fit for logs: secrets are masked."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRETS and value:
+                value = "***"
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+SECRETS = {"label_studio_api_key", "basic_auth_pass"}
+
+# field name -> (environment variable, description)
+SETTINGS_DOC: dict[str, tuple[str, str]] = {
+    "model": ("MOLMO_MODEL", "Hub id or local folder of a Molmo2 checkpoint"),
+    "revision": ("MOLMO_REVISION", "Hub revision (branch, tag or commit) of MOLMO_MODEL"),
+    "demo": ("MOLMO_DEMO", "`auto`: use the tiny random demo model when there is no GPU and no "
+             "local weights; `1`: always; `0`: never"),
+    "device": ("MOLMO_DEVICE", "`auto`, `cuda`, `cuda:N` or `cpu`"),
+    "dtype": ("MOLMO_DTYPE", "`auto` (bfloat16 on CUDA, float32 on CPU), `bfloat16`, `float16`, "
+              "`float32`"),
+    "max_new_tokens": ("MOLMO_MAX_NEW_TOKENS", "Cap on tokens generated per (image, label)"),
+    "max_batch": ("MOLMO_MAX_BATCH", "Most (image, label) pairs in one GPU batch"),
+    "prompt_template": ("MOLMO_PROMPT_TEMPLATE", "Prompt per label; `{label}` is replaced by the "
+                        "label (or its `prompt` attribute in the label config)"),
+    "point_width": ("MOLMO_POINT_WIDTH", "Keypoint dot size, percent of the image width"),
+    "cache_dir": ("MOLMO_CACHE_DIR", "Where the demo model is built (default `$HF_HOME/molmo-backend`)"),
+    "label_studio_url": ("LABEL_STUDIO_URL", "Label Studio's URL, for fetching uploaded images"),
+    "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "Label Studio personal access token or legacy "
+                             "token"),
+    "fetch_timeout": ("MOLMO_FETCH_TIMEOUT", "Seconds allowed for one image fetch"),
+    "max_image_bytes": ("MOLMO_MAX_IMAGE_BYTES", "Largest image file accepted, in bytes"),
+    "max_image_pixels": ("MOLMO_MAX_IMAGE_PIXELS", "Largest image accepted, in pixels "
+                         "(decompression-bomb guard)"),
+    "allowed_hosts": ("MOLMO_ALLOWED_HOSTS", "Comma-separated hosts images may be fetched from "
+                      "besides Label Studio's; `*` allows any"),
+    "local_files_root": ("LOCAL_FILES_DOCUMENT_ROOT", "Folder served by Label Studio's local-files "
+                         "storage, read directly when set"),
+    "host": ("HOST", "Address the server binds"),
+    "port": ("PORT", "Port the server binds"),
+    "threads": ("THREADS", "HTTP threads of the single gunicorn worker"),
+    "basic_auth_user": ("BASIC_AUTH_USER", "Require HTTP basic auth with this user"),
+    "basic_auth_pass": ("BASIC_AUTH_PASS", "... and this password"),
+    "max_request_bytes": ("MOLMO_MAX_REQUEST_BYTES", "Largest request body accepted"),
+    "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    "log_format": ("LOG_FORMAT", "`json` (one object a line) or `text`"),
+}
+ENV_NAMES = {name: var for name, (var, _) in SETTINGS_DOC.items()}
+
+
+def _convert(name: str, var: str, raw: str):
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind in ("Path", "Path | None"):
+            return Path(raw)
+        if kind == "tuple[str, ...]":
+            return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{var}={raw!r} is not a valid {kind}") from exc
+    return raw
