@@ -1,0 +1,34 @@
+"""Turn a keypoint label into the text Molmo is asked, and fingerprint the template.
+
+The fingerprint goes into model_version: Label Studio skips tasks that already hold a prediction of
+the same version, so changing the template must change the version to get fresh predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from molmo_backend.settings import DEFAULT_PROMPT_TEMPLATE
+
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "build_prompt", "prompt_fingerprint"]
+
+PLACEHOLDER = "{label}"
+
+
+def build_prompt(label: str, template: str = DEFAULT_PROMPT_TEMPLATE,
+                 override: str | None = None) -> str:
+    """``template`` with ``{label}`` replaced by ``override`` (the config's prompt) or the label.
+
+    str.replace, not str.format: labels such as "{0}" or "a {b}" must pass through untouched.
+    """
+    if PLACEHOLDER not in template:
+        raise ValueError(f"the prompt template must contain {PLACEHOLDER}: {template!r}")
+    text = (override if override is not None else label).strip()
+    if not text:
+        raise ValueError("cannot build a prompt for an empty label")
+    return template.replace(PLACEHOLDER, text)
+
+
+def prompt_fingerprint(template: str) -> str:
+    """8 hex characters that change whenever the template does."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:8]
