@@ -36,7 +36,7 @@ _TAG = re.compile(r"<\s*(points?)\b([^<>]*)(?:>([^<]*))?", re.IGNORECASE)
 # long garbage words linear
 _ATTR = re.compile(r"""(?<![\w-])([A-Za-z_][\w-]*)\s*=\s*(?:"([^"]*)("?)|'([^']*)('?))""")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-_V1_KEY = re.compile(r"([xy])(\d*)")
+_V1_KEY = re.compile(r"([xy])([0-9]{0,6})")  # capped: int() refuses huge digit strings
 
 
 def parse_points(answer: str) -> list[Point]:
@@ -106,7 +106,7 @@ def _molmo1_points(attrs: dict[str, str]) -> list[tuple[float, float]]:
         key = _V1_KEY.fullmatch(name)
         number = _number(value)
         if key and number is not None:
-            (xs if key.group(1).lower() == "x" else ys)[key.group(2)] = number
+            (xs if key.group(1) == "x" else ys)[key.group(2)] = number
     ordered = sorted(xs, key=lambda k: int(k) if k else 0)
     return [(xs[k], ys[k]) for k in ordered if k in ys]
 

@@ -153,6 +153,12 @@ def test_outside_points_do_not_drop_their_neighbours():
         (10.0, 10.0), (20.0, 20.0)]
 
 
+def test_huge_v1_indexes_are_ignored_not_raised():
+    digits = "1" * 5000
+    answer = f'<points x{digits}="1" y{digits}="2" x2="3" y2="4">a</points>'
+    assert xy(parse_points(answer)) == [(3.0, 4.0)]
+
+
 def test_every_prefix_of_a_real_answer_is_safe_and_invents_nothing():
     for answer in REAL + [MOLMO2_COUNT + " " + V1_POINTS]:
         full = Counter(xy(parse_points(answer)))
