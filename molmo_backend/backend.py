@@ -1,0 +1,201 @@
+"""The model class Label Studio talks to, in label-studio-ml 2.x's shape.
+
+``predict`` turns Label Studio tasks into keypoint predictions:
+label config -> point targets -> prompts; task data -> images; (image, prompt) queries -> the
+scheduler (GPU batching) -> answers -> points -> regions. It owns the one invariant Label Studio
+depends on: every task gets exactly one prediction, in task order, whatever fails on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Sequence
+
+from .engine.base import PointQuery
+from .engine.scheduler import Priority, Scheduler
+from .images import ImageLoader, ImageLoadError, LoadedImage
+from .labels import PointTarget, parse_point_targets
+from .points import parse_points
+from .prompts import build_prompt, prompt_fingerprint
+from .regions import empty_prediction, keypoint_region, task_prediction
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: tasks whose images are held in memory at once during one request
+TASK_CHUNK = 64
+
+
+class LabelStudioMLBase:
+    """label-studio-ml 2.x's model contract (``setup``, ``predict``, ``fit``, ``model_version``)
+    without its HTTP layer, Redis or per-request model construction."""
+
+    def __init__(self, project_id: str | None = None, label_config: str | None = None):
+        self.project_id = project_id
+        self.label_config = label_config
+
+    @property
+    def model_version(self) -> str:
+        return "0.0.1"
+
+    def setup(self) -> None:
+        """Called when Label Studio connects; must be cheap (Label Studio gives /setup 3 s)."""
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+        """One prediction dict per task, in task order."""
+        raise NotImplementedError
+
+    def fit(self, event: str, data: dict, **kwargs) -> dict | None:
+        """Training hook for Label Studio's webhook events."""
+        return None
+
+
+@lru_cache(maxsize=64)
+def cached_targets(label_config: str) -> tuple[PointTarget, ...]:
+    """Parsed point targets of a config; LS re-sends the same config with every request."""
+    return tuple(parse_point_targets(label_config))
+
+
+def make_model_version(model_id: str, revision: str, prompt_template: str) -> str:
+    """Stable across restarts: model, checkpoint revision and prompt settings, nothing else.
+    Label Studio skips tasks that already hold a prediction of this version."""
+    name = model_id.rstrip("/").rsplit("/", 1)[-1]
+    return f"{name}@{revision}-p{prompt_fingerprint(prompt_template)}"
+
+
+@dataclass
+class _Pair:
+    """One (task, target, label) to ask the model about."""
+
+    task_index: int
+    target: PointTarget
+    label: str
+    image: LoadedImage
+
+
+class MolmoBackend(LabelStudioMLBase):
+    """Keypoint pre-annotations from Molmo pointing answers."""
+
+    def __init__(self, settings: Settings, scheduler: Scheduler, images: ImageLoader, model_version: str):
+        super().__init__()
+        self.settings = settings
+        self.scheduler = scheduler
+        self.images = images
+        self._model_version = model_version
+        self._fetch_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
+
+    @property
+    def model_version(self) -> str:
+        return self._model_version
+
+    def setup(self, label_config: str | None = None, hostname: str | None = None,
+              access_token: str | None = None) -> str:
+        """Validate the project's config (raises LabelConfigError) and remember how to reach LS."""
+        if label_config is not None:
+            cached_targets(label_config)
+            self.label_config = label_config
+        self.images.configure_label_studio(hostname, access_token)
+        return self.model_version
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
+        """One prediction per task, in order. Raises LabelConfigError for an unusable config
+        (that is the whole request's fault); anything that goes wrong with one task gives that
+        task an empty prediction and a logged reason."""
+        label_config = kwargs.get("label_config") or self.label_config
+        if not label_config:
+            raise ValueError("no label config: send label_config with the request or call /setup first")
+        targets = cached_targets(label_config)
+        priority = kwargs.get("priority") or (Priority.INTERACTIVE if len(tasks) <= 1 else Priority.BULK)
+        started = time.monotonic()
+        # Chunks bound the memory held in decoded images; the next chunk's images are fetched
+        # while the current one is on the GPU.
+        chunks = [tasks[i : i + TASK_CHUNK] for i in range(0, len(tasks), TASK_CHUNK)]
+        predictions: list[dict] = []
+        pending = self._fetch_images(chunks[0], targets) if chunks else []
+        for k in range(len(chunks)):
+            images = [[future.result() for future in row] for row in pending]
+            if k + 1 < len(chunks):
+                pending = self._fetch_images(chunks[k + 1], targets)
+            predictions.extend(self._predict_chunk(images, targets, priority))
+        log.info(
+            "predicted",
+            extra={
+                "tasks": len(tasks), "points": sum(len(p["result"]) for p in predictions),
+                "seconds": round(time.monotonic() - started, 3), "priority": Priority(priority).name,
+            },
+        )
+        return predictions
+
+    def fit(self, event: str, data: dict, **kwargs) -> dict:
+        """Molmo is not fine-tuned from annotations here; events are acknowledged and ignored."""
+        log.debug("webhook event ignored", extra={"event": event})
+        return {"status": "ignored", "event": event}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _predict_chunk(self, images: list[list[LoadedImage | None]], targets: Sequence[PointTarget],
+                       priority: Priority) -> list[dict]:
+        pairs = [
+            _Pair(task_index, target, label, image)
+            for task_index, task_images in enumerate(images)
+            for target, image in zip(targets, task_images)
+            if image is not None
+            for label in target.labels
+        ]
+        queries = [
+            PointQuery(
+                image=p.image.image,
+                prompt=build_prompt(p.label, self.settings.prompt_template, p.target.prompts.get(p.label)),
+                image_key=id(p.image),
+            )
+            for p in pairs
+        ]
+        answers = self.scheduler.submit(queries, priority=priority) if queries else []
+
+        regions: list[list[dict]] = [[] for _ in images]
+        failed = [False] * len(images)
+        for pair, answer in zip(pairs, answers):
+            if answer.error:
+                failed[pair.task_index] = True
+                continue
+            for point in parse_points(answer.text):
+                region = keypoint_region(
+                    point, from_name=pair.target.from_name, to_name=pair.target.to_name,
+                    label=pair.label, image_width=pair.image.width, image_height=pair.image.height,
+                    point_width=self.settings.point_width, score=answer.score,
+                )
+                if region is not None:
+                    regions[pair.task_index].append(region)
+        return [
+            empty_prediction(self.model_version) if failed[i] and not task_regions
+            else task_prediction(task_regions, self.model_version)
+            for i, task_regions in enumerate(regions)
+        ]
+
+    def _fetch_images(self, tasks: Sequence[Any], targets: Sequence[PointTarget]) -> list[list[Future]]:
+        """Per task, per target: a future of the image, or of None when it cannot be had. Targets
+        that point at the same data key share one fetch."""
+        keys = dict.fromkeys(target.data_key for target in targets)
+        rows = []
+        for task in tasks:
+            by_key = {key: self._fetch_pool.submit(self._load_one, task, key) for key in keys}
+            rows.append([by_key[target.data_key] for target in targets])
+        return rows
+
+    def _load_one(self, task: Any, data_key: str) -> LoadedImage | None:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        try:
+            if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+                raise ImageLoadError("task has no 'data' object")
+            value = task["data"].get(data_key)
+            if not isinstance(value, str) or not value.strip():
+                raise ImageLoadError(f"task data has no string '{data_key}' (the Image's value)")
+            return self.images.load(value.strip(), task_id=task_id if isinstance(task_id, int) else None)
+        except ImageLoadError as exc:
+            log.warning("image unavailable", extra={"task": task_id, "key": data_key, "reason": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - one task never spoils its batch
+            log.exception("image loading failed", extra={"task": task_id, "reason": repr(exc)[:300]})
+        return None

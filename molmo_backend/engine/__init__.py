@@ -1,0 +1,1 @@
+"""Engines answer (image, prompt) queries; the scheduler batches them onto one worker."""

@@ -1,0 +1,53 @@
+"""The engine interface: images and prompt strings in, answer strings out.
+
+An engine knows nothing of Label Studio; the backend knows nothing of torch. Engines run one
+batch at a time and may raise (out of memory, a bad image): the scheduler in front of them owns
+batching, priorities and retries.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+from PIL import Image
+
+
+@dataclass(frozen=True, eq=False)
+class PointQuery:
+    """One (image, prompt) pair. Queries with the same ``image_key`` show the same image, so an
+    engine may encode that image once for all of them."""
+
+    image: Image.Image
+    prompt: str
+    image_key: Hashable | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    #: mean probability of the generated tokens (greedy), or None when the engine has none
+    score: float | None = None
+    #: set when this query could not be answered; ``text`` is then empty
+    error: str | None = None
+
+
+class Engine(ABC):
+    """A model that answers batches of point queries."""
+
+    #: what the model is, for model_version and logs (e.g. "allenai/Molmo2-4B")
+    model_id: str
+    #: checkpoint revision or content hash; part of model_version
+    revision: str
+    #: "molmo2" or "molmo" (v1): decides the prompt phrasing and the answer parser
+    family: str = "molmo2"
+    #: most queries that one call of :meth:`generate` should be given
+    max_batch: int = 8
+
+    @abstractmethod
+    def generate(self, queries: Sequence[PointQuery]) -> list[Answer]:
+        """Answer every query, in order. May raise; then no answer of the batch is valid."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        """Free the model's memory."""

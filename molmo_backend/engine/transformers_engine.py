@@ -1,0 +1,219 @@
+"""Molmo2 in this process, through Hugging Face transformers' Auto classes.
+
+The loading code is the real one users run: ``from_pretrained`` on a hub id or a local folder
+(``MOLMO_MODEL``), honouring ``HF_HOME``. Without a GPU and without local weights the serve
+command falls back to the tiny random demo model (see :mod:`molmo_backend.demo`) and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+
+from ..demo import ensure_demo_model, is_demo_model
+from ..settings import Settings
+from .base import Answer, Engine, PointQuery
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def weights_available_locally(model: str, revision: str | None) -> bool:
+    """True when ``model`` is a local checkpoint folder or already in the Hugging Face cache."""
+    if Path(model).is_dir():
+        return (Path(model) / "config.json").is_file()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
+    except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
+        return False
+
+
+def resolve_model(settings: Settings) -> tuple[str, bool]:
+    """(what to load, whether it is the demo model), following ``MOLMO_DEMO``."""
+    if settings.demo == "1":
+        return str(ensure_demo_model(settings.cache_dir)), True
+    if settings.demo == "auto" and not torch.cuda.is_available():
+        if not weights_available_locally(settings.model, settings.revision):
+            log.warning(
+                "no GPU and no local weights for %s: serving the tiny RANDOM demo model instead. "
+                "Its points are meaningless; it is for trying the Label Studio connection. "
+                "Set MOLMO_DEMO=0 to fail instead, or point MOLMO_MODEL at downloaded weights.",
+                settings.model,
+            )
+            return str(ensure_demo_model(settings.cache_dir)), True
+    return settings.model, is_demo_model(settings.model)
+
+
+def pick_device(settings: Settings) -> torch.device:
+    if settings.device != "auto":
+        return torch.device(settings.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _local_revision(path: Path) -> str:
+    """A content hash of a local checkpoint's small files: stable while the checkpoint is."""
+    digest = hashlib.sha256()
+    for name in sorted(["config.json", "model.safetensors.index.json", "generation_config.json"]):
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        digest.update(str(weights.stat().st_size).encode())
+    return digest.hexdigest()[:10]
+
+
+class _TokenLogprobs(LogitsProcessor):
+    """Records, at each step, the log-probability of the token greedy decoding is about to pick.
+
+    Placed last in the processor list, it sees the scores generate() takes its argmax from."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values)
+        return scores
+
+
+class TransformersEngine(Engine):
+    """Batched greedy generation with a Molmo2 checkpoint."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        revision: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_new_tokens: int = 256,
+        max_batch: int = 8,
+        model_id: str | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+    ):
+        started = time.monotonic()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_new_tokens = max_new_tokens
+        self.max_batch = max_batch
+        self.logits_processors = list(logits_processors)
+        try:
+            self.processor = AutoProcessor.from_pretrained(model_path, revision=revision)
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model_path, revision=revision, dtype=dtype
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load model {model_path!r}: {exc}") from exc
+        self.model.to(self.device).eval()
+        config = self.model.config
+        self.family = {"molmo2": "molmo2", "molmo": "molmo"}.get(config.model_type, config.model_type)
+        if self.family != "molmo2":
+            raise ModelLoadError(f"{model_path!r} is a {config.model_type!r} model; this engine runs Molmo2")
+        self.demo = is_demo_model(model_path)
+        self.model_id = "molmo2-demo" if self.demo else (model_id or model_path)
+        self.revision = (
+            revision
+            or (getattr(config, "_commit_hash", None) or "")[:10]
+            or (_local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
+        )
+        tokenizer = self.processor.tokenizer
+        self._pad_id = tokenizer.pad_token_id
+        self._eos_ids = set(_as_list(self.model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
+        log.info(
+            "model loaded",
+            extra={
+                "model": self.model_id, "revision": self.revision, "device": str(self.device),
+                "dtype": str(dtype).removeprefix("torch."), "demo": self.demo,
+                "load_s": round(time.monotonic() - started, 2),
+            },
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs) -> "TransformersEngine":
+        path, _ = resolve_model(settings)
+        device = pick_device(settings)
+        return cls(
+            path,
+            revision=None if Path(path).is_dir() else settings.revision,
+            device=device,
+            dtype=pick_dtype(settings, device),
+            max_new_tokens=settings.max_new_tokens,
+            max_batch=settings.max_batch,
+            model_id=settings.model,
+            **kwargs,
+        )
+
+    @lru_cache(maxsize=1024)
+    def chat_text(self, prompt: str) -> str:
+        """The model's own chat template around one image and ``prompt``."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def generate(self, queries: Sequence[PointQuery]) -> list[Answer]:
+        inputs = self.processor(
+            images=[[q.image] for q in queries],
+            text=[self.chat_text(q.prompt) for q in queries],
+            padding=True,
+            return_tensors="pt",
+        ).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        recorder = _TokenLogprobs()
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
+            )
+        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        scores = _mean_token_probs(new_tokens, recorder.steps, self._eos_ids, self._pad_id)
+        return [Answer(text=t.strip(), score=s) for t, s in zip(texts, scores)]
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _mean_token_probs(new_tokens: torch.Tensor, steps: list[torch.Tensor], eos_ids: set, pad_id) -> list:
+    """Mean probability of each row's generated tokens, up to (not including) its end token."""
+    if not steps:
+        return [None] * new_tokens.shape[0]
+    logprobs = torch.stack(steps, dim=1)[:, : new_tokens.shape[1]].cpu()
+    tokens = new_tokens[:, : logprobs.shape[1]].cpu()
+    ends = torch.zeros_like(tokens, dtype=torch.bool)
+    for eos in eos_ids:
+        ends |= tokens == eos
+    if pad_id is not None:
+        ends |= tokens == pad_id
+    keep = ~(ends.long().cumsum(dim=1) > 0)
+    out = []
+    for row_lp, row_keep in zip(logprobs, keep):
+        vals = row_lp[row_keep].exp()
+        out.append(round(float(vals.mean()), 4) if len(vals) else None)
+    return out

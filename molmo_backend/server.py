@@ -1,0 +1,182 @@
+"""HTTP layer: Label Studio's ML-backend routes around a :class:`ModelService`.
+
+Routes, request shapes and auth live here; what a prediction is lives in the backend. ``/health``
+and ``/setup`` never wait on the GPU (Label Studio gives them 1 s and 3 s).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import threading
+import time
+from collections import Counter
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .labels import LabelConfigError
+from .service import ModelService
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: how long /predict waits for a model that is still loading before answering 503
+PREDICT_WAIT_FOR_MODEL_S = 30.0
+#: routes that answer without basic auth (container health checks)
+OPEN_ROUTES = {"/", "/health"}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def create_app(service: ModelService, settings: Settings) -> Flask:
+    app = Flask("molmo_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False
+    counters: Counter = Counter()
+    counters_lock = threading.Lock()
+
+    def count(**increments: int) -> None:
+        with counters_lock:
+            counters.update(increments)
+
+    @app.before_request
+    def check_auth():
+        if not settings.basic_auth_user or request.path in OPEN_ROUTES:
+            return None
+        if _basic_auth_ok(request.headers.get("Authorization", ""), settings):
+            return None
+        count(auth_failures=1)
+        return Response(
+            '{"error": "authentication required"}', 401,
+            {"WWW-Authenticate": 'Basic realm="molmo-backend"', "Content-Type": "application/json"},
+        )
+
+    @app.errorhandler(BadRequest)
+    @app.errorhandler(LabelConfigError)
+    def bad_request(exc):
+        count(bad_requests=1)
+        log.warning("bad request", extra={"path": request.path, "reason": str(exc)})
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        count(server_errors=1)
+        log.exception("request failed", extra={"path": request.path})
+        return jsonify(error=f"internal error: {type(exc).__name__}"), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        state = service.state
+        body = {"status": "UP" if state == "ready" else state.upper(), "model_class": "MolmoBackend"}
+        if state == "ready":
+            body["model_version"] = service.backend.model_version
+            return jsonify(body)
+        if state == "failed":
+            body["error"] = service.error
+            return jsonify(body), 500
+        return jsonify(body), 503
+
+    def ready_backend(wait: float = 0.0):
+        backend = service.wait(wait) if wait else service.backend
+        if backend is None:
+            status = 500 if service.state == "failed" else 503
+            message = f"model failed to load: {service.error}" if service.error else "model is still loading"
+            return None, (jsonify(error=message, status=service.state.upper()), status)
+        return backend, None
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        backend, error = ready_backend()
+        if error:
+            return error
+        schema = body.get("schema")
+        if schema is not None and not isinstance(schema, str):
+            raise BadRequest("'schema' must be the label config XML string")
+        model_version = backend.setup(
+            label_config=schema,
+            hostname=_str_or_none(body.get("hostname")),
+            access_token=_str_or_none(body.get("access_token")),
+        )
+        count(setups=1)
+        return jsonify(model_version=model_version)
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the label config XML string")
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context") if isinstance(params.get("context"), dict) else None
+        backend, error = ready_backend(wait=PREDICT_WAIT_FOR_MODEL_S)
+        if error:
+            return error
+        started = time.monotonic()
+        results = backend.predict(tasks, context=context, label_config=label_config)
+        count(predict_requests=1, tasks=len(tasks))
+        log.info("predict request", extra={"tasks": len(tasks), "seconds": round(time.monotonic() - started, 3)})
+        return jsonify(results=results)
+
+    @app.post("/webhook")
+    def webhook():
+        body = request.get_json(silent=True)
+        body = body if isinstance(body, dict) else {}
+        event = str(body.get("action") or body.get("event") or "unknown")
+        backend = service.backend
+        result = backend.fit(event, body) if backend is not None else {"status": "ignored"}
+        count(webhooks=1)
+        return jsonify(result), 200
+
+    @app.get("/versions")
+    def versions():
+        backend = service.backend
+        return jsonify(versions=[backend.model_version] if backend else [])
+
+    @app.get("/metrics")
+    def metrics():
+        backend = service.backend
+        with counters_lock:
+            body = {"state": service.state, "requests": dict(counters)}
+        if backend is not None:
+            body["model_version"] = backend.model_version
+            body["scheduler"] = dict(backend.scheduler.stats, pending=backend.scheduler.pending())
+        return jsonify(body)
+
+    return app
+
+
+def _str_or_none(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _basic_auth_ok(header: str, settings: Settings) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
+        password.encode(), settings.basic_auth_pass.encode()
+    )

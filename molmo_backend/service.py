@@ -1,0 +1,79 @@
+"""Wires settings -> engine -> scheduler -> backend, and loads the model off the request path.
+
+The model loads in a background thread of the serving process (never in gunicorn's master:
+CUDA does not survive a fork), so the HTTP server answers ``/health`` from its first second and
+no request ever waits on ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from .backend import MolmoBackend, make_model_version
+from .engine.base import Engine
+from .engine.scheduler import Scheduler
+from .images import ImageLoader
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_engine_factory(settings: Settings) -> Engine:
+    from .engine.transformers_engine import TransformersEngine  # torch import stays off the import path
+
+    return TransformersEngine.from_settings(settings)
+
+
+def build_backend(settings: Settings, engine: Engine) -> MolmoBackend:
+    version = make_model_version(engine.model_id, engine.revision, settings.prompt_template)
+    return MolmoBackend(settings, Scheduler(engine, max_batch=settings.max_batch), ImageLoader(settings), version)
+
+
+class ModelService:
+    """Holds the backend once its model has loaded; reports loading state and errors meanwhile."""
+
+    def __init__(self, settings: Settings, engine_factory: Callable[[Settings], Engine] = default_engine_factory):
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.backend: MolmoBackend | None = None
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> str:
+        if self.backend is not None:
+            return "ready"
+        return "failed" if self.error else "loading"
+
+    def start(self, background: bool = True) -> "ModelService":
+        if background:
+            self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+            self._thread.start()
+        else:
+            self._load()
+        return self
+
+    def wait(self, timeout: float | None = None) -> MolmoBackend | None:
+        """The backend, waiting up to ``timeout`` seconds for the model; None if not ready."""
+        self._ready.wait(timeout)
+        return self.backend
+
+    def _load(self) -> None:
+        try:
+            engine = self.engine_factory(self.settings)
+            self.backend = build_backend(self.settings, engine)
+            log.info(
+                "backend ready",
+                extra={"model_version": self.backend.model_version,
+                       "startup_s": round(time.monotonic() - self.started, 2)},
+            )
+        except Exception as exc:  # noqa: BLE001 - reported by /health, the server stays up
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+        finally:
+            self._ready.set()

@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny demo Molmo2 (built offline once per session) and test images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.support.processes import serve_directory
+
+KEYPOINT_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="kp" toName="image">
+    <Label value="cat"/>
+    <Label value="dog"/>
+  </KeyPointLabels>
+</View>"""
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    from molmo_backend.demo import ensure_demo_model
+
+    return ensure_demo_model(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """A few test images of known sizes."""
+    directory = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (640, 480), (200, 30, 30)).save(directory / "red-640x480.png")
+    Image.new("RGB", (300, 500), (30, 200, 30)).save(directory / "green-300x500.jpg")
+    Image.new("RGB", (1280, 960), (30, 30, 200)).save(directory / "blue-1280x960.png")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def image_url(image_dir):
+    """Base URL of a local static server with the test images."""
+    with serve_directory(image_dir) as url:
+        yield url

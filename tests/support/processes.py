@@ -1,0 +1,111 @@
+"""Start and stop real servers on 127.0.0.1 for tests: our backend (gunicorn) and static files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> float:
+    """Seconds until ``url``/health answered 200; raises if it never does."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy after {timeout} s")
+
+
+class Backend:
+    """A running backend process; ``log`` holds what it printed."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, log_path: Path, startup_s: float):
+        self.url, self.proc, self.log_path, self.startup_s = url, proc, log_path, startup_s
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def run_backend(tmp: Path, env: dict[str, str] | None = None, answers: dict[str, str] | None = None,
+                timeout: float = 120.0):
+    """Our server under real gunicorn on a free port: ``molmo-backend serve`` on the demo model,
+    or tests/support/forced_server.py when ``answers`` (label -> forced answer) are given."""
+    port = free_port()
+    full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "8",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.setdefault("MOLMO_CACHE_DIR", str(tmp / "cache"))
+    if answers is not None:
+        answers_file = tmp / f"answers-{port}.json"
+        answers_file.write_text(json.dumps(answers))
+        cmd = [sys.executable, str(ROOT / "tests/support/forced_server.py"), "--port", str(port),
+               "--answers", str(answers_file)]
+    else:
+        cmd = [sys.executable, "-m", "molmo_backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    log_path = tmp / f"backend-{port}.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        startup = wait_healthy(url, timeout, proc)
+        yield Backend(url, proc, log_path, startup)
+    except Exception:
+        print(log_path.read_text(errors="replace")[-5000:], file=sys.stderr)
+        raise
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serve_directory(directory: Path):
+    """Static files from ``directory`` at http://127.0.0.1:PORT/ in a thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,121 @@
+"""The scheduler: order, batching across callers, priorities, failure isolation (no torch)."""
+
+from __future__ import annotations
+
+import threading
+
+from PIL import Image
+
+from molmo_backend.engine.base import Answer, Engine, PointQuery
+from molmo_backend.engine.scheduler import Priority, Scheduler
+
+IMG = Image.new("RGB", (4, 4))
+
+
+class EchoEngine(Engine):
+    """Answers each prompt with itself; can be held at a gate and made to fail."""
+
+    model_id, revision = "echo", "0"
+
+    def __init__(self, max_batch=4, fail_if=lambda prompts: None):
+        self.max_batch = max_batch
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_if = fail_if
+
+    def generate(self, queries):
+        prompts = [q.prompt for q in queries]
+        self.entered.set()
+        self.gate.wait(10)
+        error = self.fail_if(prompts)
+        if error:
+            raise error
+        self.batches.append(prompts)
+        return [Answer(text=p, score=1.0) for p in prompts]
+
+
+def queries(*prompts):
+    return [PointQuery(IMG, p) for p in prompts]
+
+
+def submit_in_thread(scheduler, qs, priority=Priority.BULK):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("answers", scheduler.submit(qs, priority)))
+    thread.start()
+    return thread, out
+
+
+def test_answers_come_back_in_order_and_in_batches_of_at_most_max_batch():
+    engine = EchoEngine(max_batch=4)
+    scheduler = Scheduler(engine)
+    prompts = [f"p{i}" for i in range(10)]
+    assert [a.text for a in scheduler.submit(queries(*prompts))] == prompts
+    assert max(len(b) for b in engine.batches) == 4
+    assert scheduler.submit([]) == []
+    scheduler.close()
+
+
+def test_one_batch_carries_queries_of_several_concurrent_requests():
+    engine = EchoEngine(max_batch=16)
+    scheduler = Scheduler(engine)
+    engine.gate.clear()
+    blocker, _ = submit_in_thread(scheduler, queries("first"))
+    assert engine.entered.wait(5)
+    threads = [submit_in_thread(scheduler, queries(f"r{r}a", f"r{r}b")) for r in range(3)]
+    while scheduler.pending() < 6:
+        threading.Event().wait(0.01)
+    engine.gate.set()
+    blocker.join(5)
+    for thread, out in threads:
+        thread.join(5)
+    assert engine.batches[1] and len(engine.batches[1]) == 6  # all three requests in one batch
+    for r, (_, out) in enumerate(threads):
+        assert [a.text for a in out["answers"]] == [f"r{r}a", f"r{r}b"]
+    scheduler.close()
+
+
+def test_an_opened_task_jumps_ahead_of_queued_bulk_work():
+    engine = EchoEngine(max_batch=2)
+    scheduler = Scheduler(engine)
+    engine.gate.clear()
+    blocker, _ = submit_in_thread(scheduler, queries("running"))
+    assert engine.entered.wait(5)
+    bulk, bulk_out = submit_in_thread(scheduler, queries(*[f"bulk{i}" for i in range(8)]), Priority.BULK)
+    while scheduler.pending() < 8:
+        threading.Event().wait(0.01)
+    opened, opened_out = submit_in_thread(scheduler, queries("open"), Priority.INTERACTIVE)
+    while scheduler.pending() < 9:
+        threading.Event().wait(0.01)
+    engine.gate.set()
+    for thread in (blocker, bulk, opened):
+        thread.join(5)
+    assert engine.batches[1] == ["open"]  # next batch after the running one; no bulk rides along
+    assert [a.text for a in bulk_out["answers"]] == [f"bulk{i}" for i in range(8)]
+    assert opened_out["answers"][0].text == "open"
+    scheduler.close()
+
+
+def test_a_failing_query_is_isolated_and_the_rest_of_its_batch_answered():
+    engine = EchoEngine(max_batch=8, fail_if=lambda ps: ValueError("bad image") if "bad" in ps else None)
+    scheduler = Scheduler(engine)
+    answers = scheduler.submit(queries("a", "b", "bad", "c", "d"))
+    assert [a.text for a in answers] == ["a", "b", "", "c", "d"]
+    assert answers[2].error and "bad image" in answers[2].error
+    assert all(a.error is None for i, a in enumerate(answers) if i != 2)
+    assert scheduler.stats["failed_queries"] == 1
+    scheduler.close()
+
+
+def test_out_of_memory_splits_the_batch_until_it_fits():
+    class OutOfMemory(RuntimeError):
+        pass
+
+    engine = EchoEngine(max_batch=8, fail_if=lambda ps: OutOfMemory("CUDA out of memory") if len(ps) > 2 else None)
+    scheduler = Scheduler(engine)
+    prompts = [f"q{i}" for i in range(8)]
+    answers = scheduler.submit(queries(*prompts))
+    assert [a.text for a in answers] == prompts and all(a.error is None for a in answers)
+    assert max(len(b) for b in engine.batches) == 2
+    scheduler.close()
