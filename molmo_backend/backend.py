@@ -22,7 +22,7 @@ from .labels import PointTarget, parse_point_targets
 from .points import parse_points
 from .prompts import build_prompt, prompt_fingerprint
 from .regions import empty_prediction, keypoint_region, task_prediction
-from .settings import Settings
+from .settings import DEFAULT_PROMPT_TEMPLATE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,11 @@ class _Pair:
 class MolmoBackend(LabelStudioMLBase):
     """Keypoint pre-annotations from Molmo pointing answers."""
 
-    def __init__(self, settings: Settings, scheduler: Scheduler, images: ImageLoader, model_version: str):
+    def __init__(self, settings: Settings, scheduler: Scheduler, images: ImageLoader, model_version: str,
+                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE):
         super().__init__()
         self.settings = settings
+        self.prompt_template = prompt_template
         self.scheduler = scheduler
         self.images = images
         self._model_version = model_version
@@ -148,7 +150,7 @@ class MolmoBackend(LabelStudioMLBase):
         queries = [
             PointQuery(
                 image=p.image.image,
-                prompt=build_prompt(p.label, self.settings.prompt_template, p.target.prompts.get(p.label)),
+                prompt=build_prompt(p.label, self.prompt_template, p.target.prompts.get(p.label)),
                 image_key=id(p.image),
             )
             for p in pairs

@@ -10,9 +10,20 @@ import hashlib
 
 from molmo_backend.settings import DEFAULT_PROMPT_TEMPLATE
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "build_prompt", "prompt_fingerprint"]
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "build_prompt", "default_prompt_template", "prompt_fingerprint"]
 
 PLACEHOLDER = "{label}"
+
+#: each model family's trained pointing phrasing (FACTS §2)
+FAMILY_TEMPLATES = {
+    "molmo2": DEFAULT_PROMPT_TEMPLATE,
+    "molmo": "Point to {label}",
+}
+
+
+def default_prompt_template(family: str) -> str:
+    """The template a family was trained with; Molmo2's for families we do not know."""
+    return FAMILY_TEMPLATES.get(family, DEFAULT_PROMPT_TEMPLATE)
 
 
 def build_prompt(label: str, template: str = DEFAULT_PROMPT_TEMPLATE,

@@ -16,6 +16,7 @@ from .backend import MolmoBackend, make_model_version
 from .engine.base import Engine
 from .engine.scheduler import Scheduler
 from .images import ImageLoader
+from .prompts import default_prompt_template
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,10 @@ def default_engine_factory(settings: Settings) -> Engine:
 
 
 def build_backend(settings: Settings, engine: Engine) -> MolmoBackend:
-    version = make_model_version(engine.model_id, engine.revision, settings.prompt_template)
-    return MolmoBackend(settings, Scheduler(engine, max_batch=settings.max_batch), ImageLoader(settings), version)
+    template = settings.prompt_template or default_prompt_template(engine.family)
+    version = make_model_version(engine.model_id, engine.revision, template)
+    scheduler = Scheduler(engine, max_batch=settings.max_batch)
+    return MolmoBackend(settings, scheduler, ImageLoader(settings), version, prompt_template=template)
 
 
 class ModelService:

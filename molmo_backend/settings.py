@@ -32,9 +32,15 @@ class Settings:
     dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
     max_new_tokens: int = 256
     max_batch: int = 48
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    prompt_template: str | None = None  # None: the trained phrasing of the model's family
     point_width: float = 0.75
     cache_dir: Path = field(default_factory=lambda: _hf_home(os.environ) / "molmo-backend")
+    # engine
+    engine: str = "transformers"  # "transformers" (this process, local GPUs) or "openai" (vLLM/SGLang)
+    engine_url: str | None = None
+    engine_api_key: str | None = None
+    engine_concurrency: int = 32
+    engine_timeout: float = 60.0
     # Label Studio
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
@@ -73,12 +79,16 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if "{label}" not in self.prompt_template:
+        if self.prompt_template is not None and "{label}" not in self.prompt_template:
             raise SettingsError("MOLMO_PROMPT_TEMPLATE must contain '{label}'")
         if self.demo not in ("auto", "0", "1"):
             raise SettingsError("MOLMO_DEMO must be auto, 1 or 0")
         if self.max_batch < 1 or self.max_new_tokens < 1 or self.threads < 1:
             raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
+        if self.engine not in ("transformers", "openai"):
+            raise SettingsError("MOLMO_ENGINE must be transformers or openai")
+        if self.engine == "openai" and not self.engine_url:
+            raise SettingsError("MOLMO_ENGINE=openai needs MOLMO_ENGINE_URL (e.g. http://vllm:8000/v1)")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.log_format not in ("json", "text"):
@@ -95,7 +105,7 @@ class Settings:
         return out
 
 
-SECRETS = {"label_studio_api_key", "basic_auth_pass"}
+SECRETS = {"label_studio_api_key", "basic_auth_pass", "engine_api_key"}
 
 # field name -> (environment variable, description)
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
@@ -109,9 +119,16 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "max_new_tokens": ("MOLMO_MAX_NEW_TOKENS", "Cap on tokens generated per (image, label)"),
     "max_batch": ("MOLMO_MAX_BATCH", "Most (image, label) pairs in one GPU batch"),
     "prompt_template": ("MOLMO_PROMPT_TEMPLATE", "Prompt per label; `{label}` is replaced by the "
-                        "label (or its `prompt` attribute in the label config)"),
+                        "label (or its `prompt` attribute in the label config). Default: the "
+                        "model family's trained pointing phrasing"),
     "point_width": ("MOLMO_POINT_WIDTH", "Keypoint dot size, percent of the image width"),
     "cache_dir": ("MOLMO_CACHE_DIR", "Where the demo model is built (default `$HF_HOME/molmo-backend`)"),
+    "engine": ("MOLMO_ENGINE", "`transformers` (in this process) or `openai` (a vLLM/SGLang server)"),
+    "engine_url": ("MOLMO_ENGINE_URL", "Base URL of the OpenAI-compatible server, e.g. "
+                   "`http://vllm:8000/v1`"),
+    "engine_api_key": ("MOLMO_ENGINE_API_KEY", "Bearer key for that server, if it wants one"),
+    "engine_concurrency": ("MOLMO_ENGINE_CONCURRENCY", "Most requests in flight to that server"),
+    "engine_timeout": ("MOLMO_ENGINE_TIMEOUT", "Seconds allowed for one request to that server"),
     "label_studio_url": ("LABEL_STUDIO_URL", "Label Studio's URL, for fetching uploaded images"),
     "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "Label Studio personal access token or legacy "
                              "token"),

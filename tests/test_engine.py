@@ -1,0 +1,60 @@
+"""The transformers engine on the tiny demo Molmo2: real processor -> generate -> decode on CPU."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from molmo_backend.engine.base import PointQuery
+from molmo_backend.engine.transformers_engine import TransformersEngine, resolve_model
+from molmo_backend.settings import Settings
+from tests.support.forcing import ForceAnswers, by_label
+
+RED = Image.new("RGB", (640, 480), (200, 30, 30))
+GREEN = Image.new("RGB", (300, 500), (30, 200, 30))
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_dir):
+    return TransformersEngine(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+
+
+def test_loads_through_the_auto_classes_and_reports_what_it_is(engine):
+    assert type(engine.model).__name__ == "Molmo2ForConditionalGeneration"
+    assert type(engine.processor).__name__ == "Molmo2Processor"
+    assert engine.family == "molmo2" and engine.demo and engine.model_id == "molmo2-demo"
+    assert len(engine.revision) == 10
+
+
+def test_chat_text_puts_the_image_first_and_asks_for_the_assistant(engine):
+    text = engine.chat_text("Point to cat")
+    assert text == "<|image|><|im_start|>user\nPoint to cat<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_forced_answers_come_through_real_generate(engine):
+    answers = {"cat": '<points coords="1 1 461 527 2 481 521">cat</points>', "dog": "There are none."}
+    engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
+    try:
+        out = engine.generate([PointQuery(RED, "Point to cat"), PointQuery(GREEN, "Point to dog")])
+    finally:
+        engine.logits_processors.clear()
+    assert [a.text for a in out] == [answers["cat"], answers["dog"]]
+    assert all(a.score == 1.0 for a in out)  # forced tokens have probability 1
+
+
+def test_batched_answers_equal_one_at_a_time_answers(engine):
+    queries = [PointQuery(img, f"Point to thing {i}") for i, img in enumerate([RED, GREEN, RED, GREEN, RED])]
+    batched = engine.generate(queries)
+    single = [engine.generate([q])[0] for q in queries]
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert all(a.text for a in batched)  # the random model says something
+    assert [a.score for a in batched] == pytest.approx([a.score for a in single], abs=1e-3)
+
+
+def test_demo_auto_falls_back_only_without_gpu_and_local_weights(tmp_path, demo_model_dir):
+    path, demo = resolve_model(Settings(model="allenai/not-downloaded", demo="auto", cache_dir=tmp_path))
+    assert demo and (tmp_path / "molmo2-demo-v1" / "DEMO_MODEL.json").is_file() and path.startswith(str(tmp_path))
+    assert resolve_model(Settings(model="allenai/not-downloaded", demo="0", cache_dir=tmp_path)) == (
+        "allenai/not-downloaded", False)
+    assert resolve_model(Settings(model=str(demo_model_dir), demo="auto", cache_dir=tmp_path)) == (
+        str(demo_model_dir), True)
