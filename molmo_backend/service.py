@@ -23,9 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def default_engine_factory(settings: Settings) -> Engine:
-    from .engine.transformers_engine import TransformersEngine  # torch import stays off the import path
+    """The engine ``MOLMO_ENGINE`` names; heavy imports (torch) happen only here."""
+    if settings.engine == "openai":
+        from .engine.remote import OpenAIEngine
 
-    return TransformersEngine.from_settings(settings)
+        return OpenAIEngine.from_settings(settings)
+    from .engine.transformers_engine import load_local_engine
+
+    return load_local_engine(settings)
 
 
 def build_backend(settings: Settings, engine: Engine) -> MolmoBackend:

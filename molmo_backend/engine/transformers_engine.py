@@ -80,6 +80,26 @@ def _local_revision(path: Path) -> str:
     return digest.hexdigest()[:10]
 
 
+def model_family(path_or_id: str, revision: str | None = None) -> str:
+    """``model_type`` of a checkpoint's config.json, read without running any remote code."""
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(path_or_id, revision=revision)
+    return config.get("model_type", "unknown")
+
+
+def load_local_engine(settings: Settings) -> Engine:
+    """The in-process engine for the checkpoint's family (picked from its config.json)."""
+    path, _ = resolve_model(settings)
+    family = model_family(path, None if Path(path).is_dir() else settings.revision)
+    if family == "molmo":
+        raise ModelLoadError(
+            f"{settings.model} is a Molmo v1 checkpoint: it needs the molmo1 install profile "
+            "(requirements-molmo1.txt, transformers 4.5x); see README 'Molmo v1 models'"
+        )
+    return TransformersEngine.from_settings(settings)
+
+
 class _TokenLogprobs(LogitsProcessor):
     """Records, at each step, the log-probability of the token greedy decoding is about to pick.
 
