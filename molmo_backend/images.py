@@ -232,9 +232,12 @@ class ImageLoader:
         if not ls.base:
             raise ImageLoadError(f"{scheme}:// images are signed by Label Studio, whose URL is "
                                  "unknown: set LABEL_STUDIO_URL")
+        try:
+            task_id = int(task_id)
+        except (TypeError, ValueError):
+            raise ImageLoadError(f"invalid task id {task_id!r}") from None
         fileuri = quote(base64.urlsafe_b64encode(uri.encode()).decode(), safe="")
-        return self._fetch(f"{ls.base}/tasks/{int(task_id)}/presign/?fileuri={fileuri}",
-                           deadline, ls)
+        return self._fetch(f"{ls.base}/tasks/{task_id}/presign/?fileuri={fileuri}", deadline, ls)
 
     def _read_local(self, value: str) -> bytes:
         """Read LS's local-files storage straight from disk, as LS itself would serve it."""
@@ -376,7 +379,8 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
     """Decode fully (so truncated files fail here), orient by EXIF, convert to RGB."""
     if not data:
         raise ImageLoadError("the image file is empty (0 bytes)")
-    formats = [f for f in IMAGE_FORMATS if f in Image.OPEN] or None
+    Image.init()  # registers every plugin, so the filter below sees them all (cheap when done)
+    formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]
     try:
         with Image.open(io.BytesIO(data), formats=formats) as img:
             if img.width * img.height > max_pixels:

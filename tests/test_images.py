@@ -158,6 +158,16 @@ def test_trickling_server_hits_total_deadline(server):
     assert time.monotonic() - started < 1.5
 
 
+def test_stall_mid_body_ends_at_deadline(server):
+    # headers at 0.8 s, the next chunk at 1.6 s: a per-read time-out of the whole 1 s budget
+    # would wait for it; the deadline must cut the read off at 1 s
+    server.route("/stall", Reply(200, [b"x", b"y", b"z"], delay=0.8))
+    started = time.monotonic()
+    message = error_of(loader_for(server, fetch_timeout=1.0), f"{server.url}/stall")
+    assert "MOLMO_FETCH_TIMEOUT=1.0" in message
+    assert time.monotonic() - started < 1.35
+
+
 def test_server_silent_before_headers(server):
     server.route("/sleepy", Reply(200, PNG, delay=5))
     started = time.monotonic()
@@ -582,3 +592,10 @@ def test_loader_applies_pixel_cap(server):
     assert "MOLMO_MAX_IMAGE_PIXELS" in error_of(loader_for(server, max_image_pixels=1000),
                                                 f"{server.url}/a.png")
 
+
+
+def test_formats_outside_the_list_are_refused():
+    # EPS would hand the data to Ghostscript; browsers cannot show it either
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    assert "not an image in a supported format" in str(
+        pytest.raises(ImageLoadError, images.decode_image, eps, 10**8).value)
