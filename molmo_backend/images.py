@@ -161,7 +161,8 @@ class ImageLoader:
         self._ls = self._build_ls(None, None, None)
         # Pillow's own bomb guard is process-wide; only ever raise it to our limit, never lower
         # it, because other code in the process may open bigger images legitimately.
-        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < settings.max_image_pixels:
+        pillow_limit = Image.MAX_IMAGE_PIXELS
+        if pillow_limit is not None and pillow_limit < settings.max_image_pixels:
             Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
 
     def configure_label_studio(self, hostname: str | None, access_token: str | None) -> None:
@@ -253,8 +254,6 @@ class ImageLoader:
             if not path.is_file():
                 raise ImageLoadError(f"local file {d!r} not found under LOCAL_FILES_DOCUMENT_ROOT")
             limit = self.settings.max_image_bytes
-            if path.stat().st_size > limit:
-                raise ImageLoadError(f"local file {d!r} is larger than MOLMO_MAX_IMAGE_BYTES={limit}")
             with path.open("rb") as f:
                 data = f.read(limit + 1)
         except (OSError, ValueError) as exc:  # permissions, NUL bytes in the path...
@@ -295,7 +294,8 @@ class ImageLoader:
                 if status in REDIRECT_CODES:
                     location = resp.headers.get("Location")
                     if not location:
-                        raise ImageLoadError(f"HTTP {status} without a Location from {_describe(url)}")
+                        raise ImageLoadError(f"HTTP {status} without a Location from "
+                                             f"{_describe(url)}")
                     redirects += 1
                     if redirects > MAX_REDIRECTS:
                         raise ImageLoadError(f"more than {MAX_REDIRECTS} redirects fetching "
@@ -399,7 +399,8 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
         raise ImageLoadError("the file is not an image in a supported format ("
                              + ", ".join(IMAGE_FORMATS) + ")") from None
     except Exception as exc:  # Pillow raises many kinds on corrupt data
-        raise ImageLoadError(f"the image could not be decoded: {type(exc).__name__}: {exc}") from None
+        raise ImageLoadError(f"the image could not be decoded: {type(exc).__name__}: "
+                             f"{exc}") from None
     return LoadedImage(rgb, rgb.width, rgb.height)
 
 
@@ -479,7 +480,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 def _strip_prefix(path: str, prefix: str) -> str:
     """Drop LS's sub-path (LS served under ``/prefix``) when a task path already carries it."""
     prefix = prefix.rstrip("/")
-    if prefix and (path == prefix or path.startswith(prefix + "/") or path.startswith(prefix + "?")):
+    if prefix and (path == prefix or path.startswith((prefix + "/", prefix + "?"))):
         return path[len(prefix):] or "/"
     return path
 

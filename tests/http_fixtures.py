@@ -185,7 +185,7 @@ class FakeLabelStudio(HttpServer):
         except (ValueError, KeyError, TypeError):
             return Reply(400, b'{"refresh": ["This field is required."]}')
         if request.method != "POST" or refresh != self.pat:
-            return Reply(401, b'{"detail": "Token is invalid or expired", "code": "token_not_valid"}')
+            return Reply(401, b'{"detail": "Token is invalid or expired"}')
         now = int(time.time())
         with self._lock:
             self.exchanges += 1

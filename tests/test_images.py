@@ -8,7 +8,6 @@ import struct
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -34,7 +33,7 @@ RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
 
 def quadrants(w: int = 60, h: int = 40) -> Image.Image:
-    """Red top-left, green top-right, blue bottom-left, white bottom-right: any flip or turn shows."""
+    """Red top-left, green top-right, blue bottom-left, white bottom-right: shows any turn."""
     img = Image.new("RGB", (w, h), WHITE)
     img.paste(RED, (0, 0, w // 2, h // 2))
     img.paste(GREEN, (w // 2, 0, w, h // 2))
@@ -575,7 +574,8 @@ def test_pixel_cap():
 def png_header_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size: Pillow's own bomb guard must stop it at open."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) \
         + chunk(b"IEND", b"")
