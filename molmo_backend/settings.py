@@ -32,6 +32,8 @@ class Settings:
     dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
     max_new_tokens: int = 256
     max_batch: int = 48
+    decoder: str = "fast"  # "fast" (prefix sharing, static cache, CUDA graphs) or "generate" (plain HF)
+    cuda_graphs: str = "1"
     prompt_template: str | None = None  # None: the trained phrasing of the model's family
     point_width: float = 0.75
     cache_dir: Path = field(default_factory=lambda: _hf_home(os.environ) / "molmo-backend")
@@ -85,6 +87,8 @@ class Settings:
             raise SettingsError("MOLMO_DEMO must be auto, 1 or 0")
         if self.max_batch < 1 or self.max_new_tokens < 1 or self.threads < 1:
             raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
+        if self.decoder not in ("fast", "generate"):
+            raise SettingsError("MOLMO_DECODER must be fast or generate")
         if self.engine not in ("transformers", "openai"):
             raise SettingsError("MOLMO_ENGINE must be transformers or openai")
         if self.engine == "openai" and not self.engine_url:
@@ -118,6 +122,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
               "`float32`"),
     "max_new_tokens": ("MOLMO_MAX_NEW_TOKENS", "Cap on tokens generated per (image, label)"),
     "max_batch": ("MOLMO_MAX_BATCH", "Most (image, label) pairs in one GPU batch"),
+    "decoder": ("MOLMO_DECODER", "`fast`: one prefill per image, static KV cache, CUDA-graph decode "
+                "steps; `generate`: plain Hugging Face generate() (slower; a reference)"),
+    "cuda_graphs": ("MOLMO_CUDA_GRAPHS", "`1`: replay decode steps as a CUDA graph (fast decoder on "
+                    "CUDA); `0`: eager steps"),
     "prompt_template": ("MOLMO_PROMPT_TEMPLATE", "Prompt per label; `{label}` is replaced by the "
                         "label (or its `prompt` attribute in the label config). Default: the "
                         "model family's trained pointing phrasing"),

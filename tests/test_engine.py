@@ -51,6 +51,32 @@ def test_batched_answers_equal_one_at_a_time_answers(engine):
     assert [a.score for a in batched] == pytest.approx([a.score for a in single], abs=1e-3)
 
 
+def test_fast_decoder_equals_plain_generate_with_padding_everywhere(demo_model_dir):
+    """Images with different crop counts (prefix padding), prompts of different lengths (suffix
+    padding), labels sharing images: the fast path gives generate()'s tokens and scores."""
+    engine = TransformersEngine(str(demo_model_dir), max_new_tokens=32, max_batch=8)
+    engine.processor.image_processor.max_crops = 4
+    noise = Image.effect_noise((500, 500), 60).convert("RGB")
+    tall = Image.new("RGB", (300, 900), (10, 200, 10))
+    images = [RED, tall, noise]
+    prompts = ["Point to cat", "Point to the big brown dog", "Point to a", "Point to every window", "x", "Point to cat"]
+    queries = [PointQuery(images[i % 3], p, image_key=i % 3) for i, p in enumerate(prompts)]
+    fast, plain = engine.generate(queries), engine.generate_plain(queries)
+    assert [a.text for a in fast] == [a.text for a in plain]
+    assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
+    batch_tokens = engine.processor(images=[[im] for im in images], text=[engine.processor.image_token] * 3,
+                                    padding=True, return_tensors="pt")["attention_mask"].sum(-1)
+    assert len(set(batch_tokens.tolist())) > 1, "test images must give prefixes of different lengths"
+
+
+def test_fast_decoder_answers_each_query_like_it_was_alone(demo_model_dir):
+    engine = TransformersEngine(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    queries = [PointQuery(img, f"Point to item number {i}" + " please" * i) for i, img in enumerate([RED, GREEN, RED])]
+    together = engine.generate(queries)
+    alone = [engine.generate([q])[0] for q in queries]
+    assert [a.text for a in together] == [a.text for a in alone]
+
+
 def test_demo_auto_falls_back_only_without_gpu_and_local_weights(tmp_path, demo_model_dir):
     path, demo = resolve_model(Settings(model="allenai/not-downloaded", demo="auto", cache_dir=tmp_path))
     assert demo and (tmp_path / "molmo2-demo-v1" / "DEMO_MODEL.json").is_file() and path.startswith(str(tmp_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProce
 from ..demo import ensure_demo_model, is_demo_model
 from ..settings import Settings
 from .base import Answer, Engine, PointQuery
+from .decoding import GreedyDecoder, prepare
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,8 @@ class TransformersEngine(Engine):
         max_batch: int = 8,
         model_id: str | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
+        decoder: str = "fast",
+        cuda_graphs: bool = True,
     ):
         started = time.monotonic()
         self.device = torch.device(device)
@@ -134,6 +138,9 @@ class TransformersEngine(Engine):
         self.max_new_tokens = max_new_tokens
         self.max_batch = max_batch
         self.logits_processors = list(logits_processors)
+        if decoder not in ("fast", "generate"):
+            raise ValueError(f"decoder must be 'fast' or 'generate', not {decoder!r}")
+        self.decoder_name = decoder
         try:
             self.processor = AutoProcessor.from_pretrained(model_path, revision=revision)
             self.model = AutoModelForImageTextToText.from_pretrained(
@@ -156,6 +163,7 @@ class TransformersEngine(Engine):
         tokenizer = self.processor.tokenizer
         self._pad_id = tokenizer.pad_token_id
         self._eos_ids = set(_as_list(self.model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
+        self.decoder = GreedyDecoder(self.model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs)
         log.info(
             "model loaded",
             extra={
@@ -177,6 +185,8 @@ class TransformersEngine(Engine):
             max_new_tokens=settings.max_new_tokens,
             max_batch=settings.max_batch,
             model_id=settings.model,
+            decoder=settings.decoder,
+            cuda_graphs=settings.cuda_graphs == "1",
             **kwargs,
         )
 
@@ -186,7 +196,29 @@ class TransformersEngine(Engine):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def chat_suffix(self, prompt: str) -> str:
+        """The chat text after the image token: what differs between labels of one image."""
+        text = self.chat_text(prompt)
+        image_token = self.processor.image_token
+        if not text.startswith(image_token):
+            raise ValueError("the chat template does not put the image first; use MOLMO_DECODER=generate")
+        return text[len(image_token):]
+
     def generate(self, queries: Sequence[PointQuery]) -> list[Answer]:
+        if self.decoder_name == "generate":
+            return self.generate_plain(queries)
+        batch = prepare(self.processor, queries, self.chat_suffix, self.device)
+        if "pixel_values" in batch.prefix:
+            batch.prefix["pixel_values"] = batch.prefix["pixel_values"].to(self.dtype)
+        tokens, logprobs = self.decoder.run(batch, self.max_new_tokens, self.logits_processors)
+        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
+        return [
+            Answer(text=text.strip(), score=round(sum(math.exp(x) for x in lp) / len(lp), 4) if lp else None)
+            for text, lp in zip(texts, logprobs)
+        ]
+
+    def generate_plain(self, queries: Sequence[PointQuery]) -> list[Answer]:
+        """Hugging Face ``generate()`` on left-padded full prompts: the reference for the fast path."""
         inputs = self.processor(
             images=[[q.image] for q in queries],
             text=[self.chat_text(q.prompt) for q in queries],
