@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import math
 import random
@@ -53,6 +54,7 @@ JPEG_QUALITY = 95
 #: encoded images kept between batches (labels of one image may straddle two batches)
 IMAGE_CACHE = 64
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_JSON = {"Content-Type": "application/json"}
 
 
 class EngineUnavailable(RuntimeError):
@@ -113,7 +115,7 @@ class OpenAIEngine(Engine):
         self._api_key = api_key or None
         self.session = session or _session(concurrency, api_key)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="engine-http")
-        self._cache: OrderedDict[Hashable, tuple[weakref.ref, str]] = OrderedDict()
+        self._cache: OrderedDict[Hashable, tuple[weakref.ref, bytes]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.stats = {"requests": 0, "retries": 0, "failed": 0}
         self._stats_lock = threading.Lock()
@@ -150,8 +152,8 @@ class OpenAIEngine(Engine):
         are unaffected. Requests run ``concurrency`` at a time."""
         if not queries:
             return []
-        urls = self._encode_images(queries)
-        futures = [self._pool.submit(self._answer, q.prompt, image_url) for q, image_url in zip(queries, urls)]
+        parts = self._encode_images(queries)
+        futures = [self._pool.submit(self._answer, q.prompt, part) for q, part in zip(queries, parts)]
         return [f.result() for f in futures]
 
     def close(self) -> None:
@@ -162,35 +164,29 @@ class OpenAIEngine(Engine):
         with self._stats_lock:
             self.stats[key] += 1
 
-    def _answer(self, prompt: str, image_url: str | Exception) -> Answer:
-        answer = self._ask(prompt, image_url)
+    def _answer(self, prompt: str, image_part: bytes | Exception) -> Answer:
+        answer = self._ask(prompt, image_part)
         if answer.error:
             self._count("failed")
         return answer
 
-    def _ask(self, prompt: str, image_url: str | Exception) -> Answer:
-        if isinstance(image_url, Exception):
-            return Answer(text="", error=f"image could not be encoded: {image_url}"[:500])
-        body = {
-            "model": self.request_model,
-            "messages": [{
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                    {"type": "text", "text": prompt},
-                ],
-            }],
-            "temperature": 0,
-            "max_tokens": self.max_new_tokens,
-            "logprobs": True,
-        }
+    def _ask(self, prompt: str, image_part: bytes | Exception) -> Answer:
+        if isinstance(image_part, Exception):
+            return Answer(text="", error=f"image could not be encoded: {image_part!r}"[:500])
+        # The image part (about 1 MB for a 1280x960 photo) was serialised once per image; only the
+        # prompt is serialised per query. Same JSON as json=..., a fifth of the client CPU.
+        head = json.dumps({"model": self.request_model, "temperature": 0,
+                           "max_tokens": self.max_new_tokens, "logprobs": True})
+        text_part = json.dumps({"type": "text", "text": prompt})
+        body = b"".join([head[:-1].encode(), b', "messages": [{"role": "user", "content": [', image_part,
+                         b", ", text_part.encode(), b"]}]}"])
         error = "no try made"
         started = time.monotonic()
         for attempt in range(1, self.max_tries + 1):
             retry_after = None
             self._count("requests")
             try:
-                resp = self.session.post(f"{self.url}/chat/completions", json=body,
+                resp = self.session.post(f"{self.url}/chat/completions", data=body, headers=_JSON,
                                          timeout=(min(self.timeout, 10.0), self.timeout))
             except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
                 error = f"cannot reach the engine server at {_describe(self.url)}: {_why(exc)}"
@@ -234,11 +230,11 @@ class OpenAIEngine(Engine):
         return Answer(text=text.strip(), score=_mean_token_prob(choice.get("logprobs")))
 
     # -- images --------------------------------------------------------------------------------
-    def _encode_images(self, queries: Sequence[PointQuery]) -> list[str | Exception]:
-        """A data URL per query; each distinct image (``image_key``) is encoded once."""
+    def _encode_images(self, queries: Sequence[PointQuery]) -> list[bytes | Exception]:
+        """The serialised image part per query; each distinct image (``image_key``) is encoded once."""
         keys = [q.image_key if q.image_key is not None else ("id", id(q.image)) for q in queries]
         todo: dict[Hashable, Image.Image] = {}
-        found: dict[Hashable, str | Exception] = {}
+        found: dict[Hashable, bytes | Exception] = {}
         with self._cache_lock:
             for key, q in zip(keys, queries):
                 if key in found or key in todo:
@@ -252,11 +248,11 @@ class OpenAIEngine(Engine):
         if todo:
             encoded = list(self._pool.map(_safe_encode, todo.values()))
             with self._cache_lock:
-                for (key, image), url in zip(todo.items(), encoded):
-                    found[key] = url
-                    if isinstance(url, str):
+                for (key, image), part in zip(todo.items(), encoded):
+                    found[key] = part
+                    if isinstance(part, bytes):
                         try:
-                            self._cache[key] = (weakref.ref(image), url)
+                            self._cache[key] = (weakref.ref(image), part)
                         except TypeError:  # not weak-referenceable: just don't cache it
                             continue
                         self._cache.move_to_end(key)
@@ -274,9 +270,10 @@ def encode_image(image: Image.Image, quality: int = JPEG_QUALITY) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _safe_encode(image: Image.Image) -> str | Exception:
+def _safe_encode(image: Image.Image) -> bytes | Exception:
+    """The chat-message part that carries ``image``, serialised; or why it could not be made."""
     try:
-        return encode_image(image)
+        return json.dumps({"type": "image_url", "image_url": {"url": encode_image(image)}}).encode()
     except Exception as exc:  # noqa: BLE001 - becomes that query's error answer
         return exc
 
