@@ -112,7 +112,6 @@ class OpenAIEngine(Engine):
         self.max_new_tokens = max_new_tokens
         self.max_tries = max(1, max_tries)
         self.backoff = backoff
-        self._api_key = api_key or None
         self.session = session or _session(concurrency, api_key)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="engine-http")
         self._cache: OrderedDict[Hashable, tuple[weakref.ref, bytes]] = OrderedDict()
