@@ -16,7 +16,7 @@ GREEN = Image.new("RGB", (300, 500), (30, 200, 30))
 
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
-    return TransformersEngine(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    return TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
 
 
 def test_loads_through_the_auto_classes_and_reports_what_it_is(engine):
@@ -51,10 +51,13 @@ def test_batched_answers_equal_one_at_a_time_answers(engine):
     assert [a.score for a in batched] == pytest.approx([a.score for a in single], abs=1e-3)
 
 
-def test_fast_decoder_equals_plain_generate_with_padding_everywhere(demo_model_dir):
+@pytest.mark.parametrize("chunk", [8, 2])
+def test_fast_decoder_equals_plain_generate_with_padding_everywhere(demo_model_dir, monkeypatch, chunk):
     """Images with different crop counts (prefix padding), prompts of different lengths (suffix
-    padding), labels sharing images: the fast path gives generate()'s tokens and scores."""
-    engine = TransformersEngine(str(demo_model_dir), max_new_tokens=32, max_batch=8)
+    padding), labels sharing images, prefill in one or several chunks: the fast path gives
+    generate()'s tokens and scores."""
+    monkeypatch.setattr("molmo_backend.engine.decoding.PREFILL_CHUNK_IMAGES", chunk)
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=32, max_batch=8)
     engine.processor.image_processor.max_crops = 4
     noise = Image.effect_noise((500, 500), 60).convert("RGB")
     tall = Image.new("RGB", (300, 900), (10, 200, 10))
@@ -69,8 +72,14 @@ def test_fast_decoder_equals_plain_generate_with_padding_everywhere(demo_model_d
     assert len(set(batch_tokens.tolist())) > 1, "test images must give prefixes of different lengths"
 
 
+def test_fast_decoder_offers_a_pause_after_every_step(engine):
+    calls = []
+    engine.generate([PointQuery(RED, "Point to cat")], between_steps=lambda: calls.append(1))
+    assert len(calls) >= engine.max_new_tokens - 1  # every decode step, plus each prefill chunk
+
+
 def test_fast_decoder_answers_each_query_like_it_was_alone(demo_model_dir):
-    engine = TransformersEngine(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
     queries = [PointQuery(img, f"Point to item number {i}" + " please" * i) for i, img in enumerate([RED, GREEN, RED])]
     together = engine.generate(queries)
     alone = [engine.generate([q])[0] for q in queries]

@@ -119,3 +119,37 @@ def test_out_of_memory_splits_the_batch_until_it_fits():
     assert [a.text for a in answers] == prompts and all(a.error is None for a in answers)
     assert max(len(b) for b in engine.batches) == 2
     scheduler.close()
+
+
+class SteppingEngine(EchoEngine):
+    """Takes ``steps`` steps per batch and offers the scheduler a pause after each."""
+
+    def __init__(self, steps=50, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = steps
+        self.log: list[str] = []
+
+    def generate(self, queries, between_steps=None):
+        prompts = [q.prompt for q in queries]
+        self.log.append(f"start {prompts[0]}")
+        for _ in range(self.steps):
+            threading.Event().wait(0.002)
+            if between_steps:
+                between_steps()
+        self.log.append(f"end {prompts[0]}")
+        return [Answer(text=p) for p in prompts]
+
+
+def test_an_opened_task_runs_inside_a_long_bulk_batch_not_after_it():
+    engine = SteppingEngine(steps=200, max_batch=4)
+    scheduler = Scheduler(engine)
+    bulk, bulk_out = submit_in_thread(scheduler, queries("bulk0", "bulk1", "bulk2", "bulk3"), Priority.BULK)
+    while not engine.log:
+        threading.Event().wait(0.001)
+    answers = scheduler.submit(queries("open"), Priority.INTERACTIVE)
+    assert answers[0].text == "open"
+    assert engine.log[:3] == ["start bulk0", "start open", "end open"]  # nested inside the bulk batch
+    bulk.join(5)
+    assert engine.log[3] == "end bulk0" and [a.text for a in bulk_out["answers"]] == ["bulk0", "bulk1", "bulk2", "bulk3"]
+    assert scheduler.stats["preemptions"] == 1
+    scheduler.close()

@@ -47,7 +47,10 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, queries: Sequence[PointQuery]) -> list[Answer]:
-        """Answer every query, in order. May raise; then no answer of the batch is valid."""
+        """Answer every query, in order. May raise; then no answer of the batch is valid.
+
+        An engine whose ``generate`` also takes ``between_steps`` (a callable) calls it between
+        its steps; the scheduler uses that to run an opened task inside a long bulk batch."""
 
     def close(self) -> None:  # pragma: no cover - optional
         """Free the model's memory."""

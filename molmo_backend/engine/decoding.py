@@ -17,14 +17,17 @@ Numerics are those of greedy ``generate()`` on the same inputs (a test checks eq
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 
 #: the all-done flag is read back from the GPU every this many steps (each read is a sync)
 DONE_CHECK_EVERY = 4
+#: images prefilled per forward; between chunks, waiting interactive work may run
+PREFILL_CHUNK_IMAGES = 8
 
 
 class StaticKV:
@@ -51,8 +54,8 @@ class StaticKV:
 class Prepared:
     """A batch ready for the GPU: distinct image prefixes plus one prompt suffix per query."""
 
-    prefix: dict  # processor output for the distinct images (input_ids, pixel_values, ...)
-    image_of: list[int]  # query -> row of ``prefix``
+    prefix_chunks: list[dict]  # processor outputs for PREFILL_CHUNK_IMAGES distinct images each
+    image_of: list[int]  # query -> distinct image index (chunk = index // PREFILL_CHUNK_IMAGES)
     suffix_ids: list[list[int]]  # query -> token ids of its prompt suffix
 
 
@@ -67,13 +70,17 @@ def prepare(processor, queries: Sequence, suffix_of, device: torch.device) -> Pr
             rows[key] = len(images)
             images.append(q.image)
         image_of.append(rows[key])
-    prefix = processor(
-        images=[[image] for image in images], text=[processor.image_token] * len(images),
-        padding=True, return_tensors="pt",
-    )
+    chunks = []
+    for start in range(0, len(images), PREFILL_CHUNK_IMAGES):
+        part = images[start:start + PREFILL_CHUNK_IMAGES]
+        encoded = processor(
+            images=[[image] for image in part], text=[processor.image_token] * len(part),
+            padding=True, return_tensors="pt", device=device,  # crops are resized on the GPU
+        )
+        chunks.append({k: v.to(device) for k, v in encoded.items()})
     tokenizer = processor.tokenizer
     suffix_ids = [tokenizer(suffix_of(q.prompt), add_special_tokens=False)["input_ids"] for q in queries]
-    return Prepared({k: v.to(device) for k, v in prefix.items()}, image_of, suffix_ids)
+    return Prepared(chunks, image_of, suffix_ids)
 
 
 class GreedyDecoder:
@@ -91,43 +98,62 @@ class GreedyDecoder:
         self.eos = torch.tensor(sorted(set(eos_ids)), device=model.device)
         self.pad_id = pad_id
         self.use_cuda_graph = use_cuda_graph and model.device.type == "cuda"
+        #: set to a dict to collect seconds per phase (synchronises the GPU: for benchmarks only)
+        self.profile: dict | None = None
 
     @torch.inference_mode()
-    def run(self, batch: Prepared, max_new_tokens: int, logits_processors=()) -> tuple[list[list[int]], list[list[float]]]:
-        """Generated token ids and their log-probabilities per query, cut at the end token."""
+    def run(self, batch: Prepared, max_new_tokens: int, logits_processors=(),
+            between_steps: Callable[[], None] | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """Generated token ids and their log-probabilities per query, cut at the end token.
+        ``between_steps`` is called after each prefill chunk and decode step: the scheduler runs
+        an opened task there instead of making it wait for this whole batch."""
         model, device = self.model, self.model.device
         dtype = self.embed.weight.dtype
         neg = torch.finfo(dtype).min
+        pause = between_steps or (lambda: None)
+        timer = _PhaseTimer(self.profile, device)
 
-        # 1. prefix prefill, once per distinct image, through the model's own forward
-        prefix = batch.prefix
-        prefix_mask = prefix["attention_mask"].bool()
-        prefix_pos = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config.get_text_config())
-        model.model(**prefix, position_ids=prefix_pos, past_key_values=cache, use_cache=True)
-
-        # 2. static cache rows for every query, prompt suffixes left-padded behind the prefixes
-        n, plen = len(batch.suffix_ids), prefix_mask.shape[1]
+        n = len(batch.suffix_ids)
+        plen = max(chunk["input_ids"].shape[1] for chunk in batch.prefix_chunks)
         slen = max(len(s) for s in batch.suffix_ids)
         total = plen + slen + max_new_tokens
-        rows = torch.tensor(batch.image_of, device=device)
         kv = StaticKV(self.num_layers, n, self.kv_heads, total, self.head_dim, dtype, device)
-        for layer in range(self.num_layers):
-            kv.keys[layer][:, :, :plen] = cache.layers[layer].keys.index_select(0, rows)
-            kv.values[layer][:, :, :plen] = cache.layers[layer].values.index_select(0, rows)
-        del cache
+        key_valid = torch.zeros((n, total), dtype=torch.bool, device=device)
+        prefix_len = torch.zeros((n,), dtype=torch.long, device=device)
+        prompt_ids = torch.full((n, plen + slen), self.pad_id, dtype=torch.long, device=device)
 
+        # 1. prefix prefill, once per distinct image, through the model's own forward (vision
+        #    tower, adapter, image-token block mask); each chunk is copied right-aligned into the
+        #    static cache rows of the queries that show its images
+        for c, chunk in enumerate(batch.prefix_chunks):
+            first = c * PREFILL_CHUNK_IMAGES
+            mask = chunk["attention_mask"].bool()
+            width = mask.shape[1]
+            cache = DynamicCache(config=model.config.get_text_config())
+            model.model(**chunk, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                        past_key_values=cache, use_cache=True)
+            queries = [i for i, image in enumerate(batch.image_of) if first <= image < first + mask.shape[0]]
+            rows = torch.tensor(queries, device=device)
+            local = torch.tensor([batch.image_of[i] - first for i in queries], device=device)
+            for layer in range(self.num_layers):
+                kv.keys[layer][:, :, plen - width:plen].index_copy_(0, rows, cache.layers[layer].keys[local])
+                kv.values[layer][:, :, plen - width:plen].index_copy_(0, rows, cache.layers[layer].values[local])
+            key_valid[:, plen - width:plen].index_copy_(0, rows, mask[local])
+            prefix_len.index_copy_(0, rows, mask.sum(-1)[local])
+            prompt_ids[:, plen - width:plen].index_copy_(0, rows, chunk["input_ids"][local])
+            del cache
+            timer.lap("prefix")
+            pause()
+
+        # 2. prompt suffixes, left-padded behind the prefixes so every row stays aligned
         suffix = torch.full((n, slen), self.pad_id, dtype=torch.long, device=device)
         suffix_mask = torch.zeros((n, slen), dtype=torch.bool, device=device)
         for i, ids in enumerate(batch.suffix_ids):
             suffix[i, slen - len(ids):] = torch.tensor(ids, device=device)
             suffix_mask[i, slen - len(ids):] = True
-        key_valid = torch.zeros((n, total), dtype=torch.bool, device=device)
-        key_valid[:, :plen] = prefix_mask.index_select(0, rows)
         key_valid[:, plen:plen + slen] = suffix_mask
-        prefix_len = prefix_mask.sum(-1).index_select(0, rows)
+        prompt_ids[:, plen:] = suffix
         suffix_pos = prefix_len[:, None] + (suffix_mask.long().cumsum(-1) - 1).clamp(min=0)
-
         key_index = torch.arange(total, device=device)
         query_index = torch.arange(slen, device=device)
         causal = (key_index[None, :] < plen) | (key_index[None, :] <= plen + query_index[:, None])
@@ -140,13 +166,15 @@ class GreedyDecoder:
 
         # 3. decode
         state = _DecodeState(n, max_new_tokens, plen + slen, prefix_len + suffix_mask.sum(-1), device)
-        prompt_ids = torch.cat([prefix["input_ids"].index_select(0, rows), suffix], dim=1)
-        first = self._pick(logits, state, prompt_ids, logits_processors)
-        state.record(first, self.eos)
+        first_pick = self._pick(logits, state, prompt_ids, logits_processors)
+        state.record(first_pick, self.eos)
+        timer.lap("suffix")
         step = _Step(self, kv, key_valid, state, neg, dtype)
         graph = None
         if self.use_cuda_graph and not logits_processors and max_new_tokens > 1:
             graph = step.capture()
+            timer.lap("capture")
+        steps = 1
         for t in range(1, max_new_tokens):
             if t % DONE_CHECK_EVERY == 0 and bool(state.done.all()):
                 break
@@ -156,6 +184,10 @@ class GreedyDecoder:
                 step.run_eager(lambda logits: self._pick(logits, state, prompt_ids, logits_processors))
             else:
                 step()
+            steps += 1
+            timer.lap("decode")
+            pause()
+        timer.count("steps", steps)
         return state.results(self.eos)
 
     def _pick(self, logits, state, prompt_ids, logits_processors):
@@ -241,8 +273,7 @@ class _Step:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self()
+            self()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -251,3 +282,24 @@ class _Step:
             getattr(state, name).copy_(saved[name])
         self.key_valid.copy_(saved_valid)
         return graph
+
+
+class _PhaseTimer:
+    """Adds wall seconds per phase into ``sink`` (a dict), synchronising the GPU; no-op if None."""
+
+    def __init__(self, sink: dict | None, device: torch.device):
+        self.sink, self.device = sink, device
+        self.last = time.perf_counter() if sink is not None else 0.0
+
+    def lap(self, phase: str) -> None:
+        if self.sink is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.sink[phase] = self.sink.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def count(self, name: str, value: int) -> None:
+        if self.sink is not None:
+            self.sink[name] = self.sink.get(name, 0) + value

@@ -2,7 +2,9 @@
 
 Every HTTP thread submits its (image, prompt) queries here and waits. The worker forms batches
 across all waiting requests, opened tasks (INTERACTIVE) before bulk work, so an annotator who
-opens a task is not stuck behind a 1000-task "Retrieve predictions". A batch that fails (GPU out
+opens a task is not stuck behind a 1000-task "Retrieve predictions". Engines that can pause
+(``between_steps``) let an opened task run between two steps of a running bulk batch, so it
+waits for one decode step, not for the whole batch. A batch that fails (GPU out
 of memory, a bad input) is split in halves and retried, down to single queries, so one bad query
 costs only its own answer.
 """
@@ -10,6 +12,7 @@ costs only its own answer.
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import logging
 import threading
@@ -66,7 +69,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0}
+        self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0, "preemptions": 0}
+        self._preemptible = "between_steps" in inspect.signature(engine.generate).parameters
         self._worker = threading.Thread(target=self._run, name="gpu-worker", daemon=True)
         self._worker.start()
 
@@ -96,34 +100,55 @@ class Scheduler:
         self._worker.join(timeout=10)
 
     # -- worker --------------------------------------------------------------------------------
+    def _pop_batch(self) -> list[_Item]:
+        """Up to max_batch items of the first item's priority class (caller holds the lock)."""
+        first = heapq.heappop(self._heap)
+        batch = [first]
+        # only the same priority class rides along: a bulk batch must not delay an opened task
+        while self._heap and len(batch) < self.max_batch and self._heap[0].priority == first.priority:
+            batch.append(heapq.heappop(self._heap))
+        return batch
+
     def _next_batch(self) -> list[_Item] | None:
         with self._cv:
             while not self._heap and not self._closed:
                 self._cv.wait()
             if self._closed and not self._heap:
                 return None
-            first = heapq.heappop(self._heap)
-            batch = [first]
-            # only the same priority class rides along: a bulk batch must not delay an opened task
-            while self._heap and len(batch) < self.max_batch and self._heap[0].priority == first.priority:
-                batch.append(heapq.heappop(self._heap))
-            return batch
+            return self._pop_batch()
 
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
-            answers = self._answer(batch)
-            self.stats["batches"] += 1
-            self.stats["queries"] += len(batch)
-            for item, answer in zip(batch, answers):
-                self._deliver(item, answer)
+            self._process(batch, preemptible=batch[0].priority != Priority.INTERACTIVE)
 
-    def _answer(self, batch: list[_Item]) -> list[Answer]:
+    def _process(self, batch: list[_Item], preemptible: bool = False) -> None:
+        answers = self._answer(batch, preemptible)
+        self.stats["batches"] += 1
+        self.stats["queries"] += len(batch)
+        for item, answer in zip(batch, answers):
+            self._deliver(item, answer)
+
+    def _serve_interactive(self) -> None:
+        """Called by the engine between steps of a bulk batch: run waiting opened tasks now."""
+        while True:
+            with self._cv:
+                if not self._heap or self._heap[0].priority != Priority.INTERACTIVE:
+                    return
+                batch = self._pop_batch()
+            self.stats["preemptions"] += 1
+            self._process(batch)
+
+    def _answer(self, batch: list[_Item], preemptible: bool = False) -> list[Answer]:
         """Answers for ``batch``; a failing batch is split in halves until only the bad query fails."""
         try:
-            answers = self.engine.generate([item.query for item in batch])
+            queries = [item.query for item in batch]
+            if preemptible and self._preemptible:
+                answers = self.engine.generate(queries, between_steps=self._serve_interactive)
+            else:
+                answers = self.engine.generate(queries)
             if len(answers) != len(batch):
                 raise RuntimeError(f"engine returned {len(answers)} answers for {len(batch)} queries")
             return answers
@@ -138,7 +163,7 @@ class Scheduler:
                 extra={"batch_size": len(batch), "error": repr(exc)[:500]},
             )
             mid = len(batch) // 2
-            return self._answer(batch[:mid]) + self._answer(batch[mid:])
+            return self._answer(batch[:mid], preemptible) + self._answer(batch[mid:], preemptible)
 
     def _deliver(self, item: _Item, answer: Answer) -> None:
         job = item.job

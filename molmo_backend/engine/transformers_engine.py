@@ -91,13 +91,50 @@ def model_family(path_or_id: str, revision: str | None = None) -> str:
 
 
 def load_local_engine(settings: Settings) -> Engine:
-    """The in-process engine for the checkpoint's family (picked from its config.json)."""
-    path, _ = resolve_model(settings)
+    """The in-process engine for the checkpoint's family (picked from its config.json).
+
+    ``model_type`` "molmo" (v1: Molmo-7B-D/-7B-O/MolmoE-1B/-72B-0924) runs through its own remote
+    code in the molmo1 install profile (transformers 4.5x, requirements-molmo1.txt); anything else
+    is Molmo2 on transformers 5 (requirements.txt). Each profile says plainly when it is the wrong one.
+    """
+    import transformers
+
+    installed = transformers.__version__
+    v1_profile = int(installed.split(".")[0]) < 5
+    if v1_profile:
+        # The demo model is a Molmo2, which transformers 4.x cannot build or run.
+        no_local_weights = not weights_available_locally(settings.model, settings.revision)
+        auto_demo = settings.demo == "auto" and not torch.cuda.is_available() and no_local_weights
+        if settings.demo == "1" or auto_demo:
+            raise ModelLoadError(
+                f"the demo model is a Molmo2 and this is the molmo1 install profile (transformers "
+                f"{installed}): point MOLMO_MODEL at Molmo v1 weights already downloaded (a local folder "
+                f"or the Hugging Face cache) and set MOLMO_DEMO=0, or install requirements.txt for the demo"
+            )
+        path = settings.model
+    else:
+        path, _ = resolve_model(settings)
     family = model_family(path, None if Path(path).is_dir() else settings.revision)
     if family == "molmo":
+        if not v1_profile:
+            raise ModelLoadError(
+                f"{settings.model} is a Molmo v1 checkpoint (model_type 'molmo'): its remote code needs "
+                f"transformers 4.46-4.53, but {installed} is installed. Install the molmo1 profile in its "
+                f"own environment: pip install -r requirements-molmo1.txt (Docker: build with "
+                f"--build-arg PROFILE=molmo1); see docs/molmo1.md"
+            )
+        try:
+            from .molmo1_engine import Molmo1Engine
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{settings.model} is a Molmo v1 checkpoint, but its engine cannot load: {exc}"
+            ) from exc
+        return Molmo1Engine.from_settings(settings)
+    if v1_profile:
         raise ModelLoadError(
-            f"{settings.model} is a Molmo v1 checkpoint: it needs the molmo1 install profile "
-            "(requirements-molmo1.txt, transformers 4.5x); see README 'Molmo v1 models'"
+            f"{settings.model} is a {family!r} checkpoint, but this is the molmo1 install profile "
+            f"(transformers {installed}), which runs only Molmo v1 (model_type 'molmo'). Molmo2 needs "
+            f"requirements.txt (transformers 5)"
         )
     return TransformersEngine.from_settings(settings)
 
@@ -116,68 +153,73 @@ class _TokenLogprobs(LogitsProcessor):
 
 
 class TransformersEngine(Engine):
-    """Batched greedy generation with a Molmo2 checkpoint."""
+    """Batched greedy generation with a loaded Molmo2 model and its processor."""
 
     def __init__(
         self,
-        model_path: str,
+        model,
+        processor,
         *,
-        revision: str | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        model_id: str,
+        revision: str,
         max_new_tokens: int = 256,
         max_batch: int = 8,
-        model_id: str | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
         decoder: str = "fast",
         cuda_graphs: bool = True,
+        demo: bool = False,
     ):
-        started = time.monotonic()
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.max_new_tokens = max_new_tokens
-        self.max_batch = max_batch
-        self.logits_processors = list(logits_processors)
         if decoder not in ("fast", "generate"):
             raise ValueError(f"decoder must be 'fast' or 'generate', not {decoder!r}")
+        config = model.config
+        if config.model_type != "molmo2":
+            raise ModelLoadError(f"{model_id!r} is a {config.model_type!r} model; this engine runs Molmo2")
+        self.model, self.processor = model.eval(), processor
+        self.device, self.dtype = model.device, model.dtype
+        self.model_id, self.revision, self.demo = model_id, revision, demo
+        self.family = "molmo2"
+        self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
+        self.logits_processors = list(logits_processors)
         self.decoder_name = decoder
+        tokenizer = processor.tokenizer
+        self._pad_id = tokenizer.pad_token_id
+        self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
+        self.decoder = GreedyDecoder(model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs)
+
+    @classmethod
+    def load(cls, model_path: str, *, revision: str | None = None, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, model_id: str | None = None, **options) -> "TransformersEngine":
+        """``from_pretrained`` on a hub id or a local folder, as users run it."""
+        started = time.monotonic()
         try:
-            self.processor = AutoProcessor.from_pretrained(model_path, revision=revision)
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                model_path, revision=revision, dtype=dtype
-            )
+            processor = AutoProcessor.from_pretrained(model_path, revision=revision)
+            model = AutoModelForImageTextToText.from_pretrained(model_path, revision=revision, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {model_path!r}: {exc}") from exc
-        self.model.to(self.device).eval()
-        config = self.model.config
-        self.family = {"molmo2": "molmo2", "molmo": "molmo"}.get(config.model_type, config.model_type)
-        if self.family != "molmo2":
-            raise ModelLoadError(f"{model_path!r} is a {config.model_type!r} model; this engine runs Molmo2")
-        self.demo = is_demo_model(model_path)
-        self.model_id = "molmo2-demo" if self.demo else (model_id or model_path)
-        self.revision = (
+        model.to(torch.device(device))
+        demo = is_demo_model(model_path)
+        revision = (
             revision
-            or (getattr(config, "_commit_hash", None) or "")[:10]
+            or (getattr(model.config, "_commit_hash", None) or "")[:10]
             or (_local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
         )
-        tokenizer = self.processor.tokenizer
-        self._pad_id = tokenizer.pad_token_id
-        self._eos_ids = set(_as_list(self.model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
-        self.decoder = GreedyDecoder(self.model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs)
+        engine = cls(model, processor, model_id="molmo2-demo" if demo else (model_id or model_path),
+                     revision=revision, demo=demo, **options)
         log.info(
             "model loaded",
             extra={
-                "model": self.model_id, "revision": self.revision, "device": str(self.device),
-                "dtype": str(dtype).removeprefix("torch."), "demo": self.demo,
+                "model": engine.model_id, "revision": engine.revision, "device": str(engine.device),
+                "dtype": str(dtype).removeprefix("torch."), "demo": demo,
                 "load_s": round(time.monotonic() - started, 2),
             },
         )
+        return engine
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs) -> "TransformersEngine":
         path, _ = resolve_model(settings)
         device = pick_device(settings)
-        return cls(
+        return cls.load(
             path,
             revision=None if Path(path).is_dir() else settings.revision,
             device=device,
@@ -204,13 +246,16 @@ class TransformersEngine(Engine):
             raise ValueError("the chat template does not put the image first; use MOLMO_DECODER=generate")
         return text[len(image_token):]
 
-    def generate(self, queries: Sequence[PointQuery]) -> list[Answer]:
+    def generate(self, queries: Sequence[PointQuery], between_steps=None) -> list[Answer]:
         if self.decoder_name == "generate":
             return self.generate_plain(queries)
+        started = time.perf_counter()
         batch = prepare(self.processor, queries, self.chat_suffix, self.device)
-        if "pixel_values" in batch.prefix:
-            batch.prefix["pixel_values"] = batch.prefix["pixel_values"].to(self.dtype)
-        tokens, logprobs = self.decoder.run(batch, self.max_new_tokens, self.logits_processors)
+        for chunk in batch.prefix_chunks:
+            chunk["pixel_values"] = chunk["pixel_values"].to(self.dtype)
+        if self.decoder.profile is not None:
+            self.decoder.profile["prepare"] = self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
+        tokens, logprobs = self.decoder.run(batch, self.max_new_tokens, self.logits_processors, between_steps)
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         return [
             Answer(text=text.strip(), score=round(sum(math.exp(x) for x in lp) / len(lp), 4) if lp else None)
