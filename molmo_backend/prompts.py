@@ -14,10 +14,13 @@ __all__ = ["DEFAULT_PROMPT_TEMPLATE", "build_prompt", "default_prompt_template",
 
 PLACEHOLDER = "{label}"
 
-#: each model family's trained pointing phrasing (FACTS §2)
+#: each model family's trained pointing phrasing: the first of the pointing templates its training
+#: sampled from (Molmo2: FACTS §2; v1: GENERAL_PROMPTS_V1["pointing"][0] in allenai/molmo's
+#: olmo/data/data_formatter.py). v1's target for a missing object is still "There are none.",
+#: although this prompt names another phrase; either way no point is parsed from it.
 FAMILY_TEMPLATES = {
     "molmo2": DEFAULT_PROMPT_TEMPLATE,
-    "molmo": "Point to {label}",
+    "molmo": "Point to {label}\nPlease say 'This isn't in the image.' if it is not in the image.",
 }
 
 
