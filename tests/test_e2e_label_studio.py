@@ -169,11 +169,14 @@ def _check_prediction(ls, task_id: int, size: tuple[int, int], model_version: st
     return pred
 
 
-def test_backend_pre_annotates_through_label_studio(ls, png_factory, tmp_path):
-    """A user's clicks, both token modes: create a keypoint project, import uploaded files and
-    http URLs, connect the backend, Retrieve Predictions, open a new task, retrieve again."""
+@pytest.mark.parametrize("mode", ["legacy", "legacy-setup-token", "pat"])
+def test_backend_pre_annotates_through_label_studio(mode, request, png_factory, tmp_path):
+    """A user's clicks: create a keypoint project, import uploaded files and http URLs, connect the
+    backend, Retrieve Predictions, open a new task, retrieve again. Modes: legacy tokens on with the
+    legacy token as LABEL_STUDIO_API_KEY; legacy tokens on and no key (the backend uses the token
+    LS sends in /setup: docker-compose.yml's default); legacy tokens off with a PAT as the key."""
     t0 = time.monotonic()
-    mode = "legacy" if ls.legacy_tokens else "pat"
+    ls = request.getfixturevalue("ls_pat" if mode == "pat" else "ls_legacy")
     uploads = [png_factory("red.png", 640, 480), png_factory("tall.png", 300, 500)]
     web_dir = tmp_path / "web"
     web_dir.mkdir()
@@ -194,6 +197,8 @@ def test_backend_pre_annotates_through_label_studio(ls, png_factory, tmp_path):
 
         env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.backend_api_key,
                "MOLMO_ALLOWED_HOSTS": web_url.split("//", 1)[1]}
+        if mode == "legacy-setup-token":
+            env["LABEL_STUDIO_API_KEY"] = ""  # empty = unset for the backend's settings
         with run_backend(tmp_path, env=env, answers=FORCED_ANSWERS) as backend:
             t_backend = time.monotonic()
             ml = ls.connect_ml(pid, backend.url)
