@@ -270,6 +270,14 @@ def bench_model(size, args, device, dtype, log):
                                    "bulk_pairs": len(bulk_pairs), "bulk_seconds": round(bulk_done["seconds"], 1)}
     log(f"  open task under bulk: {out['open_task_under_bulk']}")
     scheduler.close()
+
+    # the same correctness check again, now that cached small-batch graphs have been reused
+    engine.decoder.eos = torch.tensor(sorted(engine._eos_ids), device=device)
+    engine.max_new_tokens = 16
+    fast = [a.text for a in engine.generate(check)] + [a.text for a in engine.generate(check[:3])]
+    plain = [a.text for a in engine.generate_plain(check)] + [a.text for a in engine.generate_plain(check[:3])]
+    out["fast_equals_generate_after_reuse"] = f"{sum(f == p for f, p in zip(fast, plain))}/{len(fast)}"
+    log(f"  fast decoder == generate() after buffer reuse: {out['fast_equals_generate_after_reuse']}")
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -36,7 +36,7 @@ def default_engine_factory(settings: Settings) -> Engine:
 def build_backend(settings: Settings, engine: Engine) -> MolmoBackend:
     template = settings.prompt_template or default_prompt_template(engine.family)
     version = make_model_version(engine.model_id, engine.revision, template)
-    scheduler = Scheduler(engine, max_batch=settings.max_batch)
+    scheduler = Scheduler(engine)  # the engine knows its batch size (remote: its concurrency)
     return MolmoBackend(settings, scheduler, ImageLoader(settings), version, prompt_template=template)
 
 

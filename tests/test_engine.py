@@ -72,6 +72,25 @@ def test_fast_decoder_equals_plain_generate_with_padding_everywhere(demo_model_d
     assert len(set(batch_tokens.tolist())) > 1, "test images must give prefixes of different lengths"
 
 
+def test_reused_small_batch_buffers_give_the_same_answers_call_after_call(demo_model_dir):
+    """Opened tasks reuse cached buffers (and, on CUDA, a captured graph): batches of other
+    sizes and prompt lengths in between must not leak into the next answers."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    reference = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8, decoder="generate")
+    engine.decoder.reuse_buffers = True
+    batches = [
+        [PointQuery(RED, "Point to cat", 1), PointQuery(RED, "Point to the dog on the left", 1),
+         PointQuery(RED, "Point to x", 1)],
+        [PointQuery(GREEN, "Point to a very long description of something " * 3, 2)],
+        [PointQuery(RED, "Point to cat", 3), PointQuery(GREEN, "Point to cat", 4)],
+        [PointQuery(RED, "Point to cat", 5), PointQuery(RED, "Point to the dog on the left", 5),
+         PointQuery(RED, "Point to x", 5)],
+    ]
+    for queries in batches:
+        assert [a.text for a in engine.generate(queries)] == [a.text for a in reference.generate(queries)]
+    assert engine.decoder._slots, "small batches should have used cached buffers"
+
+
 def test_fast_decoder_offers_a_pause_after_every_step(engine):
     calls = []
     engine.generate([PointQuery(RED, "Point to cat")], between_steps=lambda: calls.append(1))

@@ -28,6 +28,20 @@ from transformers import DynamicCache
 DONE_CHECK_EVERY = 4
 #: images prefilled per forward; between chunks, waiting interactive work may run
 PREFILL_CHUNK_IMAGES = 8
+#: batches of at most this many queries reuse cached buffers and CUDA graphs (rows rounded up to
+#: a power of two, cache length to a multiple of SLOT_LENGTH_STEP); at most SLOT_CACHE_SIZE kept
+SLOT_MAX_ROWS, SLOT_LENGTH_STEP, SLOT_CACHE_SIZE = 16, 512, 3
+
+
+@dataclass
+class _Slot:
+    rows: int
+    length: int
+    kv: "StaticKV"
+    key_valid: torch.Tensor
+    state: "_DecodeState"
+    step: "_Step"
+    graph: "torch.cuda.CUDAGraph | None" = None
 
 
 class StaticKV:
@@ -100,6 +114,9 @@ class GreedyDecoder:
         self.use_cuda_graph = use_cuda_graph and model.device.type == "cuda"
         #: set to a dict to collect seconds per phase (synchronises the GPU: for benchmarks only)
         self.profile: dict | None = None
+        self._slots: dict = {}
+        #: reuse small-batch buffers even without CUDA graphs (lets CPU tests cover that path)
+        self.reuse_buffers = False
 
     @torch.inference_mode()
     def run(self, batch: Prepared, max_new_tokens: int, logits_processors=(),
@@ -113,12 +130,25 @@ class GreedyDecoder:
         pause = between_steps or (lambda: None)
         timer = _PhaseTimer(self.profile, device)
 
-        n = len(batch.suffix_ids)
+        n_real = len(batch.suffix_ids)
         plen = max(chunk["input_ids"].shape[1] for chunk in batch.prefix_chunks)
         slen = max(len(s) for s in batch.suffix_ids)
         total = plen + slen + max_new_tokens
-        kv = StaticKV(self.num_layers, n, self.kv_heads, total, self.head_dim, dtype, device)
-        key_valid = torch.zeros((n, total), dtype=torch.bool, device=device)
+        use_graph = self.use_cuda_graph and not logits_processors and max_new_tokens > 1
+        reuse = (use_graph or self.reuse_buffers) and not logits_processors
+        slot = self._slot(n_real, total, max_new_tokens, dtype) if reuse else None
+        if slot is not None:  # small batch: reuse buffers and graph; extra rows repeat query 0
+            n, total = slot.rows, slot.length
+            image_of = batch.image_of + [batch.image_of[0]] * (n - n_real)
+            suffix_ids = batch.suffix_ids + [batch.suffix_ids[0]] * (n - n_real)
+            batch = Prepared(batch.prefix_chunks, image_of, suffix_ids)
+            kv, key_valid, state = slot.kv, slot.key_valid, slot.state
+            key_valid.zero_()
+        else:
+            n = n_real
+            kv = StaticKV(self.num_layers, n, self.kv_heads, total, self.head_dim, dtype, device)
+            key_valid = torch.zeros((n, total), dtype=torch.bool, device=device)
+            state = _DecodeState(n, max_new_tokens, device)
         prefix_len = torch.zeros((n,), dtype=torch.long, device=device)
         prompt_ids = torch.full((n, plen + slen), self.pad_id, dtype=torch.long, device=device)
 
@@ -165,14 +195,16 @@ class GreedyDecoder:
         logits = self.lm_head(hidden[:, -1]).float()
 
         # 3. decode
-        state = _DecodeState(n, max_new_tokens, plen + slen, prefix_len + suffix_mask.sum(-1), device)
+        state.reset(plen + slen, prefix_len + suffix_mask.sum(-1))
         first_pick = self._pick(logits, state, prompt_ids, logits_processors)
         state.record(first_pick, self.eos)
         timer.lap("suffix")
-        step = _Step(self, kv, key_valid, state, neg, dtype)
+        step = slot.step if slot is not None else _Step(self, kv, key_valid, state, neg, dtype)
         graph = None
-        if self.use_cuda_graph and not logits_processors and max_new_tokens > 1:
-            graph = step.capture()
+        if use_graph:
+            graph = slot.graph if slot is not None and slot.graph is not None else step.capture()
+            if slot is not None:
+                slot.graph = graph
             timer.lap("capture")
         steps = 1
         for t in range(1, max_new_tokens):
@@ -188,7 +220,27 @@ class GreedyDecoder:
             timer.lap("decode")
             pause()
         timer.count("steps", steps)
-        return state.results(self.eos)
+        tokens, logprobs = state.results(self.eos, max_new_tokens)
+        return tokens[:n_real], logprobs[:n_real]
+
+    def _slot(self, rows: int, length: int, max_new_tokens: int, dtype) -> "_Slot | None":
+        """Reusable buffers + captured graph for small batches (opened tasks): capturing a graph
+        costs about as much as 15 replays, so one per call would eat the gain."""
+        if rows > SLOT_MAX_ROWS:
+            return None
+        rows = 1 << (rows - 1).bit_length()
+        length = -(-length // SLOT_LENGTH_STEP) * SLOT_LENGTH_STEP
+        key = (rows, length, max_new_tokens)
+        if key not in self._slots:
+            while len(self._slots) >= SLOT_CACHE_SIZE:
+                self._slots.pop(next(iter(self._slots)))
+            device = self.model.device
+            kv = StaticKV(self.num_layers, rows, self.kv_heads, length, self.head_dim, dtype, device)
+            key_valid = torch.zeros((rows, length), dtype=torch.bool, device=device)
+            state = _DecodeState(rows, max_new_tokens, device)
+            step = _Step(self, kv, key_valid, state, torch.finfo(dtype).min, dtype)
+            self._slots[key] = _Slot(rows, length, kv, key_valid, state, step)
+        return self._slots[key]
 
     def _pick(self, logits, state, prompt_ids, logits_processors):
         """Greedy choice, after the processors (tests force answers through them)."""
@@ -202,15 +254,25 @@ class GreedyDecoder:
 class _DecodeState:
     """Device buffers one decode step reads and advances; fixed addresses for graph replay."""
 
-    def __init__(self, n, max_new_tokens, first_write, first_position, device):
+    def __init__(self, n, max_new_tokens, device):
         self.out_tokens = torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)
         self.out_logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float, device=device)
         self.tokens = torch.zeros((n, 1), dtype=torch.long, device=device)  # last generated token
-        self.positions = (first_position - 1)[:, None].clone()  # position of the last fed token
+        self.positions = torch.zeros((n, 1), dtype=torch.long, device=device)  # its position id
         self.t = torch.zeros((1,), dtype=torch.long, device=device)  # tokens generated so far
-        self.first_write = first_write
+        self.base = torch.zeros((1,), dtype=torch.long, device=device)  # cache slot of token t=1, minus 1
         self.write_at = torch.zeros((1,), dtype=torch.long, device=device)
         self.done = torch.zeros((n,), dtype=torch.bool, device=device)
+
+    def reset(self, first_write: int, first_position: torch.Tensor) -> None:
+        """Start a new batch in these buffers (in place: a captured graph keeps reading them)."""
+        self.out_tokens.zero_()
+        self.out_logprobs.zero_()
+        self.tokens.zero_()
+        self.positions.copy_((first_position - 1)[:, None])
+        self.t.zero_()
+        self.base.fill_(first_write - 1)
+        self.done.zero_()
 
     def record(self, pick, eos):
         """Store this step's (logprob, token) at column t and advance."""
@@ -225,8 +287,8 @@ class _DecodeState:
     def tokens_so_far(self):
         return self.out_tokens[:, : int(self.t)]
 
-    def results(self, eos) -> tuple[list[list[int]], list[list[float]]]:
-        count = int(self.t)
+    def results(self, eos, limit: int) -> tuple[list[list[int]], list[list[float]]]:
+        count = min(int(self.t), limit)
         tokens = self.out_tokens[:, :count].tolist()
         logprobs = self.out_logprobs[:, :count].tolist()
         eos_set = set(eos.tolist())
@@ -247,7 +309,7 @@ class _Step:
 
     def forward_logits(self):
         state = self.state
-        torch.add(state.t, state.first_write - 1, out=state.write_at)
+        torch.add(state.t, state.base, out=state.write_at)
         self.key_valid.index_fill_(1, state.write_at, True)
         mask = torch.where(self.key_valid, 0.0, self.neg).to(self.dtype)[:, None, None, :]
         self.kv.write_at = state.write_at
@@ -266,7 +328,7 @@ class _Step:
     def capture(self) -> "torch.cuda.CUDAGraph":
         """Capture one step. Warm-up runs mutate the buffers, so they are saved and restored."""
         state, saved = self.state, {}
-        names = ("out_tokens", "out_logprobs", "tokens", "positions", "t", "done")
+        names = ("out_tokens", "out_logprobs", "tokens", "positions", "t", "base", "done")
         for name in names:
             saved[name] = getattr(state, name).clone()
         saved_valid = self.key_valid.clone()
