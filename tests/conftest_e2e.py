@@ -13,6 +13,8 @@ is selected.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,24 +37,29 @@ def _start(legacy: bool) -> LabelStudio:
     return ls
 
 
+def _running(request, legacy: bool):
+    ls = _start(legacy)
+    try:
+        yield ls
+    finally:
+        if request.session.testsfailed:  # LS's log goes with its temp dir: show it first
+            capman = request.config.pluginmanager.getplugin("capturemanager")
+            with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+                print(f"\n--- Label Studio log (legacy tokens {legacy}), last lines ---\n"
+                      f"{ls.log_tail(6000)}", file=sys.stderr)
+        ls.stop()
+
+
 @pytest.fixture(scope="session")
-def ls_legacy():
+def ls_legacy(request):
     """Label Studio 1.23.2 with legacy tokens on (``Token <user_token>``)."""
-    ls = _start(True)
-    try:
-        yield ls
-    finally:
-        ls.stop()
+    yield from _running(request, True)
 
 
 @pytest.fixture(scope="session")
-def ls_pat():
+def ls_pat(request):
     """Label Studio 1.23.2 as 1.23 ships it: legacy tokens off, personal access tokens only."""
-    ls = _start(False)
-    try:
-        yield ls
-    finally:
-        ls.stop()
+    yield from _running(request, False)
 
 
 @pytest.fixture(params=["legacy", "pat"])
