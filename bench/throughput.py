@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import sys
@@ -316,6 +317,9 @@ def main() -> int:
     for size in models:
         try:
             results["models"].append(bench_model(size, args, device, dtype, log))
+            gc.collect()  # the decoder's cached graphs form reference cycles with it
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         except Exception as exc:  # keep what was measured for the other model
             import traceback
 
