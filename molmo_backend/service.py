@@ -22,8 +22,9 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-def default_engine_factory(settings: Settings) -> Engine:
-    """The engine ``MOLMO_ENGINE`` names; heavy imports (torch) happen only here."""
+def default_engine_factory(settings: Settings) -> Engine | list[Engine]:
+    """The engine ``MOLMO_ENGINE`` names (one per GPU with MOLMO_GPUS); heavy imports (torch)
+    happen only here."""
     if settings.engine == "openai":
         from .engine.remote import OpenAIEngine
 
@@ -33,17 +34,20 @@ def default_engine_factory(settings: Settings) -> Engine:
     return load_local_engine(settings)
 
 
-def build_backend(settings: Settings, engine: Engine) -> MolmoBackend:
-    template = settings.prompt_template or default_prompt_template(engine.family)
-    version = make_model_version(engine.model_id, engine.revision, template)
+def build_backend(settings: Settings, engine: Engine | list[Engine]) -> MolmoBackend:
+    """The backend over one engine, or over replicas of one model (one per GPU)."""
     scheduler = Scheduler(engine)  # the engine knows its batch size (remote: its concurrency)
+    first = scheduler.engine
+    template = settings.prompt_template or default_prompt_template(first.family)
+    version = make_model_version(first.model_id, first.revision, template)
     return MolmoBackend(settings, scheduler, ImageLoader(settings), version, prompt_template=template)
 
 
 class ModelService:
     """Holds the backend once its model has loaded; reports loading state and errors meanwhile."""
 
-    def __init__(self, settings: Settings, engine_factory: Callable[[Settings], Engine] = default_engine_factory):
+    def __init__(self, settings: Settings,
+                 engine_factory: Callable[[Settings], Engine | list[Engine]] = default_engine_factory):
         self.settings = settings
         self.engine_factory = engine_factory
         self.backend: MolmoBackend | None = None

@@ -29,6 +29,7 @@ class Settings:
     revision: str | None = None
     demo: str = "auto"  # "auto": demo model when there is no GPU and no local weights; "1"; "0"
     device: str = "auto"  # "auto", "cuda", "cuda:1", "cpu"
+    gpus: str = ""  # "": one device (MOLMO_DEVICE); "all"; "0,1": one model replica per GPU
     dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
     max_new_tokens: int = 256
     max_batch: int = 48
@@ -118,6 +119,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "demo": ("MOLMO_DEMO", "`auto`: use the tiny random demo model when there is no GPU and no "
              "local weights; `1`: always; `0`: never"),
     "device": ("MOLMO_DEVICE", "`auto`, `cuda`, `cuda:N` or `cpu`"),
+    "gpus": ("MOLMO_GPUS", "Several GPUs: `all` or indices like `0,1`: one model replica on each, "
+             "the scheduler feeds them all (empty: the one MOLMO_DEVICE)"),
     "dtype": ("MOLMO_DTYPE", "`auto` (bfloat16 on CUDA, float32 on CPU), `bfloat16`, `float16`, "
               "`float32`"),
     "max_new_tokens": ("MOLMO_MAX_NEW_TOKENS", "Cap on tokens generated per (image, label)"),

@@ -153,3 +153,14 @@ def test_an_opened_task_runs_inside_a_long_bulk_batch_not_after_it():
     assert engine.log[3] == "end bulk0" and [a.text for a in bulk_out["answers"]] == ["bulk0", "bulk1", "bulk2", "bulk3"]
     assert scheduler.stats["preemptions"] == 1
     scheduler.close()
+
+
+def test_several_engines_share_the_queue_and_answers_stay_in_order():
+    engines = [SteppingEngine(steps=5, max_batch=4), SteppingEngine(steps=5, max_batch=4)]
+    scheduler = Scheduler(engines)
+    prompts = [f"q{i}" for i in range(40)]
+    answers = scheduler.submit(queries(*prompts))
+    assert [a.text for a in answers] == prompts
+    assert all(engine.log for engine in engines), "both replicas must have worked"
+    assert scheduler.stats["queries"] == 40
+    scheduler.close()

@@ -59,20 +59,29 @@ class SchedulerClosed(RuntimeError):
 
 
 class Scheduler:
-    """Runs an :class:`Engine` on one worker thread, batching queries from all callers."""
+    """Runs one worker thread per :class:`Engine` (one per GPU replica), batching queries from
+    all callers into whichever worker is free."""
 
-    def __init__(self, engine: Engine, max_batch: int | None = None, progress_every: float = 10.0):
-        self.engine = engine
-        self.max_batch = max_batch or engine.max_batch
+    def __init__(self, engines: Engine | Sequence[Engine], max_batch: int | None = None,
+                 progress_every: float = 10.0):
+        self.engines = [engines] if isinstance(engines, Engine) else list(engines)
+        if not self.engines:
+            raise ValueError("a scheduler needs at least one engine")
+        self.engine = self.engines[0]
+        self.max_batch = max_batch or self.engine.max_batch
         self.progress_every = progress_every
         self._heap: list[_Item] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
         self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0, "preemptions": 0}
-        self._preemptible = "between_steps" in inspect.signature(engine.generate).parameters
-        self._worker = threading.Thread(target=self._run, name="gpu-worker", daemon=True)
-        self._worker.start()
+        self._stats_lock = threading.Lock()
+        self._workers = [
+            threading.Thread(target=self._run, args=(engine,), name=f"gpu-worker-{i}", daemon=True)
+            for i, engine in enumerate(self.engines)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # -- callers -------------------------------------------------------------------------------
     def submit(self, queries: Sequence[PointQuery], priority: Priority = Priority.BULK) -> list[Answer]:
@@ -85,7 +94,7 @@ class Scheduler:
                 raise SchedulerClosed("the engine is shutting down")
             for i, query in enumerate(queries):
                 heapq.heappush(self._heap, _Item(int(priority), next(self._seq), query, job, i))
-            self._cv.notify()
+            self._cv.notify_all()  # every idle replica may take a batch
         job.finished.wait()
         return job.answers
 
@@ -97,7 +106,8 @@ class Scheduler:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self._worker.join(timeout=10)
+        for worker in self._workers:
+            worker.join(timeout=10)
 
     # -- worker --------------------------------------------------------------------------------
     def _pop_batch(self) -> list[_Item]:
@@ -117,45 +127,39 @@ class Scheduler:
                 return None
             return self._pop_batch()
 
-    def _run(self) -> None:
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for key, value in increments.items():
+                self.stats[key] += value
+
+    def _run(self, engine: Engine) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._process(batch, preemptible=batch[0].priority != Priority.INTERACTIVE)
+            self._process(engine, batch, preemptible=batch[0].priority != Priority.INTERACTIVE)
 
-    def _process(self, batch: list[_Item], preemptible: bool = False) -> None:
-        answers = self._answer(batch, preemptible)
-        self.stats["batches"] += 1
-        self.stats["queries"] += len(batch)
+    def _process(self, engine: Engine, batch: list[_Item], preemptible: bool = False) -> None:
+        answers = self._answer(engine, batch, preemptible)
+        self._count(batches=1, queries=len(batch))
         for item, answer in zip(batch, answers):
             self._deliver(item, answer)
 
-    def _serve_interactive(self) -> None:
-        """Called by the engine between steps of a bulk batch: run waiting opened tasks now."""
-        while True:
-            with self._cv:
-                if not self._heap or self._heap[0].priority != Priority.INTERACTIVE:
-                    return
-                batch = self._pop_batch()
-            self.stats["preemptions"] += 1
-            self._process(batch)
-
-    def _answer(self, batch: list[_Item], preemptible: bool = False) -> list[Answer]:
+    def _answer(self, engine: Engine, batch: list[_Item], preemptible: bool = False) -> list[Answer]:
         """Answers for ``batch``; a failing batch is split in halves until only the bad query fails."""
         try:
             queries = [item.query for item in batch]
-            if preemptible and self._preemptible:
-                answers = self.engine.generate(queries, between_steps=self._serve_interactive)
+            if preemptible and "between_steps" in inspect.signature(engine.generate).parameters:
+                answers = engine.generate(queries, between_steps=lambda: self._serve_interactive(engine))
             else:
-                answers = self.engine.generate(queries)
+                answers = engine.generate(queries)
             if len(answers) != len(batch):
                 raise RuntimeError(f"engine returned {len(answers)} answers for {len(batch)} queries")
             return answers
         except Exception as exc:  # noqa: BLE001 - any engine failure is contained here
-            self.stats["failed_batches"] += 1
+            self._count(failed_batches=1)
             if len(batch) == 1:
-                self.stats["failed_queries"] += 1
+                self._count(failed_queries=1)
                 log.error("query failed", extra={"error": repr(exc)[:500]})
                 return [Answer(text="", error=f"{type(exc).__name__}: {exc}"[:500])]
             log.warning(
@@ -163,22 +167,34 @@ class Scheduler:
                 extra={"batch_size": len(batch), "error": repr(exc)[:500]},
             )
             mid = len(batch) // 2
-            return self._answer(batch[:mid], preemptible) + self._answer(batch[mid:], preemptible)
+            return self._answer(engine, batch[:mid], preemptible) + self._answer(engine, batch[mid:], preemptible)
+
+    def _serve_interactive(self, engine: Engine) -> None:
+        """Called by an engine between steps of a bulk batch: run waiting opened tasks now."""
+        while True:
+            with self._cv:
+                if not self._heap or self._heap[0].priority != Priority.INTERACTIVE:
+                    return
+                batch = self._pop_batch()
+            self._count(preemptions=1)
+            self._process(engine, batch)
 
     def _deliver(self, item: _Item, answer: Answer) -> None:
         job = item.job
-        job.answers[item.index] = answer
-        job.done_count += 1
+        with self._stats_lock:  # several workers may finish parts of one job
+            job.answers[item.index] = answer
+            job.done_count += 1
+            done = job.done_count
         now = time.monotonic()
-        if job.done_count == job.total:
+        if done == job.total:
             job.finished.set()
         elif job.total > self.max_batch and now - job.last_progress >= self.progress_every:
             job.last_progress = now
-            rate = job.done_count / max(now - job.started, 1e-9)
+            rate = done / max(now - job.started, 1e-9)
             log.info(
                 "bulk progress",
                 extra={
-                    "done": job.done_count, "total": job.total, "pairs_per_s": round(rate, 2),
-                    "eta_s": round((job.total - job.done_count) / rate, 1),
+                    "done": done, "total": job.total, "pairs_per_s": round(rate, 2),
+                    "eta_s": round((job.total - done) / rate, 1),
                 },
             )

@@ -64,6 +64,22 @@ def pick_device(settings: Settings) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pick_devices(settings: Settings) -> list[torch.device]:
+    """``MOLMO_GPUS``: empty = the one device of MOLMO_DEVICE; ``all`` = every visible GPU;
+    ``0,2`` = those GPUs. One model replica runs on each."""
+    if not settings.gpus:
+        return [pick_device(settings)]
+    if settings.gpus == "all":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ModelLoadError("MOLMO_GPUS=all but no CUDA GPU is visible")
+        return [torch.device("cuda", i) for i in range(count)]
+    try:
+        return [torch.device("cuda", int(i)) for i in settings.gpus.split(",") if i.strip()]
+    except ValueError as exc:
+        raise ModelLoadError(f"MOLMO_GPUS={settings.gpus!r}: expected 'all' or GPU indices like 0,1") from exc
+
+
 def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
@@ -90,7 +106,7 @@ def model_family(path_or_id: str, revision: str | None = None) -> str:
     return config.get("model_type", "unknown")
 
 
-def load_local_engine(settings: Settings) -> Engine:
+def load_local_engine(settings: Settings) -> Engine | list[Engine]:
     """The in-process engine for the checkpoint's family (picked from its config.json).
 
     ``model_type`` "molmo" (v1: Molmo-7B-D/-7B-O/MolmoE-1B/-72B-0924) runs through its own remote
@@ -136,7 +152,11 @@ def load_local_engine(settings: Settings) -> Engine:
             f"(transformers {installed}), which runs only Molmo v1 (model_type 'molmo'). Molmo2 needs "
             f"requirements.txt (transformers 5)"
         )
-    return TransformersEngine.from_settings(settings)
+    devices = pick_devices(settings)
+    if len(devices) > 1:
+        log.info("one model replica per GPU", extra={"devices": [str(d) for d in devices]})
+    engines = [TransformersEngine.from_settings(settings, device=device) for device in devices]
+    return engines[0] if len(engines) == 1 else engines
 
 
 class _TokenLogprobs(LogitsProcessor):
@@ -216,9 +236,9 @@ class TransformersEngine(Engine):
         return engine
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kwargs) -> "TransformersEngine":
+    def from_settings(cls, settings: Settings, device: torch.device | None = None, **kwargs) -> "TransformersEngine":
         path, _ = resolve_model(settings)
-        device = pick_device(settings)
+        device = device or pick_device(settings)
         return cls.load(
             path,
             revision=None if Path(path).is_dir() else settings.revision,
