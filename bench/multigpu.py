@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import NEW_TOKENS, build, images, pairs  # noqa: E402
 
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
+from molmo_backend.logs import configure_logging  # noqa: E402
 from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def main() -> int:
     parser.add_argument("--images-per-gpu", type=int, default=160)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    configure_logging("WARNING", "text")
     count = torch.cuda.device_count()
     engines = []
     for i in range(count):
@@ -59,7 +61,7 @@ def main() -> int:
             torch.cuda.synchronize(i)
         seconds = time.perf_counter() - started
         row = {"gpus": n, "pairs": len(bulk), "seconds": round(seconds, 2),
-               "pairs_per_s": round(len(bulk) / seconds, 2)}
+               "pairs_per_s": round(len(bulk) / seconds, 2), "failed_queries": scheduler.stats["failed_queries"]}
         results["runs"].append(row)
         print(row, flush=True)
         scheduler.close()

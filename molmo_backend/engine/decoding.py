@@ -17,6 +17,7 @@ Numerics are those of greedy ``generate()`` on the same inputs (a test checks eq
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -26,6 +27,8 @@ from transformers import DynamicCache
 
 #: the all-done flag is read back from the GPU every this many steps (each read is a sync)
 DONE_CHECK_EVERY = 4
+_CAPTURE_LOCK = threading.Lock()
+
 #: images prefilled per forward; between chunks, waiting interactive work may run
 PREFILL_CHUNK_IMAGES = 8
 #: batches of at most this many queries reuse cached buffers and CUDA graphs (rows rounded up to
@@ -118,12 +121,18 @@ class GreedyDecoder:
         #: reuse small-batch buffers even without CUDA graphs (lets CPU tests cover that path)
         self.reuse_buffers = False
 
-    @torch.inference_mode()
     def run(self, batch: Prepared, max_new_tokens: int, logits_processors=(),
             between_steps: Callable[[], None] | None = None) -> tuple[list[list[int]], list[list[float]]]:
         """Generated token ids and their log-probabilities per query, cut at the end token.
         ``between_steps`` is called after each prefill chunk and decode step: the scheduler runs
         an opened task there instead of making it wait for this whole batch."""
+        if self.model.device.type != "cuda":
+            return self._run(batch, max_new_tokens, logits_processors, between_steps)
+        with torch.cuda.device(self.model.device):  # each GPU replica runs in its own thread
+            return self._run(batch, max_new_tokens, logits_processors, between_steps)
+
+    @torch.inference_mode()
+    def _run(self, batch, max_new_tokens, logits_processors, between_steps):
         model, device = self.model, self.model.device
         dtype = self.embed.weight.dtype
         neg = torch.finfo(dtype).min
@@ -338,7 +347,10 @@ class _Step:
             self()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Own capture stream on this replica's GPU (torch's default capture stream is one shared
+        # stream on whichever GPU came first); thread_local: replicas on other GPUs keep working
+        # in their threads; one capture at a time in the process.
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
             self()
         for name in names:
             getattr(state, name).copy_(saved[name])
