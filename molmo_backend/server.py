@@ -33,9 +33,14 @@ class BadRequest(ValueError):
 
 
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    # Only Content-Type: application/json is read (what Label Studio sends): a browser cannot
+    # send that cross-site without a CORS preflight, which this server never grants.
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json raises it, not ValueError, for deeply nested input
+        raise BadRequest("the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
+        raise BadRequest("the request body must be a JSON object sent as Content-Type: application/json")
     return body
 
 
@@ -131,6 +136,9 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         backend, error = ready_backend(wait=PREDICT_WAIT_FOR_MODEL_S)
         if error:
             return error
+        if not label_config and not backend.label_config:
+            raise BadRequest("no label config: send 'label_config' with the request, or call /setup "
+                             "with the project's 'schema' first")
         started = time.monotonic()
         results = backend.predict(tasks, context=context, label_config=label_config)
         count(predict_requests=1, tasks=len(tasks))
