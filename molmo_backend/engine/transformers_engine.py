@@ -155,7 +155,7 @@ def load_local_engine(settings: Settings) -> Engine | list[Engine]:
     devices = pick_devices(settings)
     if len(devices) > 1:
         log.info("one model replica per GPU", extra={"devices": [str(d) for d in devices]})
-    engines = [TransformersEngine.from_settings(settings, device=device) for device in devices]
+    engines = [TransformersEngine.from_settings(settings, device=device, path=path) for device in devices]
     return engines[0] if len(engines) == 1 else engines
 
 
@@ -236,8 +236,10 @@ class TransformersEngine(Engine):
         return engine
 
     @classmethod
-    def from_settings(cls, settings: Settings, device: torch.device | None = None, **kwargs) -> "TransformersEngine":
-        path, _ = resolve_model(settings)
+    def from_settings(cls, settings: Settings, device: torch.device | None = None, path: str | None = None,
+                      **kwargs) -> "TransformersEngine":
+        """The engine ``settings`` describe; ``path`` skips resolving MOLMO_MODEL/MOLMO_DEMO again."""
+        path = path or resolve_model(settings)[0]
         device = device or pick_device(settings)
         return cls.load(
             path,
@@ -277,9 +279,15 @@ class TransformersEngine(Engine):
             self.decoder.profile["prepare"] = self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
         tokens, logprobs = self.decoder.run(batch, self.max_new_tokens, self.logits_processors, between_steps)
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
+        # each token's piece of the text and its log-probability: per-point confidence
+        # (molmo_backend/confidence.py) is computed from these, away from torch
+        from .token_text import TokenTexts
+
+        splitter = self.__dict__.setdefault("_token_texts", TokenTexts(self.processor.tokenizer))
         return [
-            Answer(text=text.strip(), score=round(sum(math.exp(x) for x in lp) / len(lp), 4) if lp else None)
-            for text, lp in zip(texts, logprobs)
+            Answer(text=text.strip(), score=round(sum(math.exp(x) for x in lp) / len(lp), 4) if lp else None,
+                   tokens=splitter.split(ids, text), token_logprobs=tuple(lp))
+            for text, ids, lp in zip(texts, tokens, logprobs)
         ]
 
     def generate_plain(self, queries: Sequence[PointQuery]) -> list[Answer]:
