@@ -1,0 +1,61 @@
+"""``molmo-backend`` (annotate, predict) on the demo model with answers forced per label.
+
+    python tests/support/forced_cli.py --answers answers.json [--delay 1.0] -- annotate --project 3
+
+answers.json maps a label (found in the prompt) to the answer text Molmo should give, as for
+tests/support/forced_server.py. ``--delay`` sleeps that many seconds before every engine batch,
+so a test can interrupt a run in the middle. Everything after ``--`` is the real command line;
+MOLMO_DEMO is forced to 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from molmo_backend.cli import main as cli_main  # noqa: E402
+
+
+def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
+    """An engine factory: the demo TransformersEngine with ForceAnswers (and a delay per batch)."""
+
+    def factory(settings):
+        from molmo_backend.engine.transformers_engine import TransformersEngine
+        from tests.support.forcing import ForceAnswers, by_label
+
+        engine = TransformersEngine.from_settings(settings)
+        if answers:
+            engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
+        if delay > 0:
+            generate = engine.generate
+
+            def slow_generate(queries, between_steps=None):
+                time.sleep(delay)
+                return generate(queries, between_steps=between_steps)
+
+            engine.generate = slow_generate
+        return engine
+
+    return factory
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--answers", type=Path, help="JSON file: label -> forced answer text")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per engine batch")
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the molmo-backend command line")
+    args = parser.parse_args()
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    answers = json.loads(args.answers.read_text()) if args.answers else {}
+    os.environ["MOLMO_DEMO"] = "1"
+    return cli_main(argv, engine_factory=forced_engine_factory(answers, args.delay))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
