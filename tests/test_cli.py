@@ -82,6 +82,7 @@ class FakeLabelStudio:
         self.config = config
         self.store = {i: {"id": i, "data": data, "predictions": []} for i, data in tasks.items()}
         self.writes: list[list[int]] = []
+        self.views: list = []  # the view= of each listing (this stand-in does not filter by it)
         self.fail_writes: list[Exception] = []  # raised after storing, one per write
         self.projects = self._Projects(self)
         self.tasks = self._Tasks(self)
@@ -108,6 +109,7 @@ class FakeLabelStudio:
 
         def list(self, project, fields, page_size, query=None, view=None):
             assert fields == "all"
+            self.ls.views.append(view)
             ids = sorted(self.ls.store)
             if query:
                 selected = json.loads(query).get("selectedItems")
@@ -176,6 +178,11 @@ def test_task_ids_filter_and_unusable_images():
     assert_one_each(ls, [2])
     assert ls.predictions(1) == []
     assert run(ls, task_filter=TaskFilter(task_ids=(5,))).failed == [5]
+
+    # with a view, LS ignores the query: the ids are applied to what the view lists
+    with_view = run(ls, task_filter=TaskFilter(view=9, task_ids=(3, 4)))
+    assert 9 in ls.views and (with_view.listed, with_view.written) == (2, 2)
+    assert ls.predictions(1) == []
 
 
 def test_a_write_that_errs_after_storing_is_checked_not_repeated():
