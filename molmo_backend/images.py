@@ -87,29 +87,41 @@ class LabelStudioAuth:
     def can_refresh(self) -> bool:
         return self.kind == "pat"
 
-    def header(self) -> dict[str, str]:
+    def header(self, deadline: float | None = None) -> dict[str, str]:
+        """The header for LS; a PAT exchange (and the wait for another thread's) ends by
+        ``deadline`` (``time.monotonic()``), so a hanging LS costs each image its own fetch
+        time-out, not one time-out per image queued behind the lock."""
         if self.kind == "none":
             return {}
         if self.kind == "legacy":
             return {"Authorization": f"Token {self._key}"}
         if self.kind == "access":
             return {"Authorization": f"Bearer {self._key}"}
-        with self._lock:  # one exchange at a time; the other threads then reuse its result
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if not self._lock.acquire(timeout=-1 if remaining is None else max(remaining, 0.0)):
+            raise ImageLoadError("timed out waiting for Label Studio to exchange the personal "
+                                 "access token (MOLMO_FETCH_TIMEOUT)")
+        try:  # one exchange at a time; the other threads then reuse its result
             if self._access is None or _now() >= self._access_until:
-                self._access, self._access_until = self._exchange()
+                timeout = self._timeout
+                if deadline is not None:
+                    timeout = max(min(timeout, deadline - time.monotonic()), 0.001)
+                self._access, self._access_until = self._exchange(timeout)
             return {"Authorization": f"Bearer {self._access}"}
+        finally:
+            self._lock.release()
 
     def invalidate(self) -> None:
         with self._lock:
             self._access = None
 
-    def _exchange(self) -> tuple[str, float]:
+    def _exchange(self, timeout: float) -> tuple[str, float]:
         if not self.url:
             raise ImageLoadError("a personal access token can only be used once Label Studio's "
                                  "URL is known: set LABEL_STUDIO_URL")
         url = f"{self.url}/api/token/refresh/"
         try:
-            resp = self._session.post(url, json={"refresh": self._key}, timeout=self._timeout,
+            resp = self._session.post(url, json={"refresh": self._key}, timeout=timeout,
                                       allow_redirects=False)
         except requests.RequestException as exc:
             raise ImageLoadError(f"could not reach Label Studio at {_describe(self.url)} to "
@@ -283,7 +295,7 @@ class ImageLoader:
             if not (is_ls or trusted or self._host_allowed(parts, ls)):
                 raise ImageLoadError(f"host {parts.hostname!r} is not allowed: add it to "
                                      "MOLMO_ALLOWED_HOSTS (comma-separated; '*' allows any)")
-            headers = ls.auth.header() if is_ls else {}
+            headers = ls.auth.header(deadline) if is_ls else {}
             resp = self._get(url, headers, deadline)
             with resp:
                 status = resp.status_code
