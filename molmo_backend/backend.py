@@ -1,9 +1,11 @@
 """The model class Label Studio talks to, in label-studio-ml 2.x's shape.
 
-``predict`` turns Label Studio tasks into keypoint predictions:
-label config -> point targets -> prompts; task data -> images; (image, prompt) queries -> the
-scheduler (GPU batching) -> answers -> points -> regions. It owns the one invariant Label Studio
-depends on: every task gets exactly one prediction, in task order, whatever fails on the way.
+``predict`` turns Label Studio tasks into predictions:
+label config -> asks (keypoint labels, counts, captions/questions; or, for an interactive
+request, the one question its context holds) -> prompts; task data -> images; (image, prompt)
+queries -> the scheduler (GPU batching) -> answers -> scored points, counts, texts -> regions. It
+owns the one invariant Label Studio depends on: every task gets exactly one prediction, in task
+order, whatever fails on the way.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Sequence
 
+from .answers import answer_regions
+from .asks import Ask, bulk_asks
 from .engine.base import PointQuery
 from .engine.scheduler import Priority, Scheduler
 from .images import ImageLoader, ImageLoadError, LoadedImage
-from .labels import PointTarget, parse_point_targets
-from .points import parse_points
-from .prompts import build_prompt, prompt_fingerprint
-from .regions import empty_prediction, keypoint_region, task_prediction
+from .interactive import interactive_asks
+from .labels import LabelConfig, PointTarget, parse_label_config, parse_point_targets
+from .prompts import prompt_fingerprint
+from .regions import empty_prediction, task_prediction
 from .settings import DEFAULT_PROMPT_TEMPLATE, Settings
 
 log = logging.getLogger(__name__)
@@ -60,21 +63,22 @@ def cached_targets(label_config: str) -> tuple[PointTarget, ...]:
     return tuple(parse_point_targets(label_config))
 
 
+@lru_cache(maxsize=64)
+def cached_config(label_config: str) -> LabelConfig:
+    """Everything the backend fills for a config (raises LabelConfigError when nothing)."""
+    return parse_label_config(label_config)
+
+
+@lru_cache(maxsize=64)
+def cached_bulk_asks(label_config: str, template: str, caption_prompt: str) -> tuple[Ask, ...]:
+    return bulk_asks(cached_config(label_config), template, caption_prompt)
+
+
 def make_model_version(model_id: str, revision: str, prompt_template: str) -> str:
     """Stable across restarts: model, checkpoint revision and prompt settings, nothing else.
     Label Studio skips tasks that already hold a prediction of this version."""
     name = model_id.rstrip("/").rsplit("/", 1)[-1]
     return f"{name}@{revision}-p{prompt_fingerprint(prompt_template)}"
-
-
-@dataclass
-class _Pair:
-    """One (task, target, label) to ask the model about."""
-
-    task_index: int
-    target: PointTarget
-    label: str
-    image: LoadedImage
 
 
 class MolmoBackend(LabelStudioMLBase):
@@ -98,7 +102,7 @@ class MolmoBackend(LabelStudioMLBase):
               access_token: str | None = None) -> str:
         """Validate the project's config (raises LabelConfigError) and remember how to reach LS."""
         if label_config is not None:
-            cached_targets(label_config)
+            cached_config(label_config)
             self.label_config = label_config
         self.images.configure_label_studio(hostname, access_token)
         return self.model_version
@@ -110,24 +114,37 @@ class MolmoBackend(LabelStudioMLBase):
         label_config = kwargs.get("label_config") or self.label_config
         if not label_config:
             raise ValueError("no label config: send label_config with the request or call /setup first")
-        targets = cached_targets(label_config)
-        priority = kwargs.get("priority") or (Priority.INTERACTIVE if len(tasks) <= 1 else Priority.BULK)
+        config = cached_config(label_config)
+        interactive = context is not None
+        if interactive:
+            # params.context is only set by Label Studio's interactive-annotating call
+            # (docs/interactive.md): answer the one question it holds, at once
+            asks = interactive_asks(config, context, self.prompt_template)
+            priority = Priority.INTERACTIVE
+            if not asks:
+                log.info("interactive context without a prompt or keypoint of this config",
+                         extra={"context_keys": sorted(context)[:10]})
+        else:
+            asks = cached_bulk_asks(label_config, self.prompt_template, self.settings.caption_prompt)
+            priority = kwargs.get("priority") or (Priority.INTERACTIVE if len(tasks) <= 1 else Priority.BULK)
         started = time.monotonic()
         # Chunks bound the memory held in decoded images; the next chunk's images are fetched
         # while the current one is on the GPU.
         chunks = [tasks[i : i + TASK_CHUNK] for i in range(0, len(tasks), TASK_CHUNK)]
+        keys = list(dict.fromkeys(ask.data_key for ask in asks))
         predictions: list[dict] = []
-        pending = self._fetch_images(chunks[0], targets) if chunks else []
+        pending = self._fetch_images(chunks[0], keys) if chunks else []
         for k in range(len(chunks)):
-            images = [[future.result() for future in row] for row in pending]
+            images = [{key: future.result() for key, future in row.items()} for row in pending]
             if k + 1 < len(chunks):
-                pending = self._fetch_images(chunks[k + 1], targets)
-            predictions.extend(self._predict_chunk(images, targets, priority))
+                pending = self._fetch_images(chunks[k + 1], keys)
+            predictions.extend(self._predict_chunk(images, asks, priority))
         log.info(
             "predicted",
             extra={
-                "tasks": len(tasks), "points": sum(len(p["result"]) for p in predictions),
+                "tasks": len(tasks), "regions": sum(len(p["result"]) for p in predictions),
                 "seconds": round(time.monotonic() - started, 3), "priority": Priority(priority).name,
+                "interactive": interactive,
             },
         )
         return predictions
@@ -138,54 +155,38 @@ class MolmoBackend(LabelStudioMLBase):
         return {"status": "ignored", "event": event}
 
     # -- helpers -------------------------------------------------------------------------------
-    def _predict_chunk(self, images: list[list[LoadedImage | None]], targets: Sequence[PointTarget],
+    def _predict_chunk(self, images: list[dict[str, LoadedImage | None]], asks: Sequence[Ask],
                        priority: Priority) -> list[dict]:
-        pairs = [
-            _Pair(task_index, target, label, image)
+        jobs = [
+            (task_index, ask, task_images[ask.data_key])
             for task_index, task_images in enumerate(images)
-            for target, image in zip(targets, task_images)
-            if image is not None
-            for label in target.labels
+            for ask in asks
+            if task_images.get(ask.data_key) is not None
         ]
-        queries = [
-            PointQuery(
-                image=p.image.image,
-                prompt=build_prompt(p.label, self.prompt_template, p.target.prompts.get(p.label)),
-                image_key=id(p.image),
-            )
-            for p in pairs
-        ]
+        queries = [PointQuery(image=image.image, prompt=ask.prompt, image_key=id(image))
+                   for _, ask, image in jobs]
         answers = self.scheduler.submit(queries, priority=priority) if queries else []
 
         regions: list[list[dict]] = [[] for _ in images]
         failed = [False] * len(images)
-        for pair, answer in zip(pairs, answers):
+        for (task_index, ask, image), answer in zip(jobs, answers):
             if answer.error:
-                failed[pair.task_index] = True
+                failed[task_index] = True
                 continue
-            for point in parse_points(answer.text):
-                region = keypoint_region(
-                    point, from_name=pair.target.from_name, to_name=pair.target.to_name,
-                    label=pair.label, image_width=pair.image.width, image_height=pair.image.height,
-                    point_width=self.settings.point_width, score=answer.score,
-                )
-                if region is not None:
-                    regions[pair.task_index].append(region)
+            regions[task_index].extend(answer_regions(
+                ask, answer, image_width=image.width, image_height=image.height,
+                point_width=self.settings.point_width, min_point_score=self.settings.min_point_score,
+            ))
         return [
             empty_prediction(self.model_version) if failed[i] and not task_regions
             else task_prediction(task_regions, self.model_version)
             for i, task_regions in enumerate(regions)
         ]
 
-    def _fetch_images(self, tasks: Sequence[Any], targets: Sequence[PointTarget]) -> list[list[Future]]:
-        """Per task, per target: a future of the image, or of None when it cannot be had. Targets
-        that point at the same data key share one fetch."""
-        keys = dict.fromkeys(target.data_key for target in targets)
-        rows = []
-        for task in tasks:
-            by_key = {key: self._fetch_pool.submit(self._load_one, task, key) for key in keys}
-            rows.append([by_key[target.data_key] for target in targets])
-        return rows
+    def _fetch_images(self, tasks: Sequence[Any], data_keys: Sequence[str]) -> list[dict[str, Future]]:
+        """Per task: data key -> a future of its image, or of None when it cannot be had."""
+        return [{key: self._fetch_pool.submit(self._load_one, task, key) for key in data_keys}
+                for task in tasks]
 
     def _load_one(self, task: Any, data_key: str) -> LoadedImage | None:
         task_id = task.get("id") if isinstance(task, dict) else None

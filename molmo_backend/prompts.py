@@ -10,7 +10,8 @@ import hashlib
 
 from molmo_backend.settings import DEFAULT_PROMPT_TEMPLATE
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "build_prompt", "default_prompt_template", "prompt_fingerprint"]
+__all__ = ["COUNT_TEMPLATE", "DEFAULT_PROMPT_TEMPLATE", "build_count_prompt", "build_prompt",
+           "default_prompt_template", "prompt_fingerprint"]
 
 PLACEHOLDER = "{label}"
 
@@ -22,6 +23,17 @@ FAMILY_TEMPLATES = {
     "molmo2": DEFAULT_PROMPT_TEMPLATE,
     "molmo": "Point to {label}\nPlease say 'This isn't in the image.' if it is not in the image.",
 }
+
+
+#: Molmo2's trained counting phrasing (FACTS §2). The answer points at every instance and states
+#: the total: "Counting the <points coords=...>cats</points> shows a total of 3." Used for both
+#: families (Molmo v1's own counting phrasing is not known here).
+COUNT_TEMPLATE = "How many {label} are there in the image? Point to them and output the total count."
+
+
+def build_count_prompt(text: str) -> str:
+    """The counting question about ``text`` (a label's prompt text, or a Number's ``count``)."""
+    return build_prompt(text, COUNT_TEMPLATE)
 
 
 def default_prompt_template(family: str) -> str:

@@ -1,4 +1,5 @@
-"""Build keypoint regions and per-task predictions in the shape Label Studio stores.
+"""Build regions (keypoints, <Number> counts, <TextArea> texts) and per-task predictions in the
+shape Label Studio stores.
 
 Label Studio does not validate regions (FACTS.md section 1): a point at x=150 is stored and shown.
 So every region is checked here, and an invalid one is dropped (None) rather than sent.
@@ -44,6 +45,36 @@ def keypoint_region(point: Point, *, from_name: str, to_name: str, label: str, i
     if score is not None and _finite(score):
         region["score"] = float(score)
     return region
+
+
+def number_region(*, from_name: str, to_name: str, number: int) -> dict | None:
+    """A <Number>'s value as Label Studio stores it, or None for anything but a whole number >= 0."""
+    if not (_finite(number) and number >= 0 and float(number).is_integer()):
+        return None
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "number",
+        "value": {"number": int(number)},
+    }
+
+
+#: longest text put into a <TextArea> (an answer that ran to the token limit is far shorter)
+MAX_TEXT_CHARS = 10_000
+
+
+def textarea_region(*, from_name: str, to_name: str, text: str) -> dict | None:
+    """A <TextArea>'s text as Label Studio stores it, or None when there is no text."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "textarea",
+        "value": {"text": [text.strip()[:MAX_TEXT_CHARS]]},
+    }
 
 
 def task_prediction(regions: list[dict], model_version: str, score: float | None = None) -> dict:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Mapping
 
 DEFAULT_PROMPT_TEMPLATE = "Point to {label}\nPlease say 'There are none.' if it is not in the image."
+#: what a <TextArea> for the image without its own ``prompt`` is filled with the answer to
+DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 
 
 class SettingsError(ValueError):
@@ -37,6 +39,8 @@ class Settings:
     cuda_graphs: str = "1"
     prompt_template: str | None = None  # None: the trained phrasing of the model's family
     point_width: float = 0.75
+    min_point_score: float = 0.0  # points scored below this are dropped (docs/confidence.md)
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT  # question for <TextArea toName=image> without prompt=
     cache_dir: Path = field(default_factory=lambda: _hf_home(os.environ) / "molmo-backend")
     # engine
     engine: str = "transformers"  # "transformers" (this process, local GPUs) or "openai" (vLLM/SGLang)
@@ -98,6 +102,10 @@ class Settings:
             raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.log_format not in ("json", "text"):
             raise SettingsError("LOG_FORMAT must be json or text")
+        if not 0.0 <= self.min_point_score <= 1.0:
+            raise SettingsError("MOLMO_MIN_POINT_SCORE must be between 0 and 1")
+        if not self.caption_prompt.strip():
+            raise SettingsError("MOLMO_CAPTION_PROMPT must not be blank")
 
     def redacted(self) -> dict:
         """The settings as a dict fit for logs: secrets are masked."""
@@ -133,6 +141,11 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
                         "label (or its `prompt` attribute in the label config). Default: the "
                         "model family's trained pointing phrasing"),
     "point_width": ("MOLMO_POINT_WIDTH", "Keypoint dot size, percent of the image width"),
+    "min_point_score": ("MOLMO_MIN_POINT_SCORE", "Drop keypoints whose confidence (0-1: the "
+                        "probability Molmo gave to emitting the point, docs/confidence.md) is "
+                        "below this; `0` keeps all"),
+    "caption_prompt": ("MOLMO_CAPTION_PROMPT", "Question answered into a `<TextArea toName=\"image\">` "
+                       "that has no `prompt` attribute (and is not the interactive prompt box)"),
     "cache_dir": ("MOLMO_CACHE_DIR", "Where the demo model is built (default `$HF_HOME/molmo-backend`)"),
     "engine": ("MOLMO_ENGINE", "`transformers` (in this process) or `openai` (a vLLM/SGLang server)"),
     "engine_url": ("MOLMO_ENGINE_URL", "Base URL of the OpenAI-compatible server, e.g. "

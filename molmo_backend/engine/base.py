@@ -26,11 +26,26 @@ class PointQuery:
 
 @dataclass(frozen=True)
 class Answer:
+    """What the model said to one query.
+
+    ``tokens`` and ``token_logprobs`` are the raw material for per-point confidence (see
+    :mod:`molmo_backend.confidence` and docs/confidence.md): each generated token's share of the
+    decoded text and the log-probability greedy decoding gave it. They are kept as text pieces,
+    not ids, so that pure code can find which tokens spell which point without a tokenizer.
+    Engines that cannot see token probabilities (the remote engine, Molmo v1, plain
+    ``generate()``) leave them empty; points then fall back to ``score``.
+    """
+
     text: str
     #: mean probability of the generated tokens (greedy), or None when the engine has none
     score: float | None = None
     #: set when this query could not be answered; ``text`` is then empty
     error: str | None = None
+    #: each generated token's text, end token excluded; ``"".join(tokens)`` is ``text`` before
+    #: ``strip()``. Empty when the engine gives no per-token data.
+    tokens: tuple[str, ...] = ()
+    #: natural-log probability of each of ``tokens`` (the greedy pick, after logits processors)
+    token_logprobs: tuple[float, ...] = ()
 
 
 class Engine(ABC):
