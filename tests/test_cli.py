@@ -27,7 +27,6 @@ from PIL import Image
 from molmo_backend import cli
 from molmo_backend.annotate import (
     AnnotateError,
-    Interrupts,
     LabelStudioProject,
     TaskFilter,
     annotate_project,

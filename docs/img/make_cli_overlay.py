@@ -10,7 +10,6 @@ model's real generate() (tests/support/forced_cli.py), so the picture shows exac
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
