@@ -13,8 +13,8 @@ given the points before it, that the model emits this point at all.
 
 The coordinate digits are left out on purpose. Their uncertainty is about *where* to within a
 digit, not *whether*: a point at x = 500 splits its first digit between "4" (49x) and "5" (50x)
-though it is perfectly placed, and a tokenizer with 3-digit number tokens (OLMo's) spreads the
-mass over 461/462/463. Scoring digits would mark well-placed points as weak.
+though it is perfectly placed, and a tokenizer with multi-digit number tokens spreads the mass
+over 461/462/463. Scoring digits would mark well-placed points as weak.
 
 The task score is the mean of its points' scores (``regions.task_prediction``). Engines that give
 no per-token data (the remote engine, Molmo v1, plain ``generate()``) give each point the answer's

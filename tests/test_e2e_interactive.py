@@ -31,6 +31,7 @@ CONFIG = """<View>
     <Label value="cat" prompt="black cats" background="red"/>
     <Label value="window" background="blue"/>
     <Label value="bird" alias="b" background="green"/>
+    <Label value="door" prompt="front doors" background="yellow"/>
   </KeyPointLabels>
   <TextArea name="prompt" toName="image" smart="true" editable="true" maxSubmissions="1"/>
   <Number name="cat_count" toName="image" count="cat"/>
@@ -122,7 +123,8 @@ SPECS = {
     COUNT_TEMPLATE.replace("{label}", "black cats"): {  # merged count + keypoints of "cat"
         "text": CATS, "probs": {char(CATS, "Counting"): 0.9, char(CATS, " 3 500", 1): 0.3}},
     point_prompt("window"): {"text": WINDOWS, "probs": {char(WINDOWS, " 2 350", 1): 0.8}},
-    point_prompt("bird"): "There are none.",
+    point_prompt("bird"): "There are none.",  # an alias: asked by its value
+    point_prompt("front doors"): '<points coords="1 1 900 800">front doors</points>',  # prompt=
     DEFAULT_CAPTION_PROMPT: "A black cat sits on a windowsill.",
     "What is the weather like?": "Sunny.",
     "the left building": {"text": LEFT, "probs": {char(LEFT, " 2 220", 1): 0.4}},
@@ -156,7 +158,7 @@ def test_interactive_pointing_confidence_counts_and_captions_through_label_studi
         # the third cat (p = 0.3) is below MOLMO_MIN_POINT_SCORE; the first cat scores the
         # "Counting" chosen over "There are none." (0.9); window 2 its " 2" (0.8)
         assert keypoint_rows(result) == [
-            ("cat", 10.0, 20.0, 0.9), ("cat", 30.0, 40.0, 1.0),
+            ("cat", 10.0, 20.0, 0.9), ("cat", 30.0, 40.0, 1.0), ("door", 90.0, 80.0, 1.0),
             ("window", 15.0, 25.0, 1.0), ("window", 35.0, 45.0, 0.8), ("window", 65.0, 75.0, 1.0)]
         assert all((r["original_width"], r["original_height"]) == (200, 100)
                    for r in result if r["type"] == "keypointlabels")
@@ -165,7 +167,7 @@ def test_interactive_pointing_confidence_counts_and_captions_through_label_studi
             ("cat_count", "image", {"number": 3})]
         texts = {r["from_name"]: r["value"]["text"] for r in result if r["type"] == "textarea"}
         assert texts == {"caption": ["A black cat sits on a windowsill."], "weather": ["Sunny."]}
-        assert math.isclose(prediction["score"], (0.9 + 1.0 + 1.0 + 0.8 + 1.0) / 5, abs_tol=1e-6)
+        assert math.isclose(prediction["score"], (0.9 + 1.0 + 1.0 + 1.0 + 0.8 + 1.0) / 6, abs_tol=1e-6)
 
         # interactive: the annotator types into the prompt box, naming the label first
         started = time.monotonic()
