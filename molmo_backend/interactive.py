@@ -4,8 +4,8 @@ What Label Studio 1.23.2 sends (checked against the real LS in tests/test_e2e_in
 docs/interactive.md has the details): ``POST /api/ml/ID/interactive-annotating {"task": ID,
 "context": {...}}`` reaches the backend as a one-task ``/predict`` whose ``params.context`` is
 that ``context``, unchanged. Its labeling UI sends ``{"result": [...]}``: the serialized
-results of the region the annotator just finished (on a control with ``smart="true"``, with
-Auto-Annotation on) and of the other regions of the same type, label and image, e.g.
+results of the region the annotator just finished (with Auto-Annotation on; controls are smart
+unless ``smart="false"``) and of the other regions of the same type, label and image, e.g.
 
     {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
                  "value": {"text": ["every window of the left building"]}, ...}]}
@@ -16,8 +16,8 @@ The answer goes under one keypoint label, chosen in this order: a label named at
 the text ("window: the left building's windows"; the text may also be just a label); the label of
 a keypoint in the context; the first label of the image's KeyPointLabels. With no text, a keypoint
 in the context asks for every other instance of its label (points on top of the annotator's own
-are dropped). The label studio UI does not send which label is selected in the label bar, hence
-the ``label:`` prefix.
+are dropped). Label Studio's UI does not send which label is selected in the label bar, hence
+the ``label:`` prefix. Text typed into other TextAreas (a caption edit) asks nothing.
 """
 
 from __future__ import annotations

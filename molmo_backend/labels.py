@@ -18,9 +18,9 @@ Besides keypoints, :func:`parse_label_config` finds what else the backend fills 
   label of that image, by value or alias, else the text itself).
 - ``<TextArea name="caption" toName="image" prompt="What is the weather?"/>``: the answer to its
   ``prompt``, or a caption (``MOLMO_CAPTION_PROMPT``) when it has none.
-- ``<TextArea name="prompt" toName="image" smart="true"/>``: the interactive prompt box (its
-  ``smart="true"`` makes Label Studio send what is typed there; the name ``prompt`` also marks
-  it). Never filled.
+- ``<TextArea name="prompt" toName="image" smart="true"/>``: the interactive prompt box, marked by
+  ``smart="true"`` or by the name ``prompt``; interactive requests are read from it only. Never
+  filled.
 
 Per-region Numbers and TextAreas (``perRegion="true"``) describe regions, not the image: skipped.
 """
