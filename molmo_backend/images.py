@@ -195,7 +195,9 @@ class ImageLoader:
         if auth is None or (auth.url, auth._key) != (base, key):  # keep a cached access token
             auth = LabelStudioAuth(base, key, self._session, timeout=s.fetch_timeout)
         aliases = tuple(dict.fromkeys(u for u in (base, setup_url) if u))
-        hosts = frozenset(urlsplit(u).hostname or "" for u in aliases) - {""}
+        # Only the host LS requests go to is allowed by default: /setup's hostname must not widen
+        # the allow-list when LABEL_STUDIO_URL is set (its URLs are rewritten to LS's anyway).
+        hosts = frozenset({urlsplit(base).hostname or ""} if base else ()) - {""}
         return _LabelStudio(base, auth, aliases, hosts)
 
     def load(self, value: str, task_id: int | None = None) -> LoadedImage:

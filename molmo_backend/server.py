@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .labels import LabelConfigError
 from .service import ModelService
@@ -40,6 +40,9 @@ def _json_body() -> dict:
     except RecursionError:  # json raises it, not ValueError, for deeply nested input
         raise BadRequest("the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
+        limit = request.max_content_length
+        if limit is not None and request.content_length is None and len(request.get_data()) >= limit:
+            raise RequestEntityTooLarge()  # a chunked body is cut at the cap, not refused by it
         raise BadRequest("the request body must be a JSON object sent as Content-Type: application/json")
     return body
 
@@ -76,6 +79,10 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if exc.code == 413:
+            count(too_large=1)
+            return jsonify(error=f"the request body is larger than MOLMO_MAX_REQUEST_BYTES="
+                                 f"{settings.max_request_bytes} bytes"), 413
         return jsonify(error=exc.description or exc.name), exc.code
 
     @app.errorhandler(Exception)
@@ -182,9 +189,17 @@ def _basic_auth_ok(header: str, settings: Settings) -> bool:
     if scheme.lower() != "basic" or not encoded:
         return False
     try:
-        user, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
+        user, colon, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+    except ValueError:
         return False
-    return hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
-        password.encode(), settings.basic_auth_pass.encode()
-    )
+    # Label Studio sends the credentials through requests' HTTPBasicAuth, which encodes them as
+    # latin-1; curl and browsers use UTF-8. Either spelling of the configured pair is accepted.
+    ok = False
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            want_user = settings.basic_auth_user.encode(encoding)
+            want_pass = settings.basic_auth_pass.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        ok |= hmac.compare_digest(user, want_user) & hmac.compare_digest(password, want_pass)
+    return bool(colon) and ok
