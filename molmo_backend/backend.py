@@ -143,6 +143,7 @@ class MolmoBackend(LabelStudioMLBase):
             "predicted",
             extra={
                 "tasks": len(tasks), "regions": sum(len(p["result"]) for p in predictions),
+                "points": sum(r.get("type") == "keypointlabels" for p in predictions for r in p["result"]),
                 "seconds": round(time.monotonic() - started, 3), "priority": Priority(priority).name,
                 "interactive": interactive,
             },

@@ -99,6 +99,11 @@ def test_smart_textarea_is_a_prompt_box_whatever_its_name():
                             '<TextArea name="ask" toName="image" smart="true"/>')
     assert ask_for({"result": [typed("doors", from_name="ask")]}, config)[0][1] == pointing("doors")
     assert ask_for({"result": [typed("doors", from_name="prompt")]}, config) == []
+    # smart="false" (keeps caption edits from calling the backend) leaves a TextArea a caption
+    config = CONFIG.replace('<TextArea name="caption" toName="image"/>',
+                            '<TextArea name="caption" toName="image" smart="false"/>')
+    assert [t.from_name for t in parse_label_config(config).texts] == ["caption"]
+    assert ask_for({"result": [typed("doors", from_name="caption")]}, config) == []
 
 
 @pytest.mark.parametrize("context", [
