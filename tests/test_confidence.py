@@ -121,6 +121,7 @@ def test_token_texts_add_up_to_the_decoded_text_even_when_a_character_is_split(e
 
     tokenizer = engine.processor.tokenizer
     splitter = TokenTexts(tokenizer)
+    splitter._split_exact = None  # split characters are regrouped locally, never by prefixes
     for text in ['<points coords="1 1 461 527">cat</points>', "Köpfe café ünïcödé <points coords=\"1 1 5 5\">ö</points>"]:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
@@ -130,6 +131,33 @@ def test_token_texts_add_up_to_the_decoded_text_even_when_a_character_is_split(e
     assert all("\ufffd" not in piece for piece in pieces)
     special = ids + [tokenizer.eos_token_id]
     assert splitter.split(special, tokenizer.decode(special, skip_special_tokens=True))[-1] == ""
+
+
+class SentencePieceLike:
+    """Decoding a token alone drops its leading space (as SentencePiece's "▁cat" does)."""
+
+    vocab = ["the", " cat", " is", '<points coords="1 1', " 5", " 5", '">', "cat</points>"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.vocab[i] for i in ids).lstrip()
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [self.decode(row) for row in rows]
+
+
+def test_token_texts_fall_back_to_prefix_decoding_when_single_tokens_lose_their_spaces():
+    from molmo_backend.engine.token_text import TokenTexts
+
+    tokenizer = SentencePieceLike()
+    ids = list(range(len(tokenizer.vocab)))
+    text = tokenizer.decode(ids)
+    pieces = TokenTexts(tokenizer).split(ids, text)
+    assert pieces == tuple(tokenizer.vocab) and "".join(pieces) == text
+    # and the scores land on the right tokens: " 5" after "1 1" is the first point's x
+    logprobs = [0.0] * len(ids)
+    logprobs[3] = math.log(0.7)  # '<points coords="1 1': the choice to point
+    logprobs[4] = math.log(0.1)  # a digit: not counted
+    assert [p.score for p in scored_points(Answer(text=text, tokens=pieces, token_logprobs=tuple(logprobs)))] == [0.7]
 
 
 # -- the backend: region scores, task score, threshold -----------------------------------------
