@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 from xml.sax.saxutils import quoteattr
 
-from .backend import MolmoBackend, cached_targets
+from .backend import MolmoBackend, cached_config
 from .engine.scheduler import Priority
 from .images import ImageLoadError, decode_image
 from .overlay import OverlayPoint, draw_overlay, label_colors
@@ -469,7 +469,7 @@ def annotate_project(
                                             settings.label_studio_api_key)
     report = AnnotateReport(project=project.id)
     label_config = project.label_config()
-    cached_targets(label_config)  # LabelConfigError now, not after the model has loaded
+    cached_config(label_config)  # LabelConfigError now, not after the model has loaded
 
     # The model loads while the tasks are listed: skipping needs its model_version.
     loaded: dict[str, Any] = {}
@@ -720,7 +720,7 @@ def predict_files(settings: Settings, paths: Sequence[str | Path], labels: Seque
         raise AnnotateError("cannot read " + "; ".join(problems))
 
     config = keypoint_config(labels)
-    cached_targets(config)
+    cached_config(config)
     own = backend is None
     backend = backend or load_backend(settings, engine_factory)
     tasks = [{"id": i + 1, "data": {"image": _data_uri(data, path)}}

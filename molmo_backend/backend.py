@@ -22,7 +22,7 @@ from .engine.base import PointQuery
 from .engine.scheduler import Priority, Scheduler
 from .images import ImageLoader, ImageLoadError, LoadedImage
 from .interactive import interactive_asks
-from .labels import LabelConfig, PointTarget, parse_label_config, parse_point_targets
+from .labels import LabelConfig, parse_label_config
 from .prompts import prompt_fingerprint
 from .regions import empty_prediction, task_prediction
 from .settings import DEFAULT_PROMPT_TEMPLATE, Settings
@@ -58,12 +58,6 @@ class LabelStudioMLBase:
 
 
 @lru_cache(maxsize=64)
-def cached_targets(label_config: str) -> tuple[PointTarget, ...]:
-    """Parsed point targets of a config; LS re-sends the same config with every request."""
-    return tuple(parse_point_targets(label_config))
-
-
-@lru_cache(maxsize=64)
 def cached_config(label_config: str) -> LabelConfig:
     """Everything the backend fills for a config (raises LabelConfigError when nothing)."""
     return parse_label_config(label_config)
@@ -74,11 +68,12 @@ def cached_bulk_asks(label_config: str, template: str, caption_prompt: str) -> t
     return bulk_asks(cached_config(label_config), template, caption_prompt)
 
 
-def make_model_version(model_id: str, revision: str, prompt_template: str) -> str:
+def make_model_version(model_id: str, revision: str, prompt_template: str, caption_prompt: str = "") -> str:
     """Stable across restarts: model, checkpoint revision and prompt settings, nothing else.
     Label Studio skips tasks that already hold a prediction of this version."""
     name = model_id.rstrip("/").rsplit("/", 1)[-1]
-    return f"{name}@{revision}-p{prompt_fingerprint(prompt_template)}"
+    prompts = prompt_template if not caption_prompt else f"{prompt_template}\x00{caption_prompt}"
+    return f"{name}@{revision}-p{prompt_fingerprint(prompts)}"
 
 
 class MolmoBackend(LabelStudioMLBase):

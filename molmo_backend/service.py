@@ -39,7 +39,7 @@ def build_backend(settings: Settings, engine: Engine | list[Engine]) -> MolmoBac
     scheduler = Scheduler(engine)  # the engine knows its batch size (remote: its concurrency)
     first = scheduler.engine
     template = settings.prompt_template or default_prompt_template(first.family)
-    version = make_model_version(first.model_id, first.revision, template)
+    version = make_model_version(first.model_id, first.revision, template, settings.caption_prompt)
     return MolmoBackend(settings, scheduler, ImageLoader(settings), version, prompt_template=template)
 
 

@@ -43,7 +43,7 @@ from tests.support.processes import ROOT
 
 CONFIG = keypoint_config(["cat", "dog"])
 ANSWERS = {"cat": '<points coords="1 1 250 500">cat</points>', "dog": "There are none."}
-VERSION = make_model_version("test/Molmo-fake", "r1", DEFAULT_PROMPT_TEMPLATE)
+VERSION = make_model_version("test/Molmo-fake", "r1", DEFAULT_PROMPT_TEMPLATE, Settings().caption_prompt)
 
 
 def png_uri(width: int = 40, height: int = 30) -> str:
