@@ -202,6 +202,7 @@ class World:
     closed_port: int
     files: Any  # LOCAL_FILES_DOCUMENT_ROOT
     version: str
+    cache_dir: Any
     tokenizer: Any = None
     log_seen: int = 0
 
@@ -227,7 +228,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, demo_model_dir):
     tmp = tmp_path_factory.mktemp("bad-inputs")
     files = tmp / "files"
     (files / "sub").mkdir(parents=True)
@@ -242,11 +243,11 @@ def world(tmp_path_factory):
     env = {"MOLMO_ALLOWED_HOSTS": "127.0.0.1", "MOLMO_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
            "MOLMO_FETCH_TIMEOUT": str(FETCH_TIMEOUT), "MOLMO_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
            "MOLMO_MAX_IMAGE_PIXELS": str(MAX_PIXELS), "LOCAL_FILES_DOCUMENT_ROOT": str(files),
-           "MOLMO_CACHE_DIR": str(tmp / "cache")}
+           "MOLMO_CACHE_DIR": str(demo_model_dir.parent)}  # the session's demo build
     try:
         with run_backend(tmp, env=env, answers=ANSWERS) as backend:
             version = requests.get(f"{backend.url}/health", timeout=5).json()["model_version"]
-            yield World(backend, web, other, free_port(), files, version)
+            yield World(backend, web, other, free_port(), files, version, demo_model_dir.parent)
     finally:
         web.close()
         other.close()
@@ -675,7 +676,7 @@ def _tokenizer(world: World):
 
         from molmo_backend.demo import ensure_demo_model
 
-        path = ensure_demo_model(world.backend.log_path.parent / "cache")  # the server's own build
+        path = ensure_demo_model(world.cache_dir)  # the server's own build
         world.tokenizer = AutoTokenizer.from_pretrained(path)
     return world.tokenizer
 

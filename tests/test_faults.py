@@ -117,7 +117,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, demo_model_dir):
     tmp = tmp_path_factory.mktemp("faults")
     ls = ExpiringLabelStudio(access_lifetime=ACCESS_LIFETIME)
     ls.serve_file("/data/upload/1/a.png", png(A_SIZE))
@@ -127,7 +127,8 @@ def world(tmp_path_factory):
         web.route(f"/{size[0]}x{size[1]}.png", Reply(200, png(size)))
     env = {"MOLMO_ALLOWED_HOSTS": "127.0.0.1", "MOLMO_MAX_NEW_TOKENS": "32",
            "MOLMO_FETCH_TIMEOUT": str(FETCH_TIMEOUT), "LABEL_STUDIO_URL": ls.url,
-           "LABEL_STUDIO_API_KEY": ls.pat, "MOLMO_TEST_FAULTS": json.dumps(FAULTS)}
+           "LABEL_STUDIO_API_KEY": ls.pat, "MOLMO_TEST_FAULTS": json.dumps(FAULTS),
+           "MOLMO_CACHE_DIR": str(demo_model_dir.parent)}
     try:
         with run_backend(tmp, env=env, answers={"cat": CAT, "slowpoke": CAT}) as backend:
             yield World(backend, ls, web)
