@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load (at most 600)")
-    parser.add_argument("--threads", type=int, default=8, help="server THREADS (the product default: 8)")
+    parser.add_argument("--threads", type=int, default=32, help="server THREADS (the product default: 32)")
     parser.add_argument("--bulk-fraction", type=float, default=0.3)
     parser.add_argument("--bulk-tasks", default="8:32", help="MIN:MAX tasks of a bulk request")
     parser.add_argument("--max-requests", type=int, default=100_000)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +34,9 @@ PREFILL_CHUNK_IMAGES = 8
 #: batches of at most this many queries reuse cached buffers and CUDA graphs (rows rounded up to
 #: a power of two, cache length to a multiple of SLOT_LENGTH_STEP); at most SLOT_CACHE_SIZE kept
 SLOT_MAX_ROWS, SLOT_LENGTH_STEP, SLOT_CACHE_SIZE = 16, 512, 3
+#: prompt suffixes of small batches are padded to a multiple of this, so the suffix prefill of a
+#: slot is captured once per length step and replayed
+SUFFIX_LENGTH_STEP = 16
 
 
 @dataclass
@@ -45,6 +48,7 @@ class _Slot:
     state: "_DecodeState"
     step: "_Step"
     graph: "torch.cuda.CUDAGraph | None" = None
+    suffix_graphs: dict = field(default_factory=dict)  # suffix length -> _SuffixGraph
 
 
 class StaticKV:
@@ -142,9 +146,11 @@ class GreedyDecoder:
         n_real = len(batch.suffix_ids)
         plen = max(chunk["input_ids"].shape[1] for chunk in batch.prefix_chunks)
         slen = max(len(s) for s in batch.suffix_ids)
-        total = plen + slen + max_new_tokens
         use_graph = self.use_cuda_graph and not logits_processors and max_new_tokens > 1
-        reuse = (use_graph or self.reuse_buffers) and not logits_processors
+        reuse = (use_graph or self.reuse_buffers) and not logits_processors and n_real <= SLOT_MAX_ROWS
+        if reuse:  # suffix length in steps too, so its prefill graph is reused across prompts
+            slen = -(-slen // SUFFIX_LENGTH_STEP) * SUFFIX_LENGTH_STEP
+        total = plen + slen + max_new_tokens
         slot = self._slot(n_real, total, max_new_tokens, dtype) if reuse else None
         if slot is not None:  # small batch: reuse buffers and graph; extra rows repeat query 0
             n, total = slot.rows, slot.length
@@ -198,10 +204,13 @@ class GreedyDecoder:
         causal = (key_index[None, :] < plen) | (key_index[None, :] <= plen + query_index[:, None])
         allowed = key_valid[:, None, :] & causal[None] & (key_index < plen + slen)[None, None, :]
         mask = torch.where(allowed, 0.0, neg).to(dtype)[:, None]
-        kv.write_at = torch.arange(plen, plen + slen, device=device)
-        hidden = self.lm(inputs_embeds=self.embed(suffix), attention_mask=mask, position_ids=suffix_pos,
-                         past_key_values=kv, use_cache=True).last_hidden_state
-        logits = self.lm_head(hidden[:, -1]).float()
+        write_at = torch.arange(plen, plen + slen, device=device)
+        if slot is not None and use_graph:
+            if slen not in slot.suffix_graphs:
+                slot.suffix_graphs[slen] = _SuffixGraph(self, kv, n, slen, total, dtype, device)
+            logits = slot.suffix_graphs[slen].run(suffix, mask, suffix_pos, write_at)
+        else:
+            logits = self._suffix_logits(kv, suffix, mask, suffix_pos, write_at)
 
         # 3. decode
         state.reset(plen + slen, prefix_len + suffix_mask.sum(-1))
@@ -250,6 +259,13 @@ class GreedyDecoder:
             step = _Step(self, kv, key_valid, state, torch.finfo(dtype).min, dtype)
             self._slots[key] = _Slot(rows, length, kv, key_valid, state, step)
         return self._slots[key]
+
+    def _suffix_logits(self, kv, suffix, mask, positions, write_at):
+        """Prefill the prompt suffixes into ``kv``; the logits of each row's last token."""
+        kv.write_at = write_at
+        hidden = self.lm(inputs_embeds=self.embed(suffix), attention_mask=mask, position_ids=positions,
+                         past_key_values=kv, use_cache=True).last_hidden_state
+        return self.lm_head(hidden[:, -1]).float()
 
     def _pick(self, logits, state, prompt_ids, logits_processors):
         """Greedy choice, after the processors (tests force answers through them)."""
@@ -377,3 +393,41 @@ class _PhaseTimer:
     def count(self, name: str, value: int) -> None:
         if self.sink is not None:
             self.sink[name] = self.sink.get(name, 0) + value
+
+
+class _SuffixGraph:
+    """The suffix prefill of one slot and suffix length as a CUDA graph: for an opened task the
+    eager forward (36 layers of Python for a few dozen tokens) costs more than its arithmetic."""
+
+    def __init__(self, decoder: GreedyDecoder, kv: StaticKV, rows: int, slen: int, length: int, dtype, device):
+        self.decoder, self.kv = decoder, kv
+        self.ids = torch.zeros((rows, slen), dtype=torch.long, device=device)
+        self.mask = torch.zeros((rows, 1, slen, length), dtype=dtype, device=device)
+        self.positions = torch.zeros((rows, slen), dtype=torch.long, device=device)
+        self.write_at = torch.zeros((slen,), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        return self.decoder._suffix_logits(self.kv, self.ids, self.mask, self.positions, self.write_at)
+
+    def run(self, ids, mask, positions, write_at) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.mask.copy_(mask)
+        self.positions.copy_(positions)
+        self.write_at.copy_(write_at)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        # first use: an eager warm-up run on a side stream gives this call's real result (and
+        # writes its keys/values); the capture records the same work without running it
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = self._forward().clone()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            self.logits = self._forward()
+        self.graph = graph
+        return logits
