@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to bind (HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port to bind (PORT, default 9090)")
-    serve.add_argument("--threads", type=int, help="HTTP threads (THREADS, default 8)")
+    serve.add_argument("--threads", type=int, help="HTTP threads (THREADS, default 32)")
     serve.add_argument("--model", help="hub id or local folder (MOLMO_MODEL)")
     serve.add_argument("--demo", action="store_true",
                        help="serve the tiny random demo model (MOLMO_DEMO=1): for trying the protocol")

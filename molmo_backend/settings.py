@@ -60,7 +60,7 @@ class Settings:
     # HTTP server
     host: str = "0.0.0.0"
     port: int = 9090
-    threads: int = 8
+    threads: int = 32
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     max_request_bytes: int = 64 * 1024 * 1024

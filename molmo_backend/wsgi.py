@@ -5,6 +5,8 @@ Builds the app inside the worker process, so the model loads after gunicorn fork
 
 from __future__ import annotations
 
+import logging
+
 from flask import Flask
 
 from .logs import configure_logging
@@ -18,5 +20,10 @@ def create_app_from_env(settings: Settings | None = None, engine_factory=None) -
     transformers engine (tests force answers through it)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
+    if settings.label_studio_api_key and not settings.label_studio_url:
+        logging.getLogger(__name__).warning(
+            "LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is sent to whichever host "
+            "Label Studio's /setup call names; set LABEL_STUDIO_URL (and BASIC_AUTH_USER/PASS)"
+        )
     service = ModelService(settings, **({"engine_factory": engine_factory} if engine_factory else {}))
     return create_app(service.start(background=True), settings)

@@ -137,7 +137,7 @@ def run_scored_backend(tmp: Path, specs: Mapping[str, object], env: dict[str, st
     port = free_port()
     answers_file = tmp / f"scored-{port}.json"
     answers_file.write_text(json.dumps(specs))
-    full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "8",
+    full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "32",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.setdefault("MOLMO_CACHE_DIR", str(tmp / "cache"))
     cmd = [sys.executable, str(ROOT / "tests/support/scored_server.py"), "--port", str(port),

@@ -58,7 +58,7 @@ def run_backend(tmp: Path, env: dict[str, str] | None = None, answers: dict[str,
     """Our server under real gunicorn on a free port: ``molmo-backend serve`` on the demo model,
     or tests/support/forced_server.py when ``answers`` (label -> forced answer) are given."""
     port = free_port()
-    full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "8",
+    full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "32",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.setdefault("MOLMO_CACHE_DIR", str(tmp / "cache"))
     if answers is not None:
