@@ -121,7 +121,9 @@ class MolmoBackend(LabelStudioMLBase):
                          extra={"context_keys": sorted(context)[:10]})
         else:
             asks = cached_bulk_asks(label_config, self.prompt_template, self.settings.caption_prompt)
-            priority = kwargs.get("priority") or (Priority.INTERACTIVE if len(tasks) <= 1 else Priority.BULK)
+            priority = kwargs.get("priority")  # INTERACTIVE is 0: test for None, not falsiness
+            if priority is None:
+                priority = Priority.INTERACTIVE if len(tasks) <= 1 else Priority.BULK
         started = time.monotonic()
         # Chunks bound the memory held in decoded images; the next chunk's images are fetched
         # while the current one is on the GPU.
