@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,7 +29,7 @@ from molmo_backend.engine.base import Answer, Engine, PointQuery
 from molmo_backend.engine.scheduler import Priority, Scheduler
 from molmo_backend.images import ImageLoader
 from molmo_backend.settings import DEFAULT_PROMPT_TEMPLATE, Settings
-from tests.support.processes import ROOT, Backend, free_port, stop, wait_healthy
+from tests.support.processes import run_backend
 
 
 def answer(*pieces: str | tuple[str, float], score: float | None = None) -> Answer:
@@ -129,32 +124,11 @@ def keypoints(prediction: dict) -> list[tuple]:
                   for r in by_type(prediction, "keypointlabels"))
 
 
-@contextmanager
 def run_scored_backend(tmp: Path, specs: Mapping[str, object], env: dict[str, str] | None = None,
                        timeout: float = 120.0):
     """tests/support/scored_server.py under real gunicorn on a free port. ``specs``: prompt text
     -> answer text, or {"text": ..., "probs": {char index: p}}."""
-    port = free_port()
-    answers_file = tmp / f"scored-{port}.json"
-    answers_file.write_text(json.dumps(specs))
-    full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "32",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.setdefault("MOLMO_CACHE_DIR", str(tmp / "cache"))
-    cmd = [sys.executable, str(ROOT / "tests/support/scored_server.py"), "--port", str(port),
-           "--answers", str(answers_file)]
-    log_path = tmp / f"scored-backend-{port}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        startup = wait_healthy(url, timeout, proc)
-        yield Backend(url, proc, log_path, startup)
-    except Exception:
-        print(log_path.read_text(errors="replace")[-5000:], file=sys.stderr)
-        raise
-    finally:
-        stop(proc)
+    return run_backend(tmp, env, answers=dict(specs), timeout=timeout, server="tests/support/scored_server.py")
 
 
 __all__ = ["RecordingScheduler", "ScriptedEngine", "answer", "by_type", "keypoints", "make_backend",

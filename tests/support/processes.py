@@ -53,10 +53,11 @@ class Backend:
 
 
 @contextmanager
-def run_backend(tmp: Path, env: dict[str, str] | None = None, answers: dict[str, str] | None = None,
-                timeout: float = 120.0):
+def run_backend(tmp: Path, env: dict[str, str] | None = None, answers: dict | None = None,
+                timeout: float = 120.0, server: str = "tests/support/forced_server.py"):
     """Our server under real gunicorn on a free port: ``molmo-backend serve`` on the demo model,
-    or tests/support/forced_server.py when ``answers`` (label -> forced answer) are given."""
+    or ``server`` (a script taking --port and --answers FILE, default forced_server.py) when
+    ``answers`` are given."""
     port = free_port()
     full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "32",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -64,7 +65,7 @@ def run_backend(tmp: Path, env: dict[str, str] | None = None, answers: dict[str,
     if answers is not None:
         answers_file = tmp / f"answers-{port}.json"
         answers_file.write_text(json.dumps(answers))
-        cmd = [sys.executable, str(ROOT / "tests/support/forced_server.py"), "--port", str(port),
+        cmd = [sys.executable, str(ROOT / server), "--port", str(port),
                "--answers", str(answers_file)]
     else:
         cmd = [sys.executable, "-m", "molmo_backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
