@@ -6,10 +6,12 @@ LogitsProcessor makes greedy decoding emit exactly its tokens, then the end toke
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping, TypeVar
 
 import torch
 from transformers import LogitsProcessor
+
+T = TypeVar("T")
 
 
 class ForceAnswers(LogitsProcessor):
@@ -48,14 +50,18 @@ class ForceAnswers(LogitsProcessor):
         return scores
 
 
-def by_label(answers: dict[str, str]) -> Callable[[str], str | None]:
-    """Pick the answer whose label occurs in the prompt (longest label first)."""
+def by_substring(answers: Mapping[str, T]) -> Callable[[str], T | None]:
+    """Pick the value whose key (a label, a prompt fragment) occurs in the prompt, longest key first."""
     ordered = sorted(answers, key=len, reverse=True)
 
-    def answer_for(prompt: str) -> str | None:
-        for label in ordered:
-            if label in prompt:
-                return answers[label]
+    def answer_for(prompt: str) -> T | None:
+        for key in ordered:
+            if key in prompt:
+                return answers[key]
         return None
 
     return answer_for
+
+
+#: answers per label: ``by_label({"cat": "<points ...>"})``
+by_label = by_substring

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Union
 
 import torch
 
-from tests.support.forcing import ForceAnswers
+from tests.support.forcing import ForceAnswers, by_substring  # noqa: F401 (re-exported)
 
 Spec = Union[str, tuple[str, Mapping[int, float]]]
 
@@ -61,19 +61,6 @@ class ForceScoredAnswers(ForceAnswers):
             scores[b, token] = math.log(p)
             scores[b, others] = math.log((1 - p) / k)
         return scores
-
-
-def by_substring(specs: Mapping[str, Spec]) -> Callable[[str], Spec | None]:
-    """The spec whose key occurs in the prompt (longest key first)."""
-    ordered = sorted(specs, key=len, reverse=True)
-
-    def spec_for(prompt: str) -> Spec | None:
-        for key in ordered:
-            if key in prompt:
-                return specs[key]
-        return None
-
-    return spec_for
 
 
 def at(text: str, marker: str, p: float, offset: int = 0) -> dict[int, float]:
