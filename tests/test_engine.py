@@ -67,6 +67,10 @@ def test_fast_decoder_equals_plain_generate_with_padding_everywhere(demo_model_d
     fast, plain = engine.generate(queries), engine.generate_plain(queries)
     assert [a.text for a in fast] == [a.text for a in plain]
     assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
+    assert [a.tokens for a in fast] == [a.tokens for a in plain]  # per-point confidence from either
+    for f, p in zip(fast, plain):
+        assert "".join(f.tokens) == f.text or "".join(f.tokens).strip() == f.text
+        assert f.token_logprobs == pytest.approx(p.token_logprobs, abs=1e-3)
     batch_tokens = engine.processor(images=[[im] for im in images], text=[engine.processor.image_token] * 3,
                                     padding=True, return_tensors="pt")["attention_mask"].sum(-1)
     assert len(set(batch_tokens.tolist())) > 1, "test images must give prefixes of different lengths"

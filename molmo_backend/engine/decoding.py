@@ -147,7 +147,7 @@ class GreedyDecoder:
         plen = max(chunk["input_ids"].shape[1] for chunk in batch.prefix_chunks)
         slen = max(len(s) for s in batch.suffix_ids)
         use_graph = self.use_cuda_graph and not logits_processors and max_new_tokens > 1
-        reuse = (use_graph or self.reuse_buffers) and not logits_processors and n_real <= SLOT_MAX_ROWS
+        reuse = (use_graph or (self.reuse_buffers and not logits_processors)) and n_real <= SLOT_MAX_ROWS
         if reuse:  # suffix length in steps too, so its prefill graph is reused across prompts
             slen = -(-slen // SUFFIX_LENGTH_STEP) * SUFFIX_LENGTH_STEP
         total = plen + slen + max_new_tokens
@@ -241,11 +241,9 @@ class GreedyDecoder:
         tokens, logprobs = state.results(self.eos, max_new_tokens)
         return tokens[:n_real], logprobs[:n_real]
 
-    def _slot(self, rows: int, length: int, max_new_tokens: int, dtype) -> "_Slot | None":
+    def _slot(self, rows: int, length: int, max_new_tokens: int, dtype) -> "_Slot":
         """Reusable buffers + captured graph for small batches (opened tasks): capturing a graph
         costs about as much as 15 replays, so one per call would eat the gain."""
-        if rows > SLOT_MAX_ROWS:
-            return None
         rows = 1 << (rows - 1).bit_length()
         length = -(-length // SLOT_LENGTH_STEP) * SLOT_LENGTH_STEP
         key = (rows, length, max_new_tokens)

@@ -22,6 +22,7 @@ from ..demo import ensure_demo_model, is_demo_model
 from ..settings import Settings
 from .base import Answer, Engine, PointQuery
 from .decoding import GreedyDecoder, prepare
+from .token_text import TokenTexts
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class TransformersEngine(Engine):
         self._pad_id = tokenizer.pad_token_id
         self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
         self.decoder = GreedyDecoder(model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs)
+        self._token_texts = TokenTexts(tokenizer)
 
     @classmethod
     def load(cls, model_path: str, *, revision: str | None = None, device: torch.device | str = "cpu",
@@ -278,17 +280,7 @@ class TransformersEngine(Engine):
         if self.decoder.profile is not None:
             self.decoder.profile["prepare"] = self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
         tokens, logprobs = self.decoder.run(batch, self.max_new_tokens, self.logits_processors, between_steps)
-        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
-        # each token's piece of the text and its log-probability: per-point confidence
-        # (molmo_backend/confidence.py) is computed from these, away from torch
-        from .token_text import TokenTexts
-
-        splitter = self.__dict__.setdefault("_token_texts", TokenTexts(self.processor.tokenizer))
-        return [
-            Answer(text=text.strip(), score=round(sum(math.exp(x) for x in lp) / len(lp), 4) if lp else None,
-                   tokens=splitter.split(ids, text), token_logprobs=tuple(lp))
-            for text, ids, lp in zip(texts, tokens, logprobs)
-        ]
+        return self._answers(tokens, logprobs)
 
     def generate_plain(self, queries: Sequence[PointQuery]) -> list[Answer]:
         """Hugging Face ``generate()`` on left-padded full prompts: the reference for the fast path."""
@@ -308,10 +300,23 @@ class TransformersEngine(Engine):
                 do_sample=False,
                 logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
             )
-        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
-        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        scores = _mean_token_probs(new_tokens, recorder.steps, self._eos_ids, self._pad_id)
-        return [Answer(text=t.strip(), score=s) for t, s in zip(texts, scores)]
+        new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
+        logprobs = torch.stack(recorder.steps, dim=1).tolist() if recorder.steps else [[] for _ in new_tokens]
+        ends = self._eos_ids | ({self._pad_id} if self._pad_id is not None else set())
+        cut = [next((i for i, token in enumerate(row) if token in ends), len(row)) for row in new_tokens]
+        return self._answers([row[:k] for row, k in zip(new_tokens, cut)],
+                             [row[:k] for row, k in zip(logprobs, cut)])
+
+    def _answers(self, tokens: list[list[int]], logprobs: list[list[float]]) -> list[Answer]:
+        """Answers from each row's generated ids and their log-probabilities (end token cut off):
+        the text, its mean token probability, and each token's piece of the text for per-point
+        confidence (molmo_backend/confidence.py works on these, away from torch)."""
+        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
+        return [
+            Answer(text=text.strip(), score=round(sum(math.exp(x) for x in lp) / len(lp), 4) if lp else None,
+                   tokens=self._token_texts.split(ids, text), token_logprobs=tuple(lp))
+            for text, ids, lp in zip(texts, tokens, logprobs)
+        ]
 
     def close(self) -> None:
         del self.model
@@ -323,22 +328,3 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _mean_token_probs(new_tokens: torch.Tensor, steps: list[torch.Tensor], eos_ids: set, pad_id) -> list:
-    """Mean probability of each row's generated tokens, up to (not including) its end token."""
-    if not steps:
-        return [None] * new_tokens.shape[0]
-    logprobs = torch.stack(steps, dim=1)[:, : new_tokens.shape[1]].cpu()
-    tokens = new_tokens[:, : logprobs.shape[1]].cpu()
-    ends = torch.zeros_like(tokens, dtype=torch.bool)
-    for eos in eos_ids:
-        ends |= tokens == eos
-    if pad_id is not None:
-        ends |= tokens == pad_id
-    keep = ~(ends.long().cumsum(dim=1) > 0)
-    out = []
-    for row_lp, row_keep in zip(logprobs, keep):
-        vals = row_lp[row_keep].exp()
-        out.append(round(float(vals.mean()), 4) if len(vals) else None)
-    return out
