@@ -22,7 +22,7 @@ from .engine.base import PointQuery
 from .engine.scheduler import Priority, Scheduler
 from .images import ImageLoader, ImageLoadError, LoadedImage
 from .interactive import interactive_asks
-from .labels import LabelConfig, parse_label_config
+from .labels import LabelConfig, LabelConfigError, parse_label_config
 from .prompts import prompt_fingerprint
 from .regions import empty_prediction, task_prediction
 from .settings import DEFAULT_PROMPT_TEMPLATE, Settings
@@ -108,7 +108,8 @@ class MolmoBackend(LabelStudioMLBase):
         task an empty prediction and a logged reason."""
         label_config = kwargs.get("label_config") or self.label_config
         if not label_config:
-            raise ValueError("no label config: send label_config with the request or call /setup first")
+            raise LabelConfigError("no label config: send 'label_config' with the request, or call "
+                                   "/setup with the project's 'schema' first")
         config = cached_config(label_config)
         interactive = context is not None
         if interactive:

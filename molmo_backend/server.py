@@ -143,9 +143,6 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         backend, error = ready_backend(wait=PREDICT_WAIT_FOR_MODEL_S)
         if error:
             return error
-        if not label_config and not backend.label_config:
-            raise BadRequest("no label config: send 'label_config' with the request, or call /setup "
-                             "with the project's 'schema' first")
         started = time.monotonic()
         results = backend.predict(tasks, context=context, label_config=label_config)
         count(predict_requests=1, tasks=len(tasks))
