@@ -30,15 +30,10 @@ Interrupts (:class:`Interrupts`): the first SIGINT/SIGTERM stops starting chunks
 in flight finish and writes them; a second one abandons those chunks without writing anything
 of them. A task is never written twice by one run, and before each write the chunk's tasks are
 checked again, so a run beside another (or beside "Retrieve predictions") rarely duplicates.
-
-:func:`predict_files` (``molmo-backend predict``): image files and labels in, points as JSON and
-an overlay PNG per image out (see overlay.py), for a look at what Molmo sees before connecting
-anything.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
@@ -49,14 +44,10 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
-from xml.sax.saxutils import quoteattr
 
 from .backend import MolmoBackend, cached_config
 from .engine.scheduler import Priority
-from .images import ImageLoadError, decode_image
-from .overlay import OverlayPoint, draw_overlay, label_colors
 from .service import build_backend, default_engine_factory
 from .settings import Settings
 
@@ -502,7 +493,7 @@ def annotate_project(
             log.warning("task ids not in the project (or not in the view)",
                         extra={"ids": missing[:50], "count": len(missing)})
     if not todo:
-        _close(backend)
+        close_backend(backend)
         report.seconds = time.monotonic() - started
         return report
 
@@ -523,11 +514,11 @@ def annotate_project(
         report.seconds = time.monotonic() - started
         report.interrupted = interrupts.signum
     if not report.abandoned:  # abandoned chunks may still hold the GPU worker: do not wait on it
-        _close(backend)
+        close_backend(backend)
     return report
 
 
-def _close(backend: MolmoBackend) -> None:
+def close_backend(backend: MolmoBackend) -> None:
     """Stop the scheduler's worker thread (the process may go on: tests, notebooks)."""
     close = getattr(backend.scheduler, "close", None)
     if close is not None:
@@ -660,112 +651,6 @@ def parse_task_ids(values: Iterable[str]) -> tuple[int, ...]:
     if any(i < 1 for i in ids):
         raise AnnotateError("task ids are positive integers")
     return tuple(dict.fromkeys(ids))
-
-
-# ------------------------------------------------------------------------------------------------
-# image files
-
-
-@dataclass
-class FileResult:
-    path: str
-    width: int
-    height: int
-    points: list[dict]  # {"label", "x", "y" (pixels), "x_percent", "y_percent", "score"}
-    overlay: str | None = None
-
-    def as_dict(self, labels: Sequence[str]) -> dict:
-        by_label: dict[str, list[dict]] = {label: [] for label in labels}
-        for p in self.points:
-            by_label.setdefault(p["label"], []).append({k: v for k, v in p.items() if k != "label"})
-        return {"image": self.path, "width": self.width, "height": self.height,
-                "labels": by_label, "overlay": self.overlay}
-
-
-def keypoint_config(labels: Sequence[str]) -> str:
-    """A label config with one KeyPointLabels of ``labels`` on ``$image``."""
-    body = "\n".join(f"    <Label value={quoteattr(label)}/>" for label in labels)
-    return (f'<View>\n  <Image name="image" value="$image"/>\n'
-            f'  <KeyPointLabels name="kp" toName="image">\n{body}\n  </KeyPointLabels>\n</View>')
-
-
-def _data_uri(data: bytes, path: Path) -> str:
-    kind = path.suffix.lower().lstrip(".") or "png"
-    return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
-
-
-def predict_files(settings: Settings, paths: Sequence[str | Path], labels: Sequence[str], *,
-                  out_dir: str | Path | None = None, engine_factory: EngineFactory | None = None,
-                  backend: MolmoBackend | None = None) -> dict:
-    """Points per image and label, through the server's backend; with ``out_dir`` an overlay PNG
-    per image there (``<name>.molmo.png``). Unreadable files raise AnnotateError before the model
-    loads."""
-    labels = list(dict.fromkeys(label.strip() for label in labels if label and label.strip()))
-    if not labels:
-        raise AnnotateError("give at least one --label")
-    if not paths:
-        raise AnnotateError("give at least one image file")
-    files: list[tuple[Path, bytes, Any]] = []
-    problems = []
-    for raw in paths:
-        path = Path(raw)
-        try:
-            data = path.read_bytes()
-            if len(data) > settings.max_image_bytes:
-                raise ImageLoadError(f"larger than MOLMO_MAX_IMAGE_BYTES={settings.max_image_bytes}")
-            files.append((path, data, decode_image(data, settings.max_image_pixels)))
-        except (OSError, ImageLoadError) as exc:
-            problems.append(f"{path}: {exc.strerror if isinstance(exc, OSError) else exc}")
-    if problems:
-        raise AnnotateError("cannot read " + "; ".join(problems))
-
-    config = keypoint_config(labels)
-    cached_config(config)
-    own = backend is None
-    backend = backend or load_backend(settings, engine_factory)
-    tasks = [{"id": i + 1, "data": {"image": _data_uri(data, path)}}
-             for i, (path, data, _) in enumerate(files)]
-    try:
-        predictions = backend.predict(tasks, label_config=config, priority=Priority.BULK)
-    finally:
-        if own:
-            _close(backend)
-
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    colors = label_colors(labels)
-    used: set[str] = set()
-    results = []
-    for (path, _, image), prediction in zip(files, predictions):
-        points = []
-        for region in prediction["result"]:
-            value = region["value"]
-            x, y = float(value["x"]), float(value["y"])
-            points.append({"label": value["keypointlabels"][0],
-                           "x": round(x / 100 * image.width, 2), "y": round(y / 100 * image.height, 2),
-                           "x_percent": round(x, 4), "y_percent": round(y, 4),
-                           "score": region.get("score")})
-        result = FileResult(str(path), image.width, image.height, points)
-        if out is not None:
-            name = _unique_name(path.stem, used)
-            target = out / f"{name}.molmo.png"
-            overlay = draw_overlay(image.image, [OverlayPoint(p["label"], p["x"], p["y"]) for p in points],
-                                   colors=colors)
-            overlay.save(target, format="PNG")
-            result.overlay = str(target)
-        results.append(result)
-    return {"model_version": backend.model_version, "prompt_template": backend.prompt_template,
-            "labels": labels, "images": [r.as_dict(labels) for r in results]}
-
-
-def _unique_name(stem: str, used: set[str]) -> str:
-    name, n = stem or "image", 1
-    while name in used:
-        n += 1
-        name = f"{stem}-{n}"
-    used.add(name)
-    return name
 
 
 def format_duration(seconds: float | None) -> str:

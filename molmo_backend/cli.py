@@ -201,11 +201,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import annotate as ann
+    from .predict_files import predict_files
 
     settings = _command_settings(args)
-    result = ann.predict_files(settings, args.images, args.label, out_dir=args.out,
-                               engine_factory=getattr(args, "engine_factory", None))
+    result = predict_files(settings, args.images, args.label, out_dir=args.out,
+                           engine_factory=getattr(args, "engine_factory", None))
     if result["model_version"].startswith("molmo2-demo@"):
         log.warning("this is the tiny random demo model: its points are random (MOLMO_MODEL and "
                     "a GPU give real ones)")

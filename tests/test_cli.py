@@ -30,9 +30,9 @@ from molmo_backend.annotate import (
     LabelStudioProject,
     TaskFilter,
     annotate_project,
-    keypoint_config,
     parse_task_ids,
 )
+from molmo_backend.predict_files import keypoint_config
 from molmo_backend.backend import make_model_version
 from molmo_backend.engine.base import Answer, Engine
 from molmo_backend.labels import LabelConfigError
