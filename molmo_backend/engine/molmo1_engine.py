@@ -52,7 +52,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig, 
 from transformers import LogitsProcessorList  # noqa: E402
 
 from .transformers_engine import (  # noqa: E402
-    ModelLoadError, _local_revision, _mean_token_probs, _TokenLogprobs, pick_device, pick_dtype,
+    ModelLoadError, _local_revision, _TokenLogprobs, cut_at_end, mean_probability, pick_device, pick_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -205,18 +205,10 @@ class Molmo1Engine(Engine):
                 logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
             )
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        new_tokens = sequences[:, batch["input_ids"].shape[1]:].cpu()
-        texts = [self._decode(row) for row in new_tokens.tolist()]
-        scores = _mean_token_probs(new_tokens, recorder.steps, set(self._stop_ids), self._pad_id)
-        return [Answer(text=t, score=s) for t, s in zip(texts, scores)]
-
-    def _decode(self, tokens: list[int]) -> str:
-        """The answer's text up to (not including) its first stop token."""
-        for i, token in enumerate(tokens):
-            if token in self._stop_ids:
-                tokens = tokens[:i]
-                break
-        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        ends = set(self._stop_ids) | ({self._pad_id} if self._pad_id is not None else set())
+        rows, logprobs = cut_at_end(sequences[:, batch["input_ids"].shape[1]:].tolist(), recorder.steps, ends)
+        texts = self.processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return [Answer(text=t.strip(), score=mean_probability(lp)) for t, lp in zip(texts, logprobs)]
 
     def close(self) -> None:
         del self.model

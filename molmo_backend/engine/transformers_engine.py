@@ -173,6 +173,20 @@ class _TokenLogprobs(LogitsProcessor):
         return scores
 
 
+def cut_at_end(rows: list[list[int]], steps: list[torch.Tensor], ends: set[int]
+               ) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's generated ids and their log-probabilities (as :class:`_TokenLogprobs` recorded
+    them), up to (not including) the row's first end token."""
+    logprobs = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
+    cut = [next((i for i, token in enumerate(row) if token in ends), len(row)) for row in rows]
+    return [row[:k] for row, k in zip(rows, cut)], [row[:k] for row, k in zip(logprobs, cut)]
+
+
+def mean_probability(logprobs: Sequence[float]) -> float | None:
+    """Mean probability of an answer's tokens: its score when no finer one is known."""
+    return round(sum(math.exp(x) for x in logprobs) / len(logprobs), 4) if logprobs else None
+
+
 class TransformersEngine(Engine):
     """Batched greedy generation with a loaded Molmo2 model and its processor."""
 
@@ -300,12 +314,8 @@ class TransformersEngine(Engine):
                 do_sample=False,
                 logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
             )
-        new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
-        logprobs = torch.stack(recorder.steps, dim=1).tolist() if recorder.steps else [[] for _ in new_tokens]
         ends = self._eos_ids | ({self._pad_id} if self._pad_id is not None else set())
-        cut = [next((i for i, token in enumerate(row) if token in ends), len(row)) for row in new_tokens]
-        return self._answers([row[:k] for row, k in zip(new_tokens, cut)],
-                             [row[:k] for row, k in zip(logprobs, cut)])
+        return self._answers(*cut_at_end(sequences[:, inputs["input_ids"].shape[1]:].tolist(), recorder.steps, ends))
 
     def _answers(self, tokens: list[list[int]], logprobs: list[list[float]]) -> list[Answer]:
         """Answers from each row's generated ids and their log-probabilities (end token cut off):
@@ -313,8 +323,8 @@ class TransformersEngine(Engine):
         confidence (molmo_backend/confidence.py works on these, away from torch)."""
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         return [
-            Answer(text=text.strip(), score=round(sum(math.exp(x) for x in lp) / len(lp), 4) if lp else None,
-                   tokens=self._token_texts.split(ids, text), token_logprobs=tuple(lp))
+            Answer(text=text.strip(), score=mean_probability(lp), tokens=self._token_texts.split(ids, text),
+                   token_logprobs=tuple(lp))
             for text, ids, lp in zip(texts, tokens, logprobs)
         ]
 
