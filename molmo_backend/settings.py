@@ -37,6 +37,7 @@ class Settings:
     max_batch: int = 48
     decoder: str = "fast"  # "fast" (prefix sharing, static cache, CUDA graphs) or "generate" (plain HF)
     cuda_graphs: str = "1"
+    compile_step: str = "1"  # torch.compile the small-batch decode step (CUDA graphs on CUDA only)
     prompt_template: str | None = None  # None: the trained phrasing of the model's family
     point_width: float = 0.75
     min_point_score: float = 0.0  # points scored below this are dropped (docs/confidence.md)
@@ -94,6 +95,8 @@ class Settings:
             raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
         if self.decoder not in ("fast", "generate"):
             raise SettingsError("MOLMO_DECODER must be fast or generate")
+        if self.cuda_graphs not in ("0", "1") or self.compile_step not in ("0", "1"):
+            raise SettingsError("MOLMO_CUDA_GRAPHS and MOLMO_COMPILE must be 1 or 0")
         if self.engine not in ("transformers", "openai"):
             raise SettingsError("MOLMO_ENGINE must be transformers or openai")
         if self.engine == "openai" and not self.engine_url:
@@ -137,6 +140,9 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
                 "steps; `generate`: plain Hugging Face generate() (slower; a reference)"),
     "cuda_graphs": ("MOLMO_CUDA_GRAPHS", "`1`: replay decode steps as a CUDA graph (fast decoder on "
                     "CUDA); `0`: eager steps"),
+    "compile_step": ("MOLMO_COMPILE", "`1`: compile the decode step of small batches (opened tasks, "
+                     "interactive) with torch.compile at start, before it is captured as a CUDA "
+                     "graph (CUDA with graphs on; about a minute at start, see docs/scaling.md); `0`: don't"),
     "prompt_template": ("MOLMO_PROMPT_TEMPLATE", "Prompt per label; `{label}` is replaced by the "
                         "label (or its `prompt` attribute in the label config). Default: the "
                         "model family's trained pointing phrasing"),

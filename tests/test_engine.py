@@ -116,3 +116,77 @@ def test_demo_auto_falls_back_only_without_gpu_and_local_weights(tmp_path, demo_
         "allenai/not-downloaded", False)
     assert resolve_model(Settings(model=str(demo_model_dir), demo="auto", cache_dir=tmp_path)) == (
         str(demo_model_dir), True)
+
+
+def _compiling_engine(demo_model_dir):
+    """An engine whose small batches use the compiled decode step. The engine only turns that on
+    with CUDA graphs on a GPU; on the CPU the same slot path runs the compiled step directly."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    assert not engine.decoder.compile_step, "compiling is for CUDA only unless asked for"
+    engine.decoder.reuse_buffers = True
+    engine.decoder.compile_step = True
+    return engine
+
+
+def test_compiled_decode_step_gives_generates_answers_for_every_batch_size(demo_model_dir):
+    """MOLMO_COMPILE: torch.compile (inductor, dynamic shapes) of the small-batch decode step.
+    One compile at warm-up serves 1-3 rows and other cache lengths, with generate()'s answers."""
+    engine = _compiling_engine(demo_model_dir)
+    reference = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8, decoder="generate")
+    counters = __import__("torch")._dynamo.utils.counters
+    engine.warm_up()
+    assert engine.decoder._compiled_forward is not None and engine.decoder.compile_step
+    compiled_at_warm_up = counters["stats"]["unique_graphs"]
+    assert compiled_at_warm_up >= 1
+    tall = Image.new("RGB", (300, 900), (10, 200, 10))
+    batches = [
+        [PointQuery(RED, "Point to cat", 1), PointQuery(RED, "Point to the dog on the left", 1),
+         PointQuery(RED, "Point to x", 1)],
+        [PointQuery(GREEN, "Point to a very long description of something " * 3, 2)],
+        [PointQuery(tall, "Point to cat", 3), PointQuery(GREEN, "Point to cat", 4)],
+        [PointQuery(RED, "Point to the " + "very " * 600 + "red cat", 5)],  # a longer cache
+    ]
+    for queries in batches:
+        fast, plain = engine.generate(queries), reference.generate(queries)
+        assert [a.text for a in fast] == [a.text for a in plain]
+        assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
+    assert all(slot.step.compiled for slot in engine.decoder._slots.values())
+    assert len({slot.length for slot in engine.decoder._slots.values()}) > 1, "want several cache lengths"
+    assert counters["stats"]["unique_graphs"] == compiled_at_warm_up, "no opened task may wait for a compile"
+
+
+def test_decode_step_that_fails_to_compile_runs_eagerly_and_says_so(demo_model_dir, caplog):
+    import torch
+
+    engine = _compiling_engine(demo_model_dir)
+    queries = [PointQuery(RED, "Point to cat"), PointQuery(GREEN, "Point to dog")]
+    expected = [a.text for a in TransformersEngine.load(str(demo_model_dir), max_new_tokens=24).generate(queries)]
+
+    def fails(step):
+        raise torch._dynamo.exc.Unsupported("injected: this model cannot be compiled")
+
+    engine.decoder._compiled_forward = fails
+    with caplog.at_level("WARNING", logger="molmo_backend.engine.decoding"):
+        assert [a.text for a in engine.generate(queries)] == expected
+    assert "torch.compile of the decode step failed" in caplog.text and "injected" in caplog.text
+    assert not engine.decoder.compile_step
+    assert [a.text for a in engine.generate(queries)] == expected  # and stays eager, quietly
+
+
+def test_compile_setting_reaches_the_engine_and_batch_commands_skip_it(monkeypatch, demo_model_dir):
+    from molmo_backend import cli
+    from molmo_backend.settings import SettingsError
+
+    assert Settings.from_env({}).compile_step == "1"
+    assert Settings.from_env({"MOLMO_COMPILE": "0"}).compile_step == "0"
+    with pytest.raises(SettingsError, match="MOLMO_COMPILE"):
+        Settings.from_env({"MOLMO_COMPILE": "yes"})
+    args = cli.build_parser().parse_args(["predict", "x.png", "--label", "cat"])
+    monkeypatch.delenv("MOLMO_COMPILE", raising=False)
+    assert cli._command_settings(args).compile_step == "0"
+    monkeypatch.setenv("MOLMO_COMPILE", "1")
+    assert cli._command_settings(args).compile_step == "1"
+    # on the CPU the setting is accepted and nothing is compiled (no CUDA graphs to capture)
+    engine = TransformersEngine.from_settings(Settings(model=str(demo_model_dir), compile_step="1"),
+                                              device=__import__("torch").device("cpu"))
+    assert not engine.decoder.compile_step

@@ -11,12 +11,16 @@ rebuilt every step, Python per layer) costs far more than reading the weights on
    prompt suffixes are prefilled behind them (left-padded, so all rows stay aligned);
 3. decode steps write into the static cache in place; on CUDA one step is captured as a graph
    and replayed. Rows stop at their end token; the loop stops when all rows have.
+4. optionally (``compile_step``), the decode step of small batches (opened tasks) is compiled
+   with ``torch.compile`` before it is captured: at a few rows a step is ~50 small kernels a
+   layer, and fusing them (norms, rotary, activations, residuals) is what is left to gain there.
 
 Numerics are those of greedy ``generate()`` on the same inputs (a test checks equal answers).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+log = logging.getLogger(__name__)
 #: the all-done flag is read back from the GPU every this many steps (each read is a sync)
 DONE_CHECK_EVERY = 4
 _CAPTURE_LOCK = threading.Lock()
@@ -32,7 +37,9 @@ _CAPTURE_LOCK = threading.Lock()
 #: images prefilled per forward; between chunks, waiting interactive work may run
 PREFILL_CHUNK_IMAGES = 8
 #: batches of at most this many queries reuse cached buffers and CUDA graphs (rows rounded up to
-#: a power of two, cache length to a multiple of SLOT_LENGTH_STEP); at most SLOT_CACHE_SIZE kept
+#: a power of two, at least 2, cache length to a multiple of SLOT_LENGTH_STEP); at most
+#: SLOT_CACHE_SIZE kept. (At least 2 rows: torch.compile specialises a size of 1, which would
+#: cost a second compile.)
 SLOT_MAX_ROWS, SLOT_LENGTH_STEP, SLOT_CACHE_SIZE = 16, 512, 3
 #: prompt suffixes of small batches are padded to a multiple of this, so the suffix prefill of a
 #: slot is captured once per length step and replayed
@@ -107,7 +114,8 @@ def prepare(processor, queries: Sequence, suffix_of, device: torch.device) -> Pr
 class GreedyDecoder:
     """Runs :class:`Prepared` batches through a Molmo2ForConditionalGeneration."""
 
-    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, use_cuda_graph: bool = True):
+    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, use_cuda_graph: bool = True,
+                 compile_step: bool = False):
         self.model = model
         self.lm = model.model.language_model
         self.embed = self.lm.embed_tokens
@@ -124,6 +132,10 @@ class GreedyDecoder:
         self._slots: dict = {}
         #: reuse small-batch buffers even without CUDA graphs (lets CPU tests cover that path)
         self.reuse_buffers = False
+        #: torch.compile the decode step of small batches (one compile, dynamic shapes, shared by
+        #: every slot); switched off for good if compiling fails
+        self.compile_step = compile_step
+        self._compiled_forward = None
 
     def run(self, batch: Prepared, max_new_tokens: int, logits_processors=(),
             between_steps: Callable[[], None] | None = None) -> tuple[list[list[int]], list[list[float]]]:
@@ -220,9 +232,12 @@ class GreedyDecoder:
         step = slot.step if slot is not None else _Step(self, kv, key_valid, state, neg, dtype)
         graph = None
         if use_graph:
-            graph = slot.graph if slot is not None and slot.graph is not None else step.capture()
-            if slot is not None:
-                slot.graph = graph
+            if slot is None:
+                graph = step.capture()
+            else:
+                if slot.graph is None:
+                    slot.graph = step.capture()
+                graph = slot.graph
             timer.lap("capture")
         steps = 1
         for t in range(1, max_new_tokens):
@@ -244,7 +259,7 @@ class GreedyDecoder:
     def _slot(self, rows: int, length: int, max_new_tokens: int, dtype) -> "_Slot":
         """Reusable buffers + captured graph for small batches (opened tasks): capturing a graph
         costs about as much as 15 replays, so one per call would eat the gain."""
-        rows = 1 << (rows - 1).bit_length()
+        rows = max(2, 1 << (rows - 1).bit_length())
         length = -(-length // SLOT_LENGTH_STEP) * SLOT_LENGTH_STEP
         key = (rows, length, max_new_tokens)
         if key not in self._slots:
@@ -254,9 +269,29 @@ class GreedyDecoder:
             kv = StaticKV(self.num_layers, rows, self.kv_heads, length, self.head_dim, dtype, device)
             key_valid = torch.zeros((rows, length), dtype=torch.bool, device=device)
             state = _DecodeState(rows, max_new_tokens, device)
-            step = _Step(self, kv, key_valid, state, torch.finfo(dtype).min, dtype)
+            step = _Step(self, kv, key_valid, state, torch.finfo(dtype).min, dtype, compiled=self.compile_step)
             self._slots[key] = _Slot(rows, length, kv, key_valid, state, step)
         return self._slots[key]
+
+    def compiled_logits(self, step: "_Step") -> torch.Tensor:
+        """:meth:`_Step.forward_logits` through torch.compile, compiled on first use (outside
+        any graph capture: a capture warms up first). Dynamic shapes: one compile serves every
+        slot (rows and cache length vary). Casts are rounded where eager rounds them, so greedy
+        picks stay those of the eager step. If compiling fails, the step runs eagerly from then
+        on (same answers, slower) and the log says why."""
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(
+                _Step.forward_logits, dynamic=True, options={"emulate_precision_casts": True})
+        try:
+            return self._compiled_forward(step)
+        except torch._dynamo.exc.TorchDynamoException:  # raised while compiling, before any work
+            log.warning("torch.compile of the decode step failed: decoding without it "
+                        "(MOLMO_COMPILE=0 skips the attempt)", exc_info=True)
+            self.compile_step = False
+            for slot in self._slots.values():
+                slot.step.compiled = False
+            step.compiled = False
+            return step.forward_logits()
 
     def _suffix_logits(self, kv, suffix, mask, positions, write_at):
         """Prefill the prompt suffixes into ``kv``; the logits of each row's last token."""
@@ -326,9 +361,11 @@ class _DecodeState:
 class _Step:
     """One decode step over static buffers: feed the last token, write its K/V, pick the next."""
 
-    def __init__(self, decoder: GreedyDecoder, kv: StaticKV, key_valid, state: _DecodeState, neg, dtype):
+    def __init__(self, decoder: GreedyDecoder, kv: StaticKV, key_valid, state: _DecodeState, neg, dtype,
+                 compiled: bool = False):
         self.decoder, self.kv, self.key_valid, self.state = decoder, kv, key_valid, state
         self.neg, self.dtype = neg, dtype
+        self.compiled = compiled
 
     def forward_logits(self):
         state = self.state
@@ -342,7 +379,7 @@ class _Step:
         return d.lm_head(hidden[:, -1]).float()
 
     def __call__(self):
-        logits = self.forward_logits()
+        logits = self.decoder.compiled_logits(self) if self.compiled else self.forward_logits()
         self.state.record(torch.log_softmax(logits, dim=-1).max(dim=-1), self.decoder.eos)
 
     def run_eager(self, pick):
@@ -355,20 +392,24 @@ class _Step:
         for name in names:
             saved[name] = getattr(state, name).clone()
         saved_valid = self.key_valid.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self()
-        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # Own capture stream on this replica's GPU (torch's default capture stream is one shared
-        # stream on whichever GPU came first); thread_local: replicas on other GPUs keep working
-        # in their threads; one capture at a time in the process.
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-            self()
-        for name in names:
-            getattr(state, name).copy_(saved[name])
-        self.key_valid.copy_(saved_valid)
+        # The warm-up (where a compiled step compiles) and the capture, one at a time in the
+        # process. Own capture stream on this replica's GPU (torch's default capture stream is one
+        # shared stream on whichever GPU came first); thread_local: replicas on other GPUs keep
+        # working in their threads.
+        try:
+            with _CAPTURE_LOCK:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self()
+                torch.cuda.current_stream().wait_stream(stream)
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+                    self()
+        finally:  # also after a failed attempt: the caller may capture again
+            for name in names:
+                getattr(state, name).copy_(saved[name])
+            self.key_valid.copy_(saved_valid)
         return graph
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from ..demo import ensure_demo_model, is_demo_model
@@ -202,6 +203,7 @@ class TransformersEngine(Engine):
         logits_processors: Sequence[LogitsProcessor] = (),
         decoder: str = "fast",
         cuda_graphs: bool = True,
+        compile_step: bool = False,
         demo: bool = False,
     ):
         if decoder not in ("fast", "generate"):
@@ -219,7 +221,12 @@ class TransformersEngine(Engine):
         tokenizer = processor.tokenizer
         self._pad_id = tokenizer.pad_token_id
         self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
-        self.decoder = GreedyDecoder(model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs)
+        self.decoder = GreedyDecoder(
+            model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs,
+            # only where it pays: a compiled step is captured as a CUDA graph, and only the fast
+            # decoder's small batches use it
+            compile_step=compile_step and cuda_graphs and decoder == "fast" and model.device.type == "cuda",
+        )
         self._token_texts = TokenTexts(tokenizer)
 
     @classmethod
@@ -241,6 +248,7 @@ class TransformersEngine(Engine):
         )
         engine = cls(model, processor, model_id="molmo2-demo" if demo else (model_id or model_path),
                      revision=revision, demo=demo, **options)
+        engine.warm_up()
         log.info(
             "model loaded",
             extra={
@@ -267,8 +275,21 @@ class TransformersEngine(Engine):
             model_id=settings.model,
             decoder=settings.decoder,
             cuda_graphs=settings.cuda_graphs == "1",
+            compile_step=settings.compile_step == "1",
             **kwargs,
         )
+
+    def warm_up(self) -> None:
+        """Compile the small-batch decode step now (MOLMO_COMPILE), at start, so that no opened
+        task waits for the compiler. A no-op when nothing is compiled."""
+        if not self.decoder.compile_step:
+            return
+        log.info("compiling the decode step for opened tasks (torch.compile, once per start)")
+        started = time.monotonic()
+        image = Image.new("RGB", (640, 480), (128, 128, 128))
+        self.generate([PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")])
+        log.info("decode step ready", extra={"compiled": self.decoder.compile_step,
+                                             "warm_up_s": round(time.monotonic() - started, 1)})
 
     @lru_cache(maxsize=1024)
     def chat_text(self, prompt: str) -> str:
