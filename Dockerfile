@@ -54,8 +54,10 @@ COPY molmo_backend ./molmo_backend
 RUN python -m pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 
-# Hugging Face cache (model weights, and the demo model) on a volume owned by the runtime user.
+# Hugging Face cache (model weights, and the demo model) on a volume owned by the runtime user;
+# torch.compile's kernel cache (MOLMO_COMPILE) beside it, so a restart reuses compiled kernels.
 ENV HF_HOME=/data/hf \
+    TORCHINDUCTOR_CACHE_DIR=/data/hf/torchinductor \
     HOST=0.0.0.0 \
     PORT=9090 \
     LOG_FORMAT=json \
@@ -67,7 +69,8 @@ USER molmo
 EXPOSE 9090
 
 # /health answers 200 once the model is loaded (503 while it loads, 500 if loading failed). The
-# first start downloads the weights (Molmo2-4B about 9 GB), hence the long start period.
+# first start downloads the weights (Molmo2-4B about 9 GB) and compiles the decode step
+# (MOLMO_COMPILE, minutes), hence the long start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30m --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request\ntry:\n    r = urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '9090'), timeout=4)\n    sys.exit(0 if r.status == 200 else 1)\nexcept Exception as e:\n    print(e)\n    sys.exit(1)"]
 

@@ -142,7 +142,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
                     "CUDA); `0`: eager steps"),
     "compile_step": ("MOLMO_COMPILE", "`1`: compile the decode step of small batches (opened tasks, "
                      "interactive) with torch.compile at start, before it is captured as a CUDA "
-                     "graph (CUDA with graphs on; about a minute at start, see docs/scaling.md); `0`: don't"),
+                     "graph (CUDA with graphs on; 161 s at start on the bench's H100 machine, "
+                     "bench/RESULTS.md); `0`: don't"),
     "prompt_template": ("MOLMO_PROMPT_TEMPLATE", "Prompt per label; `{label}` is replaced by the "
                         "label (or its `prompt` attribute in the label config). Default: the "
                         "model family's trained pointing phrasing"),

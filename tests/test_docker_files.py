@@ -97,6 +97,8 @@ def test_runs_as_a_non_root_user(instructions):
 def test_hf_cache_on_a_volume(instructions):
     env = " ".join(_all(instructions, "ENV"))
     assert re.search(r"\bHF_HOME=/data/hf\b", env)
+    # torch.compile's kernels (MOLMO_COMPILE) persist on the volume too: restarts reuse them
+    assert re.search(r"\bTORCHINDUCTOR_CACHE_DIR=/data/hf/\S+", env)
     volumes = [v for args in _all(instructions, "VOLUME") for v in
                (json.loads(args) if args.startswith("[") else args.split())]
     assert "/data/hf" in volumes
