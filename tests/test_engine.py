@@ -190,3 +190,32 @@ def test_compile_setting_reaches_the_engine_and_batch_commands_skip_it(monkeypat
     engine = TransformersEngine.from_settings(Settings(model=str(demo_model_dir), compile_step="1"),
                                               device=__import__("torch").device("cpu"))
     assert not engine.decoder.compile_step
+
+
+def test_tokens_for_is_the_cache_row_the_fast_decoder_builds(demo_model_dir):
+    """The scheduler's token budget counts rows x longest row: the engine must know a query's row
+    length from the image size alone (no pixels processed), exactly."""
+    from molmo_backend.engine.decoding import prepare
+
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24)
+    engine.processor.image_processor.max_crops = 4  # so image sizes give different token counts
+    seen = set()
+    for size in [(640, 480), (300, 900), (4000, 100), (1, 1), (1280, 960)]:
+        query = PointQuery(Image.new("RGB", size), "Point to the big brown dog.")
+        batch = prepare(engine.processor, [query], engine.chat_suffix, engine.device)
+        row = batch.prefix_chunks[0]["input_ids"].shape[1] + len(batch.suffix_ids[0]) + engine.max_new_tokens
+        assert engine.tokens_for(query) == row, size
+        seen.add(row)
+    assert len(seen) > 2
+    assert engine.token_budget() is None  # CPU: no GPU memory to budget; max_batch alone
+
+
+def test_kv_token_budget_is_the_free_memory_share_over_bytes_per_token(engine):
+    from molmo_backend.engine.transformers_engine import KV_MEMORY_FRACTION, kv_token_budget
+
+    text = engine.model.config.text_config
+    per_token = engine.decoder.kv_bytes_per_token
+    assert per_token == 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4  # fp32
+    # Molmo2-8B in bf16 (36 layers, 8 kv heads of 128): 147456 bytes a token; 60 GiB free
+    assert kv_token_budget(60 * 2**30, 147456) == int(60 * 2**30 * KV_MEMORY_FRACTION) // 147456 == 305834
+    assert kv_token_budget(0, 147456) == 0

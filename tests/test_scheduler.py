@@ -164,3 +164,43 @@ def test_several_engines_share_the_queue_and_answers_stay_in_order():
     assert all(engine.log for engine in engines), "both replicas must have worked"
     assert scheduler.stats["queries"] == 40
     scheduler.close()
+
+
+class BudgetEngine(EchoEngine):
+    """Each prompt "name:tokens" needs that many cache tokens; the budget can change."""
+
+    def __init__(self, budget, max_batch=16):
+        super().__init__(max_batch=max_batch)
+        self.budget = budget
+
+    def tokens_for(self, query):
+        return int(query.prompt.split(":")[1])
+
+    def token_budget(self):
+        return self.budget
+
+
+def test_batches_fit_the_engines_token_budget_rows_times_longest_row():
+    engine = BudgetEngine(budget=1000)
+    scheduler = Scheduler(engine)
+    prompts = [f"q{i}:{cost}" for i, cost in enumerate([100, 100, 100, 300, 100, 900, 1500, 50, 50, 50])]
+    assert [a.text for a in scheduler.submit(queries(*prompts))] == prompts  # all, in order
+    costs = [[int(p.split(":")[1]) for p in batch] for batch in engine.batches]
+    for batch in costs:
+        assert len(batch) == 1 or len(batch) * max(batch) <= 1000, costs
+    # greedy in queue order: 3 x 100, then 300 makes 4 x 300 > 1000; a 1500 row goes alone
+    assert costs == [[100, 100, 100], [300, 100], [900], [1500], [50, 50, 50]]
+    assert scheduler.stats["budget_cuts"] == 4
+    scheduler.close()
+
+
+def test_a_budget_asked_each_batch_follows_free_memory_and_none_means_max_batch_only():
+    engine = BudgetEngine(budget=None, max_batch=4)
+    scheduler = Scheduler(engine)
+    scheduler.submit(queries(*[f"a{i}:500" for i in range(8)]))
+    assert [len(b) for b in engine.batches] == [4, 4]
+    engine.budget = 1000  # less memory free now
+    engine.batches.clear()
+    scheduler.submit(queries(*[f"b{i}:500" for i in range(4)]))
+    assert [len(b) for b in engine.batches] == [2, 2]
+    scheduler.close()

@@ -67,5 +67,15 @@ class Engine(ABC):
         An engine whose ``generate`` also takes ``between_steps`` (a callable) calls it between
         its steps; the scheduler uses that to run an opened task inside a long bulk batch."""
 
+    def tokens_for(self, query: PointQuery) -> int:
+        """Cache tokens one query's row needs (prompt plus new tokens); 0 when unknown. A batch
+        holds ``len(batch) * max(tokens_for)`` of them, rows being padded to the longest."""
+        return 0
+
+    def token_budget(self) -> int | None:
+        """Most cache tokens one batch may hold now (from free GPU memory), or None: no limit
+        but ``max_batch``. Asked each time a batch is formed."""
+        return None
+
     def close(self) -> None:  # pragma: no cover - optional
         """Free the model's memory."""

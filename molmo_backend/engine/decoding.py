@@ -125,6 +125,8 @@ class GreedyDecoder:
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        #: bytes one cached token takes in a batch's static cache (keys and values of every layer)
+        self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.embed.weight.element_size()
         self.eos = torch.tensor(sorted(set(eos_ids)), device=model.device)
         self.pad_id = pad_id
         self.use_cuda_graph = use_cuda_graph and model.device.type == "cuda"

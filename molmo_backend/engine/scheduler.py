@@ -1,7 +1,9 @@
 """One GPU worker thread and a priority queue in front of it.
 
 Every HTTP thread submits its (image, prompt) queries here and waits. The worker forms batches
-across all waiting requests, opened tasks (INTERACTIVE) before bulk work, so an annotator who
+across all waiting requests, up to ``max_batch`` queries and the engine's token budget (the cache
+tokens that fit in the GPU memory free at that moment), opened tasks (INTERACTIVE) before bulk
+work, so an annotator who
 opens a task is not stuck behind a 1000-task "Retrieve predictions". Engines that can pause
 (``between_steps``) let an opened task run between two steps of a running bulk batch, so it
 waits for one decode step, not for the whole batch. A batch that fails (GPU out
@@ -74,7 +76,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0, "preemptions": 0}
+        self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0, "preemptions": 0,
+                      "budget_cuts": 0}
         self._stats_lock = threading.Lock()
         self._workers = [
             threading.Thread(target=self._run, args=(engine,), name=f"gpu-worker-{i}", daemon=True)
@@ -110,22 +113,33 @@ class Scheduler:
             worker.join(timeout=10)
 
     # -- worker --------------------------------------------------------------------------------
-    def _pop_batch(self) -> list[_Item]:
-        """Up to max_batch items of the first item's priority class (caller holds the lock)."""
+    def _pop_batch(self, engine: Engine) -> list[_Item]:
+        """Items of the first item's priority class, up to max_batch and while the batch's
+        padded cache (rows x longest row) fits ``engine``'s token budget; at least one item
+        (caller holds the lock)."""
+        budget = engine.token_budget()
         first = heapq.heappop(self._heap)
-        batch = [first]
+        batch, longest = [first], engine.tokens_for(first.query)
         # only the same priority class rides along: a bulk batch must not delay an opened task
         while self._heap and len(batch) < self.max_batch and self._heap[0].priority == first.priority:
+            if budget is not None:
+                row = max(longest, engine.tokens_for(self._heap[0].query))
+                if (len(batch) + 1) * row > budget:
+                    self._count(budget_cuts=1)
+                    log.debug("batch cut by the GPU memory budget",
+                              extra={"rows": len(batch), "budget_tokens": budget, "row_tokens": row})
+                    break
+                longest = row
             batch.append(heapq.heappop(self._heap))
         return batch
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _next_batch(self, engine: Engine) -> list[_Item] | None:
         with self._cv:
             while not self._heap and not self._closed:
                 self._cv.wait()
             if self._closed and not self._heap:
                 return None
-            return self._pop_batch()
+            return self._pop_batch(engine)
 
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
@@ -134,7 +148,7 @@ class Scheduler:
 
     def _run(self, engine: Engine) -> None:
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(engine)
             if batch is None:
                 return
             self._process(engine, batch, preemptible=batch[0].priority != Priority.INTERACTIVE)
@@ -175,7 +189,7 @@ class Scheduler:
             with self._cv:
                 if not self._heap or self._heap[0].priority != Priority.INTERACTIVE:
                     return
-                batch = self._pop_batch()
+                batch = self._pop_batch(engine)  # the budget counts the running batch's memory
             self._count(preemptions=1)
             self._process(engine, batch)
 

@@ -32,6 +32,18 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+#: share of the GPU memory free when a batch is formed that its static KV cache may take; the rest
+#: is headroom for the prefill (8 images' activations and cache at a time), logits and graphs
+KV_MEMORY_FRACTION = 0.7
+#: image tokens assumed when the processor cannot say (more than Molmo2's 8-crop maximum)
+FALLBACK_IMAGE_TOKENS = 2048
+
+
+def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_MEMORY_FRACTION) -> int:
+    """Cache tokens (rows x length) that fit in ``fraction`` of ``free_bytes``."""
+    return max(0, int(free_bytes * fraction) // bytes_per_token)
+
+
 def weights_available_locally(model: str, revision: str | None) -> bool:
     """True when ``model`` is a local checkpoint folder or already in the Hugging Face cache."""
     if Path(model).is_dir():
@@ -278,6 +290,33 @@ class TransformersEngine(Engine):
             compile_step=settings.compile_step == "1",
             **kwargs,
         )
+
+    def tokens_for(self, query: PointQuery) -> int:
+        """The length of this query's cache row: its image's tokens (from the image size alone,
+        as the processor will lay them out), the prompt suffix, and the new tokens."""
+        return (self._image_tokens(query.image.height, query.image.width)
+                + self._suffix_tokens(query.prompt) + self.max_new_tokens)
+
+    def token_budget(self) -> int | None:
+        """Cache tokens a batch may hold: KV_MEMORY_FRACTION of the GPU memory free now (the
+        driver's free memory plus what torch's allocator holds unused). None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return kv_token_budget(free, self.decoder.kv_bytes_per_token)
+
+    @lru_cache(maxsize=4096)
+    def _image_tokens(self, height: int, width: int) -> int:
+        try:
+            sizes = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+            return 1 + int(sizes.num_image_tokens[0])  # + the bos token before the image
+        except Exception:  # noqa: BLE001 - a processor that cannot tell: assume a large image
+            return FALLBACK_IMAGE_TOKENS
+
+    @lru_cache(maxsize=1024)
+    def _suffix_tokens(self, prompt: str) -> int:
+        return len(self.processor.tokenizer(self.chat_suffix(prompt), add_special_tokens=False)["input_ids"])
 
     def warm_up(self) -> None:
         """Compile the small-batch decode step now (MOLMO_COMPILE), at start, so that no opened
