@@ -11,7 +11,8 @@ images, 3 labels per image, prompt "Point to the {label}.", exactly 40 new token
 (a) seed:   one (image, label) pair per ``generate()``, as Supervisely's Serve Molmo did
 (b) plain:  Hugging Face ``generate()`` on left-padded batches of pairs
 (c) engine: this project's scheduler + fast decoder (one prefill per image, static KV cache,
-            CUDA-graph decode steps), also without CUDA graphs, at two batch sizes
+            CUDA-graph decode steps), also without CUDA graphs, at two batch sizes; ``--compile``
+            also compiles the small-batch decode step (opened tasks), as the server does by default
 
 Then open-task latency (1 task x 3 labels through the scheduler at INTERACTIVE priority) idle
 and while a bulk job runs, and peak GPU memory per variant. ``--tiny`` runs everything on the
@@ -162,8 +163,13 @@ def bench_model(size, args, device, dtype, log):
     out["params_b"] = round(params / 1e9, 2)
     out["build_s"] = round(time.perf_counter() - started, 1)
     engine = TransformersEngine(model, processor, model_id=out["model"], revision="random",
-                                max_new_tokens=NEW_TOKENS, max_batch=args.batch[0])
+                                max_new_tokens=NEW_TOKENS, max_batch=args.batch[0], compile_step=args.compile)
     engine.decoder.eos = torch.tensor([-1], device=device)  # run every answer to NEW_TOKENS
+    if engine.decoder.compile_step:
+        started = time.perf_counter()
+        engine.warm_up()
+        out["compile_s"] = round(time.perf_counter() - started, 1)
+        log(f"  decode step for small batches compiled in {out['compile_s']} s")
     prompt_tokens = processor(images=[images(1, 0)[0]], text=[engine.chat_text("Point to the person.")],
                               return_tensors="pt")["input_ids"].shape[1]
     out["prompt_tokens"] = prompt_tokens
@@ -296,6 +302,9 @@ def main() -> int:
     parser.add_argument("--bulk-images", type=int, default=160)
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--load-seconds", type=float, default=30.0, help="length of the bulk job under latency test")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the small-batch decode step as MOLMO_COMPILE=1 does (bench/open_task.py "
+                             "compares the two; the committed throughput run was without)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     args.batch = [int(b) for b in args.batch.split(",")]
