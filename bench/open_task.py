@@ -21,7 +21,6 @@ import datetime
 import json
 import statistics
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -31,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from throughput import LABELS, NEW_TOKENS, build, images, pairs, percentile, sync  # noqa: E402
+from throughput import (LABELS, NEW_TOKENS, build, images, latency_under_bulk, pairs,  # noqa: E402
+                        percentile, sync)
 
 from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
@@ -105,29 +105,13 @@ def variant(engine, label, args, device, log, out, keys):
     log(f"  {label}: == generate(): {row['fast_equals_generate']}")
 
     if args.load_seconds > 0 and label == "compiled":
-        rate = args.bulk_rate
-        bulk = pairs(images(max(4, int(rate * args.load_seconds / len(LABELS))), 6), 40_000)
-        done = {}
-
-        def bulk_job():
-            t0 = time.perf_counter()
-            scheduler.submit(bulk, Priority.BULK)
-            done["seconds"] = time.perf_counter() - t0
-
-        thread = threading.Thread(target=bulk_job)
-        thread.start()
-        time.sleep(1.0)
-        loaded = []
-        for img in images(args.runs, 8):
-            if not thread.is_alive():
-                break
-            loaded.append(open_task(img)[0])
-            time.sleep(0.2)
-        thread.join()
+        bulk = pairs(images(max(4, int(args.bulk_rate * args.load_seconds / len(LABELS))), 6), 40_000)
+        loaded, bulk_seconds = latency_under_bulk(scheduler, bulk, lambda img: open_task(img)[0],
+                                                  images(args.runs, 8))
         row["open_task_under_bulk"] = {
             "runs": len(loaded), "p50_s": round(statistics.median(loaded), 3) if loaded else None,
             "p95_s": round(percentile(loaded, 95), 3) if loaded else None, "bulk_pairs": len(bulk),
-            "bulk_seconds": round(done["seconds"], 1), "preemptions": scheduler.stats["preemptions"]}
+            "bulk_seconds": round(bulk_seconds, 1), "preemptions": scheduler.stats["preemptions"]}
         log(f"  {label}: open task under bulk {row['open_task_under_bulk']}")
     scheduler.close()
     return texts

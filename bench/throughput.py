@@ -151,6 +151,29 @@ def timed(fn, device):
     return time.perf_counter() - started
 
 
+def latency_under_bulk(scheduler, bulk, time_one, imgs, gap=0.2):
+    """Open tasks timed one after another (``time_one(img)`` seconds each, ``gap`` s apart) while
+    ``bulk`` runs through ``scheduler``; returns their seconds and the bulk job's."""
+    done = {}
+
+    def bulk_job():
+        started = time.perf_counter()
+        scheduler.submit(bulk, Priority.BULK)
+        done["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=bulk_job)
+    thread.start()
+    time.sleep(1.0)
+    loaded = []
+    for img in imgs:
+        if not thread.is_alive():
+            break
+        loaded.append(time_one(img))
+        time.sleep(gap)
+    thread.join()
+    return loaded, done["seconds"]
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
@@ -255,26 +278,11 @@ def bench_model(size, args, device, dtype, log):
     log(f"  open task idle: {out['open_task_idle']}")
 
     bulk_pairs = pairs(images(max(8, int(best["pairs_per_s"] * args.load_seconds / 3)), 6), 40_000)
-    bulk_done = {}
-
-    def bulk_job():
-        t0 = time.perf_counter()
-        scheduler.submit(bulk_pairs, Priority.BULK)
-        bulk_done["seconds"] = time.perf_counter() - t0
-
-    thread = threading.Thread(target=bulk_job)
-    thread.start()
-    time.sleep(1.0)
-    loaded = []
-    for img in open_imgs[args.latency_runs: 2 * args.latency_runs]:
-        if not thread.is_alive():
-            break
-        loaded.append(open_task(img))
-        time.sleep(0.2)
-    thread.join()
+    loaded, bulk_seconds = latency_under_bulk(scheduler, bulk_pairs, open_task,
+                                              open_imgs[args.latency_runs: 2 * args.latency_runs])
     out["open_task_under_bulk"] = {"runs": len(loaded), "preemptions": scheduler.stats["preemptions"], "p50_s": round(statistics.median(loaded), 3) if loaded else None,
                                    "p95_s": round(percentile(loaded, 95), 3) if loaded else None,
-                                   "bulk_pairs": len(bulk_pairs), "bulk_seconds": round(bulk_done["seconds"], 1)}
+                                   "bulk_pairs": len(bulk_pairs), "bulk_seconds": round(bulk_seconds, 1)}
     log(f"  open task under bulk: {out['open_task_under_bulk']}")
     scheduler.close()
 
