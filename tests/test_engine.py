@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from PIL import Image
 
@@ -146,8 +148,13 @@ def test_compiled_decode_step_gives_generates_answers_for_every_batch_size(demo_
         [PointQuery(tall, "Point to cat", 3), PointQuery(GREEN, "Point to cat", 4)],
         [PointQuery(RED, "Point to the " + "very " * 600 + "red cat", 5)],  # a longer cache
     ]
-    for queries in batches:
-        fast, plain = engine.generate(queries), reference.generate(queries)
+    for i, queries in enumerate(batches):
+        if i == len(batches) - 1:  # the server compiles in its loader thread, runs in a GPU worker's
+            with ThreadPoolExecutor(1) as other_thread:
+                fast = other_thread.submit(engine.generate, queries).result()
+        else:
+            fast = engine.generate(queries)
+        plain = reference.generate(queries)
         assert [a.text for a in fast] == [a.text for a in plain]
         assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
     assert all(slot.step.compiled for slot in engine.decoder._slots.values())
