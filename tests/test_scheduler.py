@@ -204,3 +204,17 @@ def test_a_budget_asked_each_batch_follows_free_memory_and_none_means_max_batch_
     scheduler.submit(queries(*[f"b{i}:500" for i in range(4)]))
     assert [len(b) for b in engine.batches] == [2, 2]
     scheduler.close()
+
+
+def test_an_engine_whose_budget_fails_is_batched_by_count_and_nothing_hangs():
+    class BrokenBudget(BudgetEngine):
+        def tokens_for(self, query):
+            raise ValueError("cannot size this query")
+
+    engine = BrokenBudget(budget=1000, max_batch=3)
+    scheduler = Scheduler(engine)
+    prompts = [f"q{i}:1" for i in range(5)]
+    assert [a.text for a in scheduler.submit(queries(*prompts))] == prompts
+    assert [len(b) for b in engine.batches] == [3, 2]
+    assert scheduler.stats["budget_cuts"] == 0
+    scheduler.close()

@@ -3,8 +3,8 @@
 Every HTTP thread submits its (image, prompt) queries here and waits. The worker forms batches
 across all waiting requests, up to ``max_batch`` queries and the engine's token budget (the cache
 tokens that fit in the GPU memory free at that moment), opened tasks (INTERACTIVE) before bulk
-work, so an annotator who
-opens a task is not stuck behind a 1000-task "Retrieve predictions". Engines that can pause
+work, so an annotator who opens a task is not stuck behind a 1000-task "Retrieve predictions".
+Engines that can pause
 (``between_steps``) let an opened task run between two steps of a running bulk batch, so it
 waits for one decode step, not for the whole batch. A batch that fails (GPU out
 of memory, a bad input) is split in halves and retried, down to single queries, so one bad query
@@ -117,13 +117,15 @@ class Scheduler:
         """Items of the first item's priority class, up to max_batch and while the batch's
         padded cache (rows x longest row) fits ``engine``'s token budget; at least one item
         (caller holds the lock)."""
-        budget = engine.token_budget()
+        budget = self._ask(engine.token_budget)
         first = heapq.heappop(self._heap)
-        batch, longest = [first], engine.tokens_for(first.query)
+        batch, longest = [first], 0
+        if budget is not None:
+            longest = self._ask(engine.tokens_for, first.query) or 0
         # only the same priority class rides along: a bulk batch must not delay an opened task
         while self._heap and len(batch) < self.max_batch and self._heap[0].priority == first.priority:
             if budget is not None:
-                row = max(longest, engine.tokens_for(self._heap[0].query))
+                row = max(longest, self._ask(engine.tokens_for, self._heap[0].query) or 0)
                 if (len(batch) + 1) * row > budget:
                     self._count(budget_cuts=1)
                     log.debug("batch cut by the GPU memory budget",
@@ -132,6 +134,16 @@ class Scheduler:
                 longest = row
             batch.append(heapq.heappop(self._heap))
         return batch
+
+    @staticmethod
+    def _ask(method, *args):
+        """An engine's budget or cost; None if it raises (the worker thread must never die here:
+        every waiting request would hang), so the batch is formed by count alone."""
+        try:
+            return method(*args)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("token budget unavailable, batching by count", extra={"error": repr(exc)[:300]})
+            return None
 
     def _next_batch(self, engine: Engine) -> list[_Item] | None:
         with self._cv:

@@ -316,7 +316,11 @@ class TransformersEngine(Engine):
 
     @lru_cache(maxsize=1024)
     def _suffix_tokens(self, prompt: str) -> int:
-        return len(self.processor.tokenizer(self.chat_suffix(prompt), add_special_tokens=False)["input_ids"])
+        try:
+            text = self.chat_suffix(prompt)
+        except ValueError:  # a template without the image first (MOLMO_DECODER=generate): close enough
+            text = self.chat_text(prompt)
+        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def warm_up(self) -> None:
         """Compile the small-batch decode step now (MOLMO_COMPILE), at start, so that no opened
