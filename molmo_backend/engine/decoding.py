@@ -269,7 +269,7 @@ class GreedyDecoder:
             kv = StaticKV(self.num_layers, rows, self.kv_heads, length, self.head_dim, dtype, device)
             key_valid = torch.zeros((rows, length), dtype=torch.bool, device=device)
             state = _DecodeState(rows, max_new_tokens, device)
-            step = _Step(self, kv, key_valid, state, torch.finfo(dtype).min, dtype, compiled=self.compile_step)
+            step = _Step(self, kv, key_valid, state, torch.finfo(dtype).min, dtype, compilable=True)
             self._slots[key] = _Slot(rows, length, kv, key_valid, state, step)
         return self._slots[key]
 
@@ -288,9 +288,6 @@ class GreedyDecoder:
             log.warning("torch.compile of the decode step failed: decoding without it "
                         "(MOLMO_COMPILE=0 skips the attempt)", exc_info=True)
             self.compile_step = False
-            for slot in self._slots.values():
-                slot.step.compiled = False
-            step.compiled = False
             return step.forward_logits()
 
     def _suffix_logits(self, kv, suffix, mask, positions, write_at):
@@ -362,10 +359,11 @@ class _Step:
     """One decode step over static buffers: feed the last token, write its K/V, pick the next."""
 
     def __init__(self, decoder: GreedyDecoder, kv: StaticKV, key_valid, state: _DecodeState, neg, dtype,
-                 compiled: bool = False):
+                 compilable: bool = False):
         self.decoder, self.kv, self.key_valid, self.state = decoder, kv, key_valid, state
         self.neg, self.dtype = neg, dtype
-        self.compiled = compiled
+        #: a small-batch (slot) step: compiled while the decoder's ``compile_step`` is on
+        self.compilable = compilable
 
     def forward_logits(self):
         state = self.state
@@ -379,7 +377,8 @@ class _Step:
         return d.lm_head(hidden[:, -1]).float()
 
     def __call__(self):
-        logits = self.decoder.compiled_logits(self) if self.compiled else self.forward_logits()
+        compiled = self.compilable and self.decoder.compile_step
+        logits = self.decoder.compiled_logits(self) if compiled else self.forward_logits()
         self.state.record(torch.log_softmax(logits, dim=-1).max(dim=-1), self.decoder.eos)
 
     def run_eager(self, pick):

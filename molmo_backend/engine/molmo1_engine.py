@@ -52,7 +52,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig, 
 from transformers import LogitsProcessorList  # noqa: E402
 
 from .transformers_engine import (  # noqa: E402
-    ModelLoadError, _local_revision, _TokenLogprobs, cut_at_end, mean_probability, pick_device, pick_dtype,
+    ModelLoadError, _local_revision, _TokenLogprobs, cut_at_end, load_options, mean_probability, pick_device,
 )
 
 log = logging.getLogger(__name__)
@@ -160,17 +160,7 @@ class Molmo1Engine(Engine):
         device_map = None
         if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
             device_map = "auto"
-        return cls(
-            path,
-            revision=None if Path(path).is_dir() else settings.revision,
-            device=device,
-            dtype=pick_dtype(settings, device),
-            max_new_tokens=settings.max_new_tokens,
-            max_batch=settings.max_batch,
-            model_id=settings.model,
-            device_map=device_map,
-            **kwargs,
-        )
+        return cls(path, **load_options(settings, path, device), device_map=device_map, **kwargs)
 
     @property
     def input_device(self) -> torch.device:

@@ -100,6 +100,18 @@ def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def load_options(settings: Settings, path: str, device: torch.device) -> dict:
+    """What every in-process engine's loader takes from the settings, for ``path`` on ``device``."""
+    return dict(
+        revision=None if Path(path).is_dir() else settings.revision,
+        device=device,
+        dtype=pick_dtype(settings, device),
+        max_new_tokens=settings.max_new_tokens,
+        max_batch=settings.max_batch,
+        model_id=settings.model,
+    )
+
+
 def _local_revision(path: Path) -> str:
     """A content hash of a local checkpoint's small files: stable while the checkpoint is."""
     digest = hashlib.sha256()
@@ -279,12 +291,7 @@ class TransformersEngine(Engine):
         device = device or pick_device(settings)
         return cls.load(
             path,
-            revision=None if Path(path).is_dir() else settings.revision,
-            device=device,
-            dtype=pick_dtype(settings, device),
-            max_new_tokens=settings.max_new_tokens,
-            max_batch=settings.max_batch,
-            model_id=settings.model,
+            **load_options(settings, path, device),
             decoder=settings.decoder,
             cuda_graphs=settings.cuda_graphs == "1",
             compile_step=settings.compile_step == "1",

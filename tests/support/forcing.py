@@ -42,12 +42,14 @@ class ForceAnswers(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for b, row in enumerate(input_ids.tolist()):
             forced, done = self._plan(row)
-            if forced is None:
-                continue
-            token = forced[done] if done < len(forced) else self.eos
-            scores[b, :] = float("-inf")
-            scores[b, token] = 0.0
+            if forced is not None:
+                scores[b, :] = float("-inf")
+                self._force(scores[b], forced, done)
         return scores
+
+    def _force(self, row_scores: torch.FloatTensor, forced: list[int], done: int) -> None:
+        """Make the next forced token (the end token once the answer is out) the only choice."""
+        row_scores[forced[done] if done < len(forced) else self.eos] = 0.0
 
 
 def by_substring(answers: Mapping[str, T]) -> Callable[[str], T | None]:

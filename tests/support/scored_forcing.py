@@ -45,22 +45,16 @@ class ForceScoredAnswers(ForceAnswers):
 
         super().__init__(tokenizer, answer_for)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for b, row in enumerate(input_ids.tolist()):
-            forced, done = self._plan(row)
-            if forced is None:
-                continue
-            token = forced[done] if done < len(forced) else self.eos
-            p = self._probs.get(tuple(forced), [])[done] if done < len(forced) else 1.0
-            scores[b, :] = float("-inf")
-            if p >= 1.0:
-                scores[b, token] = 0.0
-                continue
-            k = math.floor((1 - p) / p) + 1  # each of k others gets (1 - p) / k < p
-            others = [i for i in range(min(scores.shape[1], k + 1)) if i != token][:k]
-            scores[b, token] = math.log(p)
-            scores[b, others] = math.log((1 - p) / k)
-        return scores
+    def _force(self, row_scores: torch.FloatTensor, forced: list[int], done: int) -> None:
+        """The next forced token at its chosen probability, the rest spread thinner over others."""
+        p = self._probs.get(tuple(forced), [])[done] if done < len(forced) else 1.0
+        if p >= 1.0:
+            return super()._force(row_scores, forced, done)
+        token = forced[done]
+        k = math.floor((1 - p) / p) + 1  # each of k others gets (1 - p) / k < p
+        others = [i for i in range(min(row_scores.shape[0], k + 1)) if i != token][:k]
+        row_scores[token] = math.log(p)
+        row_scores[others] = math.log((1 - p) / k)
 
 
 def at(text: str, marker: str, p: float, offset: int = 0) -> dict[int, float]:
