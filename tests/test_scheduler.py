@@ -7,7 +7,7 @@ import threading
 from PIL import Image
 
 from molmo_backend.engine.base import Answer, Engine, PointQuery
-from molmo_backend.engine.scheduler import Priority, Scheduler
+from molmo_backend.engine.scheduler import CANCELLED, Priority, Scheduler
 
 IMG = Image.new("RGB", (4, 4))
 
@@ -217,4 +217,34 @@ def test_an_engine_whose_budget_fails_is_batched_by_count_and_nothing_hangs():
     assert [a.text for a in scheduler.submit(queries(*prompts))] == prompts
     assert [len(b) for b in engine.batches] == [3, 2]
     assert scheduler.stats["budget_cuts"] == 0
+    scheduler.close()
+
+
+def test_submit_async_fills_answers_as_they_finish_and_calls_back_per_query():
+    engine = EchoEngine(max_batch=2)
+    scheduler = Scheduler(engine)
+    seen = []
+    job = scheduler.submit_async(queries("a", "b", "c"), on_answer=lambda i, a: seen.append((i, a.text)))
+    assert job.wait(10)
+    assert [a.text for a in job.answers] == ["a", "b", "c"]
+    assert sorted(seen) == [(0, "a"), (1, "b"), (2, "c")]
+    empty = scheduler.submit_async([])
+    assert empty.wait(0) and empty.answers == []
+    scheduler.close()
+
+
+def test_a_cancelled_job_is_not_computed_and_still_gets_one_answer_per_query():
+    engine = EchoEngine(max_batch=2)
+    scheduler = Scheduler(engine)
+    engine.gate.clear()
+    blocker = scheduler.submit_async(queries("running"))
+    assert engine.entered.wait(5)  # the GPU is busy: the next job waits in the queue
+    job = scheduler.submit_async(queries("x", "y", "z"))
+    assert not job.wait(0)
+    job.cancel()
+    engine.gate.set()
+    assert blocker.wait(10) and job.wait(10)
+    assert all(a.error == CANCELLED and a.text == "" for a in job.answers)
+    assert engine.batches == [["running"]]  # nothing of the cancelled job reached the engine
+    assert scheduler.stats["cancelled"] == 3
     scheduler.close()

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .base import Answer, Engine, PointQuery
 
@@ -33,12 +33,25 @@ class Priority(IntEnum):
     BULK = 1  # "Retrieve predictions", the annotate command
 
 
+#: the answer a query gets when its job was cancelled before the query ran
+CANCELLED = "cancelled: nobody waits for this answer any more"
+
+
 @dataclass(eq=False)
-class _Job:
+class Job:
+    """One caller's queries in the scheduler; answers arrive as they finish.
+
+    ``answers[i]`` is None until query ``i`` is answered. ``on_answer(i, answer)`` (optional) is
+    called in the worker thread as each one arrives, so a caller can act on finished tasks before
+    the whole job is done. :meth:`cancel` drops the queries not yet started (work nobody waits
+    for is not computed)."""
+
     total: int
     priority: Priority
+    on_answer: "Callable[[int, Answer], None] | None" = None
     answers: list = field(default_factory=list)
     done_count: int = 0
+    cancelled: bool = False
     started: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -46,13 +59,22 @@ class _Job:
     def __post_init__(self):
         self.answers = [None] * self.total
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every query is answered (or cancelled); False if ``timeout`` passed first."""
+        return self.finished.wait(timeout)
+
+    def cancel(self) -> None:
+        """Queries of this job not yet started are dropped: they are answered with an error
+        (``CANCELLED``) instead of being computed. Queries already running finish."""
+        self.cancelled = True
+
 
 @dataclass(order=True)
 class _Item:
     priority: int
     seq: int
     query: PointQuery = field(compare=False)
-    job: _Job = field(compare=False)
+    job: Job = field(compare=False)
     index: int = field(compare=False)
 
 
@@ -77,7 +99,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0, "preemptions": 0,
-                      "budget_cuts": 0}
+                      "budget_cuts": 0, "cancelled": 0}
         self._stats_lock = threading.Lock()
         self._workers = [
             threading.Thread(target=self._run, args=(engine,), name=f"gpu-worker-{i}", daemon=True)
@@ -89,17 +111,24 @@ class Scheduler:
     # -- callers -------------------------------------------------------------------------------
     def submit(self, queries: Sequence[PointQuery], priority: Priority = Priority.BULK) -> list[Answer]:
         """Answer ``queries`` in order; blocks the calling thread until all are done."""
+        job = self.submit_async(queries, priority)
+        job.wait()
+        return job.answers
+
+    def submit_async(self, queries: Sequence[PointQuery], priority: Priority = Priority.BULK,
+                     on_answer: Callable[[int, Answer], None] | None = None) -> Job:
+        """Queue ``queries`` and return at once; the :class:`Job` fills in as answers finish."""
+        job = Job(total=len(queries), priority=priority, on_answer=on_answer)
         if not queries:
-            return []
-        job = _Job(total=len(queries), priority=priority)
+            job.finished.set()
+            return job
         with self._cv:
             if self._closed:
                 raise SchedulerClosed("the engine is shutting down")
             for i, query in enumerate(queries):
                 heapq.heappush(self._heap, _Item(int(priority), next(self._seq), query, job, i))
             self._cv.notify_all()  # every idle replica may take a batch
-        job.finished.wait()
-        return job.answers
+        return job
 
     def pending(self) -> int:
         with self._cv:
@@ -119,11 +148,14 @@ class Scheduler:
         (caller holds the lock)."""
         budget = self._ask(engine.token_budget)
         first = heapq.heappop(self._heap)
+        if first.job.cancelled:
+            return [first]  # answered CANCELLED by the caller, outside the lock
         batch, longest = [first], 0
         if budget is not None:
             longest = self._ask(engine.tokens_for, first.query) or 0
         # only the same priority class rides along: a bulk batch must not delay an opened task
-        while self._heap and len(batch) < self.max_batch and self._heap[0].priority == first.priority:
+        while (self._heap and len(batch) < self.max_batch and self._heap[0].priority == first.priority
+               and not self._heap[0].job.cancelled):
             if budget is not None:
                 row = max(longest, self._ask(engine.tokens_for, self._heap[0].query) or 0)
                 if (len(batch) + 1) * row > budget:
@@ -166,6 +198,11 @@ class Scheduler:
             self._process(engine, batch, preemptible=batch[0].priority != Priority.INTERACTIVE)
 
     def _process(self, engine: Engine, batch: list[_Item], preemptible: bool = False) -> None:
+        if batch[0].job.cancelled:
+            self._count(cancelled=len(batch))
+            for item in batch:
+                self._deliver(item, Answer(text="", error=CANCELLED))
+            return
         answers = self._answer(engine, batch, preemptible)
         self._count(batches=1, queries=len(batch))
         for item, answer in zip(batch, answers):
@@ -211,6 +248,11 @@ class Scheduler:
             job.answers[item.index] = answer
             job.done_count += 1
             done = job.done_count
+        if job.on_answer is not None:
+            try:
+                job.on_answer(item.index, answer)
+            except Exception:  # noqa: BLE001 - a caller's callback must not kill the worker
+                log.exception("on_answer callback failed")
         now = time.monotonic()
         if done == job.total:
             job.finished.set()
