@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from throughput import build, images  # noqa: E402
+from workloads import build, noise_image  # noqa: E402
 
 from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
 from molmo_backend.logs import configure_logging  # noqa: E402
@@ -72,13 +72,13 @@ def main() -> int:
     t0 = time.monotonic()
     model, processor, params = build(args.model, device, dtype)
     engine = TransformersEngine(model, processor, model_id=f"Molmo2-{args.model}", revision="random",
-                                max_new_tokens=args.tokens, max_batch=144)
-    engine.decoder.eos = torch.tensor([-1], device=model.device)  # every answer args.tokens long
+                                max_new_tokens=args.tokens, max_batch=128)
+    engine.answer_tokens = args.tokens  # every answer args.tokens long (random weights stop anywhere)
     backend = build_backend(Settings(max_new_tokens=args.tokens), engine)
     print(f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, Molmo2-{args.model}, "
           f"{params / 1e9:.2f} B params, built in {time.monotonic() - t0:.0f} s", flush=True)
 
-    uris = [data_uri(img) for img in images(args.runs * 2 + 2, 11)]
+    uris = [data_uri(img) for img in [noise_image((1280, 960), 1100 + i) for i in range(args.runs * 2 + 2)]]
 
     def interactive(uri, task_id):
         started = time.perf_counter()
@@ -94,7 +94,7 @@ def main() -> int:
            "interactive_idle": stats(idle)}
     print("interactive idle:", out["interactive_idle"], flush=True)
 
-    bulk_uris = [data_uri(img) for img in images(8, 23)]
+    bulk_uris = [data_uri(img) for img in [noise_image((1280, 960), 2300 + i) for i in range(8)]]
     bulk_tasks = [{"id": 1000 + i, "data": {"image": bulk_uris[i % len(bulk_uris)] + " " * (i // len(bulk_uris))}}
                   for i in range(args.bulk_tasks)]
     done = threading.Event()

@@ -21,7 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from throughput import NEW_TOKENS, build, images, pairs  # noqa: E402
+from workloads import build, fixed40  # noqa: E402
+
+NEW_TOKENS = 40
 
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
 from molmo_backend.logs import configure_logging  # noqa: E402
@@ -31,7 +33,7 @@ from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="8b", choices=["8b", "4b"])
-    parser.add_argument("--batch", type=int, default=144)
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--images-per-gpu", type=int, default=160)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -42,7 +44,7 @@ def main() -> int:
         model, processor, _ = build(args.model, torch.device("cuda", i), torch.bfloat16)
         engine = TransformersEngine(model, processor, model_id=f"Molmo2-{args.model}", revision="random",
                                     max_new_tokens=NEW_TOKENS, max_batch=args.batch)
-        engine.decoder.eos = torch.tensor([-1], device=model.device)  # every answer NEW_TOKENS long
+        engine.answer_tokens = NEW_TOKENS  # every answer NEW_TOKENS long (random weights stop anywhere)
         engines.append(engine)
     print(f"{count} x {torch.cuda.get_device_name(0)}, Molmo2-{args.model.upper()}", flush=True)
 
@@ -50,9 +52,9 @@ def main() -> int:
                "gpus": count, "command": " ".join(["python"] + sys.argv), "batch": args.batch, "runs": []}
     for n in sorted({1, count}):
         scheduler = Scheduler(engines[:n], max_batch=args.batch)
-        warm = pairs(images(max(1, args.batch // 3) * n, 100 + n), 1_000_000 * n)
+        warm = fixed40(max(1, args.batch // 3) * n, 100 + n).queries
         scheduler.submit(warm, Priority.BULK)  # warm-up: every replica captures its graphs
-        bulk = pairs(images(args.images_per_gpu * n, n), 2_000_000 * n)
+        bulk = fixed40(args.images_per_gpu * n, 200 + n).queries
         for i in range(n):
             torch.cuda.synchronize(i)
         started = time.perf_counter()

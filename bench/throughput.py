@@ -1,22 +1,24 @@
-"""Throughput and open-task latency of Molmo2 pointing, three ways, on one GPU, in one run.
+"""Throughput and open-task latency of Molmo2 pointing, four ways, on one GPU, in one run.
 
-    python bench/throughput.py --models 8b,4b --json $OUT/results.json
+    python bench/throughput.py --model 8b --json $OUT/results.json --summary $OUT/summary.json
 
-Full-size Molmo2-8B / -4B are built from config with random weights (no download: FACTS §3);
-the tokenizer is the demo model's small one (the text vocabulary and lm_head keep their full
-151936 rows, so compute is the real model's). Every variant sees the same inputs: 1280x960
-images, 3 labels per image, prompt "Point to the {label}.", exactly 40 new tokens per answer
-(end tokens are ignored: random weights would stop at random places).
+Workloads (bench/workloads.py): ``fixed40`` (1280x960, every answer 40 tokens), ``realistic``
+(mixed image sizes up to 12 MP, answer lengths as pointing gives them with a heavy tail, cap
+1024) and ``mean_length`` (the realistic images, every answer at the mean length). Variants,
+each on the same inputs:
 
-(a) seed:   one (image, label) pair per ``generate()``, as Supervisely's Serve Molmo did
-(b) plain:  Hugging Face ``generate()`` on left-padded batches of pairs
-(c) engine: this project's scheduler + fast decoder (one prefill per image, static KV cache,
-            CUDA-graph decode steps), also without CUDA graphs, at two batch sizes; ``--compile``
-            also compiles the small-batch decode step (opened tasks), as the server does by default
+(a) seed:    one (image, label) pair per ``generate()``, as Supervisely's Serve Molmo did
+(b) plain:   Hugging Face ``generate()`` on left-padded batches (each runs to its longest answer)
+(c) static:  the previous engine (``MOLMO_DECODER=static``): one padded batch at a time until its
+             longest answer ends, through the scheduler
+(d) engine:  continuous batching (``MOLMO_DECODER=fast``, the default): rows join and leave
+             between decode steps, CUDA-graph decode steps
 
-Then open-task latency (1 task x 3 labels through the scheduler at INTERACTIVE priority) idle
-and while a bulk job runs, and peak GPU memory per variant. ``--tiny`` runs everything on the
-CPU with a tiny model, to check the script itself.
+Then, for (d): open-task latency (1 task x 3 labels, 40 tokens, INTERACTIVE) idle and while the
+realistic bulk job runs, a phase profile of the realistic workload, answers against plain
+``generate()``, and truncated answers. ``--tiny`` runs everything on the CPU with a tiny model
+to check the script. (a) and (b) run on a subset of the pairs (they are slow); pairs/s is what
+is compared.
 """
 
 from __future__ import annotations
@@ -27,93 +29,20 @@ import gc
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from molmo_backend.demo import CHAT_TEMPLATE, build_tokenizer  # noqa: E402
+from workloads import LABELS, build, fixed40, mean_length, noise_image, realistic, subset  # noqa: E402
+
 from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
 from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
-
-LABELS = ["person", "car", "dog"]
-NEW_TOKENS = 40
-# text dims per FACTS §3: (hidden, layers, heads, kv heads, head_dim, mlp)
-SIZES = {"8b": (4096, 36, 32, 8, 128, 12288), "4b": (2560, 36, 32, 8, 128, 9728)}
-
-
-def build(size: str, device: torch.device, dtype: torch.dtype):
-    from transformers import (Molmo2Config, Molmo2ForConditionalGeneration, Molmo2ImageProcessor,
-                              Molmo2Processor, Molmo2VideoProcessor)
-
-    tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ["<im_start>", "<im_end>", "<im_patch>", "<low_res_im_start>", "<frame_start>", "<frame_end>"]}
-    if size == "tiny":
-        text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, intermediate_size=128)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, head_dim=16, image_size=[56, 56], num_position_embeddings=16)
-        adapter = dict(vision_feature_layer=[-1, -2], hidden_size=32, num_attention_heads=2,
-                       num_key_value_heads=2, head_dim=16, intermediate_size=128)
-    else:
-        hidden, layers, heads, kv, head_dim, mlp = SIZES[size]
-        text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                    num_key_value_heads=kv, head_dim=head_dim, intermediate_size=mlp)
-        vision = {}  # Molmo2VisionConfig() defaults are the released SigLIP geometry
-        adapter = dict(intermediate_size=mlp)
-    config = Molmo2Config(
-        vision_config=vision,
-        adapter_config=dict(adapter, text_hidden_size=text["hidden_size"],
-                            **({} if size == "tiny" else {"hidden_size": 1152})),
-        text_config=dict(text, vocab_size=151936, additional_vocab_size=128, max_position_embeddings=36864),
-        image_start_token_id=ids["<im_start>"], image_end_token_id=ids["<im_end>"],
-        image_patch_id=ids["<im_patch>"], low_res_image_start_token_id=ids["<low_res_im_start>"],
-        frame_start_token_id=ids["<frame_start>"], frame_end_token_id=ids["<frame_end>"],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Molmo2ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    crop = 56 if size == "tiny" else 378
-    image_processor = Molmo2ImageProcessor(
-        size={"height": crop, "width": crop}, patch_size=14, max_crops=8,
-        overlap_margins=[1, 1] if size == "tiny" else [4, 4], pooling_size=[2, 2],
-        image_mean=[0.5] * 3, image_std=[0.5] * 3,
-    )
-    processor = Molmo2Processor(
-        image_processor=image_processor, video_processor=Molmo2VideoProcessor(), tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE, image_use_col_tokens=True, use_single_crop_col_tokens=False,
-        use_single_crop_start_token=True,
-    )
-    params = sum(p.numel() for p in model.parameters())
-    return model.eval(), processor, params
-
-
-def images(n: int, seed: int, size=(1280, 960)):
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(seed)
-    return [Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator,
-                                          dtype=torch.uint8).numpy()) for _ in range(n)]
-
-
-def pairs(imgs, key_offset=0):
-    return [PointQuery(img, f"Point to the {label}.", image_key=key_offset + i)
-            for i, img in enumerate(imgs) for label in LABELS]
 
 
 def sync(device):
@@ -121,29 +50,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device):
-    return round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None
-
-
-def run_plain(engine, queries, batch):
-    """(a)/(b): generate() on left-padded batches, exactly NEW_TOKENS tokens each."""
-    processor, model = engine.processor, engine.model
-    for start in range(0, len(queries), batch):
-        chunk = queries[start:start + batch]
-        inputs = processor(images=[[q.image] for q in chunk], text=[engine.chat_text(q.prompt) for q in chunk],
-                           padding=True, return_tensors="pt").to(engine.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
-        with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-
-
-def timed(fn, device):
+def timed(fn, device) -> float:
     sync(device)
     started = time.perf_counter()
     fn()
@@ -151,27 +58,13 @@ def timed(fn, device):
     return time.perf_counter() - started
 
 
-def latency_under_bulk(scheduler, bulk, time_one, imgs, gap=0.2):
-    """Open tasks timed one after another (``time_one(img)`` seconds each, ``gap`` s apart) while
-    ``bulk`` runs through ``scheduler``; returns their seconds and the bulk job's."""
-    done = {}
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
-    def bulk_job():
-        started = time.perf_counter()
-        scheduler.submit(bulk, Priority.BULK)
-        done["seconds"] = time.perf_counter() - started
 
-    thread = threading.Thread(target=bulk_job)
-    thread.start()
-    time.sleep(1.0)
-    loaded = []
-    for img in imgs:
-        if not thread.is_alive():
-            break
-        loaded.append(time_one(img))
-        time.sleep(gap)
-    thread.join()
-    return loaded, done["seconds"]
+def peak_gib(device):
+    return round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None
 
 
 def percentile(values, q):
@@ -179,172 +72,259 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def bench_model(size, args, device, dtype, log):
-    out = {"model": f"Molmo2-{size.upper()}" if size != "tiny" else "tiny"}
-    started = time.perf_counter()
-    model, processor, params = build(size, device, dtype)
-    out["params_b"] = round(params / 1e9, 2)
-    out["build_s"] = round(time.perf_counter() - started, 1)
-    engine = TransformersEngine(model, processor, model_id=out["model"], revision="random",
-                                max_new_tokens=NEW_TOKENS, max_batch=args.batch[0], compile_step=args.compile)
-    engine.decoder.eos = torch.tensor([-1], device=device)  # run every answer to NEW_TOKENS
-    if engine.decoder.compile_step:
-        started = time.perf_counter()
-        engine.warm_up()
-        out["compile_s"] = round(time.perf_counter() - started, 1)
-        log(f"  decode step for small batches compiled in {out['compile_s']} s")
-    prompt_tokens = processor(images=[images(1, 0)[0]], text=[engine.chat_text("Point to the person.")],
-                              return_tensors="pt")["input_ids"].shape[1]
-    out["prompt_tokens"] = prompt_tokens
-    log(f"{out['model']}: {out['params_b']} B params, built in {out['build_s']} s, {prompt_tokens} prompt tokens")
+def run_plain(engine, queries, batch):
+    """(a)/(b): generate() on left-padded batches; each batch runs to its longest answer."""
+    processor, model = engine.processor, engine.model
+    for start in range(0, len(queries), batch):
+        chunk = queries[start:start + batch]
+        tokens = max(q.answer_tokens for q in chunk)
+        inputs = processor(images=[[q.image] for q in chunk], text=[engine.chat_text(q.prompt) for q in chunk],
+                           padding=True, return_tensors="pt").to(engine.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
-    # correctness on the full-size model: fast decoder vs generate() on the same inputs (bf16)
-    check = pairs(images(2, 99))
-    engine.decoder.eos = torch.tensor(sorted(engine._eos_ids), device=device)
-    engine.max_new_tokens = 16
-    fast = [a.text for a in engine.generate(check)]
-    plain = [a.text for a in engine.generate_plain(check)]
-    out["fast_equals_generate"] = f"{sum(f == p for f, p in zip(fast, plain))}/{len(check)}"
-    engine.decoder.eos = torch.tensor([-1], device=device)
-    engine.max_new_tokens = NEW_TOKENS
-    log(f"  fast decoder == generate(): {out['fast_equals_generate']} answers identical")
 
-    # (a) the seed's way
-    run_plain(engine, pairs(images(1, 1))[:1], 1)  # warm-up
-    seed_pairs = pairs(images(args.seed_images, 2))
+def rate(pairs, seconds):
+    return round(pairs / seconds, 2)
+
+
+def scheduled(engine, workload, device, log, label) -> dict:
+    scheduler = Scheduler(engine)
     peak_reset(device)
-    seconds = timed(lambda: run_plain(engine, seed_pairs, 1), device)
-    out["a_seed"] = {"pairs": len(seed_pairs), "seconds": round(seconds, 2),
-                     "pairs_per_s": round(len(seed_pairs) / seconds, 2), "peak_gib": peak_gib(device)}
-    log(f"  (a) seed, 1 pair/generate: {out['a_seed']}")
+    seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
+    stats = dict(scheduler.stats)
+    scheduler.close()
+    row = {"variant": label, "workload": workload.name, "pairs": len(workload.queries), "seconds": round(seconds, 2),
+           "pairs_per_s": rate(len(workload.queries), seconds), "peak_gib": peak_gib(device),
+           "failed_queries": stats["failed_queries"], "truncated": stats["truncated"]}
+    log(f"  {label} {workload.name}: {row}")
+    return row
 
-    # (b) plain batched generate
-    plain_pairs = pairs(images(args.plain_images, 3))
-    run_plain(engine, plain_pairs[:args.plain_batch], args.plain_batch)  # warm-up
-    peak_reset(device)
-    seconds = timed(lambda: run_plain(engine, plain_pairs, args.plain_batch), device)
-    out["b_plain"] = {"pairs": len(plain_pairs), "batch": args.plain_batch, "seconds": round(seconds, 2),
-                      "pairs_per_s": round(len(plain_pairs) / seconds, 2), "peak_gib": peak_gib(device)}
-    log(f"  (b) plain generate: {out['b_plain']}")
 
-    # (c) our engine through the scheduler
-    bulk_imgs = images(args.bulk_images, 4)
-    out["c_engine"] = []
-    variants = [(b, True) for b in args.batch] + [(args.batch[0], False)]
-    for batch, graphs in variants:
-        engine.max_batch = batch
-        engine.decoder.use_cuda_graph = graphs and device.type == "cuda"
-        scheduler = Scheduler(engine, max_batch=batch)
-        scheduler.submit(pairs(bulk_imgs[: max(1, batch // 3)], 10_000), Priority.BULK)  # warm-up
-        peak_reset(device)
-        bulk = pairs(bulk_imgs)
-        seconds = timed(lambda: scheduler.submit(bulk, Priority.BULK), device)
-        row = {"batch": batch, "cuda_graphs": engine.decoder.use_cuda_graph, "pairs": len(bulk),
-               "seconds": round(seconds, 2), "pairs_per_s": round(len(bulk) / seconds, 2),
-               "peak_gib": peak_gib(device)}
-        out["c_engine"].append(row)
-        log(f"  (c) engine: {row}")
-        scheduler.close()
+def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7) -> dict:
+    """Seconds for 1 task x 3 labels (40 tokens each) at INTERACTIVE priority, one after
+    another; with ``bulk``, while that job runs (the timings end when it does)."""
+    scheduler = Scheduler(engine)
+    keys = iter(range(10**6))
+    images = [noise_image((1280, 960), seed * 1000 + i) for i in range(runs + 1)]
 
-    # where the time goes: one bulk batch and one open task, phase by phase (GPU synchronised)
-    best = max(out["c_engine"], key=lambda r: r["pairs_per_s"])
-    engine.max_batch = best["batch"]
-    engine.decoder.use_cuda_graph = best["cuda_graphs"]
-    out["profile"] = {}
-    for name, queries in [("bulk_batch", pairs(bulk_imgs[: best["batch"] // 3], 50_000)),
-                          ("open_task", pairs(images(1, 7), 60_000))]:
-        engine.decoder.profile = {}
-        seconds = timed(lambda: engine.generate(queries), device)
-        out["profile"][name] = {"pairs": len(queries), "total_s": round(seconds, 3),
-                                **{k: round(v, 3) for k, v in engine.decoder.profile.items()}}
-        engine.decoder.profile = None
-        log(f"  profile {name}: {out['profile'][name]}")
-
-    # open-task latency, idle and under bulk load, with the best bulk setting
-    scheduler = Scheduler(engine, max_batch=best["batch"])
-    open_imgs = images(args.latency_runs * 2 + 2, 5)
-    key = iter(range(20_000, 30_000))
-
-    def open_task(img):
-        queries = [PointQuery(img, f"Point to the {label}.", image_key=next(key)) for label in LABELS]
+    def one(img):
+        queries = [PointQuery(img, f"Point to the {label}.", image_key=("open", next(keys)), answer_tokens=40)
+                   for label in LABELS]
         started = time.perf_counter()
-        scheduler.submit(queries, Priority.INTERACTIVE)
+        answers = scheduler.submit(queries, Priority.INTERACTIVE)
+        assert all(a.error is None for a in answers), answers
         return time.perf_counter() - started
 
-    open_task(open_imgs[-1])  # warm-up
-    idle = [open_task(img) for img in open_imgs[: args.latency_runs]]
-    out["open_task_idle"] = {"runs": len(idle), "p50_s": round(statistics.median(idle), 3),
-                             "p95_s": round(percentile(idle, 95), 3)}
-    log(f"  open task idle: {out['open_task_idle']}")
+    one(images[-1])  # warm-up
+    done: dict = {}
+    thread = None
+    if bulk is not None:
+        def bulk_job():
+            started = time.perf_counter()
+            scheduler.submit(bulk.queries, Priority.BULK)
+            done["bulk_s"] = time.perf_counter() - started
 
-    bulk_pairs = pairs(images(max(8, int(best["pairs_per_s"] * args.load_seconds / 3)), 6), 40_000)
-    loaded, bulk_seconds = latency_under_bulk(scheduler, bulk_pairs, open_task,
-                                              open_imgs[args.latency_runs: 2 * args.latency_runs])
-    out["open_task_under_bulk"] = {"runs": len(loaded), "preemptions": scheduler.stats["preemptions"], "p50_s": round(statistics.median(loaded), 3) if loaded else None,
-                                   "p95_s": round(percentile(loaded, 95), 3) if loaded else None,
-                                   "bulk_pairs": len(bulk_pairs), "bulk_seconds": round(bulk_seconds, 1)}
-    log(f"  open task under bulk: {out['open_task_under_bulk']}")
+        thread = threading.Thread(target=bulk_job)
+        thread.start()
+        time.sleep(2.0)  # let the bulk job fill its slots
+    seconds = []
+    for img in images[:runs]:
+        if thread is not None and not thread.is_alive():
+            break
+        seconds.append(one(img))
+        if thread is not None:
+            time.sleep(gap)
+    if thread is not None:
+        thread.join()
+    stats = dict(scheduler.stats)
     scheduler.close()
+    out = {"runs": len(seconds), "p50_s": round(statistics.median(seconds), 3) if seconds else None,
+           "p95_s": round(percentile(seconds, 95), 3) if seconds else None,
+           "max_s": round(max(seconds), 3) if seconds else None}
+    if bulk is not None:
+        out.update(bulk_pairs=len(bulk.queries), bulk_s=round(done.get("bulk_s", 0), 1),
+                   bulk_paused_steps=stats["bulk_paused_steps"])
+    return out
 
-    # the same correctness check again, now that cached small-batch graphs have been reused
-    engine.decoder.eos = torch.tensor(sorted(engine._eos_ids), device=device)
+
+def equal_to_generate(engine, device) -> str:
+    """Greedy answers (real end tokens, 16 new) of the engine vs plain generate(), bf16."""
+    check = [PointQuery(noise_image(size, 99 + i), f"Point to the {label}.", image_key=("check", i))
+             for i, size in enumerate([(1280, 960), (640, 480)]) for label in LABELS]
+    cap = engine.max_new_tokens
     engine.max_new_tokens = 16
-    fast = [a.text for a in engine.generate(check)] + [a.text for a in engine.generate(check[:3])]
-    plain = [a.text for a in engine.generate_plain(check)] + [a.text for a in engine.generate_plain(check[:3])]
-    out["fast_equals_generate_after_reuse"] = f"{sum(f == p for f, p in zip(fast, plain))}/{len(fast)}"
-    log(f"  fast decoder == generate() after buffer reuse: {out['fast_equals_generate_after_reuse']}")
-    del engine, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    try:
+        fast = [a.text for a in engine.generate(check)]
+        plain = [a.text for a in engine.generate_plain(check)]
+    finally:
+        engine.max_new_tokens = cap
+    return f"{sum(f == p for f, p in zip(fast, plain))}/{len(check)}"
+
+
+def profile(engine, workload, device) -> dict:
+    """Where the time goes for the realistic workload (GPU synchronised after each phase: a
+    little slower than the timed run). Prefill TFLOP/s counts 2 x parameters per prefilled token."""
+    engine.decoder.profile = {}
+    scheduler = Scheduler(engine)
+    seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
+    scheduler.close()
+    phases = engine.decoder.profile
+    engine.decoder.profile = None
+    prefill_tokens = sum(engine.prefill_cost(q) for q in workload.queries[:: len(LABELS)])
+    out = {"total_s": round(seconds, 2), **{k: round(v, 3) for k, v in phases.items()},
+           "prefill_tokens": prefill_tokens}
+    if phases.get("prefix"):
+        params = sum(p.numel() for p in engine.model.parameters())
+        out["prefill_tflops"] = round(2 * params * prefill_tokens / phases["prefix"] / 1e12, 1)
+    if phases.get("steps"):
+        out["decode_ms_per_step"] = round(1000 * phases.get("decode", 0) / phases["steps"], 2)
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="8b,4b", help="comma-separated: 8b, 4b (or tiny with --tiny)")
+    parser.add_argument("--model", default="8b", help="8b or 4b (tiny with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of this script with a tiny model")
-    parser.add_argument("--batch", default="96,144", help="engine batch sizes (pairs) to compare")
+    parser.add_argument("--images", type=int, default=160, help="images per workload (3 pairs each)")
+    parser.add_argument("--batch", type=int, default=128, help="bulk rows (d) / batch size (c)")
+    parser.add_argument("--static-batch", type=int, default=144, help="batch of the previous engine (c)")
     parser.add_argument("--plain-batch", type=int, default=48)
-    parser.add_argument("--seed-images", type=int, default=2)
-    parser.add_argument("--plain-images", type=int, default=32)
-    parser.add_argument("--bulk-images", type=int, default=160)
+    parser.add_argument("--seed-pairs", type=int, default=6)
+    parser.add_argument("--plain-pairs", type=int, default=96)
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--load-seconds", type=float, default=30.0, help="length of the bulk job under latency test")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the small-batch decode step as MOLMO_COMPILE=1 does (bench/open_task.py "
-                             "compares the two; the committed throughput run was without)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,latency,profile")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--summary", type=Path, help="write the summary (issue #13's keys) here")
     args = parser.parse_args()
-    args.batch = [int(b) for b in args.batch.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    models = ["tiny"] if args.tiny else args.models.split(",")
+    size = "tiny" if args.tiny else args.model
 
     def log(message):
         print(message, flush=True)
 
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "command": " ".join(["python"] + sys.argv), "new_tokens": NEW_TOKENS, "labels_per_image": len(LABELS),
-        "models": [],
-    }
-    log(f"{results['device']}, torch {results['torch']}, transformers {results['transformers']}")
-    for size in models:
-        try:
-            results["models"].append(bench_model(size, args, device, dtype, log))
-            gc.collect()  # the decoder's cached graphs form reference cycles with it
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        except Exception as exc:  # keep what was measured for the other model
-            import traceback
+    results = {"date": datetime.date.today().isoformat(),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+               "command": " ".join(["python"] + sys.argv), "labels_per_image": len(LABELS)}
 
-            traceback.print_exc()
-            results["models"].append({"model": size, "error": repr(exc)})
+    def save():
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+
+    log(f"{results['device']}, torch {results['torch']}, transformers {results['transformers']}")
+    started = time.perf_counter()
+    model, processor, params = build(size, device, dtype)
+    results.update(model=f"Molmo2-{size.upper()}" if size != "tiny" else "tiny", params_b=round(params / 1e9, 2),
+                   build_s=round(time.perf_counter() - started, 1))
+    engine = TransformersEngine(model, processor, model_id=results["model"], revision="random",
+                                max_new_tokens=1024, max_batch=args.batch)
+    results["bulk_rows"], results["slot_tokens"] = engine.max_batch, engine.decoder.slot_length
+    started = time.perf_counter()
+    results["graphs_captured"] = engine.decoder.capture_graphs()
+    results["capture_s"] = round(time.perf_counter() - started, 1)
+    log(f"{results['model']}: {results['params_b']} B params, built in {results['build_s']} s; "
+        f"{engine.max_batch} bulk rows of {engine.decoder.slot_length} tokens; "
+        f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s")
+    results["engine_equals_generate"] = equal_to_generate(engine, device)
+    log(f"  engine == generate(): {results['engine_equals_generate']}")
+
+    work = {"fixed40": fixed40(args.images, 1), "realistic": realistic(args.images, 2)}
+    work["mean_length"] = mean_length(work["realistic"])
+    results["workloads"] = {name: w.describe() for name, w in work.items()}
+    log(f"  workloads: {json.dumps(results['workloads'])}")
+    results["runs"] = []
+    save()
+
+    # (d) the engine, first: its figures are the ones that matter
+    warm = realistic(12, 99)
+    Scheduler(engine).submit(warm.queries)  # warm-up: prepare threads, allocator, any missing graph
+    for name in ("fixed40", "realistic", "mean_length"):
+        results["runs"].append(scheduled(engine, work[name], device, log, "d_engine"))
+        save()
+    if "latency" not in skip:
+        results["open_task_idle"] = open_task_latency(engine, device, args.latency_runs)
+        log(f"  (d) open task idle: {results['open_task_idle']}")
+        bulk = realistic(args.images, 3)
+        results["open_task_under_bulk"] = open_task_latency(engine, device, args.latency_runs, bulk=bulk)
+        log(f"  (d) open task under realistic bulk: {results['open_task_under_bulk']}")
+        save()
+    if "profile" not in skip:
+        results["profile_realistic"] = profile(engine, subset(realistic(args.images, 4), len(work["realistic"].queries)),
+                                               device)
+        log(f"  (d) profile, realistic: {results['profile_realistic']}")
+        save()
+    decoder = engine.decoder
+    del engine, decoder
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # (c) the previous engine
+    if "c" not in skip:
+        static = TransformersEngine(model, processor, model_id=results["model"], revision="random",
+                                    max_new_tokens=1024, max_batch=args.static_batch, decoder="static")
+        Scheduler(static).submit(fixed40(args.static_batch // 3, 98).queries)  # warm-up
+        for name in ("fixed40", "realistic", "mean_length"):
+            results["runs"].append(scheduled(static, work[name], device, log, "c_static"))
+            save()
+        plain_engine = static
+    else:
+        plain_engine = TransformersEngine(model, processor, model_id=results["model"], revision="random",
+                                          decoder="generate")
+
+    # (a), (b): plain generate()
+    if "b" not in skip:
+        for name in ("fixed40", "realistic"):
+            part = subset(work[name], args.plain_pairs)
+            run_plain(plain_engine, part.queries[: args.plain_batch], args.plain_batch)  # warm-up
+            peak_reset(device)
+            seconds = timed(lambda: run_plain(plain_engine, part.queries, args.plain_batch), device)
+            row = {"variant": "b_plain_generate", "workload": name, "pairs": len(part.queries),
+                   "batch": args.plain_batch, "seconds": round(seconds, 2),
+                   "pairs_per_s": rate(len(part.queries), seconds), "peak_gib": peak_gib(device)}
+            results["runs"].append(row)
+            log(f"  (b) {row}")
+            save()
+    if "a" not in skip:
+        for name in ("fixed40", "realistic"):
+            part = subset(work[name], args.seed_pairs)
+            run_plain(plain_engine, part.queries[:1], 1)  # warm-up
+            seconds = timed(lambda: run_plain(plain_engine, part.queries, 1), device)
+            row = {"variant": "a_seed", "workload": name, "pairs": len(part.queries), "seconds": round(seconds, 2),
+                   "pairs_per_s": rate(len(part.queries), seconds)}
+            results["runs"].append(row)
+            log(f"  (a) {row}")
+            save()
+
+    def pick(variant, workload):
+        return next((r["pairs_per_s"] for r in results["runs"]
+                     if r["variant"] == variant and r["workload"] == workload), None)
+
+    summary = {
+        "card": results["device"], "model": results["model"], "date": results["date"],
+        "realistic_pairs_per_s": pick("d_engine", "realistic"),
+        "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
+        "mean_length_pairs_per_s": pick("d_engine", "mean_length"),
+        "static_realistic_pairs_per_s": pick("c_static", "realistic"),
+        "static_fixed40_pairs_per_s": pick("c_static", "fixed40"),
+        "plain_generate_realistic_pairs_per_s": pick("b_plain_generate", "realistic"),
+        "plain_generate_fixed40_pairs_per_s": pick("b_plain_generate", "fixed40"),
+        "seed_realistic_pairs_per_s": pick("a_seed", "realistic"),
+        "open_task_idle_p50_s": results.get("open_task_idle", {}).get("p50_s"),
+        "open_task_under_bulk_p50_s": results.get("open_task_under_bulk", {}).get("p50_s"),
+        "open_task_under_bulk_p95_s": results.get("open_task_under_bulk", {}).get("p95_s"),
+        "truncated_answers": sum(r.get("truncated", 0) for r in results["runs"] if r["variant"] == "d_engine"),
+        "engine_equals_generate": results["engine_equals_generate"],
+    }
+    results["summary"] = summary
+    save()
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, indent=2))
+    log(json.dumps(summary, indent=2))
     return 0
 
 

@@ -33,9 +33,9 @@ class Settings:
     device: str = "auto"  # "auto", "cuda", "cuda:1", "cpu"
     gpus: str = ""  # "": one device (MOLMO_DEVICE); "all"; "0,1": one model replica per GPU
     dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
-    max_new_tokens: int = 256
-    max_batch: int = 48
-    decoder: str = "fast"  # "fast" (prefix sharing, static cache, CUDA graphs) or "generate" (plain HF)
+    max_new_tokens: int = 1024  # Molmo2 spends about 10 tokens a point: 1024 holds ~100 points
+    max_batch: int = 128
+    decoder: str = "fast"  # "fast" (rows in cache slots, continuous batching), "static", "generate"
     cuda_graphs: str = "1"
     compile_step: str = "1"  # torch.compile the small-batch decode step (CUDA graphs on CUDA only)
     prompt_template: str | None = None  # None: the trained phrasing of the model's family
@@ -93,8 +93,8 @@ class Settings:
             raise SettingsError("MOLMO_DEMO must be auto, 1 or 0")
         if self.max_batch < 1 or self.max_new_tokens < 1 or self.threads < 1:
             raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
-        if self.decoder not in ("fast", "generate"):
-            raise SettingsError("MOLMO_DECODER must be fast or generate")
+        if self.decoder not in ("fast", "static", "generate"):
+            raise SettingsError("MOLMO_DECODER must be fast, static or generate")
         if self.cuda_graphs not in ("0", "1") or self.compile_step not in ("0", "1"):
             raise SettingsError("MOLMO_CUDA_GRAPHS and MOLMO_COMPILE must be 1 or 0")
         if self.engine not in ("transformers", "openai"):
@@ -134,10 +134,16 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
              "the scheduler feeds them all (empty: the one MOLMO_DEVICE)"),
     "dtype": ("MOLMO_DTYPE", "`auto` (bfloat16 on CUDA, float32 on CPU), `bfloat16`, `float16`, "
               "`float32`"),
-    "max_new_tokens": ("MOLMO_MAX_NEW_TOKENS", "Cap on tokens generated per (image, label)"),
-    "max_batch": ("MOLMO_MAX_BATCH", "Most (image, label) pairs in one GPU batch"),
-    "decoder": ("MOLMO_DECODER", "`fast`: one prefill per image, static KV cache, CUDA-graph decode "
-                "steps; `generate`: plain Hugging Face generate() (slower; a reference)"),
+    "max_new_tokens": ("MOLMO_MAX_NEW_TOKENS", "Cap on tokens generated per (image, label). Molmo2 "
+                       "spends about 10 tokens a point, so 1024 holds about 100 points; an answer "
+                       "that reaches the cap is logged with its task and counted (`truncated`)"),
+    "max_batch": ("MOLMO_MAX_BATCH", "Most bulk (image, label) rows decoding together (cache slots; "
+                  "fewer when the GPU's free memory holds fewer; opened tasks have 16 slots of their "
+                  "own). For `generate`/remote engines: most pairs in one batch"),
+    "decoder": ("MOLMO_DECODER", "`fast`: continuous batching: rows in cache slots join and leave "
+                "between decode steps, one prefill per image, CUDA-graph decode steps; `static`: the "
+                "previous engine (one padded batch until its longest answer ends; kept for "
+                "benchmarks); `generate`: plain Hugging Face generate() (slower; a reference)"),
     "cuda_graphs": ("MOLMO_CUDA_GRAPHS", "`1`: replay decode steps as a CUDA graph (fast decoder on "
                     "CUDA); `0`: eager steps"),
     "compile_step": ("MOLMO_COMPILE", "`1`: compile the decode step of small batches (opened tasks, "

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from molmo_backend.engine.base import PointQuery
+from molmo_backend.engine.decoding import INTERACTIVE_SLOTS
 from molmo_backend.engine.transformers_engine import TransformersEngine, resolve_model
 from molmo_backend.settings import Settings
 from tests.support.forcing import ForceAnswers, by_label
@@ -53,54 +54,72 @@ def test_batched_answers_equal_one_at_a_time_answers(engine):
     assert [a.score for a in batched] == pytest.approx([a.score for a in single], abs=1e-3)
 
 
-@pytest.mark.parametrize("chunk", [8, 2])
-def test_fast_decoder_equals_plain_generate_with_padding_everywhere(demo_model_dir, monkeypatch, chunk):
-    """Images with different crop counts (prefix padding), prompts of different lengths (suffix
-    padding), labels sharing images, prefill in one or several chunks: the fast path gives
-    generate()'s tokens and scores."""
-    monkeypatch.setattr("molmo_backend.engine.decoding.PREFILL_CHUNK_IMAGES", chunk)
-    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=32, max_batch=8)
+MIXED = [RED, Image.new("RGB", (300, 900), (10, 200, 10)), Image.effect_noise((500, 500), 60).convert("RGB")]
+PROMPTS = ["Point to cat", "Point to the big brown dog", "Point to a", "Point to every window", "x", "Point to cat"]
+
+
+@pytest.mark.parametrize("max_batch,interactive", [(8, False), (2, False), (8, True)])
+def test_fast_decoder_equals_plain_generate_with_mixed_rows_everywhere(demo_model_dir, max_batch, interactive):
+    """Images with different token counts, prompts of different lengths, labels sharing images,
+    rows admitted all at once or two at a time as slots free up, in the bulk or the opened
+    tasks' slots: the slot decoder gives generate()'s tokens and scores."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=32, max_batch=max_batch)
     engine.processor.image_processor.max_crops = 4
-    noise = Image.effect_noise((500, 500), 60).convert("RGB")
-    tall = Image.new("RGB", (300, 900), (10, 200, 10))
-    images = [RED, tall, noise]
-    prompts = ["Point to cat", "Point to the big brown dog", "Point to a", "Point to every window", "x", "Point to cat"]
-    queries = [PointQuery(images[i % 3], p, image_key=i % 3) for i, p in enumerate(prompts)]
-    fast, plain = engine.generate(queries), engine.generate_plain(queries)
+    queries = [PointQuery(MIXED[i % 3], p, image_key=i % 3) for i, p in enumerate(PROMPTS)]
+    fast, plain = engine.generate(queries, interactive=interactive), engine.generate_plain(queries)
     assert [a.text for a in fast] == [a.text for a in plain]
     assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
     assert [a.tokens for a in fast] == [a.tokens for a in plain]  # per-point confidence from either
     for f, p in zip(fast, plain):
         assert "".join(f.tokens) == f.text or "".join(f.tokens).strip() == f.text
         assert f.token_logprobs == pytest.approx(p.token_logprobs, abs=1e-3)
-    batch_tokens = engine.processor(images=[[im] for im in images], text=[engine.processor.image_token] * 3,
-                                    padding=True, return_tensors="pt")["attention_mask"].sum(-1)
-    assert len(set(batch_tokens.tolist())) > 1, "test images must give prefixes of different lengths"
+    lengths = {engine.prepare(PointQuery(image, "x")).length for image in MIXED}
+    assert len(lengths) > 1, "test images must give prefixes of different lengths"
+    assert engine.free_slots(False) == engine.max_batch and engine.free_slots(True) == INTERACTIVE_SLOTS
 
 
-def test_reused_small_batch_buffers_give_the_same_answers_call_after_call(demo_model_dir):
-    """Opened tasks reuse cached buffers (and, on CUDA, a captured graph): batches of other
-    sizes and prompt lengths in between must not leak into the next answers."""
-    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
-    reference = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8, decoder="generate")
-    engine.decoder.reuse_buffers = True
-    batches = [
-        [PointQuery(RED, "Point to cat", 1), PointQuery(RED, "Point to the dog on the left", 1),
-         PointQuery(RED, "Point to x", 1)],
-        [PointQuery(GREEN, "Point to a very long description of something " * 3, 2)],
-        [PointQuery(RED, "Point to cat", 3), PointQuery(GREEN, "Point to cat", 4)],
-        [PointQuery(RED, "Point to cat", 5), PointQuery(RED, "Point to the dog on the left", 5),
-         PointQuery(RED, "Point to x", 5)],
-    ]
-    for queries in batches:
-        assert [a.text for a in engine.generate(queries)] == [a.text for a in reference.generate(queries)]
-    assert engine.decoder._slots, "small batches should have used cached buffers"
+def test_rows_of_different_lengths_leave_when_they_end_and_others_take_their_slots(demo_model_dir):
+    """Continuous batching in the engine: with 2 bulk slots, a row forced to 2 tokens ends and
+    frees its slot while a 20-token row is still decoding; the next row joins beside it. Each
+    answer is what the query gives alone, with exactly the forced number of tokens."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=2)
+    lengths = [20, 2, 2, 7, 1]
+    queries = [PointQuery(MIXED[i % 3], f"Point to thing {i}", answer_tokens=n) for i, n in enumerate(lengths)]
+    admitted = []
+    prefill = engine.prefill
+
+    def recording_prefill(rows):
+        admitted.append([r.query.answer_tokens for r in rows])
+        return prefill(rows)
+
+    engine.prefill = recording_prefill
+    together = engine.generate(queries)
+    engine.prefill = prefill
+    assert [len(a.token_logprobs) for a in together] == lengths
+    assert admitted[:2] == [[20, 2], [2]], "the third row must join while the first still runs"
+    alone = [engine.generate([q])[0] for q in queries]
+    assert [a.text for a in together] == [a.text for a in alone]
+    for a, b in zip(together, alone):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
 
 
-def test_fast_decoder_offers_a_pause_after_every_step(engine):
-    calls = []
-    engine.generate([PointQuery(RED, "Point to cat")], between_steps=lambda: calls.append(1))
-    assert len(calls) >= engine.max_new_tokens - 1  # every decode step, plus each prefill chunk
+def test_an_answer_stopped_by_the_cap_says_it_was_cut(demo_model_dir):
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=5, max_batch=4)
+    capped, = engine.generate([PointQuery(RED, "Point to cat")])
+    assert len(capped.token_logprobs) == 5 and capped.truncated
+    forced, = engine.generate([PointQuery(RED, "Point to cat", answer_tokens=3)])
+    assert len(forced.token_logprobs) == 3 and not forced.truncated  # the seam is not the cap
+
+
+def test_the_previous_static_engine_still_equals_generate_and_honours_forced_lengths(demo_model_dir):
+    """Kept selectable (MOLMO_DECODER=static) only so the benchmark can measure it beside the
+    slot decoder; its batches run to their longest row."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=16, max_batch=8, decoder="static")
+    assert not engine.stepwise
+    queries = [PointQuery(MIXED[i % 3], p, image_key=i % 3) for i, p in enumerate(PROMPTS)]
+    assert [a.text for a in engine.generate(queries)] == [a.text for a in engine.generate_plain(queries)]
+    forced = engine.generate([PointQuery(RED, "Point to cat", answer_tokens=n) for n in (3, 9)])
+    assert [len(a.token_logprobs) for a in forced] == [3, 9]
 
 
 def test_fast_decoder_answers_each_query_like_it_was_alone(demo_model_dir):
@@ -121,23 +140,22 @@ def test_demo_auto_falls_back_only_without_gpu_and_local_weights(tmp_path, demo_
 
 
 def _compiling_engine(demo_model_dir):
-    """An engine whose small batches use the compiled decode step. The engine only turns that on
-    with CUDA graphs on a GPU; on the CPU the same slot path runs the compiled step directly."""
+    """An engine whose opened tasks' steps are compiled. The engine only turns that on with CUDA
+    graphs on a GPU; on the CPU the same step runs compiled, directly."""
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
     assert not engine.decoder.compile_step, "compiling is for CUDA only unless asked for"
-    engine.decoder.reuse_buffers = True
     engine.decoder.compile_step = True
     return engine
 
 
 def test_compiled_decode_step_gives_generates_answers_for_every_batch_size(demo_model_dir):
-    """MOLMO_COMPILE: torch.compile (inductor, dynamic shapes) of the small-batch decode step.
+    """MOLMO_COMPILE: torch.compile (inductor, dynamic shapes) of the opened tasks' decode step.
     One compile at warm-up serves 1-3 rows and other cache lengths, with generate()'s answers."""
     engine = _compiling_engine(demo_model_dir)
     reference = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8, decoder="generate")
     counters = __import__("torch")._dynamo.utils.counters
     engine.warm_up()
-    assert engine.decoder._compiled_forward is not None and engine.decoder.compile_step
+    assert engine.decoder._compiled is not None and engine.decoder.compile_step
     compiled_at_warm_up = counters["stats"]["unique_graphs"]
     assert compiled_at_warm_up >= 1
     tall = Image.new("RGB", (300, 900), (10, 200, 10))
@@ -146,19 +164,18 @@ def test_compiled_decode_step_gives_generates_answers_for_every_batch_size(demo_
          PointQuery(RED, "Point to x", 1)],
         [PointQuery(GREEN, "Point to a very long description of something " * 3, 2)],
         [PointQuery(tall, "Point to cat", 3), PointQuery(GREEN, "Point to cat", 4)],
-        [PointQuery(RED, "Point to the " + "very " * 600 + "red cat", 5)],  # a longer cache
+        [PointQuery(RED, "Point to the " + "very " * 40 + "red cat", 5)],  # a longer cache read
     ]
     for i, queries in enumerate(batches):
         if i == len(batches) - 1:  # the server compiles in its loader thread, runs in a GPU worker's
             with ThreadPoolExecutor(1) as other_thread:
-                fast = other_thread.submit(engine.generate, queries).result()
+                fast = other_thread.submit(engine.generate, queries, True).result()
         else:
-            fast = engine.generate(queries)
+            fast = engine.generate(queries, interactive=True)
         plain = reference.generate(queries)
         assert [a.text for a in fast] == [a.text for a in plain]
         assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
-    assert engine.decoder.compile_step and all(slot.step.compilable for slot in engine.decoder._slots.values())
-    assert len({slot.length for slot in engine.decoder._slots.values()}) > 1, "want several cache lengths"
+    assert engine.decoder.compile_step
     assert counters["stats"]["unique_graphs"] == compiled_at_warm_up, "no opened task may wait for a compile"
 
 
@@ -169,15 +186,15 @@ def test_decode_step_that_fails_to_compile_runs_eagerly_and_says_so(demo_model_d
     queries = [PointQuery(RED, "Point to cat"), PointQuery(GREEN, "Point to dog")]
     expected = [a.text for a in TransformersEngine.load(str(demo_model_dir), max_new_tokens=24).generate(queries)]
 
-    def fails(step):
+    def fails(*args):
         raise torch._dynamo.exc.Unsupported("injected: this model cannot be compiled")
 
-    engine.decoder._compiled_forward = fails
+    engine.decoder._compiled = fails
     with caplog.at_level("WARNING", logger="molmo_backend.engine.decoding"):
-        assert [a.text for a in engine.generate(queries)] == expected
+        assert [a.text for a in engine.generate(queries, interactive=True)] == expected
     assert "torch.compile of the decode step failed" in caplog.text and "injected" in caplog.text
     assert not engine.decoder.compile_step
-    assert [a.text for a in engine.generate(queries)] == expected  # and stays eager, quietly
+    assert [a.text for a in engine.generate(queries, interactive=True)] == expected  # and stays eager, quietly
 
 
 def test_compile_setting_reaches_the_engine_and_batch_commands_skip_it(monkeypatch, demo_model_dir):
@@ -199,19 +216,17 @@ def test_compile_setting_reaches_the_engine_and_batch_commands_skip_it(monkeypat
     assert not engine.decoder.compile_step
 
 
-def test_tokens_for_is_the_cache_row_the_fast_decoder_builds(demo_model_dir):
-    """The scheduler's token budget counts rows x longest row: the engine must know a query's row
-    length from the image size alone (no pixels processed), exactly."""
-    from molmo_backend.engine.decoding import prepare
-
+def test_prefill_cost_is_the_prefix_the_slot_decoder_prefills(demo_model_dir):
+    """The scheduler bounds a step's prefill by each query's cost: the engine must know a
+    query's image and prompt tokens from the image size alone (no pixels processed), exactly."""
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24)
     engine.processor.image_processor.max_crops = 4  # so image sizes give different token counts
     seen = set()
     for size in [(640, 480), (300, 900), (4000, 100), (1, 1), (1280, 960)]:
         query = PointQuery(Image.new("RGB", size), "Point to the big brown dog.")
-        batch = prepare(engine.processor, [query], engine.chat_suffix, engine.device)
-        row = batch.prefix_chunks[0]["input_ids"].shape[1] + len(batch.suffix_ids[0]) + engine.max_new_tokens
-        assert engine.tokens_for(query) == row, size
+        row = engine.prepare(query).length + len(engine._suffix_ids(query.prompt))
+        assert engine.prefill_cost(query) == row, size
+        assert engine.tokens_for(query) == row + engine.max_new_tokens
         seen.add(row)
     assert len(seen) > 2
     assert engine.token_budget() is None  # CPU: no GPU memory to budget; max_batch alone

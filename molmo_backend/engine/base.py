@@ -1,15 +1,23 @@
-"""The engine interface: images and prompt strings in, answer strings out.
+"""The engine interfaces: images and prompt strings in, answer strings out.
 
-An engine knows nothing of Label Studio; the backend knows nothing of torch. Engines run one
-batch at a time and may raise (out of memory, a bad image): the scheduler in front of them owns
-batching, priorities and retries.
+An engine knows nothing of Label Studio; the backend knows nothing of torch. Two kinds:
+
+- :class:`Engine` answers whole batches (``generate``): the remote OpenAI-compatible engine,
+  Molmo v1, plain Hugging Face ``generate()``.
+- :class:`StepEngine` (the in-process Molmo2 engine) also exposes one decode step at a time over
+  rows held in cache slots, so the scheduler can run continuous batching: it owns the loop,
+  admits waiting rows into free slots between two steps (opened tasks first) and takes finished
+  rows out at once. The engine never calls back into the scheduler.
+
+Engines may raise (out of memory, a bad image): the scheduler in front of them owns batching,
+priorities and retries.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Sequence
 
 from PIL import Image
 
@@ -17,11 +25,17 @@ from PIL import Image
 @dataclass(frozen=True, eq=False)
 class PointQuery:
     """One (image, prompt) pair. Queries with the same ``image_key`` show the same image, so an
-    engine may encode that image once for all of them."""
+    engine may encode that image once for all of them.
+
+    ``answer_tokens`` is a benchmark and test seam for random-weight models, whose answers are
+    garbage of arbitrary length: when set, the step engine generates exactly that many tokens
+    for this query (end tokens do not stop it) and stops. Nothing else changes: the same prefill,
+    slots, CUDA graphs and scheduling run. Never set by the backend."""
 
     image: Image.Image
     prompt: str
     image_key: Hashable | None = None
+    answer_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,9 @@ class Answer:
     tokens: tuple[str, ...] = ()
     #: natural-log probability of each of ``tokens`` (the greedy pick, after logits processors)
     token_logprobs: tuple[float, ...] = ()
+    #: True when generation stopped at the new-token cap rather than at an end token: the answer
+    #: may be cut (points past the cap are lost), so callers log and count it
+    truncated: bool = False
 
 
 class Engine(ABC):
@@ -59,13 +76,12 @@ class Engine(ABC):
     family: str = "molmo2"
     #: most queries that one call of :meth:`generate` should be given
     max_batch: int = 8
+    #: True for engines the scheduler drives one decode step at a time (:class:`StepEngine`)
+    stepwise: bool = False
 
     @abstractmethod
     def generate(self, queries: Sequence[PointQuery]) -> list[Answer]:
-        """Answer every query, in order. May raise; then no answer of the batch is valid.
-
-        An engine whose ``generate`` also takes ``between_steps`` (a callable) calls it between
-        its steps; the scheduler uses that to run an opened task inside a long bulk batch."""
+        """Answer every query, in order. May raise; then no answer of the batch is valid."""
 
     def tokens_for(self, query: PointQuery) -> int:
         """Cache tokens one query's row needs (prompt plus new tokens); 0 when unknown. A batch
@@ -79,3 +95,96 @@ class Engine(ABC):
 
     def close(self) -> None:  # pragma: no cover - optional
         """Free the model's memory."""
+
+
+@dataclass(eq=False)
+class Row:
+    """One query living in a cache slot of a :class:`StepEngine`, from admission to its end.
+
+    The scheduler creates it and reads ``finished``; the engine fills the rest. ``ticket`` is the
+    scheduler's own handle (which job, which index), opaque to the engine."""
+
+    query: PointQuery
+    interactive: bool
+    ticket: Any = None
+    #: the cache slot, set by :meth:`StepEngine.prefill`
+    slot: int = -1
+    #: generated token ids and their log-probabilities so far
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    #: set by the engine once the row has ended (end token, the cap, or ``answer_tokens``)
+    finished: bool = False
+    truncated: bool = False
+    #: the engine's :meth:`StepEngine.prepare` of this query, started ahead on a CPU thread
+    #: (a Future), or None
+    prepared: Any = None
+    #: set by the scheduler when a step failed for this row; it then ends with that error
+    error: BaseException | None = None
+    #: engine-private state (its slot's bookkeeping); the scheduler never reads it
+    state: Any = None
+
+
+class StepEngine(Engine):
+    """An engine whose rows live in cache slots and advance one token per :meth:`decode`.
+
+    The scheduler calls, from one thread per engine: :meth:`free_slots` to see room,
+    :meth:`prefill` to admit rows (their image prefix once per distinct image, then each prompt
+    suffix, which yields each row's first token), :meth:`decode` for one token of the rows it
+    chooses, :meth:`answer` for a finished row, and :meth:`release` to free its slot.
+    ``generate`` (answer a batch from start to end) is built from the same calls, so both paths
+    give the same answers."""
+
+    stepwise = True
+
+    def generate(self, queries: Sequence[PointQuery], interactive: bool = False) -> list[Answer]:
+        """Answer ``queries`` alone, by the same prefill and decode steps the scheduler runs
+        (tests and benchmarks compare the two). Raises if a step fails."""
+        rows = [Row(q, interactive) for q in queries]
+        waiting, running = list(rows), []
+        try:
+            while waiting or running:
+                free = self.free_slots(interactive)
+                if waiting and free:
+                    admitted, waiting = waiting[:free], waiting[free:]
+                    self.prefill(admitted)
+                    running += admitted
+                ended = [row for row in running if row.finished]
+                self.release(ended)
+                running = [row for row in running if not row.finished]
+                if running:
+                    self.decode(running)
+        finally:
+            self.release([row for row in rows if row.slot >= 0])
+        return [self.answer(row) for row in rows]
+
+    @abstractmethod
+    def free_slots(self, interactive: bool) -> int:
+        """Slots free for new rows of that class (opened tasks have slots of their own, so a
+        full bulk pool never makes an opened task wait)."""
+
+    @abstractmethod
+    def prefill_cost(self, query: PointQuery) -> int:
+        """Tokens the prefill of this query's image and prompt computes (its image counted once
+        per distinct image by the caller); the scheduler bounds a step's prefill by these."""
+
+    def prepare(self, query: PointQuery) -> None:
+        """CPU-side work for a query that may run ahead of :meth:`prefill` on another thread
+        (image tensors, tokenization). Thread-safe; optional."""
+
+    @abstractmethod
+    def prefill(self, rows: Sequence[Row]) -> None:
+        """Admit ``rows`` into free slots of their class and compute each one's first token.
+        Raises if anything fails; then none of ``rows`` holds a slot."""
+
+    @abstractmethod
+    def decode(self, rows: Sequence[Row]) -> None:
+        """One more token for each of ``rows`` (all admitted, none finished); sets ``finished``
+        on the rows that ended."""
+
+    @abstractmethod
+    def answer(self, row: Row) -> Answer:
+        """The answer of a finished row."""
+
+    @abstractmethod
+    def release(self, rows: Sequence[Row]) -> None:
+        """Free the slots of ``rows`` (finished, failed or dropped)."""

@@ -1,22 +1,23 @@
-"""Greedy decoding for Molmo2 built for pointing: one prefill per image, a static KV cache, and an
-optional CUDA graph for the decode step.
+"""Greedy decoding of Molmo2 rows held in cache slots: the GPU side of continuous batching.
 
-Why not plain ``generate()``: every label of an image repeats the same ~1000 image tokens, so
-``generate`` prefills each image once per label; and its per-step work (growing caches, masks
-rebuilt every step, Python per layer) costs far more than reading the weights once. Here:
+Every (image, prompt) row lives in one slot of a static K/V cache (:class:`SlotCache`) from its
+admission to its end, at its own positions 0..length-1: its image prefix, its prompt suffix, then
+its answer. Rows of different lengths, images and ages share a decode step; a row that ends frees
+its slot at once and the next waiting row takes it.
 
-1. the image prefix (bos + image tokens) of each distinct image is prefilled once, through the
-   model's own forward (vision tower, adapter, bidirectional image-token mask);
-2. its keys/values are copied into a static cache row for every (image, prompt) pair, and the
-   prompt suffixes are prefilled behind them (left-padded, so all rows stay aligned);
-3. decode steps write into the static cache in place; on CUDA one step is captured as a graph
-   and replayed. Rows stop at their end token; the loop stops when all rows have.
-4. optionally (``compile_step``), the decode step of small batches (opened tasks) is compiled
-   with ``torch.compile`` once, before it is captured: fusing its small kernels (norms, rotary,
-   activation, residuals) took the 8B's step from 11.6 to 10.4 ms on an H100, for a compile of
-   minutes at start (bench/RESULTS.md).
+- **Prefill** (:meth:`SlotDecoder.prefill`): each distinct image of the admitted rows goes through
+  the model's own forward once (vision tower, adapter, the image tokens' bidirectional mask),
+  images of equal token count together, so mixed sizes cost no padding. Its keys/values are
+  copied into the slot of every row that asks about it; then the rows' prompt suffixes are
+  prefilled against their slots, which gives each row its first token.
+- **Decode** (:meth:`SlotDecoder.decode`): one token for a contiguous range of slots: the opened
+  tasks' region, or the bulk region. Attention reads only the first ``bucket`` positions, the
+  longest live row rounded up. On CUDA the step is captured as a graph per (range, bucket) and
+  replayed; optionally (``compile_step``) the opened tasks' step is compiled first.
 
-Numerics are those of greedy ``generate()`` on the same inputs (a test checks equal answers).
+Slots 0..interactive-1 belong to opened tasks, the next ``bulk`` slots to bulk work, and one
+scratch slot takes the padding rows of a captured prefill. Numerics are those of greedy
+``generate()`` on the same inputs (a test checks equal answers).
 """
 
 from __future__ import annotations
@@ -24,98 +25,135 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
-#: the all-done flag is read back from the GPU every this many steps (each read is a sync)
-DONE_CHECK_EVERY = 4
+
+#: attention reads a multiple of this many cache positions (fewer distinct graphs; at most this
+#: many positions read in vain per row)
+LENGTH_STEP = 256
+#: decode steps over the bulk region use row counts rounded up to these (then multiples of 64)
+BULK_ROW_BUCKETS = (16, 32, 48, 64, 96, 128)
+#: the opened tasks' region; its steps use 2, 4, 8 or 16 rows (at least 2: torch.compile
+#: specialises a size of 1, which would cost a second compile)
+INTERACTIVE_SLOTS = 16
 _CAPTURE_LOCK = threading.Lock()
 
-#: images prefilled per forward; between chunks, waiting interactive work may run
-PREFILL_CHUNK_IMAGES = 8
-#: batches of at most this many queries reuse cached buffers and CUDA graphs (rows rounded up to
-#: a power of two, at least 2, cache length to a multiple of SLOT_LENGTH_STEP); at most
-#: SLOT_CACHE_SIZE kept. (At least 2 rows: torch.compile specialises a size of 1, which would
-#: cost a second compile.)
-SLOT_MAX_ROWS, SLOT_LENGTH_STEP, SLOT_CACHE_SIZE = 16, 512, 3
-#: prompt suffixes of small batches are padded to a multiple of this, so the suffix prefill of a
-#: slot is captured once per length step and replayed
-SUFFIX_LENGTH_STEP = 16
+
+def round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
-@dataclass
-class _Slot:
-    rows: int
-    length: int
-    kv: "StaticKV"
-    key_valid: torch.Tensor
-    state: "_DecodeState"
-    step: "_Step"
-    graph: "torch.cuda.CUDAGraph | None" = None
-    suffix_graphs: dict = field(default_factory=dict)  # suffix length -> _SuffixGraph
+def row_bucket(rows: int, interactive: bool) -> int:
+    if interactive:
+        return max(2, 1 << (rows - 1).bit_length())
+    return next((b for b in BULK_ROW_BUCKETS if b >= rows), round_up(rows, 64))
 
 
-class StaticKV:
-    """Preallocated keys/values of every layer. The model calls :meth:`update`; the caller sets
-    :attr:`write_at` (positions, a device tensor) before each forward, so a step is graph-safe."""
+class SlotCache:
+    """Preallocated keys/values of every layer, ``[slots, kv_heads, length, head_dim]``.
+
+    The model calls :meth:`update` once per layer; the caller sets :attr:`view` (where this
+    forward writes, which rows and positions it reads) before each forward, with device tensors
+    only, so a captured graph replays it."""
 
     is_initialized = True
     is_compileable = False
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, length: int, head_dim: int,
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (batch, kv_heads, length, head_dim)
+        shape = (slots, kv_heads, length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.write_at: torch.Tensor | None = None
+        self.length = length
+        self.view: CacheView | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.keys[layer_idx].index_copy_(2, self.write_at, key_states)
-        self.values[layer_idx].index_copy_(2, self.write_at, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
+        view = self.view
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # key_states: [rows, heads, tokens, dim] -> slot view.write_rows[r, t], position view.write_at[r, t]
+        keys[view.write_rows, :, view.write_at] = key_states.transpose(1, 2)
+        values[view.write_rows, :, view.write_at] = value_states.transpose(1, 2)
+        length = view.key_positions.shape[0]
+        if view.gather is not None:  # rows in any slots: a copy of theirs
+            return keys[view.gather, :, :length], values[view.gather, :, :length]
+        rows = slice(view.first, view.first + view.write_rows.shape[0])  # a contiguous range: a view
+        return keys[rows, :, :length], values[rows, :, :length]
 
 
 @dataclass
-class Prepared:
-    """A batch ready for the GPU: distinct image prefixes plus one prompt suffix per query."""
+class CacheView:
+    """Where one forward writes and what it reads; tensors only (and a constant ``first``), so
+    that a compiled step keeps its sizes dynamic."""
 
-    prefix_chunks: list[dict]  # processor outputs for PREFILL_CHUNK_IMAGES distinct images each
-    image_of: list[int]  # query -> distinct image index (chunk = index // PREFILL_CHUNK_IMAGES)
-    suffix_ids: list[list[int]]  # query -> token ids of its prompt suffix
-
-
-def prepare(processor, queries: Sequence, suffix_of, device: torch.device) -> Prepared:
-    """Run the processor once per distinct image (``image_key``, else identity)."""
-    rows: dict = {}
-    images = []
-    image_of = []
-    for q in queries:
-        key = q.image_key if q.image_key is not None else id(q.image)
-        if key not in rows:
-            rows[key] = len(images)
-            images.append(q.image)
-        image_of.append(rows[key])
-    chunks = []
-    for start in range(0, len(images), PREFILL_CHUNK_IMAGES):
-        part = images[start:start + PREFILL_CHUNK_IMAGES]
-        encoded = processor(
-            images=[[image] for image in part], text=[processor.image_token] * len(part),
-            padding=True, return_tensors="pt", device=device,  # crops are resized on the GPU
-        )
-        chunks.append({k: v.to(device) for k, v in encoded.items()})
-    tokenizer = processor.tokenizer
-    suffix_ids = [tokenizer(suffix_of(q.prompt), add_special_tokens=False)["input_ids"] for q in queries]
-    return Prepared(chunks, image_of, suffix_ids)
+    write_rows: torch.Tensor  # [rows, tokens] slot of each written token
+    write_at: torch.Tensor  # [rows, tokens] its position in the slot
+    key_positions: torch.Tensor  # positions 0..n-1 read per slot
+    first: int = 0  # the rows are the slots first, first+1, ... (decode steps)
+    gather: torch.Tensor | None = None  # or these slots, in row order (prefill of admitted rows)
 
 
-class GreedyDecoder:
-    """Runs :class:`Prepared` batches through a Molmo2ForConditionalGeneration."""
+@dataclass
+class PreparedImage:
+    """One image as the processor lays it out, on the CPU, ready to be stacked with others of
+    the same token count."""
 
-    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, use_cuda_graph: bool = True,
+    inputs: dict  # processor outputs for this image alone (batch of one)
+    length: int  # prefix tokens (bos + image tokens)
+    crops: int
+    patches: int  # per crop
+
+
+def prepare_image(processor, image) -> PreparedImage:
+    """The processor's work for one image, on the CPU (thread-safe: it holds no state)."""
+    encoded = processor(images=[[image]], text=[processor.image_token], return_tensors="pt")
+    inputs = {key: value for key, value in encoded.items()}
+    pixels = inputs["pixel_values"]
+    return PreparedImage(inputs, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]), int(pixels.shape[1]))
+
+
+def stack_images(images: Sequence[PreparedImage], device: torch.device, dtype: torch.dtype) -> dict:
+    """Model inputs for several images of equal token count, as the processor would batch
+    them: crops concatenated, pooling indices shifted by the patches before them."""
+    first = images[0].inputs
+    pooling, offset = [], 0
+    for image in images:
+        idx = image.inputs["image_token_pooling"]
+        pooling.append(torch.where(idx >= 0, idx + offset, idx))
+        offset += image.crops * image.patches
+    batch = {
+        "input_ids": torch.cat([im.inputs["input_ids"] for im in images]),
+        "attention_mask": torch.cat([im.inputs["attention_mask"] for im in images]),
+        "pixel_values": torch.cat([im.inputs["pixel_values"] for im in images]),
+        "image_token_pooling": torch.cat(pooling),
+        "image_grids": torch.cat([im.inputs["image_grids"] for im in images]),
+        "image_num_crops": torch.cat([im.inputs["image_num_crops"] for im in images]),
+    }
+    if "mm_token_type_ids" in first:
+        batch["mm_token_type_ids"] = torch.cat([im.inputs["mm_token_type_ids"] for im in images])
+    out = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+@dataclass
+class SlotRow:
+    """What the decoder knows of one admitted row."""
+
+    slot: int
+    prompt_ids: list[int]  # prefix + suffix, for logits processors (tests)
+    length: int  # tokens in its slot
+
+
+class SlotDecoder:
+    """Prefill and decode steps over the slots of one Molmo2ForConditionalGeneration."""
+
+    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, bulk_slots: int, slot_length: int,
+                 interactive_slots: int = INTERACTIVE_SLOTS, use_cuda_graph: bool = True,
                  compile_step: bool = False):
         self.model = model
         self.lm = model.model.language_model
@@ -125,291 +163,290 @@ class GreedyDecoder:
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        #: bytes one cached token takes in a batch's static cache (keys and values of every layer)
+        self.device, self.dtype = model.device, self.embed.weight.dtype
+        self.neg = torch.finfo(self.dtype).min
+        #: bytes one cached token takes (keys and values of every layer)
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.embed.weight.element_size()
-        self.eos = torch.tensor(sorted(set(eos_ids)), device=model.device)
+        self.eos = sorted(set(eos_ids))
         self.pad_id = pad_id
-        self.use_cuda_graph = use_cuda_graph and model.device.type == "cuda"
-        #: set to a dict to collect seconds per phase (synchronises the GPU: for benchmarks only)
-        self.profile: dict | None = None
-        self._slots: dict = {}
-        #: reuse small-batch buffers even without CUDA graphs (lets CPU tests cover that path)
-        self.reuse_buffers = False
-        #: torch.compile the decode step of small batches (one compile, dynamic shapes, shared by
-        #: every slot); switched off for good if compiling fails
+        self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
+        #: torch.compile the opened tasks' decode step (one compile, dynamic shapes); switched
+        #: off for good if compiling fails
         self.compile_step = compile_step
-        self._compiled_forward = None
+        self._compiled = None
+        self.interactive_slots = interactive_slots
+        self.bulk_slots = bulk_slots
+        self.scratch = interactive_slots + bulk_slots  # padding rows of captured prefills write here
+        self.slots = self.scratch + 1
+        self.cache = SlotCache(self.num_layers, self.slots, self.kv_heads, slot_length, self.head_dim,
+                               self.dtype, self.device)
+        self.slot_length = slot_length
+        device = self.device
+        self.last_token = torch.zeros((self.slots,), dtype=torch.long, device=device)
+        self.lengths = torch.ones((self.slots,), dtype=torch.long, device=device)
+        self.out_token = torch.zeros((self.slots,), dtype=torch.long, device=device)
+        self.out_logprob = torch.zeros((self.slots,), dtype=torch.float, device=device)
+        self.positions = torch.arange(slot_length, device=device)
+        self.slot_index = torch.arange(self.slots, device=device)
+        self._free = {True: list(range(interactive_slots)), False: list(range(interactive_slots, self.scratch))}
+        self._graphs: dict = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        #: set to a dict to collect seconds per phase (synchronises the GPU: benchmarks only)
+        self.profile: dict | None = None
 
-    def run(self, batch: Prepared, max_new_tokens: int, logits_processors=(),
-            between_steps: Callable[[], None] | None = None) -> tuple[list[list[int]], list[list[float]]]:
-        """Generated token ids and their log-probabilities per query, cut at the end token.
-        ``between_steps`` is called after each prefill chunk and decode step: the scheduler runs
-        an opened task there instead of making it wait for this whole batch."""
-        if self.model.device.type != "cuda":
-            return self._run(batch, max_new_tokens, logits_processors, between_steps)
-        with torch.cuda.device(self.model.device):  # each GPU replica runs in its own thread
-            return self._run(batch, max_new_tokens, logits_processors, between_steps)
+    # -- slots ---------------------------------------------------------------------------------
+    def free_slots(self, interactive: bool) -> int:
+        return len(self._free[interactive])
 
+    def take_slot(self, interactive: bool) -> int:
+        free = self._free[interactive]
+        free.sort()
+        return free.pop(0)  # lowest first: keeps the stepped range short
+
+    def release(self, slot: int) -> None:
+        interactive = slot < self.interactive_slots
+        self._free[interactive].append(slot)
+
+    # -- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _run(self, batch, max_new_tokens, logits_processors, between_steps):
-        model, device = self.model, self.model.device
-        dtype = self.embed.weight.dtype
-        neg = torch.finfo(dtype).min
-        pause = between_steps or (lambda: None)
-        timer = _PhaseTimer(self.profile, device)
-
-        n_real = len(batch.suffix_ids)
-        plen = max(chunk["input_ids"].shape[1] for chunk in batch.prefix_chunks)
-        slen = max(len(s) for s in batch.suffix_ids)
-        use_graph = self.use_cuda_graph and not logits_processors and max_new_tokens > 1
-        reuse = (use_graph or (self.reuse_buffers and not logits_processors)) and n_real <= SLOT_MAX_ROWS
-        if reuse:  # suffix length in steps too, so its prefill graph is reused across prompts
-            slen = -(-slen // SUFFIX_LENGTH_STEP) * SUFFIX_LENGTH_STEP
-        total = plen + slen + max_new_tokens
-        slot = self._slot(n_real, total, max_new_tokens, dtype) if reuse else None
-        if slot is not None:  # small batch: reuse buffers and graph; extra rows repeat query 0
-            n, total = slot.rows, slot.length
-            image_of = batch.image_of + [batch.image_of[0]] * (n - n_real)
-            suffix_ids = batch.suffix_ids + [batch.suffix_ids[0]] * (n - n_real)
-            batch = Prepared(batch.prefix_chunks, image_of, suffix_ids)
-            kv, key_valid, state = slot.kv, slot.key_valid, slot.state
-            key_valid.zero_()
-        else:
-            n = n_real
-            kv = StaticKV(self.num_layers, n, self.kv_heads, total, self.head_dim, dtype, device)
-            key_valid = torch.zeros((n, total), dtype=torch.bool, device=device)
-            state = _DecodeState(n, max_new_tokens, device)
-        prefix_len = torch.zeros((n,), dtype=torch.long, device=device)
-        prompt_ids = torch.full((n, plen + slen), self.pad_id, dtype=torch.long, device=device)
-
-        # 1. prefix prefill, once per distinct image, through the model's own forward (vision
-        #    tower, adapter, image-token block mask); each chunk is copied right-aligned into the
-        #    static cache rows of the queries that show its images
-        for c, chunk in enumerate(batch.prefix_chunks):
-            first = c * PREFILL_CHUNK_IMAGES
-            mask = chunk["attention_mask"].bool()
-            width = mask.shape[1]
-            cache = DynamicCache(config=model.config.get_text_config())
-            model.model(**chunk, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
-                        past_key_values=cache, use_cache=True)
-            queries = [i for i, image in enumerate(batch.image_of) if first <= image < first + mask.shape[0]]
-            rows = torch.tensor(queries, device=device)
-            local = torch.tensor([batch.image_of[i] - first for i in queries], device=device)
-            for layer in range(self.num_layers):
-                kv.keys[layer][:, :, plen - width:plen].index_copy_(0, rows, cache.layers[layer].keys[local])
-                kv.values[layer][:, :, plen - width:plen].index_copy_(0, rows, cache.layers[layer].values[local])
-            key_valid[:, plen - width:plen].index_copy_(0, rows, mask[local])
-            prefix_len.index_copy_(0, rows, mask.sum(-1)[local])
-            prompt_ids[:, plen - width:plen].index_copy_(0, rows, chunk["input_ids"][local])
-            del cache
+    def prefill(self, images: Sequence[PreparedImage], image_of: Sequence[int], slots: Sequence[int],
+                suffixes: Sequence[list[int]], logits_processors=()) -> tuple[list[SlotRow], list[int], list[float]]:
+        """Prefill rows (row i shows ``images[image_of[i]]`` in slot ``slots[i]`` and asks
+        ``suffixes[i]``); returns each row's state and its first token and log-probability."""
+        with self._on_device():
+            timer = _PhaseTimer(self.profile, self.device)
+            rows = [SlotRow(slot, [], 0) for slot in slots]
+            by_length: dict[int, list[int]] = {}
+            for index, image in enumerate(images):
+                by_length.setdefault(image.length, []).append(index)
+            for length, members in by_length.items():
+                self._prefill_images(images, members, length, image_of, rows)
             timer.lap("prefix")
-            pause()
+            for i, row in enumerate(rows):
+                row.prompt_ids = images[image_of[i]].inputs["input_ids"][0].tolist() + list(suffixes[i])
+            tokens, logprobs = self._prefill_suffixes(rows, suffixes, logits_processors)
+            timer.lap("suffix")
+            return rows, tokens, logprobs
 
-        # 2. prompt suffixes, left-padded behind the prefixes so every row stays aligned
-        suffix = torch.full((n, slen), self.pad_id, dtype=torch.long, device=device)
-        suffix_mask = torch.zeros((n, slen), dtype=torch.bool, device=device)
-        for i, ids in enumerate(batch.suffix_ids):
-            suffix[i, slen - len(ids):] = torch.tensor(ids, device=device)
-            suffix_mask[i, slen - len(ids):] = True
-        key_valid[:, plen:plen + slen] = suffix_mask
-        prompt_ids[:, plen:] = suffix
-        suffix_pos = prefix_len[:, None] + (suffix_mask.long().cumsum(-1) - 1).clamp(min=0)
-        key_index = torch.arange(total, device=device)
-        query_index = torch.arange(slen, device=device)
-        causal = (key_index[None, :] < plen) | (key_index[None, :] <= plen + query_index[:, None])
-        allowed = key_valid[:, None, :] & causal[None] & (key_index < plen + slen)[None, None, :]
-        mask = torch.where(allowed, 0.0, neg).to(dtype)[:, None]
-        write_at = torch.arange(plen, plen + slen, device=device)
-        if slot is not None and use_graph:
-            if slen not in slot.suffix_graphs:
-                slot.suffix_graphs[slen] = _SuffixGraph(self, kv, n, slen, total, dtype, device)
-            logits = slot.suffix_graphs[slen].run(suffix, mask, suffix_pos, write_at)
-        else:
-            logits = self._suffix_logits(kv, suffix, mask, suffix_pos, write_at)
+    def _prefill_images(self, images, members: list[int], length: int, image_of, rows: list[SlotRow]) -> None:
+        """One forward for images of equal prefix length; copies their K/V into their rows' slots."""
+        inputs = stack_images([images[i] for i in members], self.device, self.dtype)
+        mask = inputs["attention_mask"].bool()
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        self.model.model(**inputs, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                         past_key_values=cache, use_cache=True)
+        local = {image: k for k, image in enumerate(members)}
+        targets = [i for i, image in enumerate(image_of) if image in local]
+        slots = torch.tensor([rows[i].slot for i in targets], device=self.device)
+        sources = torch.tensor([local[image_of[i]] for i in targets], device=self.device)
+        for layer in range(self.num_layers):
+            self.cache.keys[layer][:, :, :length].index_copy_(0, slots, cache.layers[layer].keys[sources])
+            self.cache.values[layer][:, :, :length].index_copy_(0, slots, cache.layers[layer].values[sources])
+        for i in targets:
+            rows[i].length = length
 
-        # 3. decode
-        state.reset(plen + slen, prefix_len + suffix_mask.sum(-1))
-        first_pick = self._pick(logits, state, prompt_ids, logits_processors)
-        state.record(first_pick, self.eos)
-        timer.lap("suffix")
-        step = slot.step if slot is not None else _Step(self, kv, key_valid, state, neg, dtype)
-        graph = None
-        if use_graph:
-            graph = slot.graph if slot is not None and slot.graph is not None else step.capture()
-            if slot is not None:
-                slot.graph = graph
-            timer.lap("capture")
-        steps = 1
-        for t in range(1, max_new_tokens):
-            if t % DONE_CHECK_EVERY == 0 and bool(state.done.all()):
-                break
-            if graph is not None:
-                graph.replay()
-            elif logits_processors:
-                step.run_eager(lambda logits: self._pick(logits, state, prompt_ids, logits_processors))
+    def _prefill_suffixes(self, rows: list[SlotRow], suffixes, logits_processors) -> tuple[list[int], list[float]]:
+        """The prompt suffixes behind their prefixes, right-padded; each row's first pick."""
+        device = self.device
+        count, width = len(rows), max(len(s) for s in suffixes)
+        ids = torch.full((count, width), self.pad_id, dtype=torch.long)
+        for i, suffix in enumerate(suffixes):
+            ids[i, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+        starts = torch.tensor([row.length for row in rows])
+        ends = torch.tensor([row.length + len(s) for row, s in zip(rows, suffixes)])
+        read_length = min(round_up(int(ends.max()), LENGTH_STEP), self.slot_length)
+        positions = starts[:, None] + torch.arange(width)[None, :]
+        slots = torch.tensor([row.slot for row in rows])
+        visible = torch.arange(read_length)[None, None, :] <= positions[:, :, None]
+        mask = torch.where(visible, 0.0, self.neg).to(self.dtype)[:, None]
+        ids, positions, slots, mask = (t.to(device, non_blocking=True) for t in (ids, positions, slots, mask))
+        self.cache.view = CacheView(slots[:, None].expand(count, width), positions.clamp(max=self.slot_length - 1),
+                                    self.positions[:read_length], gather=slots)
+        hidden = self.lm(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True).last_hidden_state
+        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
+        logits = self.lm_head(hidden[torch.arange(count, device=device), last]).float()
+        if logits_processors:
+            logits = self._process(logits, [row.prompt_ids for row in rows], logits_processors)
+        logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
+        for row, suffix in zip(rows, suffixes):
+            row.length += len(suffix)
+        self.last_token.index_copy_(0, slots, token)
+        self.lengths.index_copy_(0, slots, ends.to(device))
+        return token.tolist(), logprob.tolist()
+
+    # -- decode --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, rows: Sequence[SlotRow], generated: Sequence[Sequence[int]] = (),
+               logits_processors=()) -> tuple[list[int], list[float]]:
+        """One token for each of ``rows`` (all in the opened tasks' region or all in the bulk
+        region); ``generated`` (each row's tokens so far) is only read by logits processors."""
+        with self._on_device():
+            timer = _PhaseTimer(self.profile, self.device)
+            interactive = rows[0].slot < self.interactive_slots
+            first = 0 if interactive else self.interactive_slots
+            top = max(row.slot for row in rows) + 1 - first
+            count = min(row_bucket(top, interactive),
+                        self.interactive_slots if interactive else self.bulk_slots)
+            read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.slot_length)
+            if logits_processors:
+                self._eager_step(first, count, read_length, rows, generated, logits_processors)
+            elif self.use_cuda_graph:
+                self._graph(first, count, read_length, interactive).replay()
             else:
-                step()
-            steps += 1
+                self._step(first, count, read_length, compiled=interactive and self.compile_step)
+            slots = [row.slot for row in rows]
+            tokens = self.out_token[first:first + count].tolist()
+            logprobs = self.out_logprob[first:first + count].tolist()
+            for row in rows:
+                row.length += 1
             timer.lap("decode")
-            pause()
-        timer.count("steps", steps)
-        tokens, logprobs = state.results(self.eos, max_new_tokens)
-        return tokens[:n_real], logprobs[:n_real]
+            timer.count("steps", 1)
+            return [tokens[s - first] for s in slots], [logprobs[s - first] for s in slots]
 
-    def _slot(self, rows: int, length: int, max_new_tokens: int, dtype) -> "_Slot":
-        """Reusable buffers + captured graph for small batches (opened tasks): capturing a graph
-        costs about as much as 15 replays, so one per call would eat the gain."""
-        rows = max(2, 1 << (rows - 1).bit_length())
-        length = -(-length // SLOT_LENGTH_STEP) * SLOT_LENGTH_STEP
-        key = (rows, length, max_new_tokens)
-        if key not in self._slots:
-            while len(self._slots) >= SLOT_CACHE_SIZE:
-                self._slots.pop(next(iter(self._slots)))
-            device = self.model.device
-            kv = StaticKV(self.num_layers, rows, self.kv_heads, length, self.head_dim, dtype, device)
-            key_valid = torch.zeros((rows, length), dtype=torch.bool, device=device)
-            state = _DecodeState(rows, max_new_tokens, device)
-            step = _Step(self, kv, key_valid, state, torch.finfo(dtype).min, dtype, compilable=True)
-            self._slots[key] = _Slot(rows, length, kv, key_valid, state, step)
-        return self._slots[key]
+    def _step_logits(self, first: int, last_token, lengths, slot_index, key_positions) -> torch.Tensor:
+        """The forward of one decode step over the slots ``first``.. (graph-safe). Its tensors are
+        views of the state buffers for those slots, so a compiled step sees their sizes (rows,
+        positions read) as dynamic shapes, not as constants to recompile for."""
+        mask = torch.where(key_positions[None, :] <= lengths[:, None], 0.0, self.neg)
+        mask = mask.to(self.dtype)[:, None, None, :]
+        positions = lengths[:, None]
+        self.cache.view = CacheView(slot_index[:, None], positions, key_positions, first)
+        hidden = self.lm(inputs_embeds=self.embed(last_token[:, None]), attention_mask=mask,
+                         position_ids=positions, past_key_values=self.cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden[:, -1]).float()
 
-    def compiled_logits(self, step: "_Step") -> torch.Tensor:
-        """:meth:`_Step.forward_logits` through torch.compile, compiled on first use (outside
-        any graph capture: a capture warms up first). Dynamic shapes: one compile serves every
-        slot (rows and cache length vary). Casts are rounded where eager rounds them, so greedy
-        picks stay those of the eager step. If compiling fails, the step runs eagerly from then
-        on (same answers, slower) and the log says why."""
-        if self._compiled_forward is None:
-            self._compiled_forward = torch.compile(
-                _Step.forward_logits, dynamic=True, options={"emulate_precision_casts": True})
+    def _step_inputs(self, first: int, count: int, read_length: int) -> tuple:
+        window = slice(first, first + count)
+        return (first, self.last_token[window], self.lengths[window], self.slot_index[window],
+                self.positions[:read_length])
+
+    def _step(self, first: int, count: int, read_length: int, compiled: bool = False) -> None:
+        """One decode step writing its picks into the state buffers (graph-safe)."""
+        inputs = self._step_inputs(first, count, read_length)
+        logits = self._compiled_logits(*inputs[1:]) if compiled else self._step_logits(*inputs)
+        logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
+        self._advance(first, count, token, logprob)
+
+    def _advance(self, first, count, token, logprob) -> None:
+        window = slice(first, first + count)
+        self.out_token[window] = token
+        self.out_logprob[window] = logprob
+        self.last_token[window] = token
+        self.lengths[window] += 1
+        self.lengths[window] = self.lengths[window].clamp(max=self.slot_length - 1)
+
+    def _eager_step(self, first, count, read_length, rows, generated, logits_processors) -> None:
+        """A step whose picks go through logits processors (tests force answers with them)."""
+        logits = self._step_logits(*self._step_inputs(first, count, read_length))
+        history = [list(row.prompt_ids) + list(done) for row, done in zip(rows, generated)]
+        picked = self._process(logits[[row.slot - first for row in rows]], history, logits_processors)
+        full = logits.clone()
+        full[[row.slot - first for row in rows]] = picked
+        logprob, token = torch.log_softmax(full, dim=-1).max(dim=-1)
+        self._advance(first, count, token, logprob)
+
+    def _process(self, logits, histories: list[list[int]], logits_processors) -> torch.Tensor:
+        width = max(len(h) for h in histories)
+        input_ids = torch.full((len(histories), width), self.pad_id, dtype=torch.long, device=self.device)
+        for i, history in enumerate(histories):
+            input_ids[i, width - len(history):] = torch.tensor(history, device=self.device)
+        for processor in logits_processors:
+            logits = processor(input_ids, logits)
+        return logits
+
+    def _interactive_step_logits(self, *inputs) -> torch.Tensor:
+        """:meth:`_step_logits` of the opened tasks' region, which starts at slot 0 (a constant to
+        the compiler: a start it had to trace as a number specialised the row count)."""
+        return self._step_logits(0, *inputs)
+
+    def _compiled_logits(self, *inputs) -> torch.Tensor:
+        """:meth:`_step_logits` through torch.compile, compiled on first use (outside any graph
+        capture: a capture warms up first). Dynamic shapes: one compile serves every row count
+        and cache length. Casts are rounded where eager rounds them, so greedy picks stay those
+        of the eager step. If compiling fails, the step runs eagerly from then on (same
+        answers, slower) and the log says why."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._interactive_step_logits, dynamic=True,
+                                           options={"emulate_precision_casts": True})
         try:
-            return self._compiled_forward(step)
+            return self._compiled(*inputs)
         except torch._dynamo.exc.TorchDynamoException:  # raised while compiling, before any work
             log.warning("torch.compile of the decode step failed: decoding without it "
                         "(MOLMO_COMPILE=0 skips the attempt)", exc_info=True)
             self.compile_step = False
-            return step.forward_logits()
+            return self._interactive_step_logits(*inputs)
 
-    def _suffix_logits(self, kv, suffix, mask, positions, write_at):
-        """Prefill the prompt suffixes into ``kv``; the logits of each row's last token."""
-        kv.write_at = write_at
-        hidden = self.lm(inputs_embeds=self.embed(suffix), attention_mask=mask, position_ids=positions,
-                         past_key_values=kv, use_cache=True).last_hidden_state
-        return self.lm_head(hidden[:, -1]).float()
+    @torch.inference_mode()
+    def capture_graphs(self) -> int:
+        """Capture the decode step for every row bucket and read length now, while no slot is
+        in use (a capture runs one real step over its slots), so that no step waits for one
+        later. Returns how many were captured; a no-op without CUDA graphs."""
+        if not self.use_cuda_graph:
+            return 0
+        if self.free_slots(True) < self.interactive_slots or self.free_slots(False) < self.bulk_slots:
+            raise RuntimeError("capture_graphs needs every slot free")
+        before = len(self._graphs)
+        with self._on_device():
+            for interactive, size in ((True, self.interactive_slots), (False, self.bulk_slots)):
+                counts = sorted({min(row_bucket(n, interactive), size) for n in range(1, size + 1)})
+                first = 0 if interactive else self.interactive_slots
+                for count in counts:
+                    for read_length in range(LENGTH_STEP, self.slot_length + 1, LENGTH_STEP):
+                        self._graph(first, count, read_length, interactive).replay()
+            self.lengths.fill_(1)
+            self.last_token.zero_()
+        return len(self._graphs) - before
 
-    def _pick(self, logits, state, prompt_ids, logits_processors):
-        """Greedy choice, after the processors (tests force answers through them)."""
-        if logits_processors:
-            input_ids = torch.cat([prompt_ids, state.tokens_so_far()], dim=1)
-            for processor in logits_processors:
-                logits = processor(input_ids, logits)
-        return torch.log_softmax(logits, dim=-1).max(dim=-1)
-
-
-class _DecodeState:
-    """Device buffers one decode step reads and advances; fixed addresses for graph replay."""
-
-    def __init__(self, n, max_new_tokens, device):
-        self.out_tokens = torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)
-        self.out_logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float, device=device)
-        self.tokens = torch.zeros((n, 1), dtype=torch.long, device=device)  # last generated token
-        self.positions = torch.zeros((n, 1), dtype=torch.long, device=device)  # its position id
-        self.t = torch.zeros((1,), dtype=torch.long, device=device)  # tokens generated so far
-        self.base = torch.zeros((1,), dtype=torch.long, device=device)  # cache slot of token t=1, minus 1
-        self.write_at = torch.zeros((1,), dtype=torch.long, device=device)
-        self.done = torch.zeros((n,), dtype=torch.bool, device=device)
-
-    def reset(self, first_write: int, first_position: torch.Tensor) -> None:
-        """Start a new batch in these buffers (in place: a captured graph keeps reading them)."""
-        self.out_tokens.zero_()
-        self.out_logprobs.zero_()
-        self.tokens.zero_()
-        self.positions.copy_((first_position - 1)[:, None])
-        self.t.zero_()
-        self.base.fill_(first_write - 1)
-        self.done.zero_()
-
-    def record(self, pick, eos):
-        """Store this step's (logprob, token) at column t and advance."""
-        logprob, token = pick
-        self.out_tokens.index_copy_(1, self.t, token[:, None])
-        self.out_logprobs.index_copy_(1, self.t, logprob[:, None])
-        self.done |= torch.isin(token, eos)
-        self.tokens.copy_(token[:, None])
-        self.positions += 1
-        self.t += 1
-
-    def tokens_so_far(self):
-        return self.out_tokens[:, : int(self.t)]
-
-    def results(self, eos, limit: int) -> tuple[list[list[int]], list[list[float]]]:
-        count = min(int(self.t), limit)
-        tokens = self.out_tokens[:, :count].tolist()
-        logprobs = self.out_logprobs[:, :count].tolist()
-        eos_set = set(eos.tolist())
-        out_tokens, out_logprobs = [], []
-        for row_tokens, row_logprobs in zip(tokens, logprobs):
-            end = next((i for i, tok in enumerate(row_tokens) if tok in eos_set), len(row_tokens))
-            out_tokens.append(row_tokens[:end])
-            out_logprobs.append(row_logprobs[:end])
-        return out_tokens, out_logprobs
-
-
-class _Step:
-    """One decode step over static buffers: feed the last token, write its K/V, pick the next."""
-
-    def __init__(self, decoder: GreedyDecoder, kv: StaticKV, key_valid, state: _DecodeState, neg, dtype,
-                 compilable: bool = False):
-        self.decoder, self.kv, self.key_valid, self.state = decoder, kv, key_valid, state
-        self.neg, self.dtype = neg, dtype
-        #: a small-batch (slot) step: compiled while the decoder's ``compile_step`` is on
-        self.compilable = compilable
-
-    def forward_logits(self):
-        state = self.state
-        torch.add(state.t, state.base, out=state.write_at)
-        self.key_valid.index_fill_(1, state.write_at, True)
-        mask = torch.where(self.key_valid, 0.0, self.neg).to(self.dtype)[:, None, None, :]
-        self.kv.write_at = state.write_at
-        d = self.decoder
-        hidden = d.lm(inputs_embeds=d.embed(state.tokens), attention_mask=mask, position_ids=state.positions,
-                      past_key_values=self.kv, use_cache=True).last_hidden_state
-        return d.lm_head(hidden[:, -1]).float()
-
-    def __call__(self):
-        compiled = self.compilable and self.decoder.compile_step
-        logits = self.decoder.compiled_logits(self) if compiled else self.forward_logits()
-        self.state.record(torch.log_softmax(logits, dim=-1).max(dim=-1), self.decoder.eos)
-
-    def run_eager(self, pick):
-        self.state.record(pick(self.forward_logits()), self.decoder.eos)
-
-    def capture(self) -> "torch.cuda.CUDAGraph":
-        """Capture one step. Warm-up runs mutate the buffers, so they are saved and restored."""
-        state, saved = self.state, {}
-        names = ("out_tokens", "out_logprobs", "tokens", "positions", "t", "base", "done")
-        for name in names:
-            saved[name] = getattr(state, name).clone()
-        saved_valid = self.key_valid.clone()
-        graph = torch.cuda.CUDAGraph()
-        # The warm-up (where a compiled step compiles) and the capture, one at a time in the
-        # process. Own capture stream on this replica's GPU (torch's default capture stream is one
-        # shared stream on whichever GPU came first); thread_local: replicas on other GPUs keep
-        # working in their threads.
-        try:
-            with _CAPTURE_LOCK:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self()
-                torch.cuda.current_stream().wait_stream(stream)
-                with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-                    self()
-        finally:  # also after a failed attempt: the caller may capture again
-            for name in names:
-                getattr(state, name).copy_(saved[name])
-            self.key_valid.copy_(saved_valid)
+    def _graph(self, first: int, count: int, read_length: int, interactive: bool) -> "_StepGraph":
+        compiled = interactive and self.compile_step
+        key = (first, count, read_length, compiled)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = _StepGraph(self, first, count, read_length, compiled)
         return graph
+
+    def _on_device(self):
+        if self.device.type == "cuda":  # each GPU replica runs in its own thread
+            return torch.cuda.device(self.device)
+        return _NoContext()
+
+
+class _StepGraph:
+    """One decode step over a fixed slot range and read length, captured as a CUDA graph.
+
+    Its first use runs the step eagerly on a side stream (that is this call's real result, and
+    where a compiled step compiles), then captures the same work without running it; later uses
+    replay it."""
+
+    def __init__(self, decoder: SlotDecoder, first: int, count: int, read_length: int, compiled: bool):
+        self.decoder, self.args, self.compiled = decoder, (first, count, read_length), compiled
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        decoder = self.decoder
+        with _CAPTURE_LOCK:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                decoder._step(*self.args, compiled=self.compiled)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=decoder._graph_pool, stream=torch.cuda.Stream(),
+                                  capture_error_mode="thread_local"):
+                decoder._step(*self.args, compiled=self.compiled)
+        self.graph = graph
+
+
+class _NoContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _PhaseTimer:
@@ -431,41 +468,3 @@ class _PhaseTimer:
     def count(self, name: str, value: int) -> None:
         if self.sink is not None:
             self.sink[name] = self.sink.get(name, 0) + value
-
-
-class _SuffixGraph:
-    """The suffix prefill of one slot and suffix length as a CUDA graph: for an opened task the
-    eager forward (36 layers of Python for a few dozen tokens) costs more than its arithmetic."""
-
-    def __init__(self, decoder: GreedyDecoder, kv: StaticKV, rows: int, slen: int, length: int, dtype, device):
-        self.decoder, self.kv = decoder, kv
-        self.ids = torch.zeros((rows, slen), dtype=torch.long, device=device)
-        self.mask = torch.zeros((rows, 1, slen, length), dtype=dtype, device=device)
-        self.positions = torch.zeros((rows, slen), dtype=torch.long, device=device)
-        self.write_at = torch.zeros((slen,), dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-
-    def _forward(self) -> torch.Tensor:
-        return self.decoder._suffix_logits(self.kv, self.ids, self.mask, self.positions, self.write_at)
-
-    def run(self, ids, mask, positions, write_at) -> torch.Tensor:
-        self.ids.copy_(ids)
-        self.mask.copy_(mask)
-        self.positions.copy_(positions)
-        self.write_at.copy_(write_at)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        # first use: an eager warm-up run on a side stream gives this call's real result (and
-        # writes its keys/values); the capture records the same work without running it
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            logits = self._forward().clone()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-            self.logits = self._forward()
-        self.graph = graph
-        return logits

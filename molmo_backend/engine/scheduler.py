@@ -1,40 +1,59 @@
-"""One GPU worker thread and a priority queue in front of it.
+"""The GPU scheduler: one worker thread per engine replica, one queue in front of them all.
 
-Every HTTP thread submits its (image, prompt) queries here and waits. The worker forms batches
-across all waiting requests, up to ``max_batch`` queries and the engine's token budget (the cache
-tokens that fit in the GPU memory free at that moment), opened tasks (INTERACTIVE) before bulk
-work, so an annotator who opens a task is not stuck behind a 1000-task "Retrieve predictions".
-Engines that can pause
-(``between_steps``) let an opened task run between two steps of a running bulk batch, so it
-waits for one decode step, not for the whole batch. A batch that fails (GPU out
-of memory, a bad input) is split in halves and retried, down to single queries, so one bad query
-costs only its own answer.
+HTTP threads submit (image, prompt) queries and get a :class:`Job` back; the workers answer them,
+opened tasks (INTERACTIVE) before bulk work, so an annotator who opens a task is not stuck behind
+a 1000-task "Retrieve predictions".
+
+For a :class:`StepEngine` (the in-process Molmo2 engine) the worker runs continuous batching and
+owns the loop, the way TGI's router and vLLM's scheduler do; each iteration:
+
+1. rows whose job was cancelled leave their slots;
+2. waiting rows join: opened tasks first, into slots of their own, at once; bulk rows when enough
+   bulk slots are free (so a prefill chunk is big enough to run efficiently) and no opened task
+   is decoding, up to a per-step prefill token budget. A distinct image is prefilled once for
+   all the labels asked of it;
+3. one decode step: for the opened tasks' rows alone while any are running (bulk rows wait in
+   their slots), else for every running row;
+4. rows that ended (end token, the new-token cap) leave at once and their answers are delivered.
+
+The engine never calls back into the scheduler, so no batch can run inside another one. For a
+plain :class:`Engine` (remote, Molmo v1, ``generate()``) the worker forms whole batches up to
+``max_batch`` queries and the engine's token budget. Either way a failing prefill or batch is
+split in halves and retried, down to one image or query, so one bad input costs only its own
+answer.
 """
 
 from __future__ import annotations
 
-import heapq
-import inspect
-import itertools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Callable, Sequence
 
-from .base import Answer, Engine, PointQuery
+from .base import Answer, Engine, PointQuery, Row, StepEngine
+from .queue import Item, Priority, RequestQueue
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CANCELLED", "Job", "Priority", "Scheduler", "SchedulerClosed"]
 
-class Priority(IntEnum):
-    INTERACTIVE = 0  # one opened task, an interactive click: answer first
-    BULK = 1  # "Retrieve predictions", the annotate command
-
-
-#: the answer a query gets when its job was cancelled before the query ran
+#: the answer a query gets when its job was cancelled before the query ended
 CANCELLED = "cancelled: nobody waits for this answer any more"
+#: tokens of image + prompt prefilled in one step at most (about 8 images of 1000 tokens): bigger
+#: chunks run the GPU closer to its matmul ceiling, smaller ones stall decoding rows less
+PREFILL_TOKENS_PER_STEP = 8192
+#: bulk rows are admitted when at least this share of the bulk slots is free (or nothing is
+#: decoding, or all that waits fits): a one-image prefill runs about 3x less efficiently than a
+#: chunk of eight
+ADMIT_FREE_FRACTION = 0.125
+#: images whose CPU-side preparation runs ahead of the GPU, per worker
+PREPARE_AHEAD = 32
+
+
+class SchedulerClosed(RuntimeError):
+    pass
 
 
 @dataclass(eq=False)
@@ -43,12 +62,12 @@ class Job:
 
     ``answers[i]`` is None until query ``i`` is answered. ``on_answer(i, answer)`` (optional) is
     called in the worker thread as each one arrives, so a caller can act on finished tasks before
-    the whole job is done. :meth:`cancel` drops the queries not yet started (work nobody waits
+    the whole job is done. :meth:`cancel` drops the queries not yet answered (work nobody waits
     for is not computed)."""
 
     total: int
     priority: Priority
-    on_answer: "Callable[[int, Answer], None] | None" = None
+    on_answer: Callable[[int, Answer], None] | None = None
     answers: list = field(default_factory=list)
     done_count: int = 0
     cancelled: bool = False
@@ -64,45 +83,37 @@ class Job:
         return self.finished.wait(timeout)
 
     def cancel(self) -> None:
-        """Queries of this job not yet started are dropped: they are answered with an error
-        (``CANCELLED``) instead of being computed. Queries already running finish."""
+        """Queries of this job not yet answered are dropped: waiting ones are never started and
+        running ones leave their slots at the next step; each is answered ``CANCELLED``."""
         self.cancelled = True
 
 
-@dataclass(order=True)
-class _Item:
-    priority: int
-    seq: int
-    query: PointQuery = field(compare=False)
-    job: Job = field(compare=False)
-    index: int = field(compare=False)
-
-
-class SchedulerClosed(RuntimeError):
-    pass
-
-
 class Scheduler:
-    """Runs one worker thread per :class:`Engine` (one per GPU replica), batching queries from
-    all callers into whichever worker is free."""
+    """Runs one worker thread per engine (one per GPU replica), all fed from one queue."""
 
     def __init__(self, engines: Engine | Sequence[Engine], max_batch: int | None = None,
-                 progress_every: float = 10.0):
+                 progress_every: float = 10.0, prefill_tokens: int = PREFILL_TOKENS_PER_STEP):
         self.engines = [engines] if isinstance(engines, Engine) else list(engines)
         if not self.engines:
             raise ValueError("a scheduler needs at least one engine")
         self.engine = self.engines[0]
         self.max_batch = max_batch or self.engine.max_batch
         self.progress_every = progress_every
-        self._heap: list[_Item] = []
-        self._seq = itertools.count()
+        self.prefill_tokens = prefill_tokens
+        self._queue = RequestQueue()
         self._cv = threading.Condition()
         self._closed = False
-        self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0, "preemptions": 0,
-                      "budget_cuts": 0, "cancelled": 0}
+        self._running: dict[int, int] = {}  # engine index -> rows in its slots
+        self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0,
+                      "budget_cuts": 0, "cancelled": 0, "truncated": 0, "prefills": 0,
+                      "decode_steps": 0, "bulk_paused_steps": 0}
         self._stats_lock = threading.Lock()
+        #: called by a step worker with ("prefill" | "decode", engine index) after each prefill and
+        #: decode step (tests use it to act at an exact step; never set in production)
+        self.on_step: Callable[[str, int], None] | None = None
         self._workers = [
-            threading.Thread(target=self._run, args=(engine,), name=f"gpu-worker-{i}", daemon=True)
+            threading.Thread(target=self._run_steps if engine.stepwise else self._run_batches,
+                             args=(i, engine), name=f"gpu-worker-{i}", daemon=True)
             for i, engine in enumerate(self.engines)
         ]
         for worker in self._workers:
@@ -118,6 +129,7 @@ class Scheduler:
     def submit_async(self, queries: Sequence[PointQuery], priority: Priority = Priority.BULK,
                      on_answer: Callable[[int, Answer], None] | None = None) -> Job:
         """Queue ``queries`` and return at once; the :class:`Job` fills in as answers finish."""
+        priority = Priority(priority)
         job = Job(total=len(queries), priority=priority, on_answer=on_answer)
         if not queries:
             job.finished.set()
@@ -125,14 +137,19 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise SchedulerClosed("the engine is shutting down")
-            for i, query in enumerate(queries):
-                heapq.heappush(self._heap, _Item(int(priority), next(self._seq), query, job, i))
-            self._cv.notify_all()  # every idle replica may take a batch
+            self._queue.push([Item(q, job, i) for i, q in enumerate(queries)], priority)
+            self._cv.notify_all()  # every idle replica may take work
         return job
 
-    def pending(self) -> int:
+    def pending(self, priority: Priority | None = None) -> int:
+        """Queries waiting (not yet admitted), of one class or all."""
         with self._cv:
-            return len(self._heap)
+            return len(self._queue) if priority is None else self._queue.waiting(priority)
+
+    def running(self) -> int:
+        """Rows in the engines' cache slots now (step engines only)."""
+        with self._cv:
+            return sum(self._running.values())
 
     def close(self) -> None:
         with self._cv:
@@ -141,109 +158,16 @@ class Scheduler:
         for worker in self._workers:
             worker.join(timeout=10)
 
-    # -- worker --------------------------------------------------------------------------------
-    def _pop_batch(self, engine: Engine) -> list[_Item]:
-        """Items of the first item's priority class, up to max_batch and while the batch's
-        padded cache (rows x longest row) fits ``engine``'s token budget; at least one item
-        (caller holds the lock)."""
-        budget = self._ask(engine.token_budget)
-        first = heapq.heappop(self._heap)
-        if first.job.cancelled:
-            return [first]  # answered CANCELLED by the caller, outside the lock
-        batch, longest = [first], 0
-        if budget is not None:
-            longest = self._ask(engine.tokens_for, first.query) or 0
-        # only the same priority class rides along: a bulk batch must not delay an opened task
-        while (self._heap and len(batch) < self.max_batch and self._heap[0].priority == first.priority
-               and not self._heap[0].job.cancelled):
-            if budget is not None:
-                row = max(longest, self._ask(engine.tokens_for, self._heap[0].query) or 0)
-                if (len(batch) + 1) * row > budget:
-                    self._count(budget_cuts=1)
-                    log.debug("batch cut by the GPU memory budget",
-                              extra={"rows": len(batch), "budget_tokens": budget, "row_tokens": row})
-                    break
-                longest = row
-            batch.append(heapq.heappop(self._heap))
-        return batch
-
-    @staticmethod
-    def _ask(method, *args):
-        """An engine's budget or cost; None if it raises (the worker thread must never die here:
-        every waiting request would hang), so the batch is formed by count alone."""
-        try:
-            return method(*args)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("token budget unavailable, batching by count", extra={"error": repr(exc)[:300]})
-            return None
-
-    def _next_batch(self, engine: Engine) -> list[_Item] | None:
-        with self._cv:
-            while not self._heap and not self._closed:
-                self._cv.wait()
-            if self._closed and not self._heap:
-                return None
-            return self._pop_batch(engine)
-
+    # -- shared by both loops ------------------------------------------------------------------
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
             for key, value in increments.items():
                 self.stats[key] += value
 
-    def _run(self, engine: Engine) -> None:
-        while True:
-            batch = self._next_batch(engine)
-            if batch is None:
-                return
-            self._process(engine, batch, preemptible=batch[0].priority != Priority.INTERACTIVE)
-
-    def _process(self, engine: Engine, batch: list[_Item], preemptible: bool = False) -> None:
-        if batch[0].job.cancelled:
-            self._count(cancelled=len(batch))
-            for item in batch:
-                self._deliver(item, Answer(text="", error=CANCELLED))
-            return
-        answers = self._answer(engine, batch, preemptible)
-        self._count(batches=1, queries=len(batch))
-        for item, answer in zip(batch, answers):
-            self._deliver(item, answer)
-
-    def _answer(self, engine: Engine, batch: list[_Item], preemptible: bool = False) -> list[Answer]:
-        """Answers for ``batch``; a failing batch is split in halves until only the bad query fails."""
-        try:
-            queries = [item.query for item in batch]
-            if preemptible and "between_steps" in inspect.signature(engine.generate).parameters:
-                answers = engine.generate(queries, between_steps=lambda: self._serve_interactive(engine))
-            else:
-                answers = engine.generate(queries)
-            if len(answers) != len(batch):
-                raise RuntimeError(f"engine returned {len(answers)} answers for {len(batch)} queries")
-            return answers
-        except Exception as exc:  # noqa: BLE001 - any engine failure is contained here
-            self._count(failed_batches=1)
-            if len(batch) == 1:
-                self._count(failed_queries=1)
-                log.error("query failed", extra={"error": repr(exc)[:500]})
-                return [Answer(text="", error=f"{type(exc).__name__}: {exc}"[:500])]
-            log.warning(
-                "batch failed, splitting and retrying",
-                extra={"batch_size": len(batch), "error": repr(exc)[:500]},
-            )
-            mid = len(batch) // 2
-            return self._answer(engine, batch[:mid], preemptible) + self._answer(engine, batch[mid:], preemptible)
-
-    def _serve_interactive(self, engine: Engine) -> None:
-        """Called by an engine between steps of a bulk batch: run waiting opened tasks now."""
-        while True:
-            with self._cv:
-                if not self._heap or self._heap[0].priority != Priority.INTERACTIVE:
-                    return
-                batch = self._pop_batch(engine)  # the budget counts the running batch's memory
-            self._count(preemptions=1)
-            self._process(engine, batch)
-
-    def _deliver(self, item: _Item, answer: Answer) -> None:
+    def _deliver(self, item: Item, answer: Answer) -> None:
         job = item.job
+        if answer.truncated:
+            self._count(truncated=1)
         with self._stats_lock:  # several workers may finish parts of one job
             job.answers[item.index] = answer
             job.done_count += 1
@@ -259,10 +183,231 @@ class Scheduler:
         elif job.total > self.max_batch and now - job.last_progress >= self.progress_every:
             job.last_progress = now
             rate = done / max(now - job.started, 1e-9)
-            log.info(
-                "bulk progress",
-                extra={
-                    "done": done, "total": job.total, "pairs_per_s": round(rate, 2),
-                    "eta_s": round((job.total - done) / rate, 1),
-                },
-            )
+            log.info("bulk progress", extra={"done": done, "total": job.total, "pairs_per_s": round(rate, 2),
+                                             "eta_s": round((job.total - done) / rate, 1)})
+
+    def _drop(self, items: Sequence[Item]) -> None:
+        self._count(cancelled=len(items))
+        for item in items:
+            self._deliver(item, Answer(text="", error=CANCELLED))
+
+    @staticmethod
+    def _failure(exc: BaseException) -> Answer:
+        return Answer(text="", error=f"{type(exc).__name__}: {exc}"[:500])
+
+    @staticmethod
+    def _ask(method, *args):
+        """An engine's budget or cost; None if it raises (the worker thread must never die here:
+        every waiting request would hang), so the batch is formed by count alone."""
+        try:
+            return method(*args)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("token budget unavailable, batching by count", extra={"error": repr(exc)[:300]})
+            return None
+
+    # -- plain engines: whole batches ----------------------------------------------------------
+    def _run_batches(self, index: int, engine: Engine) -> None:
+        while True:
+            with self._cv:
+                while not len(self._queue) and not self._closed:
+                    self._cv.wait()
+                if self._closed and not len(self._queue):
+                    return
+                batch = self._pop_batch(engine)
+            if batch[0].job.cancelled:
+                self._drop(batch)
+                continue
+            answers = self._answer(engine, batch)
+            self._count(batches=1, queries=len(batch))
+            for item, answer in zip(batch, answers):
+                self._deliver(item, answer)
+
+    def _pop_batch(self, engine: Engine) -> list[Item]:
+        """Items of the most urgent class, up to max_batch and while the batch's padded cache
+        (rows x longest row) fits ``engine``'s token budget; at least one item. A cancelled
+        head item goes alone (it is dropped, not computed). Caller holds the lock."""
+        priority = self._queue.head_priority()
+        budget = self._ask(engine.token_budget)
+        first = self._queue.pop(priority)
+        batch, longest = [first], 0
+        if first.job.cancelled:
+            return batch
+        if budget is not None:
+            longest = self._ask(engine.tokens_for, first.query) or 0
+        # only the same priority class rides along: a bulk batch must not delay an opened task
+        while len(batch) < self.max_batch and self._queue.waiting(priority):
+            head = next(self._queue.peek(priority, 1))
+            if head.job.cancelled:
+                break
+            if budget is not None:
+                row = max(longest, self._ask(engine.tokens_for, head.query) or 0)
+                if (len(batch) + 1) * row > budget:
+                    self._count(budget_cuts=1)
+                    log.debug("batch cut by the GPU memory budget",
+                              extra={"rows": len(batch), "budget_tokens": budget, "row_tokens": row})
+                    break
+                longest = row
+            batch.append(self._queue.pop(priority))
+        return batch
+
+    def _answer(self, engine: Engine, batch: list[Item]) -> list[Answer]:
+        """Answers for ``batch``; a failing batch is split in halves until only the bad query fails."""
+        try:
+            answers = engine.generate([item.query for item in batch])
+            if len(answers) != len(batch):
+                raise RuntimeError(f"engine returned {len(answers)} answers for {len(batch)} queries")
+            return answers
+        except Exception as exc:  # noqa: BLE001 - any engine failure is contained here
+            self._count(failed_batches=1)
+            if len(batch) == 1:
+                self._count(failed_queries=1)
+                log.error("query failed", extra={"error": repr(exc)[:500]})
+                return [self._failure(exc)]
+            log.warning("batch failed, splitting and retrying",
+                        extra={"batch_size": len(batch), "error": repr(exc)[:500]})
+            mid = len(batch) // 2
+            return self._answer(engine, batch[:mid]) + self._answer(engine, batch[mid:])
+
+    # -- step engines: continuous batching -----------------------------------------------------
+    def _run_steps(self, index: int, engine: StepEngine) -> None:
+        running: list[Row] = []
+        preparer = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"prepare-{index}")
+        try:
+            while True:
+                with self._cv:
+                    while not len(self._queue) and not running and not self._closed:
+                        self._cv.wait()
+                    if self._closed and not running:
+                        self._drop_all_waiting()
+                        return
+                    groups, dropped = self._admit(engine, running)
+                    self._prepare_ahead(engine, preparer)
+                self._drop(dropped)
+                running = [row for row in running if not self._evict_if_cancelled(engine, row)]
+                if groups:
+                    running.extend(self._prefill(engine, groups))
+                    running = self._finish(engine, running)  # a first token may end a row
+                    self._hook("prefill", index)
+                if running:
+                    interactive = [row for row in running if row.interactive]
+                    active = interactive or running
+                    self._decode(engine, active)
+                    if interactive and len(interactive) < len(running):
+                        self._count(bulk_paused_steps=1)
+                    running = self._finish(engine, running)
+                    self._hook("decode", index)
+                with self._cv:
+                    self._running[index] = len(running)
+        finally:
+            preparer.shutdown(wait=False, cancel_futures=True)
+
+    def _hook(self, event: str, index: int) -> None:
+        if self.on_step is not None:
+            self.on_step(event, index)
+
+    def _admit(self, engine: StepEngine, running: list[Row]) -> tuple[list[list[Row]], list[Item]]:
+        """Image groups of rows to prefill now, and cancelled items met on the way (caller
+        holds the lock)."""
+        groups: list[list[Row]] = []
+        dropped: list[Item] = []
+        budget = self.prefill_tokens
+        for priority in Priority:
+            interactive = priority == Priority.INTERACTIVE
+            if not interactive and any(row.interactive for row in running):
+                break  # bulk waits while an opened task decodes: its steps stay small
+            free = self._ask(engine.free_slots, interactive) or 0
+            if not interactive and not self._bulk_should_join(engine, running, free):
+                continue
+            while self._queue.waiting(priority):
+                size = self._queue.head_group_size(priority)
+                head = next(self._queue.peek(priority, 1))
+                if head.job.cancelled:
+                    dropped.extend(self._queue.pop_image_group(priority))
+                    continue
+                cost = self._ask(engine.prefill_cost, head.query) or 0
+                if size > free or (groups and cost > budget):
+                    break
+                items = self._queue.pop_image_group(priority)
+                groups.append([Row(item.query, interactive, ticket=item, prepared=item.prepared) for item in items])
+                free -= size
+                budget -= cost
+        return groups, dropped
+
+    def _bulk_should_join(self, engine: StepEngine, running: list[Row], free: int) -> bool:
+        waiting = self._queue.waiting(Priority.BULK)
+        if not waiting or free <= 0:
+            return False
+        bulk_rows = sum(not row.interactive for row in running)
+        capacity = bulk_rows + free
+        return bulk_rows == 0 or free >= max(1, int(capacity * ADMIT_FREE_FRACTION)) or waiting <= free
+
+    def _prepare_ahead(self, engine: StepEngine, preparer: ThreadPoolExecutor) -> None:
+        """Start the CPU-side preparation of the next waiting images (caller holds the lock)."""
+        for priority in Priority:
+            for item in self._queue.peek(priority, PREPARE_AHEAD):
+                if item.prepared is None and not item.job.cancelled:
+                    item.prepared = preparer.submit(engine.prepare, item.query)
+
+    def _prefill(self, engine: StepEngine, groups: list[list[Row]]) -> list[Row]:
+        """Prefill image groups; a failing set is split in halves, down to one image, whose rows
+        then get the error. Returns the rows admitted."""
+        rows = [row for group in groups for row in group]
+        try:
+            engine.prefill(rows)
+            self._count(prefills=1, queries=len(rows))
+            return rows
+        except Exception as exc:  # noqa: BLE001 - any engine failure is contained here
+            self._count(failed_batches=1)
+            if len(groups) == 1:
+                self._count(failed_queries=len(rows), queries=len(rows))
+                log.error("query failed", extra={"error": repr(exc)[:500], "rows": len(rows)})
+                for row in rows:
+                    self._deliver(row.ticket, self._failure(exc))
+                return []
+            log.warning("prefill failed, splitting and retrying",
+                        extra={"images": len(groups), "error": repr(exc)[:500]})
+            mid = len(groups) // 2
+            return self._prefill(engine, groups[:mid]) + self._prefill(engine, groups[mid:])
+
+    def _decode(self, engine: StepEngine, rows: list[Row]) -> None:
+        try:
+            engine.decode(rows)
+            self._count(decode_steps=1)
+        except Exception as exc:  # noqa: BLE001 - a broken step ends its rows, not the worker
+            log.exception("decode step failed", extra={"rows": len(rows)})
+            self._count(failed_batches=1, failed_queries=len(rows))
+            for row in rows:
+                row.finished, row.error = True, exc
+
+    def _finish(self, engine: StepEngine, running: list[Row]) -> list[Row]:
+        """Deliver the rows that ended and free their slots; the rest keep running."""
+        done = [row for row in running if row.finished]
+        if not done:
+            return running
+        engine.release(done)
+        for row in done:
+            self._deliver(row.ticket, self._failure(row.error) if row.error else self._answer_of(engine, row))
+        return [row for row in running if not row.finished]
+
+    def _answer_of(self, engine: StepEngine, row: Row) -> Answer:
+        try:
+            return engine.answer(row)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("decoding an answer failed")
+            return self._failure(exc)
+
+    def _evict_if_cancelled(self, engine: StepEngine, row: Row) -> bool:
+        if not row.ticket.job.cancelled:
+            return False
+        engine.release([row])
+        self._drop([row.ticket])
+        return True
+
+    def _drop_all_waiting(self) -> None:
+        """At close: every waiting query still gets an answer (caller holds the lock)."""
+        items = []
+        for priority in Priority:
+            while self._queue.waiting(priority):
+                items.append(self._queue.pop(priority))
+        for item in items:
+            self._deliver(item, Answer(text="", error="the engine is shutting down"))

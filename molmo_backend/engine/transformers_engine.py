@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
+from concurrent.futures import Future
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +23,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProce
 
 from ..demo import ensure_demo_model, is_demo_model
 from ..settings import Settings
-from .base import Answer, Engine, PointQuery
-from .decoding import GreedyDecoder, prepare
+from .base import Answer, Engine, PointQuery, Row, StepEngine
+from .decoding import INTERACTIVE_SLOTS, LENGTH_STEP, PreparedImage, SlotDecoder, prepare_image, round_up
+from .static_decoder import GreedyDecoder
+from .static_decoder import prepare as static_prepare
 from .token_text import TokenTexts
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,10 @@ class ModelLoadError(RuntimeError):
 KV_MEMORY_FRACTION = 0.7
 #: image tokens assumed when the processor cannot say (more than Molmo2's 8-crop maximum)
 FALLBACK_IMAGE_TOKENS = 2048
+#: prompt tokens after the image a cache slot leaves room for (the chat template around a label
+#: takes about 25; a label's own ``prompt`` attribute may be longer)
+SUFFIX_TOKENS = 128
+DECODERS = ("fast", "static", "generate")
 
 
 def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_MEMORY_FRACTION) -> int:
@@ -212,8 +220,13 @@ def mean_probability(logprobs: Sequence[float]) -> float | None:
     return round(sum(math.exp(x) for x in logprobs) / len(logprobs), 4) if logprobs else None
 
 
-class TransformersEngine(Engine):
-    """Batched greedy generation with a loaded Molmo2 model and its processor."""
+class TransformersEngine(StepEngine):
+    """Greedy Molmo2 with a loaded model and its processor.
+
+    ``decoder``: ``fast`` (the default) keeps rows in cache slots and lets the scheduler run
+    continuous batching over them (:mod:`.decoding`); ``static`` is the previous engine, one
+    padded batch at a time until its longest answer ends (:mod:`.static_decoder`, kept only to be
+    measured against); ``generate`` is plain Hugging Face ``generate()``, the reference."""
 
     def __init__(
         self,
@@ -222,7 +235,7 @@ class TransformersEngine(Engine):
         *,
         model_id: str,
         revision: str,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = 1024,
         max_batch: int = 8,
         logits_processors: Sequence[LogitsProcessor] = (),
         decoder: str = "fast",
@@ -230,8 +243,8 @@ class TransformersEngine(Engine):
         compile_step: bool = False,
         demo: bool = False,
     ):
-        if decoder not in ("fast", "generate"):
-            raise ValueError(f"decoder must be 'fast' or 'generate', not {decoder!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
         config = model.config
         if config.model_type != "molmo2":
             raise ModelLoadError(f"{model_id!r} is a {config.model_type!r} model; this engine runs Molmo2")
@@ -242,16 +255,48 @@ class TransformersEngine(Engine):
         self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
         self.logits_processors = list(logits_processors)
         self.decoder_name = decoder
+        self.stepwise = decoder == "fast"
+        #: benchmark seam: when set, every query without its own ``answer_tokens`` generates
+        #: exactly this many tokens (see PointQuery.answer_tokens); None in production
+        self.answer_tokens: int | None = None
         tokenizer = processor.tokenizer
         self._pad_id = tokenizer.pad_token_id
         self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
-        self.decoder = GreedyDecoder(
-            model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs,
-            # only where it pays: a compiled step is captured as a CUDA graph, and only the fast
-            # decoder's small batches use it
-            compile_step=compile_step and cuda_graphs and decoder == "fast" and model.device.type == "cuda",
-        )
         self._token_texts = TokenTexts(tokenizer)
+        self._lock = threading.Lock()  # the scheduler's worker and direct generate() callers
+        # only where it pays: a compiled step is captured as a CUDA graph
+        compile_step = compile_step and cuda_graphs and model.device.type == "cuda"
+        if decoder == "static":
+            self.decoder = GreedyDecoder(model, self._eos_ids, self._pad_id, use_cuda_graph=cuda_graphs,
+                                         compile_step=compile_step)
+        else:
+            self.decoder = self._slot_decoder(cuda_graphs, compile_step and decoder == "fast")
+
+    def _slot_decoder(self, cuda_graphs: bool, compile_step: bool) -> SlotDecoder:
+        """Slots sized for the longest row this model can have: its largest image, a long
+        prompt and the new-token cap; as many bulk slots as MOLMO_MAX_BATCH asks and the GPU's
+        free memory holds."""
+        length = round_up(self._largest_prefix() + SUFFIX_TOKENS + self.max_new_tokens + 1, LENGTH_STEP)
+        bulk = self.max_batch
+        if self.device.type == "cuda":
+            text = self.model.config.text_config
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * self.dtype.itemsize
+            free, _ = torch.cuda.mem_get_info(self.device)
+            fits = kv_token_budget(free, per_token) // length - INTERACTIVE_SLOTS - 1
+            if fits < bulk:
+                log.warning("GPU memory holds fewer bulk rows than MOLMO_MAX_BATCH asks",
+                            extra={"max_batch": bulk, "rows": max(fits, 1), "slot_tokens": length})
+                bulk = max(fits, 1)
+        self.max_batch = bulk
+        return SlotDecoder(self.model, sorted(self._eos_ids), self._pad_id, bulk_slots=bulk, slot_length=length,
+                           use_cuda_graph=cuda_graphs, compile_step=compile_step)
+
+    def _largest_prefix(self) -> int:
+        """The most prefix tokens (bos + image) an image can take, over aspect ratios 8:1 to 1:8."""
+        sizes = [(4000, 4000 * w // h) for w, h in ((1, 1), (4, 3), (16, 9), (2, 1), (4, 1), (8, 1))]
+        sizes += [(w, h) for h, w in sizes]
+        return max(self._image_tokens(h, w) for h, w in sizes)
 
     @classmethod
     def load(cls, model_path: str, *, revision: str | None = None, device: torch.device | str = "cpu",
@@ -277,8 +322,8 @@ class TransformersEngine(Engine):
             "model loaded",
             extra={
                 "model": engine.model_id, "revision": engine.revision, "device": str(engine.device),
-                "dtype": str(dtype).removeprefix("torch."), "demo": demo,
-                "load_s": round(time.monotonic() - started, 2),
+                "dtype": str(dtype).removeprefix("torch."), "demo": demo, "decoder": engine.decoder_name,
+                "bulk_rows": engine.max_batch, "load_s": round(time.monotonic() - started, 2),
             },
         )
         return engine
@@ -298,16 +343,19 @@ class TransformersEngine(Engine):
             **kwargs,
         )
 
+    # -- sizes ---------------------------------------------------------------------------------
     def tokens_for(self, query: PointQuery) -> int:
         """The length of this query's cache row: its image's tokens (from the image size alone,
         as the processor will lay them out), the prompt suffix, and the new tokens."""
-        return (self._image_tokens(query.image.height, query.image.width)
-                + self._suffix_tokens(query.prompt) + self.max_new_tokens)
+        return self.prefill_cost(query) + self.max_new_tokens
+
+    def prefill_cost(self, query: PointQuery) -> int:
+        return self._image_tokens(query.image.height, query.image.width) + self._suffix_tokens(query.prompt)
 
     def token_budget(self) -> int | None:
-        """Cache tokens a batch may hold: KV_MEMORY_FRACTION of the GPU memory free now (the
-        driver's free memory plus what torch's allocator holds unused). None on the CPU."""
-        if self.device.type != "cuda":
+        """Cache tokens a static batch may hold: KV_MEMORY_FRACTION of the GPU memory free now
+        (the driver's free memory plus what torch's allocator holds unused). None on the CPU."""
+        if self.device.type != "cuda" or self.decoder_name != "static":
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -324,20 +372,25 @@ class TransformersEngine(Engine):
     @lru_cache(maxsize=1024)
     def _suffix_tokens(self, prompt: str) -> int:
         try:
-            text = self.chat_suffix(prompt)
+            return len(self._suffix_ids(prompt))
         except ValueError:  # a template without the image first (MOLMO_DECODER=generate): close enough
-            text = self.chat_text(prompt)
-        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return len(self.processor.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"])
+
+    @lru_cache(maxsize=1024)
+    def _suffix_ids(self, prompt: str) -> tuple[int, ...]:
+        ids = self.processor.tokenizer(self.chat_suffix(prompt), add_special_tokens=False)["input_ids"]
+        return tuple(ids)
 
     def warm_up(self) -> None:
-        """Compile the small-batch decode step now (MOLMO_COMPILE), at start, so that no opened
-        task waits for the compiler. A no-op when nothing is compiled."""
-        if not self.decoder.compile_step:
+        """Compile the opened tasks' decode step now (MOLMO_COMPILE), at start, so that no
+        opened task waits for the compiler. A no-op when nothing is compiled."""
+        if not getattr(self.decoder, "compile_step", False):
             return
         log.info("compiling the decode step for opened tasks (torch.compile, once per start)")
         started = time.monotonic()
         image = Image.new("RGB", (640, 480), (128, 128, 128))
-        self.generate([PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")])
+        self.generate([PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")],
+                      interactive=True)
         log.info("decode step ready", extra={"compiled": self.decoder.compile_step,
                                              "warm_up_s": round(time.monotonic() - started, 1)})
 
@@ -355,17 +408,33 @@ class TransformersEngine(Engine):
             raise ValueError("the chat template does not put the image first; use MOLMO_DECODER=generate")
         return text[len(image_token):]
 
-    def generate(self, queries: Sequence[PointQuery], between_steps=None) -> list[Answer]:
+    # -- whole batches -------------------------------------------------------------------------
+    def generate(self, queries: Sequence[PointQuery], interactive: bool = False) -> list[Answer]:
         if self.decoder_name == "generate":
             return self.generate_plain(queries)
-        started = time.perf_counter()
-        batch = prepare(self.processor, queries, self.chat_suffix, self.device)
+        if self.decoder_name == "static":
+            return self._generate_static(queries)
+        return super().generate(queries, interactive=interactive)
+
+    def _generate_static(self, queries: Sequence[PointQuery]) -> list[Answer]:
+        """The previous engine: one padded batch until its longest answer ends. With
+        ``answer_tokens`` set, end tokens are ignored and the batch runs to its longest one."""
+        forced = [q.answer_tokens or self.answer_tokens for q in queries]
+        limit = max((n for n in forced if n), default=self.max_new_tokens) if any(forced) else self.max_new_tokens
+        batch = static_prepare(self.processor, queries, self.chat_suffix, self.device)
         for chunk in batch.prefix_chunks:
             chunk["pixel_values"] = chunk["pixel_values"].to(self.dtype)
-        if self.decoder.profile is not None:
-            self.decoder.profile["prepare"] = self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
-        tokens, logprobs = self.decoder.run(batch, self.max_new_tokens, self.logits_processors, between_steps)
-        return self._answers(tokens, logprobs)
+        eos = self.decoder.eos
+        if any(forced):
+            self.decoder.eos = torch.tensor([-1], device=self.device)
+        try:
+            tokens, logprobs = self.decoder.run(batch, limit, self.logits_processors)
+        finally:
+            self.decoder.eos = eos
+        if any(forced):
+            tokens = [t[:n] if n else t for t, n in zip(tokens, forced)]
+            logprobs = [lp[:n] if n else lp for lp, n in zip(logprobs, forced)]
+        return self._answers(tokens, logprobs, [len(t) >= limit and not n for t, n in zip(tokens, forced)])
 
     def generate_plain(self, queries: Sequence[PointQuery]) -> list[Answer]:
         """Hugging Face ``generate()`` on left-padded full prompts: the reference for the fast path."""
@@ -386,17 +455,91 @@ class TransformersEngine(Engine):
                 logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
             )
         ends = self._eos_ids | ({self._pad_id} if self._pad_id is not None else set())
-        return self._answers(*cut_at_end(sequences[:, inputs["input_ids"].shape[1]:].tolist(), recorder.steps, ends))
+        tokens, logprobs = cut_at_end(sequences[:, inputs["input_ids"].shape[1]:].tolist(), recorder.steps, ends)
+        return self._answers(tokens, logprobs, [len(t) >= self.max_new_tokens for t in tokens])
 
-    def _answers(self, tokens: list[list[int]], logprobs: list[list[float]]) -> list[Answer]:
+    # -- rows in slots (StepEngine) -------------------------------------------------------------
+    def free_slots(self, interactive: bool) -> int:
+        with self._lock:
+            return self.decoder.free_slots(interactive)
+
+    def prepare(self, query: PointQuery) -> PreparedImage:
+        """The processor's work for this query's image, and its prompt's token ids (cached)."""
+        self._suffix_ids(query.prompt)
+        return prepare_image(self.processor, query.image)
+
+    def prefill(self, rows: Sequence[Row]) -> None:
+        started = time.perf_counter()
+        images: list[PreparedImage] = []
+        index_of: dict = {}
+        image_of = []
+        for row in rows:
+            key = row.query.image_key if row.query.image_key is not None else id(row.query.image)
+            if key not in index_of:
+                index_of[key] = len(images)
+                ready = row.prepared.result() if isinstance(row.prepared, Future) else None
+                images.append(ready or prepare_image(self.processor, row.query.image))
+            image_of.append(index_of[key])
+        suffixes = [list(self._suffix_ids(row.query.prompt)) for row in rows]
+        for row, suffix, image in zip(rows, suffixes, image_of):
+            if images[image].length + len(suffix) + 2 > self.decoder.slot_length:
+                raise ValueError(f"the prompt is too long: {len(suffix)} tokens after the image")
+        if self.decoder.profile is not None:
+            self.decoder.profile["prepare"] = self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
+        with self._lock:
+            slots = []
+            try:
+                for row in rows:
+                    slots.append(self.decoder.take_slot(row.interactive))
+                states, tokens, logprobs = self.decoder.prefill(images, image_of, slots, suffixes,
+                                                                self.logits_processors)
+            except BaseException:
+                for slot in slots:
+                    self.decoder.release(slot)
+                raise
+        for row, state, token, logprob in zip(rows, states, tokens, logprobs):
+            row.slot, row.state = state.slot, state
+            self._record(row, token, logprob)
+
+    def decode(self, rows: Sequence[Row]) -> None:
+        with self._lock:
+            tokens, logprobs = self.decoder.decode([row.state for row in rows], [row.tokens for row in rows],
+                                                   self.logits_processors)
+        for row, token, logprob in zip(rows, tokens, logprobs):
+            self._record(row, token, logprob)
+
+    def _record(self, row: Row, token: int, logprob: float) -> None:
+        """Keep the row's new token; decide whether the row has ended."""
+        forced = row.query.answer_tokens or self.answer_tokens
+        if forced is None and token in self._eos_ids:
+            row.finished = True  # the end token itself is not part of the answer
+            return
+        row.tokens.append(token)
+        row.logprobs.append(logprob)
+        if forced is not None:
+            row.finished = len(row.tokens) >= forced
+        elif len(row.tokens) >= self.max_new_tokens or row.state.length + 1 >= self.decoder.slot_length:
+            row.finished = row.truncated = True
+
+    def answer(self, row: Row) -> Answer:
+        return self._answers([row.tokens], [row.logprobs], [row.truncated])[0]
+
+    def release(self, rows: Sequence[Row]) -> None:
+        with self._lock:
+            for row in rows:
+                if row.slot >= 0:
+                    self.decoder.release(row.slot)
+                    row.slot = -1
+
+    def _answers(self, tokens: list[list[int]], logprobs: list[list[float]], truncated: list[bool]) -> list[Answer]:
         """Answers from each row's generated ids and their log-probabilities (end token cut off):
         the text, its mean token probability, and each token's piece of the text for per-point
         confidence (molmo_backend/confidence.py works on these, away from torch)."""
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         return [
             Answer(text=text.strip(), score=mean_probability(lp), tokens=self._token_texts.split(ids, text),
-                   token_logprobs=tuple(lp))
-            for text, ids, lp in zip(texts, tokens, logprobs)
+                   token_logprobs=tuple(lp), truncated=cut)
+            for text, ids, lp, cut in zip(texts, tokens, logprobs, truncated)
         ]
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
     python tests/support/forced_cli.py --answers answers.json [--delay 1.0] -- annotate --project 3
 
 answers.json maps a label (found in the prompt) to the answer text Molmo should give, as for
-tests/support/forced_server.py. ``--delay`` sleeps that many seconds before every engine batch,
+tests/support/forced_server.py. ``--delay`` sleeps that many seconds before every prefill (each admission of rows),
 so a test can interrupt a run in the middle. Everything after ``--`` is the real command line;
 MOLMO_DEMO is forced to 1.
 """
@@ -23,7 +23,7 @@ from molmo_backend.cli import main as cli_main  # noqa: E402
 
 
 def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
-    """An engine factory: the demo TransformersEngine with ForceAnswers (and a delay per batch)."""
+    """An engine factory: the demo TransformersEngine with ForceAnswers (and a delay per prefill)."""
 
     def factory(settings):
         from molmo_backend.engine.transformers_engine import TransformersEngine
@@ -33,13 +33,13 @@ def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
         if answers:
             engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
         if delay > 0:
-            generate = engine.generate
+            prefill = engine.prefill
 
-            def slow_generate(queries, between_steps=None):
+            def slow_prefill(rows):
                 time.sleep(delay)
-                return generate(queries, between_steps=between_steps)
+                return prefill(rows)
 
-            engine.generate = slow_generate
+            engine.prefill = slow_prefill
         return engine
 
     return factory
@@ -48,7 +48,7 @@ def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--answers", type=Path, help="JSON file: label -> forced answer text")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per engine batch")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per prefill")
     parser.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the molmo-backend command line")
     args = parser.parse_args()
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv

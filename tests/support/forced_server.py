@@ -8,16 +8,18 @@ Labels not in the file get the random model's own answer. Other settings come fr
 environment as for ``molmo-backend serve``; MOLMO_DEMO is forced to 1.
 
 Fault injection (tests only, never in the product package): ``MOLMO_TEST_FAULTS`` holds a JSON
-list of rules; a call of the engine's ``generate`` whose batch matches a rule fails as the rule
-says, before the model runs. A rule matches on any of
+list of rules; a prefill (the rows the scheduler admits together) or, for a plain engine, a
+``generate`` batch that matches a rule fails or sleeps as the rule says, before the model runs.
+A rule matches on any of
 
 - ``"image_size": [w, h]``: a query's image is exactly w x h pixels (a "poison" task);
 - ``"prompt": "text"``: a query's prompt contains the text;
-- ``"batch_over": n``: the batch holds more than n queries (out of memory that depends on batch
-  size, as on a real GPU: the scheduler's split-and-retry must then deliver every answer);
+- ``"batch_over": n``: the prefill or batch holds more than n queries (out of memory that depends
+  on batch size, as on a real GPU: the scheduler's split-and-retry must then deliver every answer);
 
 and does ``"error": "oom"`` (``torch.cuda.OutOfMemoryError``), ``"error": "runtime"``
-(``RuntimeError``), or ``"sleep": seconds`` (a slow batch). Every injected fault is logged as
+(``RuntimeError``), or ``"sleep": seconds`` (a slow prefill: every admission of matching rows
+waits that long). Every injected fault is logged as
 ``injected fault``, so tests can count them in the server's log.
 """
 
@@ -50,12 +52,11 @@ def _matches(rule: dict, queries) -> bool:
 
 
 def inject_faults(engine, rules: list[dict]):
-    """Wrap ``engine.generate`` (keeping its ``between_steps`` parameter) so matching batches fail."""
+    """Make matching work fail or sleep before the model runs: each prefill of a step engine
+    (the rows admitted together) or each ``generate`` batch of a plain engine."""
     import torch
 
-    real_generate = engine.generate
-
-    def generate(queries, between_steps=None):
+    def check(queries):
         for rule in rules:
             if not _matches(rule, queries):
                 continue
@@ -67,9 +68,23 @@ def inject_faults(engine, rules: list[dict]):
                     "CUDA out of memory. Tried to allocate 2.00 GiB (injected by MOLMO_TEST_FAULTS)")
             if rule.get("error") == "runtime":
                 raise RuntimeError("injected failure (MOLMO_TEST_FAULTS)")
-        return real_generate(queries, between_steps=between_steps)
 
-    engine.generate = generate
+    if engine.stepwise:
+        real_prefill = engine.prefill
+
+        def prefill(rows):
+            check([row.query for row in rows])
+            return real_prefill(rows)
+
+        engine.prefill = prefill
+    else:
+        real_generate = engine.generate
+
+        def generate(queries):
+            check(queries)
+            return real_generate(queries)
+
+        engine.generate = generate
     return engine
 
 

@@ -1,0 +1,74 @@
+"""Issue #12's interleaving check on the GPU: CUDA-graph decode steps, compiled step on and off.
+
+    python bench/interleaving_gpu.py --json $OUT/interleaving.json
+
+The same trials as tests/test_interleaving.py (tests/support/interleave.py): bulk jobs of every
+size class, opened tasks arriving at random prefill and decode steps, every answer compared with
+the same query run alone. The model is Molmo2-8B's geometry (vision tower, text dims) with fewer
+text layers (``--layers``, so a compile takes seconds), random weights, in float32 with TF32 off:
+random weights give nearly flat logits, and bf16's rounding, which differs with the number of
+rows a step runs, would flip greedy picks between a query alone and in a batch; in float32 a
+difference means state was shared, not rounding. ``--tiny`` checks the script on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workloads import build, noise_image  # noqa: E402
+
+from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
+from tests.support.interleave import run_trials  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model, processor, params = build("tiny" if args.tiny else "8b", device, torch.float32, layers=args.layers)
+    sizes = [(300, 200), (640, 480), (1280, 960), (1920, 1080), (500, 500)]
+    images = [noise_image(size, 40 + i) for i, size in enumerate(sizes)]
+    results = {"date": datetime.date.today().isoformat(),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "command": " ".join(["python"] + sys.argv),
+               "model": f"Molmo2-8B geometry, {args.layers} text layers, float32", "params_b": round(params / 1e9, 2),
+               "variants": []}
+    for compiled in (False, True):
+        engine = TransformersEngine(model, processor, model_id="check", revision="random", max_new_tokens=12,
+                                    max_batch=24, compile_step=compiled)
+        started = time.perf_counter()
+        engine.warm_up()
+        warm = round(time.perf_counter() - started, 1)
+        trials = run_trials(engine, images, args.trials, seed_base=7000 + 100 * compiled, tolerance=1e-3)
+        row = {"cuda_graphs": engine.decoder.use_cuda_graph, "compiled_step": engine.decoder.compile_step,
+               "warm_up_s": warm, "trials": len(trials), "answers": sum(t["answers"] for t in trials),
+               "arrived_mid_bulk": sum(t["arrived_mid_bulk"] for t in trials),
+               "mismatches": sum(len(t["mismatches"]) for t in trials), "seeds": [t["seed"] for t in trials],
+               "failing_seeds": [t["seed"] for t in trials if t["mismatches"]]}
+        results["variants"].append(row)
+        print(row, flush=True)
+        del engine
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
