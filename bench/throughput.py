@@ -187,12 +187,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="8b", help="8b or 4b (tiny with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of this script with a tiny model")
-    parser.add_argument("--images", type=int, default=160, help="images per workload (3 pairs each)")
+    parser.add_argument("--images", type=int, default=160, help="images of the fixed40 workload and of the "
+                        "realistic job behind the open-task latency (3 pairs each)")
+    parser.add_argument("--realistic-images", type=int, default=480,
+                        help="images of the realistic and mean_length workloads: a bulk retrieve of that many tasks")
     parser.add_argument("--batch", type=int, default=128, help="bulk rows (d) / batch size (c)")
     parser.add_argument("--static-batch", type=int, default=144, help="batch of the previous engine (c)")
     parser.add_argument("--plain-batch", type=int, default=48)
     parser.add_argument("--seed-pairs", type=int, default=6)
-    parser.add_argument("--plain-pairs", type=int, default=96)
+    parser.add_argument("--plain-pairs", type=int, default=48)
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,latency,profile")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -223,16 +226,20 @@ def main() -> int:
     engine = TransformersEngine(model, processor, model_id=results["model"], revision="random",
                                 max_new_tokens=1024, max_batch=args.batch)
     results["bulk_rows"], results["slot_tokens"] = engine.max_batch, engine.decoder.slot_length
+    results["varlen_attention"] = engine.decoder.varlen
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
     log(f"{results['model']}: {results['params_b']} B params, built in {results['build_s']} s; "
-        f"{engine.max_batch} bulk rows of {engine.decoder.slot_length} tokens; "
+        f"{engine.max_batch} bulk rows of {engine.decoder.slot_length} tokens, varlen attention "
+        f"{engine.decoder.varlen}; "
         f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s")
     results["engine_equals_generate"] = equal_to_generate(engine, device)
     log(f"  engine == generate(): {results['engine_equals_generate']}")
 
-    work = {"fixed40": fixed40(args.images, 1), "realistic": realistic(args.images, 2)}
+    work = {"fixed40": fixed40(args.images, 1), "realistic": realistic(args.realistic_images, 2),
+            "realistic_small": realistic(args.images, 5)}
+    work["realistic_small"].name = "realistic_small"
     work["mean_length"] = mean_length(work["realistic"])
     results["workloads"] = {name: w.describe() for name, w in work.items()}
     log(f"  workloads: {json.dumps(results['workloads'])}")
@@ -242,7 +249,7 @@ def main() -> int:
     # (d) the engine, first: its figures are the ones that matter
     warm = realistic(12, 99)
     Scheduler(engine).submit(warm.queries)  # warm-up: prepare threads, allocator, any missing graph
-    for name in ("fixed40", "realistic", "mean_length"):
+    for name in ("fixed40", "realistic", "mean_length", "realistic_small"):
         results["runs"].append(scheduled(engine, work[name], device, log, "d_engine"))
         save()
     if "latency" not in skip:
@@ -253,8 +260,7 @@ def main() -> int:
         log(f"  (d) open task under realistic bulk: {results['open_task_under_bulk']}")
         save()
     if "profile" not in skip:
-        results["profile_realistic"] = profile(engine, subset(realistic(args.images, 4), len(work["realistic"].queries)),
-                                               device)
+        results["profile_realistic"] = profile(engine, realistic(args.images, 4), device)
         log(f"  (d) profile, realistic: {results['profile_realistic']}")
         save()
     decoder = engine.decoder
@@ -268,7 +274,7 @@ def main() -> int:
         static = TransformersEngine(model, processor, model_id=results["model"], revision="random",
                                     max_new_tokens=1024, max_batch=args.static_batch, decoder="static")
         Scheduler(static).submit(fixed40(args.static_batch // 3, 98).queries)  # warm-up
-        for name in ("fixed40", "realistic", "mean_length"):
+        for name in ("fixed40", "realistic", "realistic_small"):
             results["runs"].append(scheduled(static, work[name], device, log, "c_static"))
             save()
         plain_engine = static
@@ -307,6 +313,8 @@ def main() -> int:
     summary = {
         "card": results["device"], "model": results["model"], "date": results["date"],
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
+        "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
+        "static_realistic_small_pairs_per_s": pick("c_static", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
         "mean_length_pairs_per_s": pick("d_engine", "mean_length"),
         "static_realistic_pairs_per_s": pick("c_static", "realistic"),

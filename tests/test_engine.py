@@ -241,3 +241,13 @@ def test_kv_token_budget_is_the_free_memory_share_over_bytes_per_token(engine):
     # Molmo2-8B in bf16 (36 layers, 8 kv heads of 128): 147456 bytes a token; 60 GiB free
     assert kv_token_budget(60 * 2**30, 147456) == int(60 * 2**30 * KV_MEMORY_FRACTION) // 147456 == 305834
     assert kv_token_budget(0, 147456) == 0
+
+
+def test_images_of_mixed_sizes_share_a_prefill_forward_when_padding_costs_less_than_another():
+    from molmo_backend.engine.decoding import prefill_groups
+
+    lengths = [753, 1190, 411, 983]  # 640x480, 1920x1080, 300x200, 1280x960 in Molmo2's geometry
+    assert prefill_groups(lengths, overhead=1500) == [[1, 3, 0, 2]]  # one padded forward, longest first
+    assert prefill_groups(lengths, overhead=0) == [[1], [3], [0], [2]]  # no fixed cost: no padding
+    assert prefill_groups([1000] * 5 + [100] * 5, overhead=1500) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert prefill_groups([]) == []

@@ -22,6 +22,7 @@ scratch slot takes the padding rows of a captured prefill. Numerics are those of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,6 +31,8 @@ from typing import Sequence
 
 import torch
 from transformers import DynamicCache
+
+from . import slot_attention
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,10 @@ BULK_ROW_BUCKETS = (16, 32, 48, 64, 96, 128)
 #: the opened tasks' region; its steps use 2, 4, 8 or 16 rows (at least 2: torch.compile
 #: specialises a size of 1, which would cost a second compile)
 INTERACTIVE_SLOTS = 16
+#: the fixed cost of one prefill forward, in image tokens: on an H200 with Molmo2-8B one
+#: 1280x960 image (1004 tokens) took 150 ms, four 314 ms, eight 522 ms (2026-12-02): ~95 ms per
+#: forward plus ~54 ms per image, so padding up to ~1500 tokens is cheaper than a second forward
+FORWARD_OVERHEAD_TOKENS = 1500
 _CAPTURE_LOCK = threading.Lock()
 
 
@@ -55,7 +62,9 @@ def row_bucket(rows: int, interactive: bool) -> int:
 
 
 class SlotCache:
-    """Preallocated keys/values of every layer, ``[slots, kv_heads, length, head_dim]``.
+    """Preallocated keys/values of every layer, ``[slots, length, kv_heads, head_dim]``
+    (slot-major, so each slot's positions are one contiguous block, which the variable-length
+    decode attention of :mod:`.slot_attention` reads as one sequence).
 
     The model calls :meth:`update` once per layer; the caller sets :attr:`view` (where this
     forward writes, which rows and positions it reads) before each forward, with device tensors
@@ -66,7 +75,7 @@ class SlotCache:
 
     def __init__(self, num_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (slots, kv_heads, length, head_dim)
+        shape = (slots, length, kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = length
@@ -76,13 +85,13 @@ class SlotCache:
         view = self.view
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         # key_states: [rows, heads, tokens, dim] -> slot view.write_rows[r, t], position view.write_at[r, t]
-        keys[view.write_rows, :, view.write_at] = key_states.transpose(1, 2)
-        values[view.write_rows, :, view.write_at] = value_states.transpose(1, 2)
+        keys[view.write_rows, view.write_at] = key_states.transpose(1, 2)
+        values[view.write_rows, view.write_at] = value_states.transpose(1, 2)
         length = view.key_positions.shape[0]
         if view.gather is not None:  # rows in any slots: a copy of theirs
-            return keys[view.gather, :, :length], values[view.gather, :, :length]
+            return keys[view.gather, :length].transpose(1, 2), values[view.gather, :length].transpose(1, 2)
         rows = slice(view.first, view.first + view.write_rows.shape[0])  # a contiguous range: a view
-        return keys[rows, :, :length], values[rows, :, :length]
+        return keys[rows, :length].transpose(1, 2), values[rows, :length].transpose(1, 2)
 
 
 @dataclass
@@ -99,8 +108,8 @@ class CacheView:
 
 @dataclass
 class PreparedImage:
-    """One image as the processor lays it out, on the CPU, ready to be stacked with others of
-    the same token count."""
+    """One image as the processor lays it out, ready to be stacked with others of the same
+    token count."""
 
     inputs: dict  # processor outputs for this image alone (batch of one)
     length: int  # prefix tokens (bos + image tokens)
@@ -108,36 +117,65 @@ class PreparedImage:
     patches: int  # per crop
 
 
-def prepare_image(processor, image) -> PreparedImage:
-    """The processor's work for one image, on the CPU (thread-safe: it holds no state)."""
-    encoded = processor(images=[[image]], text=[processor.image_token], return_tensors="pt")
-    inputs = {key: value for key, value in encoded.items()}
+def prepare_image(processor, image, device: torch.device | None = None) -> PreparedImage:
+    """The processor's work for one image: on ``device`` when given (on a GPU its crops are
+    resized there: a 12 MP photo costs a few ms instead of hundreds on the CPU), else on the
+    CPU. Thread-safe: the processor holds no state."""
+    kwargs = {"device": device} if device is not None else {}
+    encoded = processor(images=[[image]], text=[processor.image_token], return_tensors="pt", **kwargs)
+    inputs = {key: value.to(device) if device is not None else value for key, value in encoded.items()}
     pixels = inputs["pixel_values"]
     return PreparedImage(inputs, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]), int(pixels.shape[1]))
 
 
-def stack_images(images: Sequence[PreparedImage], device: torch.device, dtype: torch.dtype) -> dict:
-    """Model inputs for several images of equal token count, as the processor would batch
-    them: crops concatenated, pooling indices shifted by the patches before them."""
-    first = images[0].inputs
+def stack_images(images: Sequence[PreparedImage], device: torch.device, dtype: torch.dtype, pad_id: int) -> dict:
+    """Model inputs for several images, as the processor would batch them: token rows
+    left-padded to the longest, crops concatenated, pooling indices shifted by the patches
+    before them."""
     pooling, offset = [], 0
     for image in images:
         idx = image.inputs["image_token_pooling"]
         pooling.append(torch.where(idx >= 0, idx + offset, idx))
         offset += image.crops * image.patches
-    batch = {
-        "input_ids": torch.cat([im.inputs["input_ids"] for im in images]),
-        "attention_mask": torch.cat([im.inputs["attention_mask"] for im in images]),
-        "pixel_values": torch.cat([im.inputs["pixel_values"] for im in images]),
-        "image_token_pooling": torch.cat(pooling),
-        "image_grids": torch.cat([im.inputs["image_grids"] for im in images]),
-        "image_num_crops": torch.cat([im.inputs["image_num_crops"] for im in images]),
-    }
-    if "mm_token_type_ids" in first:
-        batch["mm_token_type_ids"] = torch.cat([im.inputs["mm_token_type_ids"] for im in images])
+    if device.type == "cuda":  # prepared on another thread's stream: keep their memory until read here
+        stream = torch.cuda.current_stream(device)
+        for image in images:
+            for value in image.inputs.values():
+                if value.is_cuda:
+                    value.record_stream(stream)
+    width = max(image.length for image in images)
+    text = {"input_ids": pad_id, "attention_mask": 0}
+    if "mm_token_type_ids" in images[0].inputs:
+        text["mm_token_type_ids"] = 0
+    batch = {name: torch.cat([torch.nn.functional.pad(im.inputs[name], (width - im.length, 0), value=fill)
+                              for im in images]) for name, fill in text.items()}
+    for name in ("pixel_values", "image_grids", "image_num_crops"):
+        batch[name] = torch.cat([im.inputs[name] for im in images])
+    batch["image_token_pooling"] = torch.cat(pooling)
     out = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     out["pixel_values"] = out["pixel_values"].to(dtype)
     return out
+
+
+def prefill_groups(lengths: Sequence[int], overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Images (by index) per prefill forward: longest first, each forward padded to its
+    longest image. A forward's fixed cost is worth ``overhead`` tokens, so images of mixed
+    sizes share one when padding costs less than another forward would (an exact partition of
+    the sorted lengths, by dynamic programming)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted images
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # images i..j-1 in one forward, padded to the longest, order[i]
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append([order[k] for k in range(cut[j], j)])
+        j = cut[j]
+    return groups[::-1]
 
 
 @dataclass
@@ -191,6 +229,12 @@ class SlotDecoder:
         self._free = {True: list(range(interactive_slots)), False: list(range(interactive_slots, self.scratch))}
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        groups = self.lm.config.num_attention_heads // self.kv_heads
+        #: decode attention reads each row's own keys (CUDA's variable-length kernel, checked
+        #: against SDPA here first); else SDPA reads every row up to the step's read length
+        self.varlen = slot_attention.available(self.device, self.dtype, self.kv_heads, self.head_dim, groups)
+        if self.varlen:
+            slot_attention.install()
         #: set to a dict to collect seconds per phase (synchronises the GPU: benchmarks only)
         self.profile: dict | None = None
 
@@ -216,11 +260,8 @@ class SlotDecoder:
         with self._on_device():
             timer = _PhaseTimer(self.profile, self.device)
             rows = [SlotRow(slot, [], 0) for slot in slots]
-            by_length: dict[int, list[int]] = {}
-            for index, image in enumerate(images):
-                by_length.setdefault(image.length, []).append(index)
-            for length, members in by_length.items():
-                self._prefill_images(images, members, length, image_of, rows)
+            for members in prefill_groups([image.length for image in images]):
+                self._prefill_images(images, members, image_of, rows)
             timer.lap("prefix")
             for i, row in enumerate(rows):
                 row.prompt_ids = images[image_of[i]].inputs["input_ids"][0].tolist() + list(suffixes[i])
@@ -228,22 +269,30 @@ class SlotDecoder:
             timer.lap("suffix")
             return rows, tokens, logprobs
 
-    def _prefill_images(self, images, members: list[int], length: int, image_of, rows: list[SlotRow]) -> None:
-        """One forward for images of equal prefix length; copies their K/V into their rows' slots."""
-        inputs = stack_images([images[i] for i in members], self.device, self.dtype)
+    def _prefill_images(self, images, members: list[int], image_of, rows: list[SlotRow]) -> None:
+        """One forward for these images (left-padded to the longest); copies each image's K/V
+        into the slots of the rows that show it, at positions 0..its length-1."""
+        inputs = stack_images([images[i] for i in members], self.device, self.dtype, self.pad_id)
         mask = inputs["attention_mask"].bool()
+        width = mask.shape[1]
         cache = DynamicCache(config=self.model.config.get_text_config())
         self.model.model(**inputs, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
                          past_key_values=cache, use_cache=True)
         local = {image: k for k, image in enumerate(members)}
-        targets = [i for i, image in enumerate(image_of) if image in local]
-        slots = torch.tensor([rows[i].slot for i in targets], device=self.device)
-        sources = torch.tensor([local[image_of[i]] for i in targets], device=self.device)
-        for layer in range(self.num_layers):
-            self.cache.keys[layer][:, :, :length].index_copy_(0, slots, cache.layers[layer].keys[sources])
-            self.cache.values[layer][:, :, :length].index_copy_(0, slots, cache.layers[layer].values[sources])
-        for i in targets:
-            rows[i].length = length
+        by_length: dict[int, list[int]] = {}
+        for i, image in enumerate(image_of):
+            if image in local:
+                by_length.setdefault(images[image].length, []).append(i)
+        for length, targets in by_length.items():
+            slots = torch.tensor([rows[i].slot for i in targets], device=self.device)
+            sources = torch.tensor([local[image_of[i]] for i in targets], device=self.device)
+            for layer in range(self.num_layers):
+                keys = cache.layers[layer].keys[sources, :, width - length:].transpose(1, 2)
+                values = cache.layers[layer].values[sources, :, width - length:].transpose(1, 2)
+                self.cache.keys[layer][:, :length].index_copy_(0, slots, keys)
+                self.cache.values[layer][:, :length].index_copy_(0, slots, values)
+            for i in targets:
+                rows[i].length = length
 
     def _prefill_suffixes(self, rows: list[SlotRow], suffixes, logits_processors) -> tuple[list[int], list[float]]:
         """The prompt suffixes behind their prefixes, right-padded; each row's first pick."""
@@ -304,16 +353,26 @@ class SlotDecoder:
             timer.count("steps", 1)
             return [tokens[s - first] for s in slots], [logprobs[s - first] for s in slots]
 
-    def _step_logits(self, first: int, last_token, lengths, slot_index, key_positions) -> torch.Tensor:
+    def _step_logits(self, first: int, last_token, lengths, slot_index, key_positions,
+                     varlen: bool = False) -> torch.Tensor:
         """The forward of one decode step over the slots ``first``.. (graph-safe). Its tensors are
         views of the state buffers for those slots, so a compiled step sees their sizes (rows,
-        positions read) as dynamic shapes, not as constants to recompile for."""
+        positions read) as dynamic shapes, not as constants to recompile for. ``varlen``: each
+        row's attention reads its own keys only (:mod:`.slot_attention`)."""
         mask = torch.where(key_positions[None, :] <= lengths[:, None], 0.0, self.neg)
         mask = mask.to(self.dtype)[:, None, None, :]
         positions = lengths[:, None]
         self.cache.view = CacheView(slot_index[:, None], positions, key_positions, first)
-        hidden = self.lm(inputs_embeds=self.embed(last_token[:, None]), attention_mask=mask,
-                         position_ids=positions, past_key_values=self.cache, use_cache=True).last_hidden_state
+        plan = contextlib.nullcontext()
+        if varlen:
+            count, length = last_token.shape[0], self.slot_length
+            starts = torch.arange(count + 1, device=last_token.device, dtype=torch.int32)
+            plan = slot_attention.planned(slot_attention.Plan(
+                self.cache.keys, self.cache.values, starts * (self.lm.config.num_attention_heads // self.kv_heads),
+                (starts + first) * length, (lengths + 1).to(torch.int32), key_positions.shape[0]))
+        with plan:
+            hidden = self.lm(inputs_embeds=self.embed(last_token[:, None]), attention_mask=mask,
+                             position_ids=positions, past_key_values=self.cache, use_cache=True).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
     def _step_inputs(self, first: int, count: int, read_length: int) -> tuple:
@@ -324,7 +383,7 @@ class SlotDecoder:
     def _step(self, first: int, count: int, read_length: int, compiled: bool = False) -> None:
         """One decode step writing its picks into the state buffers (graph-safe)."""
         inputs = self._step_inputs(first, count, read_length)
-        logits = self._compiled_logits(*inputs[1:]) if compiled else self._step_logits(*inputs)
+        logits = self._compiled_logits(*inputs[1:]) if compiled else self._step_logits(*inputs, varlen=self.varlen)
         logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
         self._advance(first, count, token, logprob)
 

@@ -264,6 +264,7 @@ class TransformersEngine(StepEngine):
         self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
         self._token_texts = TokenTexts(tokenizer)
         self._lock = threading.Lock()  # the scheduler's worker and direct generate() callers
+        self._prepare_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         # only where it pays: a compiled step is captured as a CUDA graph
         compile_step = compile_step and cuda_graphs and model.device.type == "cuda"
         if decoder == "static":
@@ -464,9 +465,16 @@ class TransformersEngine(StepEngine):
             return self.decoder.free_slots(interactive)
 
     def prepare(self, query: PointQuery) -> PreparedImage:
-        """The processor's work for this query's image, and its prompt's token ids (cached)."""
+        """The processor's work for this query's image, and its prompt's token ids (cached).
+        Runs on the scheduler's preparation threads ahead of the GPU; on CUDA in a stream of
+        its own, finished before it returns, so the GPU worker can use the tensors at once."""
         self._suffix_ids(query.prompt)
-        return prepare_image(self.processor, query.image)
+        if self.device.type != "cuda":
+            return prepare_image(self.processor, query.image)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._prepare_stream):
+            prepared = prepare_image(self.processor, query.image, self.device)
+            self._prepare_stream.synchronize()
+        return prepared
 
     def prefill(self, rows: Sequence[Row]) -> None:
         started = time.perf_counter()
@@ -478,7 +486,8 @@ class TransformersEngine(StepEngine):
             if key not in index_of:
                 index_of[key] = len(images)
                 ready = row.prepared.result() if isinstance(row.prepared, Future) else None
-                images.append(ready or prepare_image(self.processor, row.query.image))
+                images.append(ready or prepare_image(self.processor, row.query.image,
+                                                     self.device if self.device.type == "cuda" else None))
             image_of.append(index_of[key])
         suffixes = [list(self._suffix_ids(row.query.prompt)) for row in rows]
         for row, suffix, image in zip(rows, suffixes, image_of):
