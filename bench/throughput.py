@@ -1,4 +1,4 @@
-"""Throughput and open-task latency of Molmo2 pointing, four ways, on one GPU, in one run.
+"""Throughput and open-task latency of Molmo2 pointing, three ways, on one GPU, in one run.
 
     python bench/throughput.py --model 8b --json $OUT/results.json --summary $OUT/summary.json
 
@@ -9,8 +9,8 @@ each on the same inputs:
 
 (a) seed:    one (image, label) pair per ``generate()``, as Supervisely's Serve Molmo did
 (b) plain:   Hugging Face ``generate()`` on left-padded batches (each runs to its longest answer)
-(c) static:  the previous engine (``MOLMO_DECODER=static``): one padded batch at a time until its
-             longest answer ends, through the scheduler
+(c) was the previous engine (one padded batch until its longest answer ends), measured beside
+    (d) at commit b6d7db6 (bench/RESULTS.md) and then removed.
 (d) engine:  continuous batching (``MOLMO_DECODER=fast``, the default): rows join and leave
              between decode steps, CUDA-graph decode steps
 
@@ -191,13 +191,12 @@ def main() -> int:
                         "realistic job behind the open-task latency (3 pairs each)")
     parser.add_argument("--realistic-images", type=int, default=480,
                         help="images of the realistic and mean_length workloads: a bulk retrieve of that many tasks")
-    parser.add_argument("--batch", type=int, default=128, help="bulk rows (d) / batch size (c)")
-    parser.add_argument("--static-batch", type=int, default=144, help="batch of the previous engine (c)")
+    parser.add_argument("--batch", type=int, default=128, help="bulk rows of (d)")
     parser.add_argument("--plain-batch", type=int, default=48)
     parser.add_argument("--seed-pairs", type=int, default=6)
     parser.add_argument("--plain-pairs", type=int, default=48)
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,latency,profile")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,latency,profile")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--summary", type=Path, help="write the summary (issue #13's keys) here")
     args = parser.parse_args()
@@ -269,18 +268,8 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # (c) the previous engine
-    if "c" not in skip:
-        static = TransformersEngine(model, processor, model_id=results["model"], revision="random",
-                                    max_new_tokens=1024, max_batch=args.static_batch, decoder="static")
-        Scheduler(static).submit(fixed40(args.static_batch // 3, 98).queries)  # warm-up
-        for name in ("fixed40", "realistic", "realistic_small"):
-            results["runs"].append(scheduled(static, work[name], device, log, "c_static"))
-            save()
-        plain_engine = static
-    else:
-        plain_engine = TransformersEngine(model, processor, model_id=results["model"], revision="random",
-                                          decoder="generate")
+    plain_engine = TransformersEngine(model, processor, model_id=results["model"], revision="random",
+                                      decoder="generate")
 
     # (a), (b): plain generate()
     if "b" not in skip:
@@ -314,11 +303,8 @@ def main() -> int:
         "card": results["device"], "model": results["model"], "date": results["date"],
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
-        "static_realistic_small_pairs_per_s": pick("c_static", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
         "mean_length_pairs_per_s": pick("d_engine", "mean_length"),
-        "static_realistic_pairs_per_s": pick("c_static", "realistic"),
-        "static_fixed40_pairs_per_s": pick("c_static", "fixed40"),
         "plain_generate_realistic_pairs_per_s": pick("b_plain_generate", "realistic"),
         "plain_generate_fixed40_pairs_per_s": pick("b_plain_generate", "fixed40"),
         "seed_realistic_pairs_per_s": pick("a_seed", "realistic"),

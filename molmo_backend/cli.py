@@ -146,9 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _command_settings(args: argparse.Namespace, **overrides) -> Settings:
     """Settings for annotate/predict: the environment, then flags; text logs unless LOG_FORMAT
-    says otherwise. These commands run batches, not opened tasks, so they skip compiling the
-    small-batch decode step unless MOLMO_COMPILE asks for it."""
-    env = {"LOG_FORMAT": "text", "MOLMO_COMPILE": "0", **os.environ}
+    says otherwise."""
+    env = {"LOG_FORMAT": "text", **os.environ}
     settings = Settings.from_env(
         env, model=args.model, demo="1" if args.demo else None, log_level=args.log_level,
         log_format=args.log_format, prompt_template=args.prompt_template, **overrides,

@@ -5,6 +5,7 @@ Not a conftest.py: the test modules import what they use.
 - :class:`ScriptedEngine`: an engine that answers each prompt with a chosen :class:`Answer`
   (tokens and log-probabilities included) and records the prompts it was asked, run behind the
   real :class:`Scheduler`; ``make_backend`` builds a real :class:`MolmoBackend` around it.
+  :class:`ScriptedStepEngine` gives the same answers as a step engine (continuous batching).
 - :func:`answer`: an Answer whose tokens and probabilities are spelled out per piece.
 - :func:`png_data_uri`: a task image the backend loads without any server.
 - :func:`run_scored_backend`: the real server (gunicorn) on the demo model with answers and token
@@ -25,7 +26,7 @@ import pytest
 from PIL import Image
 
 from molmo_backend.backend import MolmoBackend
-from molmo_backend.engine.base import Answer, Engine, PointQuery
+from molmo_backend.engine.base import Answer, Engine, PointQuery, StepEngine
 from molmo_backend.engine.scheduler import Priority, Scheduler
 from molmo_backend.images import ImageLoader
 from molmo_backend.settings import DEFAULT_PROMPT_TEMPLATE, Settings
@@ -48,29 +49,66 @@ class ScriptedEngine(Engine):
 
     model_id, revision, family, max_batch = "scripted", "r1", "molmo2", 16
 
-    def __init__(self, answers: Mapping[str, Answer | str], step_s: float = 0.0, steps: int = 1):
+    def __init__(self, answers: Mapping[str, Answer | str]):
         self.answers = dict(answers)
         self.asked: list[tuple[str, tuple[int, int]]] = []
-        self.step_s, self.steps = step_s, steps
         self.lock = threading.Lock()
 
-    def generate(self, queries: Sequence[PointQuery], between_steps=None) -> list[Answer]:
-        for _ in range(self.steps):  # a slow engine pauses between "decode steps" like the real one
-            time.sleep(self.step_s)
-            if between_steps is not None:
-                between_steps()
-        out = []
-        for q in queries:
-            with self.lock:
-                self.asked.append((q.prompt, q.image.size))
-            key = max((k for k in self.answers if k in q.prompt), key=len, default=None)
-            value = self.answers.get(key, "There are none.")
-            out.append(value if isinstance(value, Answer) else Answer(text=value, score=1.0))
-        return out
+    def generate(self, queries: Sequence[PointQuery]) -> list[Answer]:
+        return [self.answer_to(q) for q in queries]
+
+    def answer_to(self, query: PointQuery) -> Answer:
+        with self.lock:
+            self.asked.append((query.prompt, query.image.size))
+        key = max((k for k in self.answers if k in query.prompt), key=len, default=None)
+        value = self.answers.get(key, "There are none.")
+        return value if isinstance(value, Answer) else Answer(text=value, score=1.0)
 
     def prompts(self) -> list[str]:
         with self.lock:
             return [p for p, _ in self.asked]
+
+
+class ScriptedStepEngine(StepEngine, ScriptedEngine):
+    """The same answers from a step engine, so the scheduler runs continuous batching: opened
+    tasks' rows end at their first decode step; bulk rows keep decoding until
+    ``release_bulk`` is set (``bulk_decoding`` says they are), so a test orders events by them
+    instead of by time."""
+
+    def __init__(self, answers: Mapping[str, Answer | str]):
+        ScriptedEngine.__init__(self, answers)
+        self.free = {True: 4, False: 16}
+        self.bulk_decoding, self.release_bulk = threading.Event(), threading.Event()
+
+    def generate(self, queries, interactive=False):
+        return StepEngine.generate(self, queries, interactive)
+
+    def free_slots(self, interactive):
+        return self.free[interactive]
+
+    def prefill_cost(self, query):
+        return 1
+
+    def prefill(self, rows):
+        for row in rows:
+            self.free[row.interactive] -= 1
+            row.slot = 1
+            row.tokens.append(0)
+
+    def decode(self, rows):
+        for row in rows:
+            if not row.interactive:
+                self.bulk_decoding.set()
+            row.finished = row.interactive or self.release_bulk.is_set()
+
+    def answer(self, row):
+        return self.answer_to(row.query)
+
+    def release(self, rows):
+        for row in rows:
+            if row.slot >= 0:
+                self.free[row.interactive] += 1
+                row.slot = -1
 
 
 class RecordingScheduler(Scheduler):
@@ -90,7 +128,7 @@ def make_backend():
     """``make_backend(answers, **settings) -> (backend, engine)``; schedulers closed afterwards."""
     made = []
 
-    def make(answers: Mapping[str, Answer | str], engine: ScriptedEngine | None = None, **settings):
+    def make(answers: Mapping[str, Answer | str], engine: Engine | None = None, **settings):
         engine = engine or ScriptedEngine(answers)
         scheduler = RecordingScheduler(engine)
         made.append(scheduler)
@@ -131,5 +169,5 @@ def run_scored_backend(tmp: Path, specs: Mapping[str, object], env: dict[str, st
     return run_backend(tmp, env, answers=dict(specs), timeout=timeout, server="tests/support/scored_server.py")
 
 
-__all__ = ["RecordingScheduler", "ScriptedEngine", "answer", "by_type", "keypoints", "make_backend",
+__all__ = ["RecordingScheduler", "ScriptedEngine", "ScriptedStepEngine", "answer", "by_type", "keypoints", "make_backend",
            "png_data_uri", "run_scored_backend", "task"]

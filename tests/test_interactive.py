@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -12,7 +11,7 @@ from molmo_backend.interactive import MAX_PROMPT_CHARS, interactive_asks
 from molmo_backend.labels import parse_label_config
 from molmo_backend.settings import DEFAULT_PROMPT_TEMPLATE as TEMPLATE
 from tests.conftest_interactive import (  # noqa: F401  (make_backend is a fixture)
-    ScriptedEngine,
+    ScriptedStepEngine,
     by_type,
     keypoints,
     make_backend,
@@ -172,38 +171,21 @@ def test_without_context_the_same_task_gets_the_full_pre_annotation(make_backend
 
 
 def test_an_interactive_request_does_not_wait_for_a_running_bulk_batch(make_backend):
-    """The click-and-wait loop: a bulk predict (one 1 s batch) is running; the interactive
-    request runs between two of its steps and comes back long before the bulk one."""
-    engine = ScriptedEngine({"left building": WINDOWS}, step_s=0.05, steps=20)
-    original = engine.generate
-
-    def slow_only_when_preemptible(queries, between_steps=None):
-        if between_steps is None:  # interactive batches are not paused: answer at once
-            engine_steps, engine.steps = engine.steps, 0
-            try:
-                return original(queries)
-            finally:
-                engine.steps = engine_steps
-        return original(queries, between_steps)
-
-    engine.generate = slow_only_when_preemptible
+    """The click-and-wait loop: bulk rows are decoding (and would go on until released); the
+    interactive request joins at the next step, runs while they wait in their slots, and comes
+    back while the bulk request is still running."""
+    engine = ScriptedStepEngine({"left building": WINDOWS})
     backend, _ = make_backend({}, engine=engine)
     bulk_done = {}
-
-    def bulk():
-        started = time.monotonic()
-        bulk_done["results"] = backend.predict([task(i) for i in range(2)], label_config=CONFIG)
-        bulk_done["s"] = time.monotonic() - started
-
-    thread = threading.Thread(target=bulk)
+    thread = threading.Thread(target=lambda: bulk_done.setdefault(
+        "results", backend.predict([task(i) for i in range(2)], label_config=CONFIG)))
     thread.start()
-    time.sleep(0.3)  # the bulk batch is on the "GPU"
-    started = time.monotonic()
+    assert engine.bulk_decoding.wait(10), "the bulk rows never started decoding"
     [prediction] = backend.predict([task(99)], context={"result": [typed("window: the left building")]},
                                    label_config=CONFIG)
-    interactive_s = time.monotonic() - started
-    thread.join()
     assert len(keypoints(prediction)) == 3
-    assert interactive_s < 0.5, interactive_s
-    assert bulk_done["s"] > 0.9 and len(bulk_done["results"]) == 2
-    assert backend.scheduler.stats["preemptions"] >= 1
+    assert thread.is_alive() and "results" not in bulk_done, "answered while the bulk request still runs"
+    engine.release_bulk.set()
+    thread.join(10)
+    assert len(bulk_done["results"]) == 2
+    assert backend.scheduler.stats["bulk_paused_steps"] >= 1

@@ -39,7 +39,8 @@ def same(answer, alone, tolerance: float) -> bool:
 
 def interleave(scheduler: Scheduler, engine, bulk, opened, rng: random.Random) -> dict:
     """Submit ``bulk``; submit each opened job at a random step of it (a step engine's prefill
-    or decode step; for a whole-batch engine, while its batch is on the engine)."""
+    or decode step; for a whole-batch engine such as plain ``generate()``, while its batch is on
+    the engine)."""
     jobs: list = []
     arrived = threading.Event()
     if engine.stepwise:
