@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from PIL import Image
 from molmo_backend import cli
 from molmo_backend.annotate import (
     AnnotateError,
+    Interrupts,
     LabelStudioProject,
     TaskFilter,
     annotate_project,
@@ -213,20 +213,36 @@ def test_first_signal_finishes_the_chunks_in_flight_then_stops_and_a_rerun_resum
     assert_one_each(ls, range(1, 7))
 
 
+class SeenInterrupts(Interrupts):
+    """The real handler, telling the test when it has handled the first signal (two signals
+    sent back to back may arrive as one, so the second waits for this, not for a clock)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_handled = threading.Event()
+
+    def _handle(self, signum, frame):
+        try:
+            super()._handle(signum, frame)
+        finally:
+            self.first_handled.set()
+
+
 def test_second_signal_abandons_the_chunks_in_flight_without_writing_them():
     ls = FakeLabelStudio(tasks(6))
     release = threading.Event()
+    interrupts = SeenInterrupts()
 
     def on_batch(n):
         if n == 1:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.3)  # two signals at once arrive as one
+            assert interrupts.first_handled.wait(10), "the first signal was never handled"
             os.kill(os.getpid(), signal.SIGINT)
             release.wait(5)  # still busy when the main thread gives up on it
 
     engine = LabelEngine(on_batch=on_batch)
     try:
-        report = run(ls, engine, chunk_size=2, in_flight=2)
+        report = run(ls, engine, chunk_size=2, in_flight=2, interrupts=interrupts)
     finally:
         release.set()
     assert report.interrupted == signal.SIGINT
