@@ -56,6 +56,11 @@ class AddressOpener:
         """A socket connected to an allowed address of ``host``; AddressRefused when there is
         none, OSError when none answers."""
         host = host.strip("[]")
+        literal = parse_ip(host)
+        if literal is not None:  # decided without a lookup (a zone id may not even resolve)
+            verdict = self.policy.check(host, port, literal)
+            if not verdict.allowed:
+                raise AddressRefused(f"{host} is {verdict.reason}")
         allowed, refused = [], []
         for family, kind, proto, _, sockaddr in self.resolve(host, port):
             if family not in (socket.AF_INET, socket.AF_INET6):
@@ -64,8 +69,6 @@ class AddressOpener:
             (allowed if verdict.allowed else refused).append((family, kind, proto, sockaddr, verdict))
         if not allowed:
             found = ", and to ".join(dict.fromkeys(f"{a[0]}, {v.reason}" for *_, a, v in refused))
-            if parse_ip(host) is not None:
-                raise AddressRefused(f"{host} is {refused[0][4].reason}")
             raise AddressRefused(f"{host} resolves to {found or 'no IP address'}")
         if refused:
             log.debug("addresses skipped", extra={
