@@ -74,7 +74,7 @@ class AddressOpener:
             log.debug("addresses skipped", extra={
                 "host": host, "skipped": [f"{a[0]}: {v.reason}" for *_, a, v in refused]})
         error: OSError | None = None
-        for family, kind, proto, sockaddr, verdict in allowed:
+        for family, kind, proto, sockaddr, _ in allowed:
             sock = socket.socket(family, kind, proto)
             try:
                 for option in socket_options or ():

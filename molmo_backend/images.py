@@ -364,7 +364,8 @@ class ImageLoader:
         host = parts.hostname or ""
         if normalize_name(host) in ls.hosts:
             return True
-        return self.policy.name_allowed(host, parts.port or {"http": 80, "https": 443}.get(parts.scheme))
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        return self.policy.name_allowed(host, port)
 
     def _get(self, url: str, headers: dict[str, str], deadline: float) -> requests.Response:
         remaining = self._remaining(deadline, url)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from .address_policy import PolicyError, parse_entries
+
 DEFAULT_PROMPT_TEMPLATE = "Point to {label}\nPlease say 'There are none.' if it is not in the image."
 #: what a <TextArea> for the image without its own ``prompt`` is filled with the answer to
 DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
@@ -109,8 +111,6 @@ class Settings:
             raise SettingsError("MOLMO_MIN_POINT_SCORE must be between 0 and 1")
         if not self.caption_prompt.strip():
             raise SettingsError("MOLMO_CAPTION_PROMPT must not be blank")
-        from .address_policy import PolicyError, parse_entries
-
         try:
             parse_entries(self.allowed_hosts)
         except PolicyError as exc:
