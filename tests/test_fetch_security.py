@@ -79,6 +79,9 @@ def bait(host: str) -> HttpServer:
 
 @dataclass
 class World:
+    """One server under test and its neighbours: ``world.images`` is ``world.servers["images"]``;
+    servers named ``bait...`` must never be reached."""
+
     backend: object
     net_log: Path
     servers: dict[str, HttpServer]
