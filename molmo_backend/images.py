@@ -2,8 +2,10 @@
 
 Task values are untrusted: whoever can import tasks into Label Studio (LS) chooses them, and the
 backend fetches them from inside its own network. So every network fetch is limited to http(s),
-to an allow-list of hosts, to a total time and a byte budget, and redirects are followed by hand
-so each hop is checked. LS credentials are sent only to LS's own origin.
+to an allow-list of host names, to the addresses :mod:`molmo_backend.address_policy` allows (checked
+on the address connected to, by :mod:`molmo_backend.checked_transport`), to a total time and a
+byte budget, and redirects are followed by hand so each hop is checked. LS credentials are sent
+only to LS's own origin.
 
 Supported references: LS paths (``/data/upload/...``, ``/data/local-files/?d=...``, any path
 starting with ``/``), http(s) URLs, cloud URIs (``s3://``, ``gs://``, ``azure-blob://``,
@@ -28,7 +30,10 @@ from urllib.parse import parse_qs, quote, urljoin, urlsplit, urlunsplit
 import requests
 import urllib3.exceptions
 from PIL import Image, ImageOps
+from urllib3.util import parse_url
 
+from .address_policy import AddressPolicy, normalize_name, parse_ip
+from .checked_transport import AddressRefused, CheckedAdapter, Resolver
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,15 +164,27 @@ class _LabelStudio:
     base: str | None  # where LS requests go
     auth: LabelStudioAuth
     aliases: tuple[str, ...]  # base URLs whose URLs are LS's own: ``base`` and /setup's hostname
-    hosts: frozenset[str]  # LS's host names, always allowed
+    hosts: frozenset[str]  # LS's host names, allowed by name (their addresses: see address_policy)
+    from_setup: bool = False  # ``base`` is /setup's hostname (LABEL_STUDIO_URL is unset)
 
 
 class ImageLoader:
-    """Loads task images; one instance is shared by all request threads."""
+    """Loads task images; one instance is shared by all request threads.
 
-    def __init__(self, settings: Settings, session: requests.Session | None = None):
+    ``resolver`` (``socket.getaddrinfo``'s shape, the default) is what host names are looked up
+    with; tests give one that maps names to loopback addresses."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None,
+                 resolver: Resolver | None = None):
         self.settings = settings
+        # LABEL_STUDIO_URL's host is the operator's own: allowed at any address it resolves to
+        # (a private network, docker compose). /setup's hostname never is (see _build_ls).
+        ls_host = urlsplit(_base_url(settings.label_studio_url) or "").hostname
+        self.policy = AddressPolicy(settings.allowed_hosts, trusted=[ls_host] if ls_host else ())
         self._session = session or requests.Session()
+        adapter = CheckedAdapter(self.policy, resolver)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._lock = threading.Lock()
         self._setup: tuple[str | None, str | None] = (None, None)
         self._ls = self._build_ls(None, None, None)
@@ -195,10 +212,13 @@ class ImageLoader:
         if auth is None or (auth.url, auth._key) != (base, key):  # keep a cached access token
             auth = LabelStudioAuth(base, key, self._session, timeout=s.fetch_timeout)
         aliases = tuple(dict.fromkeys(u for u in (base, setup_url) if u))
-        # Only the host LS requests go to is allowed by default: /setup's hostname must not widen
+        # Only the host LS requests go to is allowed by name: /setup's hostname must not widen
         # the allow-list when LABEL_STUDIO_URL is set (its URLs are rewritten to LS's anyway).
-        hosts = frozenset({urlsplit(base).hostname or ""} if base else ()) - {""}
-        return _LabelStudio(base, auth, aliases, hosts)
+        # When it is unset, /setup's host is allowed by name but not trusted by address: it is
+        # connected to only at a public address, or one MOLMO_ALLOWED_HOSTS lists.
+        hosts = frozenset({normalize_name(urlsplit(base).hostname or "")} if base else ()) - {""}
+        from_setup = bool(base) and not _base_url(s.label_studio_url)
+        return _LabelStudio(base, auth, aliases, hosts, from_setup)
 
     def load(self, value: str, task_id: int | None = None) -> LoadedImage:
         """Fetch and decode the image a task refers to; raises ImageLoadError."""
@@ -282,7 +302,8 @@ class ImageLoader:
         """GET ``url`` following redirects by hand, with LS auth only on LS's origin.
 
         A redirect issued by LS itself (presigned cloud URLs, uploads kept in a bucket) may go to
-        any http(s) host: LS chose it. Every other hop must be on the allow-list.
+        any http(s) host name: LS chose it. Every other hop must be on the allow-list. Every hop,
+        LS's included, connects only to an address the policy allows.
         """
         first = url
         redirects = 0
@@ -296,9 +317,18 @@ class ImageLoader:
             is_ls = ls.base is not None and _origin(url) == _origin(ls.base)
             if not (is_ls or trusted or self._host_allowed(parts, ls)):
                 raise ImageLoadError(f"host {parts.hostname!r} is not allowed: add it to "
-                                     "MOLMO_ALLOWED_HOSTS (comma-separated; '*' allows any)")
-            headers = ls.auth.header(deadline) if is_ls else {}
-            resp = self._get(url, headers, deadline)
+                                     "MOLMO_ALLOWED_HOSTS (comma-separated names, IPs or CIDRs; "
+                                     "'*' allows any public address)")
+            try:
+                headers = ls.auth.header(deadline) if is_ls else {}
+                resp = self._get(url, headers, deadline)
+            except AddressRefused as exc:
+                hint = (" Label Studio's address came from its /setup call, which opens no "
+                        "address by itself: set LABEL_STUDIO_URL (or list the host in "
+                        "MOLMO_ALLOWED_HOSTS)" if is_ls and ls.from_setup else "")
+                raise ImageLoadError(
+                    f"refusing {_describe(url)}: {exc}. Only public addresses are fetched unless "
+                    f"MOLMO_ALLOWED_HOSTS lists the host, its IP or a CIDR holding it.{hint}") from None
             with resp:
                 status = resp.status_code
                 if status == 401 and is_ls and ls.auth.can_refresh and not retried:
@@ -331,12 +361,11 @@ class ImageLoader:
                 return self._read_body(resp, url, deadline)
 
     def _host_allowed(self, parts, ls: _LabelStudio) -> bool:
-        allowed = self.settings.allowed_hosts
-        if "*" in allowed:
+        host = parts.hostname or ""
+        if normalize_name(host) in ls.hosts:
             return True
-        host = (parts.hostname or "").lower()
-        names = {host, f"{host}:{parts.port}"} if parts.port else {host}
-        return bool(names & (ls.hosts | {h.lower() for h in allowed}))
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        return self.policy.name_allowed(host, port)
 
     def _get(self, url: str, headers: dict[str, str], deadline: float) -> requests.Response:
         remaining = self._remaining(deadline, url)
@@ -473,12 +502,24 @@ def _base_url(url: str | None) -> str | None:
 
 
 def _split(url: str):
+    """``urlsplit(url)``, refused when requests (urllib3) would read another host or port in it:
+    the allow-list must judge the host that is connected to (``http://a\\@b/``, ``%2e`` ...)."""
     parts = urlsplit(url)
     try:
         parts.port  # raises on a malformed port
-    except ValueError:
+        theirs = parse_url(url)
+    except (ValueError, urllib3.exceptions.LocationParseError):
         raise ImageLoadError(f"invalid URL {_describe(url)}") from None
+    if parts.scheme.lower() in ("http", "https") and (
+            _host_key(parts.hostname) != _host_key(theirs.host) or parts.port != theirs.port):
+        raise ImageLoadError(f"ambiguous URL {_describe(url)}: URL parsers disagree on its host")
     return parts._replace(scheme=parts.scheme.lower())
+
+
+def _host_key(host: str | None) -> str:
+    host = (host or "").strip("[]")
+    ip = parse_ip(host)
+    return str(ip) if ip is not None else normalize_name(host)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

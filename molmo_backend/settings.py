@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from .address_policy import PolicyError, parse_entries
+
 DEFAULT_PROMPT_TEMPLATE = "Point to {label}\nPlease say 'There are none.' if it is not in the image."
 #: what a <TextArea> for the image without its own ``prompt`` is filled with the answer to
 DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
@@ -109,6 +111,10 @@ class Settings:
             raise SettingsError("MOLMO_MIN_POINT_SCORE must be between 0 and 1")
         if not self.caption_prompt.strip():
             raise SettingsError("MOLMO_CAPTION_PROMPT must not be blank")
+        try:
+            parse_entries(self.allowed_hosts)
+        except PolicyError as exc:
+            raise SettingsError(f"MOLMO_ALLOWED_HOSTS: {exc}") from None
 
     def redacted(self) -> dict:
         """The settings as a dict fit for logs: secrets are masked."""
@@ -172,8 +178,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "max_image_bytes": ("MOLMO_MAX_IMAGE_BYTES", "Largest image file accepted, in bytes"),
     "max_image_pixels": ("MOLMO_MAX_IMAGE_PIXELS", "Largest image accepted, in pixels "
                          "(decompression-bomb guard)"),
-    "allowed_hosts": ("MOLMO_ALLOWED_HOSTS", "Comma-separated hosts images may be fetched from "
-                      "besides Label Studio's; `*` allows any"),
+    "allowed_hosts": ("MOLMO_ALLOWED_HOSTS", "Comma-separated host names (`name` or `name:port`), "
+                      "IPs and CIDRs images may be fetched from besides Label Studio's; `*`: any "
+                      "host at a public address. Loopback, private, link-local... addresses only "
+                      "when listed (docs/security.md)"),
     "local_files_root": ("LOCAL_FILES_DOCUMENT_ROOT", "Folder served by Label Studio's local-files "
                          "storage, read directly when set"),
     "host": ("HOST", "Address the server binds"),

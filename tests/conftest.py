@@ -18,6 +18,24 @@ KEYPOINT_CONFIG = """<View>
 </View>"""
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=2000,
+                     help="generated inputs per parser in tests/test_fuzz_parsers.py (default "
+                          "2000; docs/security.md records a run of 100000)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.support.fuzzing import REPORT
+
+    for line in REPORT:
+        terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(request) -> int:
+    return request.config.getoption("--fuzz-examples")
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
     from molmo_backend.demo import ensure_demo_model

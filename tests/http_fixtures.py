@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -44,11 +46,13 @@ Route = Callable[[Request], Reply]
 
 
 class HttpServer:
-    """A threaded HTTP/1.1 server on ``host`` (a loopback address) and a free port."""
+    """A threaded HTTP/1.1 server on ``host`` (a loopback address, IPv4 or IPv6) and a free port;
+    HTTPS when ``tls`` (a server-side SSLContext) is given, recording the SNI names it saw."""
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None):
         self.routes: dict[str, Route] = {}
         self.requests: list[Request] = []
+        self.sni: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -105,14 +109,19 @@ class HttpServer:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
             def handle_error(self, request, client_address):
                 pass  # clients that gave up (time-out tests) break pipes; that is expected
 
         self._httpd = Server((host, 0), Handler)
+        if tls is not None:
+            tls.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self.host = host
         self.port = self._httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
+        netloc = f"[{host}]" if ":" in host else host
+        self.url = f"{'https' if tls else 'http'}://{netloc}:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                                         daemon=True)
         self._thread.start()
@@ -148,8 +157,8 @@ class FakeLabelStudio(HttpServer):
     """
 
     def __init__(self, legacy_token: str | None = None, access_lifetime: int = 300,
-                 exchange_delay: float = 0.0):
-        super().__init__()
+                 exchange_delay: float = 0.0, host: str = "127.0.0.1"):
+        super().__init__(host)
         self.legacy_token = legacy_token
         self.pat = make_jwt({"token_type": "refresh", "exp": int(time.time()) + 10**7,
                              "jti": "pat-1", "user_id": 1})

@@ -1,4 +1,8 @@
-"""ImageLoader against real HTTP servers on the loopback interface (nothing mocked)."""
+"""ImageLoader against real HTTP servers on the loopback interface (nothing mocked).
+
+Every test runs under tests/support/net_guard.NetGuard: names resolve from its table (to loopback
+addresses), and a connect to anything but loopback fails the test before a packet leaves.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from molmo_backend import images
 from molmo_backend.images import ImageLoader, ImageLoadError, LabelStudioAuth
 from molmo_backend.settings import Settings
 from tests.http_fixtures import FakeLabelStudio, HttpServer, Reply, make_jwt
+from tests.support.net_guard import net_guard  # noqa: F401 - the fixture below uses it
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -57,6 +62,11 @@ PNG = encode(quadrants())
 def settings(**kw) -> Settings:
     kw.setdefault("fetch_timeout", 3.0)
     return Settings(**kw)
+
+
+@pytest.fixture(autouse=True)
+def guarded(net_guard):  # noqa: F811
+    return net_guard
 
 
 @pytest.fixture
@@ -224,8 +234,12 @@ def test_host_not_in_allow_list(server):
 
 def test_star_and_host_port_entries_allow(server):
     server.route("/a.png", Reply(200, PNG))
-    for allowed in [("*",), (f"127.0.0.1:{server.port}",)]:
+    for allowed in [("*", "127.0.0.1"), (f"127.0.0.1:{server.port}",), ("127.0.0.0/8",)]:
         assert ImageLoader(settings(allowed_hosts=allowed)).load(f"{server.url}/a.png").width == 60
+    # '*' alone is any *public* address: loopback needs an entry of its own
+    assert "127.0.0.1 is a loopback address" in error_of(
+        ImageLoader(settings(allowed_hosts=("*",))), f"{server.url}/a.png")
+    assert len(server.hits("/a.png")) == 3  # the refused one never connected
     assert "not allowed" in error_of(ImageLoader(settings(allowed_hosts=("127.0.0.1:1",))),
                                      f"{server.url}/a.png")
 
@@ -248,10 +262,21 @@ def test_data_uri():
 
 
 def test_upload_with_legacy_token_from_setup(ls):
-    loader = ImageLoader(settings())
+    # /setup's hostname alone opens no loopback/private address: the operator lists LS's
+    loader = ImageLoader(settings(allowed_hosts=("127.0.0.1",)))
     loader.configure_label_studio(ls.url, LEGACY)
     assert loader.load("/data/upload/1/img.png").width == 60
     assert ls.hits("/data/upload/1/img.png")[0].headers["authorization"] == f"Token {LEGACY}"
+
+
+def test_setup_hostname_alone_opens_no_private_address(ls):
+    """Without LABEL_STUDIO_URL, /setup's hostname is Label Studio: reached only at a public
+    address or one MOLMO_ALLOWED_HOSTS lists (anyone may call /setup when basic auth is off)."""
+    loader = ImageLoader(settings())
+    loader.configure_label_studio(ls.url, LEGACY)
+    message = error_of(loader, "/data/upload/1/img.png")
+    assert "127.0.0.1 is a loopback address" in message and "set LABEL_STUDIO_URL" in message
+    assert ls.requests == []
 
 
 def test_upload_with_legacy_token_from_settings(ls):
@@ -327,7 +352,7 @@ def test_pat_is_exchanged_once_and_cached(pat_ls):
 
 
 def test_pat_from_setup_token(pat_ls):
-    loader = ImageLoader(settings())
+    loader = ImageLoader(settings(allowed_hosts=("127.0.0.1",)))
     loader.configure_label_studio(pat_ls.url, pat_ls.pat)
     assert loader.load("/data/upload/1/img.png").width == 60
     assert pat_ls.exchanges == 1
@@ -404,7 +429,7 @@ def test_auth_kinds():
 
 
 def test_setup_repeated_keeps_cached_access_token(pat_ls):
-    loader = ImageLoader(settings())
+    loader = ImageLoader(settings(allowed_hosts=("127.0.0.1",)))
     for _ in range(3):  # LS calls /setup before every retrieve
         loader.configure_label_studio(pat_ls.url + "/", pat_ls.pat)
         loader.load("/data/upload/1/img.png")
@@ -414,24 +439,36 @@ def test_setup_repeated_keeps_cached_access_token(pat_ls):
 # -- cloud storage via LS's presign endpoint ------------------------------------------------
 
 
-def test_cloud_uri_signed_by_label_studio(ls, other_host):
+def test_cloud_uri_signed_by_label_studio(ls, other_host, guarded):
+    """LS's redirect to the signed URL may name any host; its address is still checked. The
+    bucket (bucket.test at 127.0.0.2) stands for a storage on a private network, opened by
+    its IP entry."""
+    guarded.add("bucket.test", ["127.0.0.2"])
     other_host.route("/bucket/cat.png", Reply(200, PNG))
+    bucket = f"http://bucket.test:{other_host.port}"
 
     def presign(request):
         if request.headers.get("authorization") != f"Token {LEGACY}":
             return Reply(401)
         uri = base64.urlsafe_b64decode(request.query["fileuri"][0]).decode()
-        return Reply(303, headers={"Location": f"{other_host.url}/bucket/{uri.rsplit('/', 1)[1]}"
+        return Reply(303, headers={"Location": f"{bucket}/bucket/{uri.rsplit('/', 1)[1]}"
                                                "?X-Amz-Signature=SECRET"})
 
     ls.route("/tasks/7/presign/", presign)
-    loader = ImageLoader(settings(label_studio_url=ls.url, label_studio_api_key=LEGACY))
+    loader = ImageLoader(settings(label_studio_url=ls.url, label_studio_api_key=LEGACY,
+                                  allowed_hosts=("127.0.0.2",)))
     assert loader.load("s3://my-bucket/dir/cat.png", task_id=7).width == 60
     signed = other_host.hits("/bucket/cat.png")
     assert len(signed) == 1 and "authorization" not in signed[0].headers
     assert signed[0].query["X-Amz-Signature"] == ["SECRET"]
-    # only LS's own redirects reach hosts off the allow-list; a direct fetch does not
-    assert "not allowed" in error_of(ImageLoader(settings()), f"{other_host.url}/bucket/cat.png")
+    assert signed[0].headers["host"] == f"bucket.test:{other_host.port}"
+    # only LS's own redirects reach host names off the allow-list; a direct fetch does not
+    assert "not allowed" in error_of(loader, f"{bucket}/bucket/cat.png")
+    # nor does LS's redirect open an address the operator did not list
+    unlisted = ImageLoader(settings(label_studio_url=ls.url, label_studio_api_key=LEGACY))
+    message = error_of(unlisted, "s3://my-bucket/dir/cat.png", 7)
+    assert "bucket.test resolves to 127.0.0.2, a loopback address" in message
+    assert len(other_host.hits("/bucket/cat.png")) == 1
 
 
 def test_cloud_uri_needs_task_id_and_ls(ls):

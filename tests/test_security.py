@@ -3,7 +3,9 @@ cap, the fetch allow-list by default, and no secret in the server's log.
 
 One server for the module, with basic auth on, a personal access token for Label Studio
 (tests/http_fixtures.FakeLabelStudio on 127.0.0.1), no MOLMO_ALLOWED_HOSTS (the default: only
-Label Studio's host) and LOG_LEVEL=DEBUG, so that even debug lines are searched for secrets.
+Label Studio's host) and LOG_LEVEL=DEBUG, so that even debug lines are searched for secrets. It
+runs under tests/support/guarded_server.py: a connect to anything but loopback would be refused
+and recorded (the last test reads the record). Address checks: tests/test_fetch_security.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image
 from requests.auth import HTTPBasicAuth
 
 from tests.http_fixtures import FakeLabelStudio, HttpServer, Reply, Request
+from tests.support.net_guard import read_events
 from tests.support.processes import run_backend
 
 USER = "label-studio"
@@ -44,8 +47,8 @@ def basic(user: str, password: str, encoding: str = "utf-8") -> str:
 
 
 class World:
-    def __init__(self, backend, ls, web, attacker, attacker2, issued):
-        self.backend, self.ls, self.web = backend, ls, web
+    def __init__(self, backend, ls, web, attacker, attacker2, issued, net_log):
+        self.backend, self.ls, self.web, self.net_log = backend, ls, web, net_log
         self.attacker, self.attacker2, self.issued = attacker, attacker2, issued
         self.url = backend.url
 
@@ -82,10 +85,11 @@ def world(tmp_path_factory, demo_model_dir):
     env = {"BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD, "LABEL_STUDIO_URL": ls.url,
            "LABEL_STUDIO_API_KEY": ls.pat, "MOLMO_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
            "LOG_LEVEL": "DEBUG", "MOLMO_MAX_NEW_TOKENS": "32", "MOLMO_ALLOWED_HOSTS": "",
-           "MOLMO_CACHE_DIR": str(demo_model_dir.parent)}
+           "MOLMO_CACHE_DIR": str(demo_model_dir.parent), "MOLMO_TEST_NET_LOG": str(tmp / "net.jsonl")}
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}) as backend:
-            yield World(backend, ls, web, attacker, attacker2, issued)
+        with run_backend(tmp, env=env, answers={"cat": CAT},
+                         server="tests/support/guarded_server.py") as backend:
+            yield World(backend, ls, web, attacker, attacker2, issued, tmp / "net.jsonl")
     finally:
         for server in (ls, web, attacker, attacker2):
             server.close()
@@ -296,3 +300,9 @@ def test_no_secret_ever_reaches_the_log(world):
     assert "predicted" in log and "image unavailable" in log and "DEBUG" in log  # it did log
     leaked = [name for name, secret in secrets.items() if secret in log]
     assert leaked == []
+
+
+def test_only_loopback_was_ever_connected_to(world):
+    connects = [e for e in read_events(world.net_log) if e["event"] == "connect"]
+    assert connects and [e for e in connects if e["blocked"]] == []
+    assert {e["address"] for e in connects} == {"127.0.0.1"}  # LS and its host; never 127.0.0.2
