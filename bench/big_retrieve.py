@@ -7,7 +7,7 @@ exactly one prediction.
 
 ``repeat``: MOLMO_WRITE_BACK=0; the user retrieves again until every task holds a prediction.
 ``write-back``: LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY set; one retrieve, then the backend writes
-the deferred tasks itself as they finish. Tasks are image URLs served from a local directory
+the deferred tasks itself as they finish (and what it had to give up on is retrieved again). Tasks are image URLs served from a local directory
 (one 64x48 PNG per task, all different), the config has two keypoint labels; the demo model
 answers with its own (random) text. Label Studio runs with legacy tokens on (tests/labelstudio.py
 installs it on first use); everything listens on 127.0.0.1.
@@ -73,10 +73,13 @@ def main() -> int:
     parser.add_argument("--mode", choices=["repeat", "write-back"], default="repeat")
     parser.add_argument("--deadline", type=float, default=90.0, help="MOLMO_PREDICT_DEADLINE")
     parser.add_argument("--max-retrieves", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="MOLMO_MAX_NEW_TOKENS: the "
+                        "random demo model talks until this cap, so it sets the engine's speed")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     report: dict = {"tasks": args.tasks, "mode": args.mode, "deadline_s": args.deadline,
+                    "max_new_tokens": args.max_new_tokens,
                     "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "machine": f"{platform.node()} ({platform.processor() or platform.machine()})",
                     "retrieves": []}
@@ -94,14 +97,17 @@ def main() -> int:
             report["import_s"] = round(time.monotonic() - t, 1)
             log(f"imported {args.tasks} tasks in {report['import_s']} s")
             env = {"MOLMO_PREDICT_DEADLINE": str(args.deadline),
+                   "MOLMO_MAX_NEW_TOKENS": str(args.max_new_tokens),
                    "MOLMO_ALLOWED_HOSTS": web_url.split("//", 1)[1],
                    "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.user_token,
                    "MOLMO_WRITE_BACK": "auto" if args.mode == "write-back" else "0"}
+            (tmp / "backend").mkdir()
             with run_backend(tmp / "backend", env=env) as backend:
                 version = ls.connect_ml(pid, backend.url)["model_version"]
                 report["model_version"] = version
                 started = time.monotonic()
-                for n in range(1, args.max_retrieves + 1):
+
+                def retrieve(n: int) -> dict:
                     t = time.monotonic()
                     answer = ls.api("POST", "/api/dm/actions", timeout=1800,
                                     params={"id": "retrieve_tasks_predictions", "project": pid},
@@ -109,17 +115,34 @@ def main() -> int:
                     seconds = time.monotonic() - t
                     now = counts(ls, pid, version)
                     metrics = requests.get(f"{backend.url}/metrics", timeout=30).json()["retrieve"]
-                    report["retrieves"].append({"n": n, "seconds": round(seconds, 1),
+                    report["retrieves"].append({"n": n, "at_s": round(time.monotonic() - started, 1),
+                                                "seconds": round(seconds, 1),
                                                 "detail": answer.get("detail"), **now,
                                                 "backend": metrics})
                     log(f"retrieve {n}: {seconds:.1f} s, LS says {answer.get('detail')!r}; tasks "
                         f"with one prediction: {now['one']}, none: {now['none']}, more: {now['more']}")
-                    if now["none"] == 0 or args.mode == "write-back":
-                        break
+                    return now
+
+                now = retrieve(1)
                 if args.mode == "write-back":
-                    while (now := counts(ls, pid, version))["none"]:
-                        log(f"write-back: {now['one']} tasks hold a prediction")
+                    # the write-back stores the rest; what it had to give up on (Label Studio too
+                    # busy or down) waits for another retrieve
+                    while True:
+                        m = requests.get(f"{backend.url}/metrics", timeout=30).json()["retrieve"]
+                        now = counts(ls, pid, version)
+                        log(f"write-back: {now['one']} tasks hold a prediction; backend: in flight "
+                            f"{m['in_flight']}, kept {m['kept']}, written {m['written_back']}, "
+                            f"failures {m['write_back_failures']}")
+                        given_up = m["write_back_failures"] and m["in_flight"] == 0 and \
+                            m["kept"] == now["none"]
+                        if now["none"] == 0 or given_up:
+                            break
                         time.sleep(10)
+                    report["write_back_done_s"] = round(time.monotonic() - started, 1)
+                for n in range(2, args.max_retrieves + 1):
+                    if now["none"] == 0:
+                        break
+                    now = retrieve(n)
                 report["total_s"] = round(time.monotonic() - started, 1)
                 report["final"] = counts(ls, pid, version)
                 report["backend"] = requests.get(f"{backend.url}/metrics", timeout=30).json()

@@ -179,7 +179,16 @@ class MolmoBackend(LabelStudioMLBase):
                 run.cancel()
                 self.results.stats.add(cancelled_gone=1)
         results = self.results.finish(claim, delivered=outcome != "gone")
-        waited = [e for e in claim.entries if e is not None]
+        self._log_outcome(tasks, results, claim, outcome, priority, interactive, started, deadline)
+        return results
+
+    def fit(self, event: str, data: dict, **kwargs) -> dict:
+        """Molmo is not fine-tuned from annotations here; events are acknowledged and ignored."""
+        log.debug("webhook event ignored", extra={"event": event})
+        return {"status": "ignored", "event": event}
+
+    def _log_outcome(self, tasks, results, claim, outcome: str, priority: Priority,
+                     interactive: bool, started: float, deadline: float | None) -> None:
         unfinished = sum(1 for r in results if isinstance(r, list))
         if outcome == "deadline":
             self.results.stats.add(deadlines_hit=1)
@@ -190,8 +199,10 @@ class MolmoBackend(LabelStudioMLBase):
         elif outcome == "gone":
             log.warning("client hung up before the answer", extra={
                 "tasks": len(tasks), "unfinished": unfinished,
-                "then": "cancelled" if not bulk else "kept running for the next retrieve"})
+                "then": "kept running for the next retrieve" if priority == Priority.BULK
+                else "cancelled"})
         predictions = [r for r in results if isinstance(r, dict)]
+        waited = sum(1 for e in claim.entries if e is not None) - len(claim.new)
         log.info(
             "predicted",
             extra={
@@ -199,16 +210,10 @@ class MolmoBackend(LabelStudioMLBase):
                 "points": sum(r.get("type") == "keypointlabels" for p in predictions for r in p["result"]),
                 "seconds": round(time.monotonic() - started, 3), "priority": Priority(priority).name,
                 "interactive": interactive, "computed": len(claim.new),
-                "from_earlier_work": len(waited) - len(claim.new) + len(claim.taken),
-                "unfinished": unfinished, "outcome": outcome,
+                "from_earlier_work": waited + len(claim.taken), "unfinished": unfinished,
+                "outcome": outcome,
             },
         )
-        return results
-
-    def fit(self, event: str, data: dict, **kwargs) -> dict:
-        """Molmo is not fine-tuned from annotations here; events are acknowledged and ignored."""
-        log.debug("webhook event ignored", extra={"event": event})
-        return {"status": "ignored", "event": event}
 
     def asks_fingerprint_for(self, label_config: str) -> str | None:
         """The fingerprint a bulk prediction for ``label_config`` carries; None when the config

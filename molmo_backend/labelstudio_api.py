@@ -37,7 +37,10 @@ WRITE_ATTEMPTS = 4
 
 
 class LabelStudioAPIError(RuntimeError):
-    """Something the user must fix (URL, key, project, filters, files); the message says what."""
+    """Something the user must fix (URL, key, project, filters, files); the message says what.
+    ``retryable``: the cause was transient (no answer, 429, 5xx), so another try may succeed."""
+
+    retryable = False
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,13 @@ class LabelStudioProject:
             raise self.explain(exc, doing) from None
 
     def explain(self, exc: BaseException, doing: str) -> LabelStudioAPIError:
+        error = self._describe(exc, doing)
+        error.retryable = transient(exc)
+        return error
+
+    def _describe(self, exc: BaseException, doing: str) -> LabelStudioAPIError:
+        if isinstance(exc, LabelStudioAPIError):
+            return exc
         status = getattr(exc, "status_code", None)
         body = getattr(exc, "body", None)
         detail = body.get("detail") if isinstance(body, dict) else body
@@ -186,9 +196,11 @@ class LabelStudioProject:
 
 def transient(exc: BaseException) -> bool:
     """Worth another try: no answer (network, timeout), 429 or a 5xx."""
+    if isinstance(exc, LabelStudioAPIError):
+        return exc.retryable
     status = getattr(exc, "status_code", None)
     if status is None:
-        return not isinstance(exc, (ValueError, TypeError, LabelStudioAPIError))
+        return not isinstance(exc, (ValueError, TypeError))
     return status == 429 or status >= 500
 
 
@@ -208,17 +220,24 @@ def write_new_predictions(project: LabelStudioProject, rows: list[dict], version
     except those whose task already holds a prediction of ``version``; never a task twice.
 
     The tasks are checked just before writing (another run, a retrieve or an opened task may have
-    predicted them meanwhile). A transient failure (no answer, 429, 5xx) is retried up to
-    ``attempts`` times with a growing pause, checking again first: the failed request may still
-    have been stored. Raises :class:`LabelStudioAPIError` when it gives up."""
+    predicted them meanwhile). A transient failure (no answer, 429, 5xx) of the check or the
+    write is retried up to ``attempts`` times with a growing pause, checking again first: the
+    failed request may still have been stored. Raises :class:`LabelStudioAPIError` when it gives
+    up."""
     outcome = WriteOutcome()
-    now = project.model_versions([r["task"] for r in rows])
-    pending = [r for r in rows if version not in now.get(r["task"], ())]
-    outcome.present = [r["task"] for r in rows if version in now.get(r["task"], ())]
+    pending = list(rows)
+    tried_to_write = False
     for attempt in range(attempts):
-        if not pending:
-            return outcome
         try:
+            # the tasks are checked first, on every attempt: a failed write may still have been
+            # stored, and a failed check (a busy Label Studio timing out) is simply repeated
+            now = project.model_versions([r["task"] for r in pending])
+            held = [r["task"] for r in pending if version in now.get(r["task"], ())]
+            (outcome.written if tried_to_write else outcome.present).extend(held)
+            pending = [r for r in pending if version not in now.get(r["task"], ())]
+            if not pending:
+                return outcome
+            tried_to_write = True
             project.write(pending)
             outcome.written += [r["task"] for r in pending]
             return outcome
@@ -226,10 +245,7 @@ def write_new_predictions(project: LabelStudioProject, rows: list[dict], version
             if not transient(exc) or attempt == attempts - 1:
                 raise project.explain(exc, f"writing {len(pending)} predictions") from None
             log.warning("writing predictions failed, checking and retrying",
-                        extra={"tasks": len(pending), "error": repr(exc)[:300]})
+                        extra={"tasks": len(pending), "error": str(exc)[:300],
+                               "attempt": attempt + 1})
             pause(min(2 ** attempt, 10))
-            # the failed request may still have been stored: never write a task twice
-            now = project.model_versions([r["task"] for r in pending])
-            outcome.written += [r["task"] for r in pending if version in now.get(r["task"], ())]
-            pending = [r for r in pending if version not in now.get(r["task"], ())]
     return outcome

@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 
 #: after the first finished prediction, wait this long for more before writing (fewer requests)
 LINGER_S = 0.5
+#: predictions per check-and-write: small enough that a Label Studio busy storing a retrieve's
+#: answer still lists and imports them well within LS_TIMEOUT_S
+WRITE_CHUNK = 100
 #: seconds allowed for one Label Studio request
-LS_TIMEOUT_S = 30.0
+LS_TIMEOUT_S = 60.0
 
 
 class WriteBack:
@@ -116,8 +119,8 @@ class WriteBack:
             log.info("label config changed: predictions made for the old one dropped, not written",
                      extra={"project": project_id, "tasks": len(stale)})
         fresh = [e for e in entries if e.key.asks == fingerprint]
-        for start in range(0, len(fresh), MAX_WRITE):
-            chunk = fresh[start:start + MAX_WRITE]
+        for start in range(0, len(fresh), WRITE_CHUNK):
+            chunk = fresh[start:start + WRITE_CHUNK]
             rows = [{"task": e.key.task_id, "result": e.prediction["result"],
                      "score": e.prediction.get("score", 0.0),
                      "model_version": e.prediction.get("model_version", self.model_version)}

@@ -174,7 +174,7 @@ def test_label_studio_hanging_up_keeps_bulk_work_and_drops_an_opened_task(impati
         faults = backend.log.count("injected fault")
         ls.retrieve_predictions(pid, task_ids=ids)  # Label Studio gives up after 2 s
         assert not any(stored(ls, ids).values())
-        assert backend.log.count("injected fault") > faults  # the slow batch is running
+        until(lambda: backend.log.count("injected fault") > faults, "the slow batch to start")
         ls.open_task(opened)  # queued behind it; Label Studio gives up on it after 2 s too
         assert ls.predictions(opened) == []
         m = until(lambda: (m := metrics(backend))["completed_later"] == 3 and m, "the bulk work")

@@ -275,3 +275,27 @@ def test_predictions_for_an_old_label_config_are_dropped_not_written(made):
     until(lambda: backend.results.stats["stale_dropped"] == 2, "the stale results to be dropped")
     assert ls.writes == [] and backend.results.sizes()["kept"] == 0
     writer.close()
+
+
+def test_a_label_studio_too_busy_to_answer_the_check_is_asked_again(made):
+    """A listing that times out (Label Studio busy storing a retrieve's answer) is retried; the
+    predictions are then written once."""
+    ls = FakeLabelStudio({1: {}, 2: {}}, CONFIG)
+    listing = ls.tasks.list
+    calls = []
+
+    def slow_then_fine(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeoutError("timed out")
+        return listing(*args, **kwargs)
+
+    ls.tasks.list = slow_then_fine
+    backend, engine, writer = writing_backend(made, ls)
+    backend.predict([task(1), task(2)], label_config=CONFIG, client_gone=lambda: True,
+                    deadline=time.monotonic() + WAIT_S)
+    engine.gate.set()
+    until(lambda: backend.results.stats["written_back"] == 2, "the write-back")
+    assert len(calls) >= 2 and backend.results.stats["write_back_failures"] == 0
+    assert sorted(t for write in ls.writes for t in write) == [1, 2]
+    writer.close()
