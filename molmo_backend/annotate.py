@@ -11,20 +11,9 @@ project's tasks are listed through label-studio-sdk's client (``fields="all"``: 
 predictions' ``model_version``), tasks that already hold a prediction of this model_version are
 skipped, and the rest go through the backend in chunks. Each chunk's predictions are written with
 one ``POST /api/projects/ID/import/predictions`` as soon as the chunk is done, so an interruption
-loses at most the chunks in flight and a re-run resumes where it stopped. Facts checked against
-Label Studio 1.23.2 with label-studio-sdk 2.1.2:
-
-- ``LabelStudio(base_url=, api_key=)`` takes a legacy token or a personal access token (PAT): the
-  SDK tells them apart (a PAT is a JWT) and exchanges a PAT at ``/api/token/refresh/`` itself,
-  again shortly before the access token expires. An expired PAT raises already in the constructor.
-- ``tasks.list(project=, fields="all")`` pages through ``/api/tasks`` and gives each task's
-  ``predictions`` with their ``model_version``; without ``fields="all"`` there are no predictions
-  and ``predictions_model_versions`` is empty. ``view=`` applies a Data Manager tab's filters and
-  LS then ignores ``query=``; ``query='{"selectedItems": {"all": false, "included": [ids]},
-  "filters": ...}'`` filters otherwise.
-- The import endpoint checks that every task is in the project and inserts the predictions with
-  one bulk insert per ``PREDICTION_IMPORT_BATCH_SIZE`` (500): a chunk of at most 500 tasks is
-  written whole or not at all.
+loses at most the chunks in flight and a re-run resumes where it stopped. The Label Studio calls
+(and the facts about them) live in molmo_backend/labelstudio_api.py, shared with the server's
+write-back.
 
 Interrupts (:class:`Interrupts`): the first SIGINT/SIGTERM stops starting chunks, lets the chunks
 in flight finish and writes them; a second one abandons those chunks without writing anything
@@ -34,7 +23,6 @@ checked again, so a run beside another (or beside "Retrieve predictions") rarely
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import queue
@@ -44,31 +32,35 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .backend import MolmoBackend, cached_config
 from .engine.scheduler import Priority
+from .labelstudio_api import (  # noqa: F401 (TaskInfo, TaskFilter: annotate's public names)
+    DEFAULT_PAGE_SIZE,
+    MAX_WRITE,
+    LabelStudioAPIError,
+    LabelStudioProject,
+    TaskFilter,
+    TaskInfo,
+    write_new_predictions,
+)
 from .service import build_backend, default_engine_factory
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Label Studio's PREDICTION_IMPORT_BATCH_SIZE: one import request of at most this many tasks is
-#: one bulk insert (all or nothing)
-MAX_CHUNK = 500
+#: one import request of at most this many tasks is one bulk insert in Label Studio
+MAX_CHUNK = MAX_WRITE
 DEFAULT_CHUNK = 64
-DEFAULT_PAGE_SIZE = 500
 #: chunks predicted at once: while one chunk's tail batch is on the GPU the next one's images are
 #: fetched and its queries fill the batch, so the GPU does not idle at chunk boundaries
 IN_FLIGHT = 2
-WRITE_ATTEMPTS = 4
 #: stop early when this many tasks failed to load their image before any succeeded
 FAILED_STREAK = 16
 
-
-class AnnotateError(RuntimeError):
-    """Something the user must fix (URL, key, project, filters, files); the message says what."""
-
+#: something the user must fix (URL, key, project, filters, files); the message says what
+AnnotateError = LabelStudioAPIError
 
 EngineFactory = Callable[[Settings], Any]
 
@@ -77,162 +69,6 @@ def load_backend(settings: Settings, engine_factory: EngineFactory | None = None
     """The server's backend over a freshly loaded engine."""
     engine = (engine_factory or default_engine_factory)(settings)
     return build_backend(settings, engine)
-
-
-# ------------------------------------------------------------------------------------------------
-# Label Studio
-
-
-@dataclass(frozen=True)
-class TaskFilter:
-    """Which tasks of the project: ids, a Data Manager view (tab) id, a raw Data Manager query."""
-
-    task_ids: tuple[int, ...] = ()
-    view: int | None = None
-    query: dict | None = None
-
-    def validate(self) -> None:
-        if self.view is not None and self.query:
-            raise AnnotateError("--view and --query cannot be combined: Label Studio ignores the "
-                                "query when a view is given (add the filters to the view instead)")
-        if self.query is not None and not isinstance(self.query, dict):
-            raise AnnotateError("--query must be a JSON object such as "
-                                '{"filters": {"conjunction": "and", "items": [...]}}')
-
-    def list_params(self) -> dict:
-        """tasks.list() arguments; ids go into the query unless a view is used (then they are
-        applied here, on the listed tasks)."""
-        if self.view is not None:
-            return {"view": self.view}
-        query = dict(self.query or {})
-        if self.task_ids:
-            query["selectedItems"] = {"all": False, "included": list(self.task_ids)}
-        return {"query": json.dumps(query)} if query else {}
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What annotate keeps of a listed task: its id, its data, its predictions' versions."""
-
-    id: int
-    data: dict
-    model_versions: tuple[str, ...]
-
-    def as_task(self) -> dict:
-        return {"id": self.id, "data": self.data}
-
-
-def _get(obj: Any, name: str, default=None):
-    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-
-
-def _task_info(item: Any) -> TaskInfo:
-    versions = tuple(str(v) for v in (_get(p, "model_version") for p in _get(item, "predictions") or [])
-                     if v is not None)
-    return TaskInfo(int(_get(item, "id")), dict(_get(item, "data") or {}), versions)
-
-
-class LabelStudioProject:
-    """The few calls annotate makes, through label-studio-sdk's client.
-
-    ``client`` may be given (tests); otherwise one is made from ``url`` and ``api_key`` (a legacy
-    token or a personal access token: the SDK exchanges a PAT by itself)."""
-
-    def __init__(self, project_id: int, url: str | None = None, api_key: str | None = None, *,
-                 client: Any = None, timeout: float = 120.0):
-        self.id = int(project_id)
-        self.url = (url or "").rstrip("/")
-        if client is None:
-            if not url:
-                raise AnnotateError("Label Studio's URL is not set: pass --url or set LABEL_STUDIO_URL")
-            if not api_key:
-                raise AnnotateError("no Label Studio key: pass --api-key or set LABEL_STUDIO_API_KEY "
-                                    "(a personal access token, or a legacy token)")
-            from label_studio_sdk import LabelStudio
-
-            try:
-                client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
-            except Exception as exc:  # the SDK checks a PAT's expiry right here
-                raise self._explain(exc, "checking the API key") from None
-        self.client = client
-
-    def label_config(self) -> str:
-        with self._errors("reading the project"):
-            project = self.client.projects.get(id=self.id)
-        config = _get(project, "label_config")
-        if not config:
-            raise AnnotateError(f"project {self.id} has no labeling config yet")
-        return config
-
-    def tasks(self, task_filter: TaskFilter, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[TaskInfo]:
-        """Every task the filter selects, each once, in Label Studio's order."""
-        wanted = set(task_filter.task_ids)
-        seen: set[int] = set()
-        with self._errors("listing the project's tasks"):
-            pager = self.client.tasks.list(project=self.id, fields="all", page_size=page_size,
-                                           **task_filter.list_params())
-            for item in pager:
-                info = _task_info(item)
-                if info.id in seen or (wanted and info.id not in wanted):
-                    continue
-                seen.add(info.id)
-                yield info
-
-    def model_versions(self, task_ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
-        """The model_versions of the predictions that ``task_ids`` hold now."""
-        if not task_ids:
-            return {}
-        query = json.dumps({"selectedItems": {"all": False, "included": list(task_ids)}})
-        with self._errors("re-reading tasks"):
-            pager = self.client.tasks.list(project=self.id, fields="all", query=query,
-                                           page_size=max(len(task_ids), 1))
-            return {info.id: info.model_versions for info in map(_task_info, pager)}
-
-    def write(self, predictions: list[dict]) -> None:
-        """One import request; the SDK's own retries are off (a retried POST could double it)."""
-        self.client.projects.import_predictions(id=self.id, request=predictions,
-                                                request_options={"max_retries": 0})
-
-    # -- errors --------------------------------------------------------------------------------
-
-    @contextmanager
-    def _errors(self, doing: str):
-        try:
-            yield
-        except AnnotateError:
-            raise
-        except Exception as exc:
-            raise self._explain(exc, doing) from None
-
-    def _explain(self, exc: BaseException, doing: str) -> AnnotateError:
-        status = getattr(exc, "status_code", None)
-        body = getattr(exc, "body", None)
-        detail = body.get("detail") if isinstance(body, dict) else body
-        where = self.url or "Label Studio"
-        if status == 401:
-            return AnnotateError(f"Label Studio at {where} refused the API key while {doing} "
-                                 f"(HTTP 401{': ' + str(detail) if detail else ''}). Use a personal "
-                                 f"access token (Account & Settings), or a legacy token where "
-                                 f"legacy tokens are enabled")
-        if status == 403:
-            return AnnotateError(f"the API key's user may not do this in project {self.id} "
-                                 f"(HTTP 403 while {doing})")
-        if status == 404:
-            return AnnotateError(f"project {self.id} (or the view) was not found at {where} "
-                                 f"(HTTP 404 while {doing})")
-        if status is not None:
-            return AnnotateError(f"Label Studio answered HTTP {status} while {doing}: "
-                                 f"{str(detail)[:500]}")
-        return AnnotateError(f"could not reach Label Studio at {where} while {doing}: "
-                             f"{type(exc).__name__}: {exc}")
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth another try: no answer (network, timeout), 429 or a 5xx."""
-    status = getattr(exc, "status_code", None)
-    if status is None:
-        return not isinstance(exc, (ValueError, TypeError, AnnotateError))
-    return status == 429 or status >= 500
 
 
 # ------------------------------------------------------------------------------------------------
@@ -596,38 +432,16 @@ def _write_chunk(project: LabelStudioProject, chunk: _Chunk, version: str,
     if not rows:
         return
     with interrupts.writing():
-        # Check again just before writing: another run or a "Retrieve predictions" may have
-        # predicted some of these tasks while this chunk was on the GPU.
-        rows = _not_yet_predicted(project, rows, version, report)
-        for attempt in range(WRITE_ATTEMPTS):
-            if not rows:
-                return
-            try:
-                project.write(rows)
-                break
-            except Exception as exc:  # noqa: BLE001 - sorted below
-                if not _transient(exc) or attempt == WRITE_ATTEMPTS - 1:
-                    raise project._explain(exc, f"writing {len(rows)} predictions") from None
-                log.warning("writing predictions failed, checking and retrying",
-                            extra={"tasks": len(rows), "error": repr(exc)[:300]})
-                time.sleep(min(2 ** attempt, 10))
-                # the failed request may still have been stored: never write a task twice
-                rows = _not_yet_predicted(project, rows, version, report, late=False)
-        report.written += len(rows)
-        report.with_points += sum(1 for r in rows if r["result"])
-
-
-def _not_yet_predicted(project: LabelStudioProject, rows: list[dict], version: str,
-                       report: AnnotateReport, late: bool = True) -> list[dict]:
-    now = project.model_versions([r["task"] for r in rows])
-    keep = [r for r in rows if version not in now.get(r["task"], ())]
-    if late and len(keep) < len(rows):
-        report.skipped_late += len(rows) - len(keep)
+        # checked again just before writing: another run or a "Retrieve predictions" may have
+        # predicted some of these tasks while this chunk was on the GPU
+        outcome = write_new_predictions(project, rows, version)
+    if outcome.present:
+        report.skipped_late += len(outcome.present)
         log.info("tasks predicted elsewhere meanwhile, not written again",
-                 extra={"tasks": len(rows) - len(keep)})
-    elif not late:
-        report.written += len(rows) - len(keep)  # the failed request had stored them after all
-    return keep
+                 extra={"tasks": len(outcome.present)})
+    written = set(outcome.written)
+    report.written += len(written)
+    report.with_points += sum(1 for r in rows if r["task"] in written and r["result"])
 
 
 def parse_task_ids(values: Iterable[str]) -> tuple[int, ...]:

@@ -1,7 +1,9 @@
 """HTTP layer: Label Studio's ML-backend routes around a :class:`ModelService`.
 
 Routes, request shapes and auth live here; what a prediction is lives in the backend. ``/health``
-and ``/setup`` never wait on the GPU (Label Studio gives them 1 s and 3 s).
+and ``/setup`` never wait on the GPU (Label Studio gives them 1 s and 3 s). ``/predict`` gives the
+backend its deadline (``MOLMO_PREDICT_DEADLINE`` from the request's arrival) and a way to tell
+that Label Studio has hung up (molmo_backend/connection.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import Counter
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .connection import client_gone_probe
 from .labels import LabelConfigError
 from .service import ModelService
 from .settings import Settings
@@ -131,6 +134,8 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
 
     @app.post("/predict")
     def predict():
+        started = time.monotonic()
+        deadline = started + settings.predict_deadline if settings.predict_deadline > 0 else None
         body = _json_body()
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
@@ -143,8 +148,9 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         backend, error = ready_backend(wait=PREDICT_WAIT_FOR_MODEL_S)
         if error:
             return error
-        started = time.monotonic()
-        results = backend.predict(tasks, context=context, label_config=label_config)
+        results = backend.predict(tasks, context=context, label_config=label_config, deadline=deadline,
+                                  client_gone=client_gone_probe(request.environ),
+                                  project=body.get("project"))
         count(predict_requests=1, tasks=len(tasks))
         log.info("predict request", extra={"tasks": len(tasks), "seconds": round(time.monotonic() - started, 3)})
         return jsonify(results=results)
@@ -172,6 +178,8 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         if backend is not None:
             body["model_version"] = backend.model_version
             body["scheduler"] = dict(backend.scheduler.stats, pending=backend.scheduler.pending())
+            body["retrieve"] = dict(backend.results.stats.snapshot(), **backend.results.sizes(),
+                                    write_back=backend.write_back is not None)
         return jsonify(body)
 
     return app

@@ -17,7 +17,9 @@ from .engine.base import Engine
 from .engine.scheduler import Scheduler
 from .images import ImageLoader
 from .prompts import default_prompt_template
+from .results import ResultStore
 from .settings import Settings
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,27 @@ def default_engine_factory(settings: Settings) -> Engine | list[Engine]:
     return load_local_engine(settings)
 
 
-def build_backend(settings: Settings, engine: Engine | list[Engine]) -> MolmoBackend:
-    """The backend over one engine, or over replicas of one model (one per GPU)."""
+def build_backend(settings: Settings, engine: Engine | list[Engine],
+                  write_back: bool = False) -> MolmoBackend:
+    """The backend over one engine, or over replicas of one model (one per GPU).
+
+    ``write_back`` (the server): predictions finished after their retrieve answered are also
+    written to Label Studio, when the settings say so (``Settings.writes_back``)."""
     scheduler = Scheduler(engine)  # the engine knows its batch size (remote: its concurrency)
     first = scheduler.engine
     template = settings.prompt_template or default_prompt_template(first.family)
     version = make_model_version(first.model_id, first.revision, template, settings.caption_prompt)
-    return MolmoBackend(settings, scheduler, ImageLoader(settings), version, prompt_template=template)
+    results = ResultStore(settings.result_cache)
+    backend = MolmoBackend(settings, scheduler, ImageLoader(settings), version,
+                           prompt_template=template, results=results)
+    if write_back and settings.writes_back:
+        writer = WriteBack(results, settings.label_studio_url, settings.label_studio_api_key,
+                           version, backend.asks_fingerprint_for)
+        results.on_kept = writer.start().enqueue
+        backend.write_back = writer
+        log.info("deferred predictions are written to Label Studio as they finish",
+                 extra={"label_studio_url": settings.label_studio_url})
+    return backend
 
 
 class ModelService:
@@ -78,7 +94,7 @@ class ModelService:
     def _load(self) -> None:
         try:
             engine = self.engine_factory(self.settings)
-            self.backend = build_backend(self.settings, engine)
+            self.backend = build_backend(self.settings, engine, write_back=True)
             log.info(
                 "backend ready",
                 extra={"model_version": self.backend.model_version,

@@ -54,6 +54,9 @@ class Settings:
     # Label Studio
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
+    predict_deadline: float = 90.0  # seconds; a bulk /predict answers what is finished by then
+    result_cache: int = 20000  # finished predictions kept for the next retrieve (tasks)
+    write_back: str = "auto"  # "auto": write deferred predictions to LS when URL + key are set
     # image fetching
     fetch_timeout: float = 15.0
     max_image_bytes: int = 64 * 1024 * 1024
@@ -115,6 +118,17 @@ class Settings:
             parse_entries(self.allowed_hosts)
         except PolicyError as exc:
             raise SettingsError(f"MOLMO_ALLOWED_HOSTS: {exc}") from None
+        if self.predict_deadline < 0 or self.result_cache < 0:
+            raise SettingsError("MOLMO_PREDICT_DEADLINE and MOLMO_RESULT_CACHE must be >= 0")
+        if self.write_back not in ("auto", "0", "1"):
+            raise SettingsError("MOLMO_WRITE_BACK must be auto, 1 or 0")
+        if self.write_back == "1" and not (self.label_studio_url and self.label_studio_api_key):
+            raise SettingsError("MOLMO_WRITE_BACK=1 needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+
+    @property
+    def writes_back(self) -> bool:
+        """Whether the server stores deferred predictions in Label Studio itself."""
+        return self.write_back != "0" and bool(self.label_studio_url and self.label_studio_api_key)
 
     def redacted(self) -> dict:
         """The settings as a dict fit for logs: secrets are masked."""
@@ -174,6 +188,15 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "label_studio_url": ("LABEL_STUDIO_URL", "Label Studio's URL, for fetching uploaded images"),
     "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "Label Studio personal access token or legacy "
                              "token"),
+    "predict_deadline": ("MOLMO_PREDICT_DEADLINE", "Seconds a bulk /predict (Retrieve predictions) "
+                         "computes before it answers with the tasks finished by then; the rest "
+                         "go on and are answered by the next retrieve (or written back). Keep it "
+                         "under Label Studio's ML_TIMEOUT_PREDICT (100 s); `0`: no deadline"),
+    "result_cache": ("MOLMO_RESULT_CACHE", "Most predictions finished after their retrieve answered "
+                     "that are kept in memory for the next one (tasks)"),
+    "write_back": ("MOLMO_WRITE_BACK", "`auto`: with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set, "
+                   "write those predictions to Label Studio as they finish; `1`: the same, and "
+                   "refuse to start without them; `0`: never"),
     "fetch_timeout": ("MOLMO_FETCH_TIMEOUT", "Seconds allowed for one image fetch"),
     "max_image_bytes": ("MOLMO_MAX_IMAGE_BYTES", "Largest image file accepted, in bytes"),
     "max_image_pixels": ("MOLMO_MAX_IMAGE_PIXELS", "Largest image accepted, in pixels "

@@ -118,9 +118,9 @@ class RecordingScheduler(Scheduler):
         super().__init__(engine)
         self.priorities: list[Priority] = []
 
-    def submit(self, queries, priority=Priority.BULK):
+    def submit_async(self, queries, priority=Priority.BULK, on_answer=None):
         self.priorities.append(Priority(priority))
-        return super().submit(queries, priority=priority)
+        return super().submit_async(queries, priority=priority, on_answer=on_answer)
 
 
 @pytest.fixture
