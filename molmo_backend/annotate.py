@@ -245,6 +245,7 @@ class AnnotateReport:
     skipped_late: int = 0  # got a prediction of this version from elsewhere while running
     failed: list[int] = field(default_factory=list)  # image not loaded: left for the next run
     abandoned: int = 0  # tasks of chunks dropped by a second interrupt
+    truncated: int = 0  # answers cut at MOLMO_MAX_NEW_TOKENS (points past the cap are lost)
     interrupted: int | None = None  # the signal that stopped the run
     seconds: float = 0.0
     predict_seconds: float = 0.0
@@ -337,6 +338,7 @@ def annotate_project(
     backend.images = recorder
     chunks = [_Chunk(i, todo[s:s + chunk_size]) for i, s in enumerate(range(0, len(todo), chunk_size))]
     stats = getattr(backend.scheduler, "stats", {})
+    truncated_before = int(stats.get("truncated", 0))
     bar = Progress(len(todo), progress, stream=stream, pairs=lambda: int(stats.get("queries", 0)))
     interrupts = interrupts or Interrupts()
     t_predict = time.monotonic()
@@ -349,6 +351,7 @@ def annotate_project(
         report.predict_seconds = time.monotonic() - t_predict
         report.seconds = time.monotonic() - started
         report.interrupted = interrupts.signum
+        report.truncated = int(stats.get("truncated", 0)) - truncated_before
     if not report.abandoned:  # abandoned chunks may still hold the GPU worker: do not wait on it
         close_backend(backend)
     return report

@@ -396,6 +396,11 @@ class TaskRun:
     def _take_answer(self) -> None:
         chunk, i, answer = self._answers.get()
         t, ask, image = chunk.plan[i]
+        if answer.truncated:
+            task = self.tasks[chunk.start + t]
+            log.warning("answer cut at MOLMO_MAX_NEW_TOKENS: its points past the cap are lost",
+                        extra={"task": task.get("id") if isinstance(task, dict) else None,
+                               "prompt": ask.prompt[:80], "max_new_tokens": self.backend.settings.max_new_tokens})
         if answer.error:
             chunk.bad[t] = True
         else:

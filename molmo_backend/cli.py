@@ -187,6 +187,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if report.skipped_late:
         summary += f", {report.skipped_late} predicted elsewhere meanwhile"
     print(summary, file=sys.stderr)
+    if report.truncated:
+        print(f"{report.truncated} answers reached MOLMO_MAX_NEW_TOKENS and were cut: their points past "
+              f"the cap are missing (raise MOLMO_MAX_NEW_TOKENS and re-run on those tasks)", file=sys.stderr)
     if report.interrupted is not None:
         left = report.todo - report.written - report.skipped_late - len(report.failed)
         print(f"interrupted: {left} tasks left (abandoned in flight: {report.abandoned}); run the "

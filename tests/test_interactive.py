@@ -189,3 +189,16 @@ def test_an_interactive_request_does_not_wait_for_a_running_bulk_batch(make_back
     thread.join(10)
     assert len(bulk_done["results"]) == 2
     assert backend.scheduler.stats["bulk_paused_steps"] >= 1
+
+
+def test_an_answer_cut_at_the_cap_is_logged_with_its_task_and_counted(make_backend, caplog):
+    from molmo_backend.engine.base import Answer
+
+    cut = Answer(text='<points coords="1 1 100 100 2 200 200 3 300', score=0.9, truncated=True)
+    backend, _ = make_backend({"window": cut})
+    with caplog.at_level("WARNING", logger="molmo_backend.backend"):
+        [prediction] = backend.predict([task(41)], label_config=CONFIG)
+    assert len([k for k in keypoints(prediction) if k[0] == "window"]) == 2  # the whole points it holds
+    records = [r for r in caplog.records if "MOLMO_MAX_NEW_TOKENS" in r.getMessage()]
+    assert records and records[0].task == 41
+    assert backend.scheduler.stats["truncated"] == 1
