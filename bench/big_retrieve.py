@@ -114,7 +114,7 @@ def main() -> int:
                                     json={"selectedItems": {"all": True, "excluded": []}}).json()
                     seconds = time.monotonic() - t
                     now = counts(ls, pid, version)
-                    metrics = requests.get(f"{backend.url}/metrics", timeout=30).json()["retrieve"]
+                    metrics = requests.get(f"{backend.url}/metrics?format=json", timeout=30).json()["retrieve"]
                     report["retrieves"].append({"n": n, "at_s": round(time.monotonic() - started, 1),
                                                 "seconds": round(seconds, 1),
                                                 "detail": answer.get("detail"), **now,
@@ -128,7 +128,7 @@ def main() -> int:
                     # the write-back stores the rest; what it had to give up on (Label Studio too
                     # busy or down) waits for another retrieve
                     while True:
-                        m = requests.get(f"{backend.url}/metrics", timeout=30).json()["retrieve"]
+                        m = requests.get(f"{backend.url}/metrics?format=json", timeout=30).json()["retrieve"]
                         now = counts(ls, pid, version)
                         log(f"write-back: {now['one']} tasks hold a prediction; backend: in flight "
                             f"{m['in_flight']}, kept {m['kept']}, written {m['written_back']}, "
@@ -145,7 +145,7 @@ def main() -> int:
                     now = retrieve(n)
                 report["total_s"] = round(time.monotonic() - started, 1)
                 report["final"] = counts(ls, pid, version)
-                report["backend"] = requests.get(f"{backend.url}/metrics", timeout=30).json()
+                report["backend"] = requests.get(f"{backend.url}/metrics?format=json", timeout=30).json()
     log(f"done: {json.dumps(report['final'])} in {report['total_s']} s after "
         f"{len(report['retrieves'])} retrieve(s)")
     if args.json:

@@ -260,7 +260,7 @@ def run(clients: int, duration: float, threads: int = 8, bulk_fraction: float = 
             wall = time.monotonic() - started
             stop.set()
             poller.join(timeout=10)
-            metrics = requests.get(f"{backend.url}/metrics", timeout=5).json()
+            metrics = requests.get(f"{backend.url}/metrics?format=json", timeout=5).json()
             alive = backend.proc.poll() is None and \
                 requests.get(f"{backend.url}/health", timeout=5).status_code == 200
             server_log_errors = sum('"level": "ERROR"' in line for line in backend.log.splitlines())

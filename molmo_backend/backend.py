@@ -30,9 +30,10 @@ from .answers import answer_regions
 from .asks import Ask, bulk_asks
 from .engine.base import Answer, PointQuery
 from .engine.scheduler import Priority, Scheduler, SchedulerClosed
-from .images import ImageLoader, ImageLoadError, LoadedImage
+from .images import BadReference, ImageLoader, ImageLoadError, LoadedImage
 from .interactive import interactive_asks
 from .labels import LabelConfig, LabelConfigError, parse_label_config
+from .metrics import FETCH_FAILURES, Counters
 from .prompts import prompt_fingerprint
 from .regions import empty_prediction, task_prediction
 from .results import ResultStore, TaskKey, digest
@@ -109,6 +110,8 @@ class MolmoBackend(LabelStudioMLBase):
         #: results nobody received yet, and the tasks being computed (molmo_backend/results.py)
         self.results = results if results is not None else ResultStore(settings.result_cache)
         self.write_back = None  # the server's molmo_backend.writeback.WriteBack, when it has one
+        #: task images not loaded, by kind of failure (exported by /metrics)
+        self.fetch_failures = Counters(FETCH_FAILURES)
         self._fetch_pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
         self._interactive_fetch_pool = ThreadPoolExecutor(max_workers=INTERACTIVE_FETCH_THREADS,
                                                           thread_name_prefix="fetch-open")
@@ -251,14 +254,17 @@ class MolmoBackend(LabelStudioMLBase):
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-                raise ImageLoadError("task has no 'data' object")
+                raise BadReference("task has no 'data' object")
             value = task["data"].get(data_key)
             if not isinstance(value, str) or not value.strip():
-                raise ImageLoadError(f"task data has no string '{data_key}' (the Image's value)")
+                raise BadReference(f"task data has no string '{data_key}' (the Image's value)")
             return self.images.load(value.strip(), task_id=task_id if isinstance(task_id, int) else None)
         except ImageLoadError as exc:
-            log.warning("image unavailable", extra={"task": task_id, "key": data_key, "reason": str(exc)})
+            self.fetch_failures.add(**{exc.reason if exc.reason in FETCH_FAILURES else "other": 1})
+            log.warning("image unavailable", extra={"task": task_id, "key": data_key, "reason": str(exc),
+                                                    "kind": exc.reason})
         except Exception as exc:  # noqa: BLE001 - one task never spoils its batch
+            self.fetch_failures.add(error=1)
             log.exception("image loading failed", extra={"task": task_id, "reason": repr(exc)[:300]})
         return None
 

@@ -52,7 +52,46 @@ _now = time.time  # the clock for token expiry; tests move it
 
 
 class ImageLoadError(Exception):
-    """Why an image could not be loaded; safe to log and to show (never holds a token)."""
+    """Why an image could not be loaded; safe to log and to show (never holds a token).
+    ``reason`` names the kind of failure for /metrics (fetch failures by reason)."""
+
+    reason = "other"
+
+
+class BadReference(ImageLoadError):
+    reason = "bad_reference"  # no reference, an unsupported scheme, a malformed URL or data URI
+
+
+class FetchRefused(ImageLoadError):
+    reason = "refused"  # a host or address the settings do not allow (docs/security.md)
+
+
+class FetchTimeout(ImageLoadError):
+    reason = "timeout"
+
+
+class Unreachable(ImageLoadError):
+    reason = "unreachable"  # connection refused, reset, DNS failure, a download broken off
+
+
+class HttpStatusError(ImageLoadError):
+    reason = "http_status"  # not 200, redirects without a Location or too many
+
+
+class LabelStudioRefused(ImageLoadError):
+    reason = "label_studio_auth"  # Label Studio refused our token, or its token exchange failed
+
+
+class LocalFileError(ImageLoadError):
+    reason = "local_file"
+
+
+class TooLarge(ImageLoadError):
+    reason = "too_large"  # bytes or pixels over their limits
+
+
+class NotAnImage(ImageLoadError):
+    reason = "not_an_image"  # empty, truncated, or not a supported image format
 
 
 @dataclass(frozen=True)
@@ -104,7 +143,7 @@ class LabelStudioAuth:
             return {"Authorization": f"Bearer {self._key}"}
         remaining = None if deadline is None else deadline - time.monotonic()
         if not self._lock.acquire(timeout=-1 if remaining is None else max(remaining, 0.0)):
-            raise ImageLoadError("timed out waiting for Label Studio to exchange the personal "
+            raise LabelStudioRefused("timed out waiting for Label Studio to exchange the personal "
                                  "access token (MOLMO_FETCH_TIMEOUT)")
         try:  # one exchange at a time; the other threads then reuse its result
             if self._access is None or _now() >= self._access_until:
@@ -122,18 +161,18 @@ class LabelStudioAuth:
 
     def _exchange(self, timeout: float) -> tuple[str, float]:
         if not self.url:
-            raise ImageLoadError("a personal access token can only be used once Label Studio's "
+            raise LabelStudioRefused("a personal access token can only be used once Label Studio's "
                                  "URL is known: set LABEL_STUDIO_URL")
         url = f"{self.url}/api/token/refresh/"
         try:
             resp = self._session.post(url, json={"refresh": self._key}, timeout=timeout,
                                       allow_redirects=False)
         except requests.RequestException as exc:
-            raise ImageLoadError(f"could not reach Label Studio at {_describe(self.url)} to "
+            raise Unreachable(f"could not reach Label Studio at {_describe(self.url)} to "
                                  f"exchange the personal access token: {_why(exc)}") from None
         with resp:
             if resp.status_code != 200:
-                raise ImageLoadError(
+                raise LabelStudioRefused(
                     f"Label Studio refused the personal access token (HTTP {resp.status_code} "
                     f"from /api/token/refresh/): check that LABEL_STUDIO_API_KEY is a valid, "
                     f"unrevoked token of this Label Studio")
@@ -142,7 +181,7 @@ class LabelStudioAuth:
             except (ValueError, KeyError, TypeError):
                 access = None
         if not isinstance(access, str) or not access:
-            raise ImageLoadError("Label Studio's /api/token/refresh/ answer holds no access token")
+            raise LabelStudioRefused("Label Studio's /api/token/refresh/ answer holds no access token")
         return access, self._valid_until(_jwt_claims(access))
 
     @staticmethod
@@ -223,7 +262,7 @@ class ImageLoader:
     def load(self, value: str, task_id: int | None = None) -> LoadedImage:
         """Fetch and decode the image a task refers to; raises ImageLoadError."""
         if not isinstance(value, str) or not value.strip():
-            raise ImageLoadError("the task has no image reference")
+            raise BadReference("the task has no image reference")
         value = value.strip()
         deadline = time.monotonic() + self.settings.fetch_timeout
         data = self._read(value, task_id, deadline, self._ls)
@@ -243,17 +282,17 @@ class ImageLoader:
                 return self._fetch(value, deadline, ls)
             value = path  # LS's own URL, possibly under a hostname unusable from here
         elif scheme:
-            raise ImageLoadError(f"unsupported URL scheme {scheme!r} in {_describe(value)}: "
+            raise BadReference(f"unsupported URL scheme {scheme!r} in {_describe(value)}: "
                                  "images are fetched only over http or https")
         if not value.startswith("/"):
-            raise ImageLoadError(f"unsupported image reference {_describe(value)}: expected a "
+            raise BadReference(f"unsupported image reference {_describe(value)}: expected a "
                                  "URL, a Label Studio path, a cloud URI or a data URI")
         if ls.base:
             value = _strip_prefix(value, urlsplit(ls.base).path)
         if _is_local_files(value) and self.settings.local_files_root:
             return self._read_local(value)
         if not ls.base:
-            raise ImageLoadError(f"{_describe(value)} is a Label Studio path but Label Studio's "
+            raise BadReference(f"{_describe(value)} is a Label Studio path but Label Studio's "
                                  "URL is unknown: set LABEL_STUDIO_URL")
         return self._fetch(ls.base + value, deadline, ls)
 
@@ -262,15 +301,15 @@ class ImageLoader:
         """Ask LS to sign the cloud URI; LS redirects to the signed URL (or streams the file)."""
         scheme = urlsplit(uri).scheme
         if task_id is None:
-            raise ImageLoadError(f"{scheme}:// images need the task id, so that Label Studio "
+            raise BadReference(f"{scheme}:// images need the task id, so that Label Studio "
                                  "can sign their URL")
         if not ls.base:
-            raise ImageLoadError(f"{scheme}:// images are signed by Label Studio, whose URL is "
+            raise BadReference(f"{scheme}:// images are signed by Label Studio, whose URL is "
                                  "unknown: set LABEL_STUDIO_URL")
         try:
             task_id = int(task_id)
         except (TypeError, ValueError):
-            raise ImageLoadError(f"invalid task id {task_id!r}") from None
+            raise BadReference(f"invalid task id {task_id!r}") from None
         fileuri = quote(base64.urlsafe_b64encode(uri.encode()).decode(), safe="")
         return self._fetch(f"{ls.base}/tasks/{task_id}/presign/?fileuri={fileuri}", deadline, ls)
 
@@ -278,22 +317,22 @@ class ImageLoader:
         """Read LS's local-files storage straight from disk, as LS itself would serve it."""
         d = (parse_qs(urlsplit(value).query).get("d") or [""])[0]
         if not d:
-            raise ImageLoadError("local-files reference without a ?d= path")
+            raise BadReference("local-files reference without a ?d= path")
         rel = posixpath.normpath(d).lstrip("/")  # the same normalisation LS applies
         try:
             root = Path(self.settings.local_files_root).resolve()
             path = (root / rel).resolve()  # follows symlinks, so links out of the root are caught
             if not path.is_relative_to(root):
-                raise ImageLoadError(f"local file {d!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
+                raise LocalFileError(f"local file {d!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
             if not path.is_file():
-                raise ImageLoadError(f"local file {d!r} not found under LOCAL_FILES_DOCUMENT_ROOT")
+                raise LocalFileError(f"local file {d!r} not found under LOCAL_FILES_DOCUMENT_ROOT")
             limit = self.settings.max_image_bytes
             with path.open("rb") as f:
                 data = f.read(limit + 1)
         except (OSError, ValueError) as exc:  # permissions, NUL bytes in the path...
-            raise ImageLoadError(f"cannot read local file {d!r}: {type(exc).__name__}") from None
+            raise LocalFileError(f"cannot read local file {d!r}: {type(exc).__name__}") from None
         if len(data) > limit:
-            raise ImageLoadError(f"local file {d!r} is larger than MOLMO_MAX_IMAGE_BYTES={limit}")
+            raise TooLarge(f"local file {d!r} is larger than MOLMO_MAX_IMAGE_BYTES={limit}")
         return data
 
     # -- the network ----------------------------------------------------------------------
@@ -312,11 +351,11 @@ class ImageLoader:
         while True:
             parts = _split(url)
             if parts.scheme not in ("http", "https"):
-                raise ImageLoadError(f"refusing {parts.scheme or 'scheme-less'} URL "
+                raise FetchRefused(f"refusing {parts.scheme or 'scheme-less'} URL "
                                      f"{_describe(url)}: only http and https are fetched")
             is_ls = ls.base is not None and _origin(url) == _origin(ls.base)
             if not (is_ls or trusted or self._host_allowed(parts, ls)):
-                raise ImageLoadError(f"host {parts.hostname!r} is not allowed: add it to "
+                raise FetchRefused(f"host {parts.hostname!r} is not allowed: add it to "
                                      "MOLMO_ALLOWED_HOSTS (comma-separated names, IPs or CIDRs; "
                                      "'*' allows any public address)")
             try:
@@ -326,7 +365,7 @@ class ImageLoader:
                 hint = (" Label Studio's address came from its /setup call, which opens no "
                         "address by itself: set LABEL_STUDIO_URL (or list the host in "
                         "MOLMO_ALLOWED_HOSTS)" if is_ls and ls.from_setup else "")
-                raise ImageLoadError(
+                raise FetchRefused(
                     f"refusing {_describe(url)}: {exc}. Only public addresses are fetched unless "
                     f"MOLMO_ALLOWED_HOSTS lists the host, its IP or a CIDR holding it.{hint}") from None
             with resp:
@@ -338,26 +377,26 @@ class ImageLoader:
                 if status in REDIRECT_CODES:
                     location = resp.headers.get("Location")
                     if not location:
-                        raise ImageLoadError(f"HTTP {status} without a Location from "
+                        raise HttpStatusError(f"HTTP {status} without a Location from "
                                              f"{_describe(url)}")
                     redirects += 1
                     if redirects > MAX_REDIRECTS:
-                        raise ImageLoadError(f"more than {MAX_REDIRECTS} redirects fetching "
+                        raise HttpStatusError(f"more than {MAX_REDIRECTS} redirects fetching "
                                              f"{_describe(first)}")
                     target = urljoin(url, location)
                     if is_ls and urlsplit(target).path.startswith("/user/login"):
-                        raise ImageLoadError(f"Label Studio wants a login for {_describe(first)}: "
+                        raise LabelStudioRefused(f"Label Studio wants a login for {_describe(first)}: "
                                              "set LABEL_STUDIO_API_KEY")
                     log.debug("redirect %s -> %s", _describe(url), _describe(target))
                     trusted, url = is_ls, target
                     continue
                 if is_ls and status in (401, 403):
-                    raise ImageLoadError(
+                    raise LabelStudioRefused(
                         f"Label Studio refused access (HTTP {status}) to {_describe(url)}: set "
                         "LABEL_STUDIO_API_KEY to a personal access token (legacy tokens are off "
                         "by default since Label Studio 1.23)")
                 if status != 200:
-                    raise ImageLoadError(f"HTTP {status} from {_describe(url)}")
+                    raise HttpStatusError(f"HTTP {status} from {_describe(url)}")
                 return self._read_body(resp, url, deadline)
 
     def _host_allowed(self, parts, ls: _LabelStudio) -> bool:
@@ -375,14 +414,14 @@ class ImageLoader:
         except requests.Timeout:
             raise self._timeout_error(url) from None
         except requests.RequestException as exc:
-            raise ImageLoadError(f"could not fetch {_describe(url)}: {_why(exc)}") from None
+            raise Unreachable(f"could not fetch {_describe(url)}: {_why(exc)}") from None
 
     def _read_body(self, resp: requests.Response, url: str, deadline: float) -> bytes:
         """The body, within the byte budget and the deadline (checked before every read)."""
         limit = self.settings.max_image_bytes
         length = resp.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
-            raise ImageLoadError(f"{_describe(url)} is {int(length)} bytes, more than "
+            raise TooLarge(f"{_describe(url)} is {int(length)} bytes, more than "
                                  f"MOLMO_MAX_IMAGE_BYTES={limit}")
         body = bytearray()
         while True:
@@ -394,13 +433,13 @@ class ImageLoader:
             except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
                 raise self._timeout_error(url) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise ImageLoadError(f"download of {_describe(url)} broke off: "
+                raise Unreachable(f"download of {_describe(url)} broke off: "
                                      f"{type(exc).__name__}") from None
             if not chunk:
                 return bytes(body)
             body += chunk
             if len(body) > limit:
-                raise ImageLoadError(f"{_describe(url)} is more than MOLMO_MAX_IMAGE_BYTES="
+                raise TooLarge(f"{_describe(url)} is more than MOLMO_MAX_IMAGE_BYTES="
                                      f"{limit} bytes")
             self._remaining(deadline, url)
 
@@ -411,7 +450,7 @@ class ImageLoader:
         return remaining
 
     def _timeout_error(self, url: str) -> ImageLoadError:
-        return ImageLoadError(f"fetching {_describe(url)} took longer than "
+        return FetchTimeout(f"fetching {_describe(url)} took longer than "
                               f"MOLMO_FETCH_TIMEOUT={self.settings.fetch_timeout} s")
 
 
@@ -421,13 +460,13 @@ class ImageLoader:
 def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
     """Decode fully (so truncated files fail here), orient by EXIF, convert to RGB."""
     if not data:
-        raise ImageLoadError("the image file is empty (0 bytes)")
+        raise NotAnImage("the image file is empty (0 bytes)")
     Image.init()  # registers every plugin, so the filter below sees them all (cheap when done)
     formats = [f for f in IMAGE_FORMATS if f in Image.OPEN]
     try:
         with Image.open(io.BytesIO(data), formats=formats) as img:
             if img.width * img.height > max_pixels:
-                raise ImageLoadError(f"image is {img.width}x{img.height} pixels, more than "
+                raise TooLarge(f"image is {img.width}x{img.height} pixels, more than "
                                      f"MOLMO_MAX_IMAGE_PIXELS={max_pixels}")
             img.load()  # the first frame of an animation
             oriented = ImageOps.exif_transpose(img)
@@ -437,12 +476,12 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"image rejected as a possible decompression bomb: {exc}") from None
+        raise TooLarge(f"image rejected as a possible decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError("the file is not an image in a supported format ("
+        raise NotAnImage("the file is not an image in a supported format ("
                              + ", ".join(IMAGE_FORMATS) + ")") from None
     except Exception as exc:  # Pillow raises many kinds on corrupt data
-        raise ImageLoadError(f"the image could not be decoded: {type(exc).__name__}: "
+        raise NotAnImage(f"the image could not be decoded: {type(exc).__name__}: "
                              f"{exc}") from None
     return LoadedImage(rgb, rgb.width, rgb.height)
 
@@ -467,16 +506,16 @@ def _decode_data_uri(value: str, limit: int) -> bytes:
     header, comma, payload = value.partition(",")
     header = header.lower().replace(" ", "")
     if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise ImageLoadError("only base64 data:image/...;base64, URIs are supported")
+        raise BadReference("only base64 data:image/...;base64, URIs are supported")
     payload = "".join(payload.split()).translate(str.maketrans("-_", "+/"))
     if len(payload) * 3 // 4 > limit + 3:
-        raise ImageLoadError(f"data URI image is more than MOLMO_MAX_IMAGE_BYTES={limit} bytes")
+        raise TooLarge(f"data URI image is more than MOLMO_MAX_IMAGE_BYTES={limit} bytes")
     try:
         data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ImageLoadError("the data URI is not valid base64") from None
+        raise BadReference("the data URI is not valid base64") from None
     if len(data) > limit:
-        raise ImageLoadError(f"data URI image is more than MOLMO_MAX_IMAGE_BYTES={limit} bytes")
+        raise TooLarge(f"data URI image is more than MOLMO_MAX_IMAGE_BYTES={limit} bytes")
     return data
 
 
@@ -509,10 +548,10 @@ def _split(url: str):
         parts.port  # raises on a malformed port
         theirs = parse_url(url)
     except (ValueError, urllib3.exceptions.LocationParseError):
-        raise ImageLoadError(f"invalid URL {_describe(url)}") from None
+        raise BadReference(f"invalid URL {_describe(url)}") from None
     if parts.scheme.lower() in ("http", "https") and (
             _host_key(parts.hostname) != _host_key(theirs.host) or parts.port != theirs.port):
-        raise ImageLoadError(f"ambiguous URL {_describe(url)}: URL parsers disagree on its host")
+        raise BadReference(f"ambiguous URL {_describe(url)}: URL parsers disagree on its host")
     return parts._replace(scheme=parts.scheme.lower())
 
 

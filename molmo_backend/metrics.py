@@ -35,6 +35,23 @@ RETRIEVE_COUNTERS: dict[str, str] = {
 }
 
 
+#: task images that could not be loaded, by the kind of failure (molmo_backend/images.py's
+#: ImageLoadError subclasses carry these names)
+FETCH_FAILURES: dict[str, str] = {
+    "bad_reference": "no image reference, an unsupported scheme, a malformed URL or data URI",
+    "refused": "a host or address the settings do not allow",
+    "timeout": "the fetch took longer than MOLMO_FETCH_TIMEOUT",
+    "unreachable": "connection refused or reset, a name that does not resolve, a broken download",
+    "http_status": "an HTTP status other than 200 (or a redirect without a target, too many)",
+    "label_studio_auth": "Label Studio refused the backend's token, or exchanging it failed",
+    "local_file": "a local-files path outside LOCAL_FILES_DOCUMENT_ROOT, missing or unreadable",
+    "too_large": "more bytes or pixels than MOLMO_MAX_IMAGE_BYTES / MOLMO_MAX_IMAGE_PIXELS",
+    "not_an_image": "empty, truncated, or not an image in a supported format",
+    "other": "any other load failure",
+    "error": "an unexpected error while loading (a bug: see the log)",
+}
+
+
 class Counters:
     """Counters by name, all starting at 0; unknown names are refused (a typo is a bug)."""
 

@@ -15,10 +15,11 @@ import threading
 import time
 from collections import Counter
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .connection import client_gone_probe
+from . import prometheus
 from .labels import LabelConfigError
 from .service import ModelService
 from .settings import Settings
@@ -56,6 +57,7 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
     app.json.sort_keys = False
     counters: Counter = Counter()
     counters_lock = threading.Lock()
+    timer = prometheus.RequestTimer()
 
     def count(**increments: int) -> None:
         with counters_lock:
@@ -170,17 +172,38 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         backend = service.backend
         return jsonify(versions=[backend.model_version] if backend else [])
 
+    def request_counts() -> dict:
+        with counters_lock:
+            return dict(counters)
+
     @app.get("/metrics")
     def metrics():
+        """Prometheus text format (docs/metrics.md); ``?format=json`` for the same as JSON."""
+        if request.args.get("format") != "json":
+            return Response(prometheus.render(service, request_counts, timer), 200,
+                            {"Content-Type": prometheus.CONTENT_TYPE})
         backend = service.backend
-        with counters_lock:
-            body = {"state": service.state, "requests": dict(counters)}
+        body = {"state": service.state, "requests": request_counts()}
         if backend is not None:
+            scheduler = backend.scheduler
             body["model_version"] = backend.model_version
-            body["scheduler"] = dict(backend.scheduler.stats, pending=backend.scheduler.pending())
+            body["scheduler"] = dict(scheduler.stats, pending=scheduler.pending(), running=scheduler.running(),
+                                     pairs_per_s=round(scheduler.pairs_per_second(), 3))
+            body["fetch_failures"] = backend.fetch_failures.snapshot()
             body["retrieve"] = dict(backend.results.stats.snapshot(), **backend.results.sizes(),
                                     write_back=backend.write_back is not None)
         return jsonify(body)
+
+    @app.before_request
+    def start_timer():
+        g.started = time.monotonic()
+
+    @app.after_request
+    def observe(response):
+        started = getattr(g, "started", None)
+        if started is not None and request.url_rule is not None:
+            timer.observe(request.url_rule.rule, response.status_code, time.monotonic() - started)
+        return response
 
     return app
 

@@ -61,7 +61,7 @@ class Server:
         return r.json()["results"]
 
     def metrics(self) -> dict:
-        m = requests.get(f"{self.url}/metrics", timeout=5).json()
+        m = requests.get(f"{self.url}/metrics?format=json", timeout=5).json()
         return {**{f"s.{k}": v for k, v in m["scheduler"].items()}, **m["retrieve"]}
 
     def send_and_hang_up(self, tasks) -> None:

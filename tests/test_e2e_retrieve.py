@@ -53,11 +53,11 @@ def backend_env(ls: LabelStudio, write_back: bool, demo_model_dir, **extra) -> d
 
 
 def metrics(backend) -> dict:
-    return requests.get(f"{backend.url}/metrics", timeout=10).json()["retrieve"]
+    return requests.get(f"{backend.url}/metrics?format=json", timeout=10).json()["retrieve"]
 
 
 def scheduler_queries(backend) -> int:
-    return requests.get(f"{backend.url}/metrics", timeout=10).json()["scheduler"]["queries"]
+    return requests.get(f"{backend.url}/metrics?format=json", timeout=10).json()["scheduler"]["queries"]
 
 
 def points(pred: dict) -> list[tuple]:
@@ -179,7 +179,7 @@ def test_label_studio_hanging_up_keeps_bulk_work_and_drops_an_opened_task(impati
         assert ls.predictions(opened) == []
         m = until(lambda: (m := metrics(backend))["completed_later"] == 3 and m, "the bulk work")
         assert m["clients_gone"] == 2 and m["cancelled_gone"] == 1
-        scheduler = requests.get(f"{backend.url}/metrics", timeout=10).json()["scheduler"]
+        scheduler = requests.get(f"{backend.url}/metrics?format=json", timeout=10).json()["scheduler"]
         assert scheduler["cancelled"] == 1 and scheduler["queries"] == 3  # the opened one: never
         retrieve_until_all_stored(ls, pid, [*ids, opened])
         assert metrics(backend)["served_from_cache"] == 3

@@ -107,7 +107,7 @@ class World:
             "tasks": tasks, "project": "1.1", "label_config": config, "params": {"context": None}})
 
     def metrics(self) -> dict:
-        return requests.get(f"{self.url}/metrics", timeout=5).json()
+        return requests.get(f"{self.url}/metrics?format=json", timeout=5).json()
 
     def health_s(self) -> float:
         started = time.monotonic()

@@ -167,9 +167,9 @@ def test_label_studio_credentials_are_accepted_on_every_route(world, how):
 
 
 def test_failed_logins_are_counted(world):
-    before = requests.get(f"{world.url}/metrics", auth=LS_AUTH, timeout=5).json()["requests"]
+    before = requests.get(f"{world.url}/metrics?format=json", auth=LS_AUTH, timeout=5).json()["requests"]
     requests.post(f"{world.url}/predict", json={}, timeout=5)
-    after = requests.get(f"{world.url}/metrics", auth=LS_AUTH, timeout=5).json()["requests"]
+    after = requests.get(f"{world.url}/metrics?format=json", auth=LS_AUTH, timeout=5).json()["requests"]
     assert after.get("auth_failures", 0) - before.get("auth_failures", 0) == 1
 
 

@@ -91,7 +91,7 @@ def test_protocol_side_routes(forced):
     assert health["status"] == "UP" and health["model_class"] == "MolmoBackend"
     assert requests.get(f"{forced.url}/versions").json() == {"versions": [health["model_version"]]}
     assert requests.post(f"{forced.url}/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 200
-    metrics = requests.get(f"{forced.url}/metrics").json()
+    metrics = requests.get(f"{forced.url}/metrics?format=json").json()
     assert metrics["state"] == "ready" and metrics["requests"]["webhooks"] >= 1
     assert requests.post(f"{forced.url}/predict", data="not json").status_code == 400
 

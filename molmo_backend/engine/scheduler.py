@@ -28,9 +28,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+from prometheus_client import Histogram
 
 from .base import Answer, Engine, PointQuery, Row, StepEngine
 from .queue import Item, Priority, RequestQueue
@@ -50,6 +53,10 @@ PREFILL_TOKENS_PER_STEP = 10240
 ADMIT_FREE_FRACTION = 0.2
 #: images whose CPU-side preparation runs ahead of the GPU, per worker
 PREPARE_AHEAD = 32
+#: pairs/s is measured over the answers of this many recent seconds
+RATE_WINDOW_S = 60.0
+#: seconds from a query's submit to its answer: opened tasks take about 0.65 s on an H200
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
 class SchedulerClosed(RuntimeError):
@@ -108,6 +115,10 @@ class Scheduler:
                       "budget_cuts": 0, "cancelled": 0, "truncated": 0, "prefills": 0,
                       "decode_steps": 0, "bulk_paused_steps": 0}
         self._stats_lock = threading.Lock()
+        #: submit-to-answer seconds of each query, by priority (exported by /metrics)
+        self.pair_latency = Histogram("molmo_pair_latency_seconds", "Seconds from a query's submit to its answer",
+                                      ["priority"], buckets=LATENCY_BUCKETS, registry=None)
+        self._answered_at: deque[float] = deque(maxlen=100_000)
         #: called by a step worker with ("prefill" | "decode", engine index) after each prefill and
         #: decode step (tests use it to act at an exact step; never set in production)
         self.on_step: Callable[[str, int], None] | None = None
@@ -151,6 +162,16 @@ class Scheduler:
         with self._cv:
             return sum(self._running.values())
 
+    def pairs_per_second(self, window: float = RATE_WINDOW_S) -> float:
+        """Queries answered per second over the last ``window`` seconds."""
+        since, recent = time.monotonic() - window, 0
+        with self._stats_lock:
+            for answered in reversed(self._answered_at):  # newest first
+                if answered < since:
+                    break
+                recent += 1
+        return recent / window
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -168,16 +189,18 @@ class Scheduler:
         job = item.job
         if answer.truncated:
             self._count(truncated=1)
+        now = time.monotonic()
         with self._stats_lock:  # several workers may finish parts of one job
             job.answers[item.index] = answer
             job.done_count += 1
             done = job.done_count
+            self._answered_at.append(now)
+        self.pair_latency.labels(job.priority.name.lower()).observe(now - item.enqueued)
         if job.on_answer is not None:
             try:
                 job.on_answer(item.index, answer)
             except Exception:  # noqa: BLE001 - a caller's callback must not kill the worker
                 log.exception("on_answer callback failed")
-        now = time.monotonic()
         if done == job.total:
             job.finished.set()
         elif job.total > self.max_batch and now - job.last_progress >= self.progress_every:
