@@ -293,7 +293,9 @@ class _Chunk:
             self.remaining[t] += 1
         # a task missing an image is not "ok": what it gives is not kept (the next retrieve retries)
         self.bad = [any(row.get(ask.data_key) is None for ask in asks) for row in images]
-        self.regions: list[list[dict]] = [[] for _ in images]
+        #: per task, its answers' regions by plan index: joined in the config's order when the
+        #: task completes (answers arrive in the order they finish, short ones first)
+        self.regions: list[dict[int, list[dict]]] = [{} for _ in images]
         self.open = sum(1 for n in self.remaining if n)
 
     @property
@@ -411,10 +413,10 @@ class TaskRun:
             chunk.bad[t] = True
         else:
             settings = self.backend.settings
-            chunk.regions[t].extend(answer_regions(
+            chunk.regions[t][i] = answer_regions(
                 ask, answer, image_width=image.width, image_height=image.height,
                 point_width=settings.point_width, min_point_score=settings.min_point_score,
-            ))
+            )
         chunk.remaining[t] -= 1
         if chunk.remaining[t] == 0:
             chunk.open -= 1
@@ -424,7 +426,7 @@ class TaskRun:
 
     def _finish_task(self, chunk: _Chunk, t: int) -> None:
         version = self.backend.model_version
-        regions = chunk.regions[t]
+        regions = [region for i in sorted(chunk.regions[t]) for region in chunk.regions[t][i]]
         bad = chunk.bad[t]
         prediction = empty_prediction(version) if bad and not regions else task_prediction(regions, version)
         self._report(chunk.start + t, prediction, not bad)
