@@ -215,7 +215,7 @@ timed build_molmo1 build_backend molmo1
 timed build_label_studio build_label_studio
 SIZES="molmo-backend:molmo2=$(image_size molmo-backend:molmo2), molmo-backend:molmo1=$(image_size molmo-backend:molmo1), $LS_IMAGE=$(image_size "$LS_IMAGE"), $BASE_IMAGE=$(image_size "$BASE_IMAGE")"
 say "image sizes: $SIZES"
-say "engine disk after the builds: $(du -sh "$(docker info --format '{{.DockerRootDir}}')" 2>/dev/null | cut -f1)"
+say "after the builds: the engine's data $(du -sh "$(docker info --format '{{.DockerRootDir}}')" 2>/dev/null | cut -f1), $(df -Ph / | awk 'NR==2 {print $4}') free on /"
 
 if [ -n "${MOLMO_TEST_PYTHON:-}" ]; then
   python=$MOLMO_TEST_PYTHON  # an interpreter with the test requirements (the default: .venv)

@@ -537,3 +537,37 @@ def test_seconds_to_healthy_reads_dockers_own_timestamps():
     assert docker_time("2026-12-02T07:00:00+01:00") == docker_time("2026-12-02T06:00:00Z")
     with pytest.raises(ValueError):
         docker_time("yesterday")
+
+
+# -- the Docker stage's gate (.ci/docker.sh exits before touching anything) -------------------------
+
+DOCKER_STAGE = ROOT / ".ci" / "docker.sh"
+
+
+def _stage(env: dict[str, str], as_nobody: bool = False) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("CI", "MOLMO_REQUIRE_DOCKER", "MOLMO_SKIP_DOCKER")}
+    cmd = [str(DOCKER_STAGE)]
+    if as_nobody and os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("required", [{}, {"CI": "true"}, {"MOLMO_REQUIRE_DOCKER": "1"}])
+def test_docker_stage_left_out_is_said_and_fails_where_required(required):
+    out = _stage({"MOLMO_SKIP_DOCKER": "1", **required})
+    if required:
+        assert out.returncode == 1 and "required" in out.stderr, out.stderr
+    else:
+        assert out.returncode == 3 and "did NOT run: MOLMO_SKIP_DOCKER=1" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("required", [{}, {"CI": "true"}])
+def test_docker_stage_without_root_says_why(required):
+    """No root (a developer's machine): the stage says it did not run and why (exit 3, which
+    scripts/test reports without failing); in CI the same is a failure."""
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot drop to another user")
+    out = _stage(required, as_nobody=True)
+    assert "not root" in out.stderr, out.stderr
+    assert out.returncode == (1 if required else 3), out.stderr
