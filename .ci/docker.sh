@@ -116,6 +116,7 @@ start_engine() {
 cleanup() {
   local rc=$?
   set +e
+  begin cleanup
   if docker info >/dev/null 2>&1; then
     # whatever a failed or interrupted test left: this stage's compose projects only
     local left
@@ -137,7 +138,21 @@ cleanup() {
   elif docker info >/dev/null 2>&1; then
     say "left this stage's images in the running engine: molmo-backend:molmo2, molmo-backend:molmo1, $LS_IMAGE, $BASE_IMAGE"
   fi
+  if [ -n "$WATCH_PID" ]; then
+    kill "$WATCH_PID" 2>/dev/null
+    wait "$WATCH_PID" 2>/dev/null
+    say "least free on $(dirname "$STATE")'s disk during the stage: $(sort -n "$WORK/free.log" | head -1 | awk '{printf "%.1f GB", $1 / 1048576}')"
+  fi
   [ -n "${WORK:-}" ] && rm -rf "$WORK"
+  end cleanup
+  TIMINGS+=("stage_total=$(( $(date +%s) - stage_start ))s")
+  say "timings: ${TIMINGS[*]}"
+  [ -n "${SIZES:-}" ] && say "image sizes: $SIZES"
+  case "$rc" in
+    0) say "the Docker stage passed" ;;
+    3) ;;  # did not run: said where it stopped
+    *) say "the Docker stage FAILED (exit $rc)" ;;
+  esac
   exit "$rc"
 }
 trap cleanup EXIT
@@ -203,8 +218,16 @@ build_backend() {  # build_backend PROFILE
 
 image_size() { docker image inspect --format '{{.Size}}' "$1" | awk '{ printf "%.2f GB", $1 / 1e9 }'; }
 
+# the least free space on the engine's file system during the stage (builds peak above what stays)
+WATCH_PID=
+watch_disk() {
+  while :; do df -Pk "$(dirname "$STATE")" | awk 'NR==2 {print $4}'; sleep 5; done >"$WORK/free.log"
+}
+
 # -- run --------------------------------------------------------------------------------------------
 WORK="$(mktemp -d /tmp/molmo-docker-ci.XXXXXX)"
+watch_disk &
+WATCH_PID=$!
 export DOCKER_BUILDKIT=0  # BuildKit would pull its frontend from Docker Hub; the classic builder needs nothing
 say "$(df -Ph / | awk 'NR==2 {print $4}') free on /, $(df -Ph "$(dirname "$STATE")" | awk 'NR==2 {print $4}') where the engine keeps its data"
 timed install install_engine
@@ -232,12 +255,12 @@ MOLMO_DOCKER_STAGE=1 MOLMO_DOCKER_LS_IMAGE="$LS_IMAGE" \
   "$python" -m pytest -p no:cacheprovider --junitxml="$WORK/docker-tests.xml" \
   tests/test_docker_compose.py tests/test_docker_files.py "$@" || status=$?
 end e2e
-skipped=$(grep -o '<skipped' "$WORK/docker-tests.xml" 2>/dev/null | wc -l)
-if [ "$skipped" -gt 0 ]; then
+skipped=$("$python" -c 'import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+print(sum(int(s.get("skipped", 0)) for s in root.iter("testsuite")))' "$WORK/docker-tests.xml" 2>/dev/null) \
+  || skipped="an unknown number of"
+if [ "$skipped" != 0 ]; then
   say "FAILED: $skipped test(s) skipped in the Docker stage, where every one must run"
   status=1
 fi
-TIMINGS+=("stage_total=$(( $(date +%s) - stage_start ))s")
-say "timings: ${TIMINGS[*]}"
-say "image sizes: $SIZES"
 exit "$status"
