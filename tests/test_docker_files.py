@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -547,10 +548,20 @@ DOCKER_STAGE = ROOT / ".ci" / "docker.sh"
 def _stage(env: dict[str, str], as_nobody: bool = False) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items()
              if k not in ("CI", "MOLMO_REQUIRE_DOCKER", "MOLMO_SKIP_DOCKER")}
-    cmd = [str(DOCKER_STAGE)]
-    if as_nobody and os.geteuid() == 0:
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
-    return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        script = DOCKER_STAGE
+        cmd = [str(script)]
+        if as_nobody and os.geteuid() == 0:
+            # a copy that the other user can read wherever the checkout lives (the gate reads
+            # nothing else before it exits)
+            os.chmod(tmp, 0o755)
+            (Path(tmp) / ".ci").mkdir(mode=0o755)
+            script = Path(tmp) / ".ci" / "docker.sh"
+            shutil.copy(DOCKER_STAGE, script)
+            script.chmod(0o755)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(script)]
+        return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True,
+                              timeout=60, cwd=tmp)
 
 
 @pytest.mark.parametrize("required", [{}, {"CI": "true"}, {"MOLMO_REQUIRE_DOCKER": "1"}])
