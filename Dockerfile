@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # molmo-backend: the Label Studio ML backend that pre-annotates keypoints with Molmo.
 #
 #   docker build -t molmo-backend .                         # Molmo2 (transformers 5.x), default
@@ -16,11 +14,6 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-# Install profile: which pinned requirement set goes in.
-#   molmo2 (default) -> requirements.txt        Molmo2 checkpoints, transformers 5.x (native molmo2)
-#   molmo1           -> requirements-molmo1.txt Molmo v1 checkpoints (remote code, transformers 4.5x)
-ARG PROFILE=molmo2
-
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -35,9 +28,19 @@ RUN groupadd --gid "${GID}" molmo \
 
 WORKDIR /app
 
-# Dependencies first (the big, slow layer: torch with its CUDA libraries), from the pinned files
-# only, so that code changes do not reinstall them.
+# Dependencies first, from the pinned files only, so that code changes do not reinstall them.
+# torch and torchvision (5.5 GB with their CUDA libraries) get a layer of their own, made before
+# PROFILE is declared: both profiles pin the same versions, so their images share that layer (one
+# copy on disk, one download) and the profile's layer holds only what differs.
 COPY requirements*.txt ./
+RUN grep -E '^(torch|torchvision)==' requirements.txt > /tmp/torch.txt \
+    && python -m pip install --no-cache-dir -r /tmp/torch.txt \
+    && rm /tmp/torch.txt
+
+# Install profile: which pinned requirement set goes in.
+#   molmo2 (default) -> requirements.txt        Molmo2 checkpoints, transformers 5.x (native molmo2)
+#   molmo1           -> requirements-molmo1.txt Molmo v1 checkpoints (remote code, transformers 4.5x)
+ARG PROFILE=molmo2
 RUN set -eu; \
     case "${PROFILE}" in \
       molmo2) req=requirements.txt ;; \

@@ -227,13 +227,25 @@ class LabelStudio:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._pat: str | None = None
         self._access: tuple[str, float] | None = None
+        self._attached_url: str | None = None
         self.timings: dict[str, float] = {}
+
+    @classmethod
+    def attach(cls, url: str, *, username: str, password: str, user_token: str,
+               legacy_tokens: bool, log=print) -> "LabelStudio":
+        """A client for a Label Studio running elsewhere (a container): the same helpers, nothing
+        started or stopped here. Checks that its token mode is ``legacy_tokens``."""
+        ls = cls(legacy_tokens=legacy_tokens, log=log)
+        ls._attached_url = url.rstrip("/")
+        ls.username, ls.password, ls.user_token = username, password, user_token
+        ls._check_token_mode()
+        return ls
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._attached_url or f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "LabelStudio":
         if self.proc is not None:

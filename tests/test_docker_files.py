@@ -1,6 +1,7 @@
-"""What can be checked of the Docker packaging without a Docker engine (none runs in CI).
+"""What can be checked of the Docker packaging without a Docker engine.
 
-The Dockerfile is parsed for the essentials (slim Python base, pinned requirements per install
+(The images are built and the compose stack run for real by CI's Docker stage, .ci/docker.sh and
+tests/test_docker_compose.py; these checks run everywhere, in seconds.) The Dockerfile is parsed for the essentials (slim Python base, pinned requirements per install
 profile, non-root user, HF cache volume, HEALTHCHECK, gunicorn entry through the CLI); its HEALTHCHECK
 program and its profile-selecting RUN script are executed here against stand-ins; the build context
 that .dockerignore leaves is computed and the package is built from it alone. The compose files are
@@ -21,10 +22,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+
+from tests.docker_stack import (ci_compose, compose_client, docker_time, seconds_to_healthy,
+                                write_ci_compose)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -215,6 +220,42 @@ def test_profiles_install_their_pinned_requirements(instructions, tmp_path):
         assert "-r requirements-molmo1.txt" in record
     proc, record = run("nonsense")
     assert proc.returncode != 0 and "unknown PROFILE" in proc.stderr and not record
+
+
+def test_profiles_share_the_torch_layer(instructions, tmp_path):
+    """torch and torchvision are installed by a RUN of their own before PROFILE is declared (a
+    declared build argument is part of every later RUN's cache key), and both profiles pin the same
+    versions: so both images share that 5.5 GB layer and the profile layer adds only the rest."""
+    words = [w for w, _ in instructions]
+    runs = [(i, args) for i, (w, args) in enumerate(instructions) if w == "RUN"]
+    [(torch_at, torch_run)] = [(i, r) for i, r in runs if "torch" in r]
+    profile_arg = next(i for i, (w, args) in enumerate(instructions)
+                       if w == "ARG" and args.startswith("PROFILE"))
+    assert torch_at < profile_arg and "PROFILE" not in torch_run
+    assert words.index("COPY") < torch_at  # the requirement files are there
+
+    def pins(name: str) -> dict[str, str]:
+        return dict(re.findall(r"^(torch|torchvision)==(\S+)", (ROOT / name).read_text(), re.M))
+
+    assert set(pins("requirements.txt")) == {"torch", "torchvision"}
+    if (ROOT / "requirements-molmo1.txt").exists():
+        assert pins("requirements-molmo1.txt") == pins("requirements.txt")
+
+    # the step itself, by /bin/sh with a stand-in `python` that records what pip would install
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").write_text('#!/bin/sh\nfor a; do [ -f "$a" ] && cat "$a"; done >> "$RECORD"\n')
+    (bindir / "python").chmod(0o755)
+    shutil.copy(ROOT / "requirements.txt", tmp_path / "requirements.txt")
+    record = tmp_path / "record"
+    script = torch_run.replace("/tmp/torch.txt", str(tmp_path / "torch.txt"))
+    proc = subprocess.run(["/bin/sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": f"{bindir}:{os.environ['PATH']}", "RECORD": str(record)},
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    installed = dict(line.split("==") for line in record.read_text().split())
+    assert installed == pins("requirements.txt")
+    assert not (tmp_path / "torch.txt").exists()
 
 
 def test_requirement_files_are_pinned():
@@ -428,20 +469,12 @@ def test_compose_for_an_existing_label_studio(instructions):
     assert "host.docker.internal:host-gateway" in backend.get("extra_hosts", [])
 
 
-def _compose_client() -> list[str] | None:
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    legacy = shutil.which("docker-compose")
-    return [legacy] if legacy else None
-
-
 @pytest.mark.parametrize("path, env", [
     (COMPOSE, {"LABEL_STUDIO_PASSWORD": "pw"}),
     (COMPOSE_EXISTING, {"LABEL_STUDIO_URL": "http://ls.example:8080"}),
 ])
 def test_compose_client_accepts_the_files(path, env, tmp_path):
-    client = _compose_client()
+    client = compose_client()
     if client is None:
         pytest.skip("no compose client (docker compose / docker-compose) installed")
     clean = {k: v for k, v in os.environ.items()
@@ -453,3 +486,99 @@ def test_compose_client_accepts_the_files(path, env, tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and any(k in missing.stderr for k in env), \
         "a required variable must be asked for"
+
+
+def test_ci_copy_drops_only_the_gpu_reservation_and_binds_loopback(tmp_path):
+    """The CPU-only CI copy (tests/docker_stack.py) of docker-compose.yml: no `deploy` anywhere,
+    published ports on 127.0.0.1, the CI's Label Studio image when given, an `images` web server;
+    the rest of both services exactly as a user runs it, and the file itself keeps its GPU."""
+    source = _load(COMPOSE)
+    copy = ci_compose(source, images_dir=tmp_path, ls_image="local/ls:1")
+    assert "deploy" in source["services"]["molmo-backend"], "the user's file keeps its GPU"
+    assert set(copy["services"]) == set(source["services"]) | {"images"}
+    for name, svc in source["services"].items():
+        ci = copy["services"][name]
+        assert "deploy" not in ci
+        assert ci["ports"] == [f"127.0.0.1:{p}" for p in svc["ports"]]
+        changed = {"deploy", "ports", "build"} | ({"image"} if name == "label-studio" else set())
+        assert {k: v for k, v in ci.items() if k not in changed} == \
+            {k: v for k, v in svc.items() if k not in changed}
+    assert copy["services"]["label-studio"]["image"] == "local/ls:1"
+    assert Path(copy["services"]["molmo-backend"]["build"]["context"]) == ROOT
+    images = copy["services"]["images"]
+    assert images["image"] == source["services"]["molmo-backend"]["image"]
+    assert images["volumes"] == [f"{tmp_path.resolve()}:/srv:ro"]
+    assert images["networks"] == source["services"]["molmo-backend"]["networks"]
+    assert ci_compose(source, images_dir=tmp_path)["services"]["label-studio"]["image"] == LS_IMAGE
+
+
+def test_compose_client_accepts_the_ci_copy(tmp_path):
+    client = compose_client()
+    if client is None:
+        pytest.skip("no compose client (docker compose / docker-compose) installed")
+    path = write_ci_compose(tmp_path / "ci.yml", images_dir=tmp_path)
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("LABEL_STUDIO_", "MOLMO_", "COMPOSE_"))}
+    out = subprocess.run(client + ["-f", str(path), "config"], cwd=tmp_path, capture_output=True,
+                         env={**clean, "LABEL_STUDIO_PASSWORD": "pw"}, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert "deploy" not in resolved["services"]["molmo-backend"]
+    assert resolved["services"]["molmo-backend"]["environment"]["LABEL_STUDIO_URL"] == \
+        "http://label-studio:8080"
+
+
+def test_seconds_to_healthy_reads_dockers_own_timestamps():
+    state = {"StartedAt": "2026-12-02T06:17:06.123456789Z", "Health": {"Status": "healthy", "Log": [
+        {"Start": "2026-12-02T06:17:36.2Z", "End": "2026-12-02T06:17:36.3Z", "ExitCode": 1},
+        {"Start": "2026-12-02T06:18:06.2Z", "End": "2026-12-02T06:18:06.623456Z", "ExitCode": 0},
+        {"Start": "2026-12-02T06:18:36.2Z", "End": "2026-12-02T06:18:36.3Z", "ExitCode": 0}]}}
+    assert seconds_to_healthy(state) == pytest.approx(60.5)
+    assert seconds_to_healthy({"StartedAt": state["StartedAt"], "Health": {"Log": []}}) is None
+    assert docker_time("2026-12-02T07:00:00+01:00") == docker_time("2026-12-02T06:00:00Z")
+    with pytest.raises(ValueError):
+        docker_time("yesterday")
+
+
+# -- the Docker stage's gate (.ci/docker.sh exits before touching anything) -------------------------
+
+DOCKER_STAGE = ROOT / ".ci" / "docker.sh"
+
+
+def _stage(env: dict[str, str], as_nobody: bool = False) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("CI", "MOLMO_REQUIRE_DOCKER", "MOLMO_SKIP_DOCKER")}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = DOCKER_STAGE
+        cmd = [str(script)]
+        if as_nobody and os.geteuid() == 0:
+            # a copy that the other user can read wherever the checkout lives (the gate reads
+            # nothing else before it exits)
+            os.chmod(tmp, 0o755)
+            (Path(tmp) / ".ci").mkdir(mode=0o755)
+            script = Path(tmp) / ".ci" / "docker.sh"
+            shutil.copy(DOCKER_STAGE, script)
+            script.chmod(0o755)
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(script)]
+        return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True,
+                              timeout=60, cwd=tmp)
+
+
+@pytest.mark.parametrize("required", [{}, {"CI": "true"}, {"MOLMO_REQUIRE_DOCKER": "1"}])
+def test_docker_stage_left_out_is_said_and_fails_where_required(required):
+    out = _stage({"MOLMO_SKIP_DOCKER": "1", **required})
+    if required:
+        assert out.returncode == 1 and "required" in out.stderr, out.stderr
+    else:
+        assert out.returncode == 3 and "did NOT run: MOLMO_SKIP_DOCKER=1" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("required", [{}, {"CI": "true"}])
+def test_docker_stage_without_root_says_why(required):
+    """No root (a developer's machine): the stage says it did not run and why (exit 3, which
+    scripts/test reports without failing); in CI the same is a failure."""
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot drop to another user")
+    out = _stage(required, as_nobody=True)
+    assert "not root" in out.stderr, out.stderr
+    assert out.returncode == (1 if required else 3), out.stderr
