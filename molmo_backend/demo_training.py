@@ -69,18 +69,32 @@ class Example:
     answer: str
 
 
+def draw_scene(rng: random.Random, hard: bool = True) -> Scene:
+    """A full-variety scene, or (not ``hard``) an easy one with one or two shapes."""
+    if not hard:
+        return make_scene(rng, count=rng.randint(1, 2), easy=True, with_map=True)
+    scene = make_scene(rng, with_map=True)
+    return jpeg_roundtrip(rng, scene) if rng.random() < 0.25 else scene
+
+
 def draw_example(rng: random.Random, hard: bool = True, grid: int = 25) -> Example:
-    """A scene and a question about it. Not ``hard``: an easy scene with one or two shapes,
-    mostly asked about one that is there."""
-    if hard:
-        scene = make_scene(rng, with_map=True)
-        if rng.random() < 0.25:
-            scene = jpeg_roundtrip(rng, scene)
-        label = pick_question(rng, scene)
-    else:
-        scene = make_scene(rng, count=rng.randint(1, 2), easy=True, with_map=True)
-        label = pick_question(rng, scene, absent_share=0.15)
+    """A scene and one question about it (about 30 % name a shape that is not there)."""
+    scene = draw_scene(rng, hard)
+    label = pick_question(rng, scene)
     return Example(scene, label, answer_for(scene, label, grid))
+
+
+def questions_about(rng: random.Random, scene: Scene, count: int, grid: int = 25) -> list[Example]:
+    """``count`` different questions about one scene: up to ``count - 1`` of its shapes, the rest
+    shapes that are not there (mostly sharing a colour or a kind with one that is). Asking one
+    image several labels is what teaches the model that the answer depends on the label."""
+    present = [s.label for s in scene.shapes]
+    asked = rng.sample(present, min(len(present), count - 1))
+    while len(asked) < count:
+        label = pick_question(rng, scene, absent_share=1.0)
+        if label not in asked:
+            asked.append(label)
+    return [Example(scene, label, answer_for(scene, label, grid)) for label in asked]
 
 
 def encode(processor, examples: list[Example]) -> dict:
@@ -120,15 +134,24 @@ class Batches(torch.utils.data.IterableDataset):
     """Encoded training batches; batch ``step`` depends only on (seed, step), whichever worker
     makes it (the DataLoader hands batches back in step order)."""
 
-    def __init__(self, processor, seed: int, steps: int, batch_size: int, ramp_steps: int, grid: int):
+    def __init__(self, processor, seed: int, steps: int, batch_size: int, ramp_steps: int, grid: int,
+                 per_image: int = 4):
         self.processor, self.seed, self.steps = processor, seed, steps
         self.batch_size, self.ramp_steps, self.grid = batch_size, ramp_steps, grid
+        self.per_image = per_image
 
     def batch(self, step: int) -> dict:
+        """``batch_size`` rows: one question per scene, or ``per_image`` about each."""
         rng = random.Random(f"train-{self.seed}-{step}")
         hard_share = min(1.0, step / self.ramp_steps) if self.ramp_steps else 1.0
-        examples = [draw_example(rng, rng.random() < hard_share, self.grid) for _ in range(self.batch_size)]
-        return encode(self.processor, examples)
+        if self.per_image == 1:
+            examples = [draw_example(rng, rng.random() < hard_share, self.grid) for _ in range(self.batch_size)]
+            return encode(self.processor, examples)
+        examples: list[Example] = []
+        while len(examples) < self.batch_size:
+            scene = draw_scene(rng, rng.random() < hard_share)
+            examples += questions_about(rng, scene, self.per_image, self.grid)
+        return encode(self.processor, examples[:self.batch_size])
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -272,6 +295,7 @@ class Options:
     ramp: float = 0.3
     grid: int = 25
     probe_weight: float = 0.5
+    per_image: int = 1
 
 
 def train(out: Path, opts: Options) -> dict:
@@ -298,7 +322,8 @@ def train(out: Path, opts: Options) -> dict:
         progress = (step - warmup) / max(1, opts.steps - warmup)
         return opts.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    batches = Batches(processor, opts.seed, opts.steps, opts.batch_size, int(opts.ramp * opts.steps), opts.grid)
+    batches = Batches(processor, opts.seed, opts.steps, opts.batch_size, int(opts.ramp * opts.steps), opts.grid,
+                      opts.per_image)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=opts.workers,
                                          prefetch_factor=4 if opts.workers else None)
     evaluation = held_out(opts.seed, opts.eval_count, opts.grid)
@@ -315,7 +340,7 @@ def train(out: Path, opts: Options) -> dict:
             "trained_on": "synthetic scenes of coloured shapes (molmo_backend/demo_scenes.py); not Molmo",
             "labels": list(LABELS), "seed": opts.seed, "steps": step + 1, "planned_steps": opts.steps,
             "batch": opts.batch_size, "lr": opts.lr, "ramp": opts.ramp, "grid": opts.grid,
-            "probe_weight": opts.probe_weight,
+            "probe_weight": opts.probe_weight, "questions_per_image": opts.per_image,
             "device": device.type, "train_s": round(time.monotonic() - started), "parameters": params,
             "held_out": history[-1], "finished": final,
             "hit": f"within {HIT_SHARE_OF_DIAGONAL:.0%} of the image diagonal of the shape's centre",
@@ -378,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the steps over which hard scenes replace easy ones")
     parser.add_argument("--probe-weight", type=float, default=defaults.probe_weight,
                         help="weight of the per-patch 'what is here' loss on the image tokens (0: off)")
+    parser.add_argument("--per-image", type=int, default=defaults.per_image,
+                        help="questions asked about each training scene (1: one, about 30%% of them absent "
+                             "shapes; more: its shapes, then absent ones)")
     parser.add_argument("--grid", type=int, default=defaults.grid,
                         help="coordinates are taught as multiples of this (0-1000 scale)")
     args = parser.parse_args(argv)
@@ -385,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     opts = Options(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed, device=args.device,
                    workers=args.workers, eval_every=args.eval_every, eval_count=args.eval_count,
-                   minutes=args.minutes, ramp=args.ramp, grid=args.grid, probe_weight=args.probe_weight)
+                   minutes=args.minutes, ramp=args.ramp, grid=args.grid, probe_weight=args.probe_weight,
+                   per_image=args.per_image)
     record = train(args.out, opts)
     print(json.dumps(record, indent=1))
     return 0
