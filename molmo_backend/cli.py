@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="HTTP threads (THREADS, default 32)")
     serve.add_argument("--model", help="hub id or local folder (MOLMO_MODEL)")
     serve.add_argument("--demo", action="store_true",
-                       help="serve the tiny random demo model (MOLMO_DEMO=1): for trying the protocol")
+                       help="serve the tiny demo model (MOLMO_DEMO=1; trained on synthetic shapes, not Molmo): "
+                            "for trying the whole path")
     serve.add_argument("--log-level", help="LOG_LEVEL (default INFO)")
     serve.set_defaults(func=cmd_serve)
     _add_annotate(commands)
@@ -75,8 +76,8 @@ per image (<name>.molmo.png) with a dot and the label at every point.
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id or local folder (MOLMO_MODEL)")
     parser.add_argument("--demo", action="store_true",
-                        help="use the tiny random demo model (MOLMO_DEMO=1): random points, for "
-                             "trying the command")
+                        help="use the tiny demo model (MOLMO_DEMO=1; trained on synthetic shapes, "
+                             "not Molmo): for trying the command")
     parser.add_argument("--prompt-template", help="prompt per label, with {label} (MOLMO_PROMPT_TEMPLATE)")
     parser.add_argument("--log-level", help="LOG_LEVEL (default INFO)")
     parser.add_argument("--log-format", choices=["text", "json"],
@@ -212,6 +213,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if result["model_version"].startswith("molmo2-demo@"):
         log.warning("this is the tiny random demo model: its points are random (MOLMO_MODEL and "
                     "a GPU give real ones)")
+    elif result["model_version"].startswith("molmo2-demo-shapes@"):
+        log.warning("this is the tiny demo model, trained on synthetic shapes (not Molmo): it finds "
+                    "only coloured shapes such as 'red circle' (MOLMO_MODEL and a GPU give real answers)")
     print(json.dumps(result, indent=2), flush=True)
     for image in result["images"]:
         if image["overlay"]:

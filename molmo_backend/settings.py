@@ -31,7 +31,7 @@ class Settings:
     # model
     model: str = "allenai/Molmo2-4B"
     revision: str | None = None
-    demo: str = "auto"  # "auto": demo model when there is no GPU and no local weights; "1"; "0"
+    demo: str = "auto"  # "auto": demo model when there is no GPU and no local weights; "1"; "0"; "random"
     device: str = "auto"  # "auto", "cuda", "cuda:1", "cpu"
     gpus: str = ""  # "": one device (MOLMO_DEVICE); "all"; "0,1": one model replica per GPU
     dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
@@ -94,8 +94,8 @@ class Settings:
     def validate(self) -> None:
         if self.prompt_template is not None and "{label}" not in self.prompt_template:
             raise SettingsError("MOLMO_PROMPT_TEMPLATE must contain '{label}'")
-        if self.demo not in ("auto", "0", "1"):
-            raise SettingsError("MOLMO_DEMO must be auto, 1 or 0")
+        if self.demo not in ("auto", "0", "1", "random"):
+            raise SettingsError("MOLMO_DEMO must be auto, 1, 0 or random")
         if self.max_batch < 1 or self.max_new_tokens < 1 or self.threads < 1:
             raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
         if self.decoder not in ("fast", "generate"):
@@ -147,8 +147,9 @@ SECRETS = {"label_studio_api_key", "basic_auth_pass", "engine_api_key"}
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "model": ("MOLMO_MODEL", "Hub id or local folder of a Molmo2 checkpoint"),
     "revision": ("MOLMO_REVISION", "Hub revision (branch, tag or commit) of MOLMO_MODEL"),
-    "demo": ("MOLMO_DEMO", "`auto`: use the tiny random demo model when there is no GPU and no "
-             "local weights; `1`: always; `0`: never"),
+    "demo": ("MOLMO_DEMO", "`auto`: use the tiny demo model (trained on synthetic coloured shapes "
+             "only; not Molmo) when there is no GPU and no local weights; `1`: always; `0`: never; "
+             "`random`: the untrained random tiny model (for protocol tests)"),
     "device": ("MOLMO_DEVICE", "`auto`, `cuda`, `cuda:N` or `cpu`"),
     "gpus": ("MOLMO_GPUS", "Several GPUs: `all` or indices like `0,1`: one model replica on each, "
              "the scheduler feeds them all (empty: the one MOLMO_DEVICE)"),
@@ -178,7 +179,7 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
                         "below this; `0` keeps all"),
     "caption_prompt": ("MOLMO_CAPTION_PROMPT", "Question answered into a `<TextArea toName=\"image\">` "
                        "that has no `prompt` attribute (and is not the interactive prompt box)"),
-    "cache_dir": ("MOLMO_CACHE_DIR", "Where the demo model is built (default `$HF_HOME/molmo-backend`)"),
+    "cache_dir": ("MOLMO_CACHE_DIR", "Where the random demo model is built (default `$HF_HOME/molmo-backend`)"),
     "engine": ("MOLMO_ENGINE", "`transformers` (in this process) or `openai` (a vLLM/SGLang server)"),
     "engine_url": ("MOLMO_ENGINE_URL", "Base URL of the OpenAI-compatible server, e.g. "
                    "`http://vllm:8000/v1`"),

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny demo Molmo2 (built offline once per session) and test images."""
+"""Shared fixtures: the tiny random demo Molmo2 (built offline once per session) and test images."""
 
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ def fuzz_examples(request) -> int:
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
-    from molmo_backend.demo import ensure_demo_model
+    """The random (untrained) tiny Molmo2 that MOLMO_DEMO=random serves: servers started with
+    MOLMO_CACHE_DIR=<its parent> reuse this build. Tests force its answers where they need points."""
+    from molmo_backend.demo import ensure_random_model
 
-    return ensure_demo_model(tmp_path_factory.mktemp("demo-cache"))
+    return ensure_random_model(tmp_path_factory.mktemp("demo-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -676,9 +676,9 @@ def _tokenizer(world: World):
     if world.tokenizer is None:
         from transformers import AutoTokenizer
 
-        from molmo_backend.demo import ensure_demo_model
+        from molmo_backend.demo import ensure_random_model
 
-        path = ensure_demo_model(world.cache_dir)  # the server's own build
+        path = ensure_random_model(world.cache_dir)  # the server's own build
         world.tokenizer = AutoTokenizer.from_pretrained(path)
     return world.tokenizer
 

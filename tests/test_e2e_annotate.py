@@ -164,7 +164,7 @@ def test_annotate_filters_failures_and_reruns_with_a_legacy_token(ls_legacy, png
         [web_id, missing_id] = ls.import_urls(pid, [f"{web_url}/web.png", f"{web_url}/gone.png"])
         sizes = {**{i: (50 + k, 40 + k) for k, i in enumerate(up_ids)}, web_id: (90, 60)}
         settings = Settings.from_env({}, label_studio_url=ls.url, label_studio_api_key=ls.user_token,
-                                     demo="1", cache_dir=demo_model_dir.parent,
+                                     demo="random", cache_dir=demo_model_dir.parent,
                                      allowed_hosts=(web_url.split("//", 1)[1].split(":")[0],),
                                      max_new_tokens=48)
         factory = forced_engine_factory(ANSWERS)

@@ -7,8 +7,11 @@ seconds. One LS per token mode per session (fixtures in tests/conftest_e2e.py).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -227,6 +230,44 @@ def test_backend_pre_annotates_through_label_studio(mode, request, png_factory, 
             E2E_TIMINGS[f"forced_{mode}_backend_start_s"] = backend.startup_s
             E2E_TIMINGS[f"forced_{mode}_flow_s"] = time.monotonic() - t_backend
     E2E_TIMINGS[f"forced_{mode}_test_s"] = time.monotonic() - t0
+
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "docs" / "demo"
+
+
+def test_try_it_the_demo_model_points_at_the_sample_shapes_in_label_studio(ls_pat, tmp_path):
+    """README's "Try it", step by step: the sample label config, the six sample images uploaded,
+    the backend on MOLMO_DEMO=1 (nothing forced) with a PAT, connect, open one task, retrieve the
+    rest. Every shape of docs/demo/shapes.json gets exactly one keypoint of its label, within
+    tests/test_demo_model.py's tolerance of its centre, and no other label gets one."""
+    from tests.test_demo_model import TOLERANCE_PERCENT
+
+    ls = ls_pat
+    truth = json.loads((DEMO_DIR / "shapes.json").read_text())
+    project = ls.create_project((DEMO_DIR / "label_config.xml").read_text(), title="molmo try it")
+    names = sorted(truth)
+    ids = ls.import_files(project["id"], [DEMO_DIR / name for name in names])
+    env = {"MOLMO_DEMO": "1", "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat()}
+    with run_backend(tmp_path, env=env) as backend:
+        assert "serving the tiny DEMO model (trained on synthetic shapes; not Molmo)" in backend.log
+        ml = ls.connect_ml(project["id"], backend.url)
+        assert ml["state"] == "CO", ml
+        ls.open_task(ids[0])
+        ls.retrieve_predictions(project["id"])
+    for task_id, name in zip(ids, names):
+        [prediction] = ls.predictions(task_id)
+        assert prediction["model_version"].startswith("molmo2-demo-shapes@")
+        with Image.open(DEMO_DIR / name) as image:
+            width, height = image.size
+        found = {}
+        for region in prediction["result"]:
+            [label] = region["value"]["keypointlabels"]
+            found.setdefault(label, []).append((region["value"]["x"], region["value"]["y"]))
+        assert set(found) == {shape["label"] for shape in truth[name]}, (name, found)
+        for shape in truth[name]:
+            [(x, y)] = found[shape["label"]]
+            distance = math.hypot(x - 100 * shape["x"] / width, y - 100 * shape["y"] / height)
+            assert distance <= TOLERANCE_PERCENT, (name, shape, (x, y))
 
 
 def test_demo_model_served_by_the_cli(ls_pat, png_factory, tmp_path):

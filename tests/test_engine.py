@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
+from molmo_backend.demo import SHIPPED_DEMO, demo_info
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.decoding import INTERACTIVE_SLOTS
 from molmo_backend.engine.transformers_engine import TransformersEngine, resolve_model
@@ -121,7 +122,9 @@ def test_fast_decoder_answers_each_query_like_it_was_alone(demo_model_dir):
 
 def test_demo_auto_falls_back_only_without_gpu_and_local_weights(tmp_path, demo_model_dir):
     path, demo = resolve_model(Settings(model="allenai/not-downloaded", demo="auto", cache_dir=tmp_path))
-    assert demo and (tmp_path / "molmo2-demo-v1" / "DEMO_MODEL.json").is_file() and path.startswith(str(tmp_path))
+    assert demo and path == str(SHIPPED_DEMO) and demo_info(path)["kind"] == "shapes"  # the trained one
+    path, demo = resolve_model(Settings(model="allenai/not-downloaded", demo="random", cache_dir=tmp_path))
+    assert demo and demo_info(path)["kind"] == "random" and path.startswith(str(tmp_path))
     assert resolve_model(Settings(model="allenai/not-downloaded", demo="0", cache_dir=tmp_path)) == (
         "allenai/not-downloaded", False)
     assert resolve_model(Settings(model=str(demo_model_dir), demo="auto", cache_dir=tmp_path)) == (

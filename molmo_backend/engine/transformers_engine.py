@@ -2,7 +2,7 @@
 
 The loading code is the real one users run: ``from_pretrained`` on a hub id or a local folder
 (``MOLMO_MODEL``), honouring ``HF_HOME``. Without a GPU and without local weights the serve
-command falls back to the tiny random demo model (see :mod:`molmo_backend.demo`) and says so.
+command falls back to the tiny demo model (see :mod:`molmo_backend.demo`) and says so.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from ..demo import ensure_demo_model, is_demo_model
+from ..demo import DEMO_BANNER, demo_name, ensure_demo_model, ensure_random_model, is_demo_model
 from ..settings import Settings
 from .base import Answer, Engine, PointQuery, Row, StepEngine
 from .decoding import INTERACTIVE_SLOTS, LENGTH_STEP, PreparedImage, SlotDecoder, prepare_image, round_up
@@ -64,16 +64,16 @@ def weights_available_locally(model: str, revision: str | None) -> bool:
 
 def resolve_model(settings: Settings) -> tuple[str, bool]:
     """(what to load, whether it is the demo model), following ``MOLMO_DEMO``."""
+    if settings.demo == "random":
+        log.warning("serving the tiny RANDOM demo model (untrained, not Molmo): its points are meaningless")
+        return str(ensure_random_model(settings.cache_dir)), True
     if settings.demo == "1":
+        log.warning(DEMO_BANNER)
         return str(ensure_demo_model(settings.cache_dir)), True
     if settings.demo == "auto" and not torch.cuda.is_available():
         if not weights_available_locally(settings.model, settings.revision):
-            log.warning(
-                "no GPU and no local weights for %s: serving the tiny RANDOM demo model instead. "
-                "Its points are meaningless; it is for trying the Label Studio connection. "
-                "Set MOLMO_DEMO=0 to fail instead, or point MOLMO_MODEL at downloaded weights.",
-                settings.model,
-            )
+            log.warning("no GPU and no local weights for %s: %s. Set MOLMO_DEMO=0 to fail instead, "
+                        "or point MOLMO_MODEL at downloaded weights.", settings.model, DEMO_BANNER)
             return str(ensure_demo_model(settings.cache_dir)), True
     return settings.model, is_demo_model(settings.model)
 
@@ -121,7 +121,8 @@ def load_options(settings: Settings, path: str, device: torch.device) -> dict:
 def _local_revision(path: Path) -> str:
     """A content hash of a local checkpoint's small files: stable while the checkpoint is."""
     digest = hashlib.sha256()
-    for name in sorted(["config.json", "model.safetensors.index.json", "generation_config.json"]):
+    # DEMO_MODEL.json: a retrained demo has the same config but another training record
+    for name in sorted(["config.json", "model.safetensors.index.json", "generation_config.json", "DEMO_MODEL.json"]):
         if (path / name).is_file():
             digest.update((path / name).read_bytes())
     weights = path / "model.safetensors"
@@ -153,7 +154,7 @@ def load_local_engine(settings: Settings) -> Engine | list[Engine]:
         # The demo model is a Molmo2, which transformers 4.x cannot build or run.
         no_local_weights = not weights_available_locally(settings.model, settings.revision)
         auto_demo = settings.demo == "auto" and not torch.cuda.is_available() and no_local_weights
-        if settings.demo == "1" or auto_demo:
+        if settings.demo in ("1", "random") or auto_demo:
             raise ModelLoadError(
                 f"the demo model is a Molmo2 and this is the molmo1 install profile (transformers "
                 f"{installed}): point MOLMO_MODEL at Molmo v1 weights already downloaded (a local folder "
@@ -311,7 +312,7 @@ class TransformersEngine(StepEngine):
             or (getattr(model.config, "_commit_hash", None) or "")[:10]
             or (_local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
         )
-        engine = cls(model, processor, model_id="molmo2-demo" if demo else (model_id or model_path),
+        engine = cls(model, processor, model_id=demo_name(model_path) if demo else (model_id or model_path),
                      revision=revision, demo=demo, **options)
         engine.warm_up()
         log.info(

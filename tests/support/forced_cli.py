@@ -5,7 +5,7 @@
 answers.json maps a label (found in the prompt) to the answer text Molmo should give, as for
 tests/support/forced_server.py. ``--delay`` sleeps that many seconds before every prefill (each admission of rows),
 so a test can interrupt a run in the middle. Everything after ``--`` is the real command line;
-MOLMO_DEMO is forced to 1.
+MOLMO_DEMO is forced to random (the untrained tiny model).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> int:
     args = parser.parse_args()
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     answers = json.loads(args.answers.read_text()) if args.answers else {}
-    os.environ["MOLMO_DEMO"] = "1"
+    os.environ["MOLMO_DEMO"] = "random"
     return cli_main(argv, engine_factory=forced_engine_factory(answers, args.delay))
 
 

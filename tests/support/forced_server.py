@@ -5,7 +5,7 @@
 answers.json maps a label (found in the prompt) to the answer text Molmo should give, e.g.
 {"cat": "<points coords=\\"1 1 250 500\\">cat</points>", "dog": "There are none."}.
 Labels not in the file get the random model's own answer. Other settings come from the
-environment as for ``molmo-backend serve``; MOLMO_DEMO is forced to 1.
+environment as for ``molmo-backend serve``; MOLMO_DEMO is forced to random (the untrained tiny model).
 
 Fault injection (tests only, never in the product package): ``MOLMO_TEST_FAULTS`` holds a JSON
 list of rules; a prefill (the rows the scheduler admits together) or, for a plain engine, a
@@ -108,7 +108,7 @@ def main() -> int:
             inject_faults(engine, faults)
         return engine
 
-    settings = Settings.from_env(host=args.host, port=args.port, demo="1")
+    settings = Settings.from_env(host=args.host, port=args.port, demo="random")
     return serve(settings, engine_factory=engine_factory)
 
 

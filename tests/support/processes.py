@@ -55,11 +55,11 @@ class Backend:
 @contextmanager
 def run_backend(tmp: Path, env: dict[str, str] | None = None, answers: dict | None = None,
                 timeout: float = 120.0, server: str = "tests/support/forced_server.py"):
-    """Our server under real gunicorn on a free port: ``molmo-backend serve`` on the demo model,
-    or ``server`` (a script taking --port and --answers FILE, default forced_server.py) when
+    """Our server under real gunicorn on a free port: ``molmo-backend serve`` on the random demo
+    model (``MOLMO_DEMO=random``, unless ``env`` says otherwise), or ``server`` (a script taking --port and --answers FILE, default forced_server.py) when
     ``answers`` are given."""
     port = free_port()
-    full_env = {**os.environ, "MOLMO_DEMO": "1", "LOG_FORMAT": "json", "THREADS": "32",
+    full_env = {**os.environ, "MOLMO_DEMO": "random", "LOG_FORMAT": "json", "THREADS": "32",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.setdefault("MOLMO_CACHE_DIR", str(tmp / "cache"))
     if answers is not None:

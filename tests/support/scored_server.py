@@ -5,7 +5,7 @@ probabilities* forced per prompt (tests/support/scored_forcing.py).
 
 answers.json maps a text found in the prompt to either the answer text (every token certain) or
 ``{"text": "...", "probs": {"<char index>": p, ...}}``. Other settings come from the environment
-as for ``molmo-backend serve``; MOLMO_DEMO is forced to 1.
+as for ``molmo-backend serve``; MOLMO_DEMO is forced to random (the untrained tiny model).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> int:
         engine.logits_processors.append(ForceScoredAnswers(engine.processor.tokenizer, by_substring(specs)))
         return engine
 
-    settings = Settings.from_env(host=args.host, port=args.port, demo="1")
+    settings = Settings.from_env(host=args.host, port=args.port, demo="random")
     return serve(settings, engine_factory=engine_factory)
 
 
