@@ -93,7 +93,7 @@ def _write_png(path: Path, size: tuple[int, int], color) -> Path:
 
 
 def _metrics(url: str) -> dict:
-    r = requests.get(f"{url}/metrics", timeout=10)
+    r = requests.get(f"{url}/metrics", params={"format": "json"}, timeout=10)
     r.raise_for_status()
     return r.json()["scheduler"]
 
