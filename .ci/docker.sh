@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI's Docker stage: build the project's image in both install profiles and run docker-compose.yml's
-# stack end to end (tests/test_docker_compose.py). scripts/test runs it at the end of a full run.
+# stack end to end (tests/docker/test_docker_compose.py). scripts/test runs it at the end of a full run.
 #
 #   1. a Docker engine: the one already running, or else one started here (apt-get installs
 #      docker.io, docker-compose, debootstrap and iptables when missing; dockerd runs with its own
@@ -11,9 +11,9 @@
 #      (.ci/images/label-studio.Dockerfile) standing in for heartexlabs/label-studio;
 #   3. `docker build` of the project's Dockerfile, PROFILE=molmo2 and PROFILE=molmo1, FROM that base
 #      (the PYTHON_IMAGE build argument);
-#   4. pytest tests/test_docker_compose.py: each profile's image run, and the compose stack without
+#   4. pytest tests/docker/test_docker_compose.py: each profile's image run, and the compose stack without
 #      its GPU reservation driven through Label Studio in both token modes (the test does `up` and
-#      `down -v` itself); tests/test_docker_files.py again, now with a compose client; no skips;
+#      `down -v` itself); tests/docker/test_docker_files.py again, now with a compose client; no skips;
 #   5. clean-up: whatever the tests left of their compose projects; an engine started here is
 #      stopped by its PID and its data root removed (an engine that was running keeps the images).
 #
@@ -255,13 +255,13 @@ else
   ensure_venv
   python="$VENV/bin/python"
 fi
-# tests/test_docker_files.py again too: its compose-client checks skip where no client is installed,
+# tests/docker/test_docker_files.py again too: its compose-client checks skip where no client is installed,
 # as in the suite's main run on a fresh CI machine; here the client is installed. Nothing may skip.
 status=0
 begin e2e
 MOLMO_DOCKER_STAGE=1 MOLMO_DOCKER_LS_IMAGE="$LS_IMAGE" \
   "$python" -m pytest -p no:cacheprovider --junitxml="$WORK/docker-tests.xml" \
-  tests/test_docker_compose.py tests/test_docker_files.py "$@" || status=$?
+  tests/docker/test_docker_compose.py tests/docker/test_docker_files.py "$@" || status=$?
 end e2e
 skipped=$("$python" -c 'import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()

@@ -9,7 +9,7 @@ exactly one prediction.
 ``write-back``: LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY set; one retrieve, then the backend writes
 the deferred tasks itself as they finish (and what it had to give up on is retrieved again). Tasks are image URLs served from a local directory
 (one 64x48 PNG per task, all different), the config has two keypoint labels; the demo model
-answers with its own (random) text. Label Studio runs with legacy tokens on (tests/labelstudio.py
+answers with its own (random) text. Label Studio runs with legacy tokens on (tests/support/labelstudio.py
 installs it on first use); everything listens on 127.0.0.1.
 """
 
@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.labelstudio import LabelStudio  # noqa: E402
+from tests.support.labelstudio import LabelStudio  # noqa: E402
 from tests.support.processes import run_backend, serve_directory  # noqa: E402
 
 CONFIG = """<View>

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import build, noise_image  # noqa: E402
 
-from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
+from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.logs import configure_logging  # noqa: E402
-from molmo_backend.service import build_backend  # noqa: E402
+from molmo_backend.app.service import build_backend  # noqa: E402
 from molmo_backend.settings import Settings  # noqa: E402
 
 CONFIG = """<View>

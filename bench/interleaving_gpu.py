@@ -2,7 +2,7 @@
 
     python bench/interleaving_gpu.py --json $OUT/interleaving.json
 
-The same trials as tests/test_interleaving.py (tests/support/interleave.py): bulk jobs of every
+The same trials as tests/engine/test_interleaving.py (tests/support/interleave.py): bulk jobs of every
 size class, opened tasks arriving at random prefill and decode steps, every answer compared with
 the same query run alone. The model is Molmo2-8B's geometry (vision tower, text dims) with fewer
 text layers (``--layers``, so a compile takes seconds), random weights, in float32 with TF32 off:
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import build, noise_image  # noqa: E402
 
-from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
+from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from tests.support.interleave import run_trials  # noqa: E402
 
 

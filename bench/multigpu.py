@@ -27,7 +27,7 @@ NEW_TOKENS = 40
 
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
 from molmo_backend.logs import configure_logging  # noqa: E402
-from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
+from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 
 
 def main() -> int:

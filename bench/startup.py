@@ -53,7 +53,7 @@ def load(args) -> dict:
 
     from molmo_backend.engine.base import PointQuery
     from molmo_backend.engine.scheduler import Priority, Scheduler
-    from molmo_backend.engine.transformers_engine import TransformersEngine
+    from molmo_backend.engine.molmo2 import TransformersEngine
 
     imported = time.perf_counter() - started
     cuda = torch.cuda.is_available()

@@ -25,7 +25,7 @@ from workloads import build, noise_image  # noqa: E402
 
 from molmo_backend.engine.base import PointQuery, Row  # noqa: E402
 from molmo_backend.engine.decoding import prepare_image  # noqa: E402
-from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
+from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 
 
 def cuda_ms(fn, repeat=10, warm=2) -> float:

@@ -42,7 +42,7 @@ from workloads import LABELS, build, fixed40, mean_length, noise_image, realisti
 
 from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
-from molmo_backend.engine.transformers_engine import TransformersEngine  # noqa: E402
+from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 
 
 def sync(device):

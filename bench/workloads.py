@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from molmo_backend.demo import CHAT_TEMPLATE, build_tokenizer
+from molmo_backend.demo.models import CHAT_TEMPLATE, build_tokenizer
 from molmo_backend.engine.base import PointQuery
 
 LABELS = ["person", "car", "dog"]

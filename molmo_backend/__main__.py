@@ -1,3 +1,3 @@
-from .cli import main
+from molmo_backend.commands.cli import main
 
 raise SystemExit(main())

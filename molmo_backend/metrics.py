@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Mapping
 
-#: "Retrieve predictions" past its deadline: what became of each task (molmo_backend/results.py,
-#: molmo_backend/writeback.py)
+#: "Retrieve predictions" past its deadline: what became of each task (molmo_backend/labelstudio/results.py,
+#: molmo_backend/labelstudio/writeback.py)
 RETRIEVE_COUNTERS: dict[str, str] = {
     "answered_in_time": "tasks whose prediction went out in the answer to their own request",
     "served_from_cache": "tasks answered at once from predictions finished after an earlier "
@@ -35,7 +35,7 @@ RETRIEVE_COUNTERS: dict[str, str] = {
 }
 
 
-#: task images that could not be loaded, by the kind of failure (molmo_backend/images.py's
+#: task images that could not be loaded, by the kind of failure (molmo_backend/images/loader.py's
 #: ImageLoadError subclasses carry these names)
 FETCH_FAILURES: dict[str, str] = {
     "bad_reference": "no image reference, an unsupported scheme, a malformed URL or data URI",

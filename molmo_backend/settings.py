@@ -11,9 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-from .address_policy import PolicyError, parse_entries
+from molmo_backend.images.address_policy import PolicyError, parse_entries
 
-DEFAULT_PROMPT_TEMPLATE = "Point to {label}\nPlease say 'There are none.' if it is not in the image."
 #: what a <TextArea> for the image without its own ``prompt`` is filled with the answer to
 DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 

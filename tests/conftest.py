@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny random demo Molmo2 (built offline once per session) and test images."""
+"""Shared fixtures: the tiny random demo Molmo2 (built offline once per session), test images, and
+``make_backend`` (a real MolmoBackend around a scripted engine, tests/support/scripted.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ KEYPOINT_CONFIG = """<View>
 
 def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=2000,
-                     help="generated inputs per parser in tests/test_fuzz_parsers.py (default "
+                     help="generated inputs per parser in tests/labelstudio/test_fuzz_parsers.py (default "
                           "2000; docs/security.md records a run of 100000)")
 
 
@@ -40,7 +41,7 @@ def fuzz_examples(request) -> int:
 def demo_model_dir(tmp_path_factory) -> Path:
     """The random (untrained) tiny Molmo2 that MOLMO_DEMO=random serves: servers started with
     MOLMO_CACHE_DIR=<its parent> reuse this build. Tests force its answers where they need points."""
-    from molmo_backend.demo import ensure_random_model
+    from molmo_backend.demo.models import ensure_random_model
 
     return ensure_random_model(tmp_path_factory.mktemp("demo-cache"))
 
@@ -60,3 +61,28 @@ def image_url(image_dir):
     """Base URL of a local static server with the test images."""
     with serve_directory(image_dir) as url:
         yield url
+
+
+@pytest.fixture
+def make_backend():
+    """``make_backend(answers, **settings) -> (backend, engine)``; schedulers closed afterwards."""
+    from molmo_backend.images.loader import ImageLoader
+    from molmo_backend.labelstudio.model import MolmoBackend
+    from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
+    from molmo_backend.settings import Settings
+    from tests.support.scripted import RecordingScheduler, ScriptedEngine
+
+    made = []
+
+    def make(answers, engine=None, **settings):
+        engine = engine or ScriptedEngine(answers)
+        scheduler = RecordingScheduler(engine)
+        made.append(scheduler)
+        config = Settings(**settings)
+        backend = MolmoBackend(config, scheduler, ImageLoader(config), "scripted@r1",
+                               prompt_template=DEFAULT_PROMPT_TEMPLATE)
+        return backend, engine
+
+    yield make
+    for scheduler in made:
+        scheduler.close()

@@ -43,7 +43,7 @@ class Answer:
     """What the model said to one query.
 
     ``tokens`` and ``token_logprobs`` are the raw material for per-point confidence (see
-    :mod:`molmo_backend.confidence` and docs/confidence.md): each generated token's share of the
+    :mod:`molmo_backend.pointing.confidence` and docs/confidence.md): each generated token's share of the
     decoded text and the log-probability greedy decoding gave it. They are kept as text pieces,
     not ids, so that pure code can find which tokens spell which point without a tokenizer.
     Engines that cannot see token probabilities (the remote engine, Molmo v1, plain

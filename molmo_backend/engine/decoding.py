@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from . import slot_attention
+from molmo_backend.engine import slot_attention
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from enum import IntEnum
 from itertools import islice
 from typing import TYPE_CHECKING, Iterator
 
-from .base import PointQuery
+from molmo_backend.engine.base import PointQuery
 
 if TYPE_CHECKING:
-    from .scheduler import Job
+    from molmo_backend.engine.scheduler import Job
 
 
 class Priority(IntEnum):

@@ -35,8 +35,8 @@ from typing import Callable, Sequence
 
 from prometheus_client import Histogram
 
-from .base import Answer, Engine, PointQuery, Row, StepEngine
-from .queue import Item, Priority, RequestQueue
+from molmo_backend.engine.base import Answer, Engine, PointQuery, Row, StepEngine
+from molmo_backend.engine.queue import Item, Priority, RequestQueue
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Split a decoded answer into the text each generated token contributed.
 
-Per-point confidence (:mod:`molmo_backend.confidence`) has to know which tokens spell which
+Per-point confidence (:mod:`molmo_backend.pointing.confidence`) has to know which tokens spell which
 characters of the answer. Decoding each token on its own is fast (a cached dict lookup) and exact
 for byte-level BPE tokenizers (Qwen, OLMo: the Molmo2 family) as long as no character is split
 across tokens. When the pieces do not add up to the decoded answer:

@@ -19,14 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from molmo_backend.cli import main as cli_main  # noqa: E402
+from molmo_backend.commands.cli import main as cli_main  # noqa: E402
 
 
 def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
     """An engine factory: the demo TransformersEngine with ForceAnswers (and a delay per prefill)."""
 
     def factory(settings):
-        from molmo_backend.engine.transformers_engine import TransformersEngine
+        from molmo_backend.engine.molmo2 import TransformersEngine
         from tests.support.forcing import ForceAnswers, by_label
 
         engine = TransformersEngine.from_settings(settings)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from molmo_backend.serving import serve  # noqa: E402
+from molmo_backend.app.serve import serve  # noqa: E402
 from molmo_backend.settings import Settings  # noqa: E402
 
 log = logging.getLogger("tests.faults")
@@ -98,7 +98,7 @@ def main() -> int:
     faults = json.loads(os.environ.get("MOLMO_TEST_FAULTS") or "[]")
 
     def engine_factory(settings: Settings):
-        from molmo_backend.engine.transformers_engine import TransformersEngine
+        from molmo_backend.engine.molmo2 import TransformersEngine
         from tests.support.forcing import ForceAnswers, by_label
 
         engine = TransformersEngine.from_settings(settings)

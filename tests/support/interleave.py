@@ -1,4 +1,4 @@
-"""The interleaving check of issue #12, shared by the CPU test (tests/test_interleaving.py) and
+"""The interleaving check of issue #12, shared by the CPU test (tests/engine/test_interleaving.py) and
 the GPU bench (bench/interleaving_gpu.py).
 
 Each trial: a bulk job of a random size class (1-20 queries over several images, a task's labels

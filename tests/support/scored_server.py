@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from molmo_backend.serving import serve  # noqa: E402
+from molmo_backend.app.serve import serve  # noqa: E402
 from molmo_backend.settings import Settings  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> int:
     specs = load_specs(args.answers)
 
     def engine_factory(settings: Settings):
-        from molmo_backend.engine.transformers_engine import TransformersEngine
+        from molmo_backend.engine.molmo2 import TransformersEngine
         from tests.support.scored_forcing import ForceScoredAnswers, by_substring
 
         engine = TransformersEngine.from_settings(settings)

@@ -1,0 +1,233 @@
+"""HTTP layer: Label Studio's ML-backend routes around a :class:`ModelService`.
+
+Routes, request shapes and auth live here; what a prediction is lives in the backend. ``/health``
+and ``/setup`` never wait on the GPU (Label Studio gives them 1 s and 3 s). ``/predict`` gives the
+backend its deadline (``MOLMO_PREDICT_DEADLINE`` from the request's arrival) and a way to tell
+that Label Studio has hung up (molmo_backend/app/connection.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import threading
+import time
+from collections import Counter
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from molmo_backend.app.connection import client_gone_probe
+from molmo_backend.app import prometheus
+from molmo_backend.labelstudio.config import LabelConfigError
+from molmo_backend.app.service import ModelService
+from molmo_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: how long /predict waits for a model that is still loading before answering 503
+PREDICT_WAIT_FOR_MODEL_S = 30.0
+#: routes that answer without basic auth (container health checks)
+OPEN_ROUTES = {"/", "/health"}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _json_body() -> dict:
+    # Only Content-Type: application/json is read (what Label Studio sends): a browser cannot
+    # send that cross-site without a CORS preflight, which this server never grants.
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json raises it, not ValueError, for deeply nested input
+        raise BadRequest("the request body is JSON nested too deeply") from None
+    if not isinstance(body, dict):
+        limit = request.max_content_length
+        if limit is not None and request.content_length is None and len(request.get_data()) >= limit:
+            raise RequestEntityTooLarge()  # a chunked body is cut at the cap, not refused by it
+        raise BadRequest("the request body must be a JSON object sent as Content-Type: application/json")
+    return body
+
+
+def create_app(service: ModelService, settings: Settings) -> Flask:
+    app = Flask("molmo_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False
+    counters: Counter = Counter()
+    counters_lock = threading.Lock()
+    timer = prometheus.RequestTimer()
+
+    def count(**increments: int) -> None:
+        with counters_lock:
+            counters.update(increments)
+
+    @app.before_request
+    def check_auth():
+        if not settings.basic_auth_user or request.path in OPEN_ROUTES:
+            return None
+        if _basic_auth_ok(request.headers.get("Authorization", ""), settings):
+            return None
+        count(auth_failures=1)
+        return Response(
+            '{"error": "authentication required"}', 401,
+            {"WWW-Authenticate": 'Basic realm="molmo-backend"', "Content-Type": "application/json"},
+        )
+
+    @app.errorhandler(BadRequest)
+    @app.errorhandler(LabelConfigError)
+    def bad_request(exc):
+        count(bad_requests=1)
+        log.warning("bad request", extra={"path": request.path, "reason": str(exc)})
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 413:
+            count(too_large=1)
+            return jsonify(error=f"the request body is larger than MOLMO_MAX_REQUEST_BYTES="
+                                 f"{settings.max_request_bytes} bytes"), 413
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        count(server_errors=1)
+        log.exception("request failed", extra={"path": request.path})
+        return jsonify(error=f"internal error: {type(exc).__name__}"), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        state = service.state
+        body = {"status": "UP" if state == "ready" else state.upper(), "model_class": "MolmoBackend"}
+        if state == "ready":
+            body["model_version"] = service.backend.model_version
+            return jsonify(body)
+        if state == "failed":
+            body["error"] = service.error
+            return jsonify(body), 500
+        return jsonify(body), 503
+
+    def ready_backend(wait: float = 0.0):
+        backend = service.wait(wait) if wait else service.backend
+        if backend is None:
+            status = 500 if service.state == "failed" else 503
+            message = f"model failed to load: {service.error}" if service.error else "model is still loading"
+            return None, (jsonify(error=message, status=service.state.upper()), status)
+        return backend, None
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        backend, error = ready_backend()
+        if error:
+            return error
+        schema = body.get("schema")
+        if schema is not None and not isinstance(schema, str):
+            raise BadRequest("'schema' must be the label config XML string")
+        model_version = backend.setup(
+            label_config=schema,
+            hostname=_str_or_none(body.get("hostname")),
+            access_token=_str_or_none(body.get("access_token")),
+        )
+        count(setups=1)
+        return jsonify(model_version=model_version)
+
+    @app.post("/predict")
+    def predict():
+        started = time.monotonic()
+        deadline = started + settings.predict_deadline if settings.predict_deadline > 0 else None
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise BadRequest("'label_config' must be the label config XML string")
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context") if isinstance(params.get("context"), dict) else None
+        backend, error = ready_backend(wait=PREDICT_WAIT_FOR_MODEL_S)
+        if error:
+            return error
+        results = backend.predict(tasks, context=context, label_config=label_config, deadline=deadline,
+                                  client_gone=client_gone_probe(request.environ),
+                                  project=body.get("project"))
+        count(predict_requests=1, tasks=len(tasks))
+        log.info("predict request", extra={"tasks": len(tasks), "seconds": round(time.monotonic() - started, 3)})
+        return jsonify(results=results)
+
+    @app.post("/webhook")
+    def webhook():
+        body = request.get_json(silent=True)
+        body = body if isinstance(body, dict) else {}
+        event = str(body.get("action") or body.get("event") or "unknown")
+        backend = service.backend
+        result = backend.fit(event, body) if backend is not None else {"status": "ignored"}
+        count(webhooks=1)
+        return jsonify(result), 200
+
+    @app.get("/versions")
+    def versions():
+        backend = service.backend
+        return jsonify(versions=[backend.model_version] if backend else [])
+
+    def request_counts() -> dict:
+        with counters_lock:
+            return dict(counters)
+
+    @app.get("/metrics")
+    def metrics():
+        """Prometheus text format (docs/metrics.md); ``?format=json`` for the same as JSON."""
+        if request.args.get("format") != "json":
+            return Response(prometheus.render(service, request_counts, timer), 200,
+                            {"Content-Type": prometheus.CONTENT_TYPE})
+        backend = service.backend
+        body = {"state": service.state, "requests": request_counts()}
+        if backend is not None:
+            scheduler = backend.scheduler
+            body["model_version"] = backend.model_version
+            body["scheduler"] = dict(scheduler.stats, pending=scheduler.pending(), running=scheduler.running(),
+                                     pairs_per_s=round(scheduler.pairs_per_second(), 3))
+            body["fetch_failures"] = backend.fetch_failures.snapshot()
+            body["retrieve"] = dict(backend.results.stats.snapshot(), **backend.results.sizes(),
+                                    write_back=backend.write_back is not None)
+        return jsonify(body)
+
+    @app.before_request
+    def start_timer():
+        g.started = time.monotonic()
+
+    @app.after_request
+    def observe(response):
+        started = getattr(g, "started", None)
+        if started is not None and request.url_rule is not None:
+            timer.observe(request.url_rule.rule, response.status_code, time.monotonic() - started)
+        return response
+
+    return app
+
+
+def _str_or_none(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _basic_auth_ok(header: str, settings: Settings) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return False
+    try:
+        user, colon, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+    except ValueError:
+        return False
+    # Label Studio sends the credentials through requests' HTTPBasicAuth, which encodes them as
+    # latin-1; curl and browsers use UTF-8. Either spelling of the configured pair is accepted.
+    ok = False
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            want_user = settings.basic_auth_user.encode(encoding)
+            want_pass = settings.basic_auth_pass.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        ok |= hmac.compare_digest(user, want_user) & hmac.compare_digest(password, want_pass)
+    return bool(colon) and ok

@@ -1,0 +1,1 @@
+"""Command-line tools: serve, annotate a project, predict image files, train the demo."""

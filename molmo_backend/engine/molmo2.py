@@ -1,0 +1,528 @@
+"""Molmo2 in this process, through Hugging Face transformers' Auto classes.
+
+The loading code is the real one users run: ``from_pretrained`` on a hub id or a local folder
+(``MOLMO_MODEL``), honouring ``HF_HOME``. Without a GPU and without local weights the serve
+command falls back to the tiny demo model (see :mod:`molmo_backend.demo.models`) and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Future
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+
+from molmo_backend.demo.models import DEMO_BANNER, demo_name, ensure_demo_model, ensure_random_model, is_demo_model
+from molmo_backend.settings import Settings
+from molmo_backend.engine.base import Answer, Engine, PointQuery, Row, StepEngine
+from molmo_backend.engine.decoding import INTERACTIVE_SLOTS, LENGTH_STEP, PreparedImage, SlotDecoder, prepare_image, round_up
+from molmo_backend.engine.token_text import TokenTexts
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+#: share of the GPU memory free after loading that the cache slots may take; the rest is headroom
+#: for the prefill (about 10 images' activations and cache at a time), logits and graphs
+KV_MEMORY_FRACTION = 0.7
+#: image tokens assumed when the processor cannot say (more than Molmo2's 8-crop maximum)
+FALLBACK_IMAGE_TOKENS = 2048
+#: prompt tokens after the image a cache slot leaves room for (the chat template around a label
+#: takes about 25; a label's own ``prompt`` attribute may be longer)
+SUFFIX_TOKENS = 128
+DECODERS = ("fast", "generate")
+
+
+def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_MEMORY_FRACTION) -> int:
+    """Cache tokens (rows x length) that fit in ``fraction`` of ``free_bytes``."""
+    return max(0, int(free_bytes * fraction) // bytes_per_token)
+
+
+def weights_available_locally(model: str, revision: str | None) -> bool:
+    """True when ``model`` is a local checkpoint folder or already in the Hugging Face cache."""
+    if Path(model).is_dir():
+        return (Path(model) / "config.json").is_file()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
+    except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
+        return False
+
+
+def resolve_model(settings: Settings) -> tuple[str, bool]:
+    """(what to load, whether it is the demo model), following ``MOLMO_DEMO``."""
+    if settings.demo == "random":
+        log.warning("serving the tiny RANDOM demo model (untrained, not Molmo): its points are meaningless")
+        return str(ensure_random_model(settings.cache_dir)), True
+    if settings.demo == "1":
+        log.warning(DEMO_BANNER)
+        return str(ensure_demo_model(settings.cache_dir)), True
+    if settings.demo == "auto" and not torch.cuda.is_available():
+        if not weights_available_locally(settings.model, settings.revision):
+            log.warning("no GPU and no local weights for %s: %s. Set MOLMO_DEMO=0 to fail instead, "
+                        "or point MOLMO_MODEL at downloaded weights.", settings.model, DEMO_BANNER)
+            return str(ensure_demo_model(settings.cache_dir)), True
+    return settings.model, is_demo_model(settings.model)
+
+
+def pick_device(settings: Settings) -> torch.device:
+    if settings.device != "auto":
+        return torch.device(settings.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_devices(settings: Settings) -> list[torch.device]:
+    """``MOLMO_GPUS``: empty = the one device of MOLMO_DEVICE; ``all`` = every visible GPU;
+    ``0,2`` = those GPUs. One model replica runs on each."""
+    if not settings.gpus:
+        return [pick_device(settings)]
+    if settings.gpus == "all":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ModelLoadError("MOLMO_GPUS=all but no CUDA GPU is visible")
+        return [torch.device("cuda", i) for i in range(count)]
+    try:
+        return [torch.device("cuda", int(i)) for i in settings.gpus.split(",") if i.strip()]
+    except ValueError as exc:
+        raise ModelLoadError(f"MOLMO_GPUS={settings.gpus!r}: expected 'all' or GPU indices like 0,1") from exc
+
+
+def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    if settings.dtype != "auto":
+        return getattr(torch, settings.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_options(settings: Settings, path: str, device: torch.device) -> dict:
+    """What every in-process engine's loader takes from the settings, for ``path`` on ``device``."""
+    return dict(
+        revision=None if Path(path).is_dir() else settings.revision,
+        device=device,
+        dtype=pick_dtype(settings, device),
+        max_new_tokens=settings.max_new_tokens,
+        max_batch=settings.max_batch,
+        model_id=settings.model,
+    )
+
+
+def _local_revision(path: Path) -> str:
+    """A content hash of a local checkpoint's small files: stable while the checkpoint is."""
+    digest = hashlib.sha256()
+    # DEMO_MODEL.json: a retrained demo has the same config but another training record
+    for name in sorted(["config.json", "model.safetensors.index.json", "generation_config.json", "DEMO_MODEL.json"]):
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        digest.update(str(weights.stat().st_size).encode())
+    return digest.hexdigest()[:10]
+
+
+def model_family(path_or_id: str, revision: str | None = None) -> str:
+    """``model_type`` of a checkpoint's config.json, read without running any remote code."""
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(path_or_id, revision=revision)
+    return config.get("model_type", "unknown")
+
+
+def load_local_engine(settings: Settings) -> Engine | list[Engine]:
+    """The in-process engine for the checkpoint's family (picked from its config.json).
+
+    ``model_type`` "molmo" (v1: Molmo-7B-D/-7B-O/MolmoE-1B/-72B-0924) runs through its own remote
+    code in the molmo1 install profile (transformers 4.5x, requirements-molmo1.txt); anything else
+    is Molmo2 on transformers 5 (requirements.txt). Each profile says plainly when it is the wrong one.
+    """
+    import transformers
+
+    installed = transformers.__version__
+    v1_profile = int(installed.split(".")[0]) < 5
+    if v1_profile:
+        # The demo model is a Molmo2, which transformers 4.x cannot build or run.
+        no_local_weights = not weights_available_locally(settings.model, settings.revision)
+        auto_demo = settings.demo == "auto" and not torch.cuda.is_available() and no_local_weights
+        if settings.demo in ("1", "random") or auto_demo:
+            raise ModelLoadError(
+                f"the demo model is a Molmo2 and this is the molmo1 install profile (transformers "
+                f"{installed}): point MOLMO_MODEL at Molmo v1 weights already downloaded (a local folder "
+                f"or the Hugging Face cache) and set MOLMO_DEMO=0, or install requirements.txt for the demo"
+            )
+        path = settings.model
+    else:
+        path, _ = resolve_model(settings)
+    family = model_family(path, None if Path(path).is_dir() else settings.revision)
+    if family == "molmo":
+        if not v1_profile:
+            raise ModelLoadError(
+                f"{settings.model} is a Molmo v1 checkpoint (model_type 'molmo'): its remote code needs "
+                f"transformers 4.46-4.53, but {installed} is installed. Install the molmo1 profile in its "
+                f"own environment: pip install -r requirements-molmo1.txt (Docker: build with "
+                f"--build-arg PROFILE=molmo1); see docs/molmo1.md"
+            )
+        try:
+            from molmo_backend.engine.molmo1 import Molmo1Engine
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{settings.model} is a Molmo v1 checkpoint, but its engine cannot load: {exc}"
+            ) from exc
+        return Molmo1Engine.from_settings(settings)
+    if v1_profile:
+        raise ModelLoadError(
+            f"{settings.model} is a {family!r} checkpoint, but this is the molmo1 install profile "
+            f"(transformers {installed}), which runs only Molmo v1 (model_type 'molmo'). Molmo2 needs "
+            f"requirements.txt (transformers 5)"
+        )
+    devices = pick_devices(settings)
+    if len(devices) > 1:
+        log.info("one model replica per GPU", extra={"devices": [str(d) for d in devices]})
+    engines = [TransformersEngine.from_settings(settings, device=device, path=path) for device in devices]
+    return engines[0] if len(engines) == 1 else engines
+
+
+class _TokenLogprobs(LogitsProcessor):
+    """Records, at each step, the log-probability of the token greedy decoding is about to pick.
+
+    Placed last in the processor list, it sees the scores generate() takes its argmax from."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values)
+        return scores
+
+
+def cut_at_end(rows: list[list[int]], steps: list[torch.Tensor], ends: set[int]
+               ) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's generated ids and their log-probabilities (as :class:`_TokenLogprobs` recorded
+    them), up to (not including) the row's first end token."""
+    logprobs = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
+    cut = [next((i for i, token in enumerate(row) if token in ends), len(row)) for row in rows]
+    return [row[:k] for row, k in zip(rows, cut)], [row[:k] for row, k in zip(logprobs, cut)]
+
+
+def mean_probability(logprobs: Sequence[float]) -> float | None:
+    """Mean probability of an answer's tokens: its score when no finer one is known."""
+    return round(sum(math.exp(x) for x in logprobs) / len(logprobs), 4) if logprobs else None
+
+
+class TransformersEngine(StepEngine):
+    """Greedy Molmo2 with a loaded model and its processor.
+
+    ``decoder``: ``fast`` (the default) keeps rows in cache slots and lets the scheduler run
+    continuous batching over them (:mod:`.decoding`); ``generate`` is plain Hugging Face
+    ``generate()``, the reference. (The previous engine, one padded batch at a time until its
+    longest answer ends, was measured beside this one on an H200 and removed: 8.21 vs 22.84
+    pairs/s on realistic answers, 37.09 vs 38.91 on fixed 40-token ones; bench/RESULTS.md.)"""
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        model_id: str,
+        revision: str,
+        max_new_tokens: int = 1024,
+        max_batch: int = 8,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        decoder: str = "fast",
+        cuda_graphs: bool = True,
+        compile_step: bool = False,
+        demo: bool = False,
+    ):
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
+        config = model.config
+        if config.model_type != "molmo2":
+            raise ModelLoadError(f"{model_id!r} is a {config.model_type!r} model; this engine runs Molmo2")
+        self.model, self.processor = model.eval(), processor
+        self.device, self.dtype = model.device, model.dtype
+        self.model_id, self.revision, self.demo = model_id, revision, demo
+        self.family = "molmo2"
+        self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
+        self.logits_processors = list(logits_processors)
+        self.decoder_name = decoder
+        self.stepwise = decoder == "fast"
+        #: benchmark seam: when set, every query without its own ``answer_tokens`` generates
+        #: exactly this many tokens (see PointQuery.answer_tokens); None in production
+        self.answer_tokens: int | None = None
+        tokenizer = processor.tokenizer
+        self._pad_id = tokenizer.pad_token_id
+        self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
+        self._token_texts = TokenTexts(tokenizer)
+        self._lock = threading.Lock()  # the scheduler's worker and direct generate() callers
+        self._prepare_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        # only where it pays: a compiled step is captured as a CUDA graph
+        compile_step = compile_step and cuda_graphs and model.device.type == "cuda"
+        self.decoder = self._slot_decoder(cuda_graphs, compile_step and decoder == "fast")
+
+    def _slot_decoder(self, cuda_graphs: bool, compile_step: bool) -> SlotDecoder:
+        """Slots sized for the longest row this model can have: its largest image, a long
+        prompt and the new-token cap; as many bulk slots as MOLMO_MAX_BATCH asks and the GPU's
+        free memory holds."""
+        length = round_up(self._largest_prefix() + SUFFIX_TOKENS + self.max_new_tokens + 1, LENGTH_STEP)
+        bulk = self.max_batch
+        if self.device.type == "cuda":
+            text = self.model.config.text_config
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * self.dtype.itemsize
+            free, _ = torch.cuda.mem_get_info(self.device)
+            fits = kv_token_budget(free, per_token) // length - INTERACTIVE_SLOTS - 1
+            if fits < bulk:
+                log.warning("GPU memory holds fewer bulk rows than MOLMO_MAX_BATCH asks",
+                            extra={"max_batch": bulk, "rows": max(fits, 1), "slot_tokens": length})
+                bulk = max(fits, 1)
+        self.max_batch = bulk
+        return SlotDecoder(self.model, sorted(self._eos_ids), self._pad_id, bulk_slots=bulk, slot_length=length,
+                           use_cuda_graph=cuda_graphs, compile_step=compile_step)
+
+    def _largest_prefix(self) -> int:
+        """The most prefix tokens (bos + image) an image can take, over aspect ratios 8:1 to 1:8."""
+        sizes = [(4000, 4000 * w // h) for w, h in ((1, 1), (4, 3), (16, 9), (2, 1), (4, 1), (8, 1))]
+        sizes += [(w, h) for h, w in sizes]
+        return max(self._image_tokens(h, w) for h, w in sizes)
+
+    @classmethod
+    def load(cls, model_path: str, *, revision: str | None = None, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, model_id: str | None = None, **options) -> "TransformersEngine":
+        """``from_pretrained`` on a hub id or a local folder, as users run it."""
+        started = time.monotonic()
+        try:
+            processor = AutoProcessor.from_pretrained(model_path, revision=revision)
+            model = AutoModelForImageTextToText.from_pretrained(model_path, revision=revision, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load model {model_path!r}: {exc}") from exc
+        model.to(torch.device(device))
+        demo = is_demo_model(model_path)
+        revision = (
+            revision
+            or (getattr(model.config, "_commit_hash", None) or "")[:10]
+            or (_local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
+        )
+        engine = cls(model, processor, model_id=demo_name(model_path) if demo else (model_id or model_path),
+                     revision=revision, demo=demo, **options)
+        engine.warm_up()
+        log.info(
+            "model loaded",
+            extra={
+                "model": engine.model_id, "revision": engine.revision, "device": str(engine.device),
+                "dtype": str(dtype).removeprefix("torch."), "demo": demo, "decoder": engine.decoder_name,
+                "bulk_rows": engine.max_batch, "load_s": round(time.monotonic() - started, 2),
+            },
+        )
+        return engine
+
+    @classmethod
+    def from_settings(cls, settings: Settings, device: torch.device | None = None, path: str | None = None,
+                      **kwargs) -> "TransformersEngine":
+        """The engine ``settings`` describe; ``path`` skips resolving MOLMO_MODEL/MOLMO_DEMO again."""
+        path = path or resolve_model(settings)[0]
+        device = device or pick_device(settings)
+        return cls.load(
+            path,
+            **load_options(settings, path, device),
+            decoder=settings.decoder,
+            cuda_graphs=settings.cuda_graphs == "1",
+            compile_step=settings.compile_step == "1",
+            **kwargs,
+        )
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def tokens_for(self, query: PointQuery) -> int:
+        """The length of this query's cache row: its image's tokens (from the image size alone,
+        as the processor will lay them out), the prompt suffix, and the new tokens."""
+        return self.prefill_cost(query) + self.max_new_tokens
+
+    def prefill_cost(self, query: PointQuery) -> int:
+        return self._image_tokens(query.image.height, query.image.width) + self._suffix_tokens(query.prompt)
+
+    @lru_cache(maxsize=4096)
+    def _image_tokens(self, height: int, width: int) -> int:
+        try:
+            sizes = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+            return 1 + int(sizes.num_image_tokens[0])  # + the bos token before the image
+        except Exception:  # noqa: BLE001 - a processor that cannot tell: assume a large image
+            return FALLBACK_IMAGE_TOKENS
+
+    @lru_cache(maxsize=1024)
+    def _suffix_tokens(self, prompt: str) -> int:
+        try:
+            return len(self._suffix_ids(prompt))
+        except ValueError:  # a template without the image first (MOLMO_DECODER=generate): close enough
+            return len(self.processor.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"])
+
+    @lru_cache(maxsize=1024)
+    def _suffix_ids(self, prompt: str) -> tuple[int, ...]:
+        ids = self.processor.tokenizer(self.chat_suffix(prompt), add_special_tokens=False)["input_ids"]
+        return tuple(ids)
+
+    def warm_up(self) -> None:
+        """Compile the opened tasks' decode step now (MOLMO_COMPILE), at start, so that no
+        opened task waits for the compiler. A no-op when nothing is compiled."""
+        if not getattr(self.decoder, "compile_step", False):
+            return
+        log.info("compiling the decode step for opened tasks (torch.compile, once per start)")
+        started = time.monotonic()
+        image = Image.new("RGB", (640, 480), (128, 128, 128))
+        self.generate([PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")],
+                      interactive=True)
+        log.info("decode step ready", extra={"compiled": self.decoder.compile_step,
+                                             "warm_up_s": round(time.monotonic() - started, 1)})
+
+    @lru_cache(maxsize=1024)
+    def chat_text(self, prompt: str) -> str:
+        """The model's own chat template around one image and ``prompt``."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def chat_suffix(self, prompt: str) -> str:
+        """The chat text after the image token: what differs between labels of one image."""
+        text = self.chat_text(prompt)
+        image_token = self.processor.image_token
+        if not text.startswith(image_token):
+            raise ValueError("the chat template does not put the image first; use MOLMO_DECODER=generate")
+        return text[len(image_token):]
+
+    # -- whole batches -------------------------------------------------------------------------
+    def generate(self, queries: Sequence[PointQuery], interactive: bool = False) -> list[Answer]:
+        if self.decoder_name == "generate":
+            return self.generate_plain(queries)
+        return super().generate(queries, interactive=interactive)
+
+    def generate_plain(self, queries: Sequence[PointQuery]) -> list[Answer]:
+        """Hugging Face ``generate()`` on left-padded full prompts: the reference for the fast path."""
+        inputs = self.processor(
+            images=[[q.image] for q in queries],
+            text=[self.chat_text(q.prompt) for q in queries],
+            padding=True,
+            return_tensors="pt",
+        ).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        recorder = _TokenLogprobs()
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
+            )
+        ends = self._eos_ids | ({self._pad_id} if self._pad_id is not None else set())
+        tokens, logprobs = cut_at_end(sequences[:, inputs["input_ids"].shape[1]:].tolist(), recorder.steps, ends)
+        return self._answers(tokens, logprobs, [len(t) >= self.max_new_tokens for t in tokens])
+
+    # -- rows in slots (StepEngine) -------------------------------------------------------------
+    def free_slots(self, interactive: bool) -> int:
+        with self._lock:
+            return self.decoder.free_slots(interactive)
+
+    def prepare(self, query: PointQuery) -> PreparedImage:
+        """The processor's work for this query's image, and its prompt's token ids (cached).
+        Runs on the scheduler's preparation threads ahead of the GPU; on CUDA in a stream of
+        its own, finished before it returns, so the GPU worker can use the tensors at once."""
+        self._suffix_ids(query.prompt)
+        if self.device.type != "cuda":
+            return prepare_image(self.processor, query.image)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._prepare_stream):
+            prepared = prepare_image(self.processor, query.image, self.device)
+            self._prepare_stream.synchronize()
+        return prepared
+
+    def prefill(self, rows: Sequence[Row]) -> None:
+        started = time.perf_counter()
+        images: list[PreparedImage] = []
+        index_of: dict = {}
+        image_of = []
+        for row in rows:
+            key = row.query.image_key if row.query.image_key is not None else id(row.query.image)
+            if key not in index_of:
+                index_of[key] = len(images)
+                ready = row.prepared.result() if isinstance(row.prepared, Future) else None
+                images.append(ready or prepare_image(self.processor, row.query.image,
+                                                     self.device if self.device.type == "cuda" else None))
+            image_of.append(index_of[key])
+        suffixes = [list(self._suffix_ids(row.query.prompt)) for row in rows]
+        for row, suffix, image in zip(rows, suffixes, image_of):
+            if images[image].length + len(suffix) + 2 > self.decoder.slot_length:
+                raise ValueError(f"the prompt is too long: {len(suffix)} tokens after the image")
+        if self.decoder.profile is not None:
+            self.decoder.profile["prepare"] = self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
+        with self._lock:
+            slots = []
+            try:
+                for row in rows:
+                    slots.append(self.decoder.take_slot(row.interactive))
+                states, tokens, logprobs = self.decoder.prefill(images, image_of, slots, suffixes,
+                                                                self.logits_processors)
+            except BaseException:
+                for slot in slots:
+                    self.decoder.release(slot)
+                raise
+        for row, state, token, logprob in zip(rows, states, tokens, logprobs):
+            row.slot, row.state = state.slot, state
+            self._record(row, token, logprob)
+
+    def decode(self, rows: Sequence[Row]) -> None:
+        with self._lock:
+            tokens, logprobs = self.decoder.decode([row.state for row in rows], [row.tokens for row in rows],
+                                                   self.logits_processors)
+        for row, token, logprob in zip(rows, tokens, logprobs):
+            self._record(row, token, logprob)
+
+    def _record(self, row: Row, token: int, logprob: float) -> None:
+        """Keep the row's new token; decide whether the row has ended."""
+        forced = row.query.answer_tokens or self.answer_tokens
+        if forced is None and token in self._eos_ids:
+            row.finished = True  # the end token itself is not part of the answer
+            return
+        row.tokens.append(token)
+        row.logprobs.append(logprob)
+        if forced is not None:
+            row.finished = len(row.tokens) >= forced
+        elif len(row.tokens) >= self.max_new_tokens or row.state.length + 1 >= self.decoder.slot_length:
+            row.finished = row.truncated = True
+
+    def answer(self, row: Row) -> Answer:
+        return self._answers([row.tokens], [row.logprobs], [row.truncated])[0]
+
+    def release(self, rows: Sequence[Row]) -> None:
+        with self._lock:
+            for row in rows:
+                if row.slot >= 0:
+                    self.decoder.release(row.slot)
+                    row.slot = -1
+
+    def _answers(self, tokens: list[list[int]], logprobs: list[list[float]], truncated: list[bool]) -> list[Answer]:
+        """Answers from each row's generated ids and their log-probabilities (end token cut off):
+        the text, its mean token probability, and each token's piece of the text for per-point
+        confidence (molmo_backend/pointing/confidence.py works on these, away from torch)."""
+        texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
+        return [
+            Answer(text=text.strip(), score=mean_probability(lp), tokens=self._token_texts.split(ids, text),
+                   token_logprobs=tuple(lp), truncated=cut)
+            for text, ids, lp, cut in zip(texts, tokens, logprobs, truncated)
+        ]
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

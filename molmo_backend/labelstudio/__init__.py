@@ -1,0 +1,1 @@
+"""Label Studio logic: the label config, what to ask for each task, answers into regions, results."""

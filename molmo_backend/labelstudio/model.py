@@ -1,0 +1,442 @@
+"""The model class Label Studio talks to, in label-studio-ml 2.x's shape.
+
+``predict`` turns Label Studio tasks into predictions:
+label config -> asks (keypoint labels, counts, captions/questions; or, for an interactive
+request, the one question its context holds) -> prompts; task data -> images; (image, prompt)
+queries -> the scheduler (GPU batching) -> answers -> scored points, counts, texts -> regions. It
+owns the one invariant Label Studio depends on: every task gets exactly one result, in task
+order, whatever fails on the way.
+
+A bulk request ("Retrieve predictions") with a ``deadline`` answers at that deadline: finished
+tasks get their prediction, unfinished ones an empty list (Label Studio 1.23.2 then stores
+nothing for them and sends them again with the next retrieve). Their work goes on in the
+background (:class:`TaskRun`) and lands in :class:`~molmo_backend.labelstudio.results.ResultStore`, which
+the next request (or the write-back) takes it from. An opened task or interactive click has no
+deadline; when its client hangs up, its queued queries are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+from molmo_backend.labelstudio.answers import answer_regions
+from molmo_backend.labelstudio.asks import Ask, bulk_asks
+from molmo_backend.engine.base import Answer, PointQuery
+from molmo_backend.engine.scheduler import Priority, Scheduler, SchedulerClosed
+from molmo_backend.images.loader import BadReference, ImageLoader, ImageLoadError, LoadedImage
+from molmo_backend.labelstudio.interactive import interactive_asks
+from molmo_backend.labelstudio.config import LabelConfig, LabelConfigError, parse_label_config
+from molmo_backend.metrics import FETCH_FAILURES, Counters
+from molmo_backend.pointing.prompts import prompt_fingerprint
+from molmo_backend.labelstudio.regions import empty_prediction, task_prediction
+from molmo_backend.labelstudio.results import ResultStore, TaskKey, digest
+from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
+from molmo_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: tasks whose images one request fetches at once; at most two such chunks are held in memory
+TASK_CHUNK = 64
+#: image fetch threads for bulk work, and apart from them for opened tasks and clicks (so these
+#: never wait behind a retrieve's fetches)
+FETCH_THREADS, INTERACTIVE_FETCH_THREADS = 16, 4
+
+
+class LabelStudioMLBase:
+    """label-studio-ml 2.x's model contract (``setup``, ``predict``, ``fit``, ``model_version``)
+    without its HTTP layer, Redis or per-request model construction."""
+
+    def __init__(self, project_id: str | None = None, label_config: str | None = None):
+        self.project_id = project_id
+        self.label_config = label_config
+
+    @property
+    def model_version(self) -> str:
+        return "0.0.1"
+
+    def setup(self) -> None:
+        """Called when Label Studio connects; must be cheap (Label Studio gives /setup 3 s)."""
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+        """One prediction dict per task, in task order."""
+        raise NotImplementedError
+
+    def fit(self, event: str, data: dict, **kwargs) -> dict | None:
+        """Training hook for Label Studio's webhook events."""
+        return None
+
+
+@lru_cache(maxsize=64)
+def cached_config(label_config: str) -> LabelConfig:
+    """Everything the backend fills for a config (raises LabelConfigError when nothing)."""
+    return parse_label_config(label_config)
+
+
+@lru_cache(maxsize=64)
+def cached_bulk_asks(label_config: str, template: str, caption_prompt: str) -> tuple[Ask, ...]:
+    return bulk_asks(cached_config(label_config), template, caption_prompt)
+
+
+def asks_fingerprint(asks: Sequence[Ask]) -> str:
+    """Changes whenever the questions or where their answers go do (a changed label config)."""
+    return digest(repr(tuple(asks)))
+
+
+def make_model_version(model_id: str, revision: str, prompt_template: str, caption_prompt: str = "") -> str:
+    """Stable across restarts: model, checkpoint revision and prompt settings, nothing else.
+    Label Studio skips tasks that already hold a prediction of this version."""
+    name = model_id.rstrip("/").rsplit("/", 1)[-1]
+    prompts = prompt_template if not caption_prompt else f"{prompt_template}\x00{caption_prompt}"
+    return f"{name}@{revision}-p{prompt_fingerprint(prompts)}"
+
+
+class MolmoBackend(LabelStudioMLBase):
+    """Keypoint pre-annotations from Molmo pointing answers."""
+
+    def __init__(self, settings: Settings, scheduler: Scheduler, images: ImageLoader, model_version: str,
+                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE, results: ResultStore | None = None):
+        super().__init__()
+        self.settings = settings
+        self.prompt_template = prompt_template
+        self.scheduler = scheduler
+        self.images = images
+        self._model_version = model_version
+        #: results nobody received yet, and the tasks being computed (molmo_backend/labelstudio/results.py)
+        self.results = results if results is not None else ResultStore(settings.result_cache)
+        self.write_back = None  # the server's molmo_backend.labelstudio.writeback.WriteBack, when it has one
+        #: task images not loaded, by kind of failure (exported by /metrics)
+        self.fetch_failures = Counters(FETCH_FAILURES)
+        self._fetch_pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
+        self._interactive_fetch_pool = ThreadPoolExecutor(max_workers=INTERACTIVE_FETCH_THREADS,
+                                                          thread_name_prefix="fetch-open")
+
+    @property
+    def model_version(self) -> str:
+        return self._model_version
+
+    def setup(self, label_config: str | None = None, hostname: str | None = None,
+              access_token: str | None = None) -> str:
+        """Validate the project's config (raises LabelConfigError) and remember how to reach LS."""
+        if label_config is not None:
+            cached_config(label_config)
+            self.label_config = label_config
+        self.images.configure_label_studio(hostname, access_token)
+        return self.model_version
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list:
+        """One result per task, in order: its prediction dict, or, only for a bulk request given
+        a ``deadline``, an empty list for a task not finished by then (or answered meanwhile by
+        the write-back). Raises LabelConfigError for an unusable config (that is the whole
+        request's fault); anything that goes wrong with one task gives that task an empty
+        prediction and a logged reason.
+
+        Keyword arguments: ``label_config``; ``priority`` (default: INTERACTIVE for one task,
+        BULK for more); ``deadline`` (``time.monotonic()`` value, bulk requests only);
+        ``client_gone`` (a callable: True once the HTTP client has hung up); ``project`` (the
+        Label Studio project, ``"<id>.<timestamp>"`` or an id, for the write-back)."""
+        label_config = kwargs.get("label_config") or self.label_config
+        if not label_config:
+            raise LabelConfigError("no label config: send 'label_config' with the request, or call "
+                                   "/setup with the project's 'schema' first")
+        config = cached_config(label_config)
+        interactive = context is not None
+        if interactive:
+            # params.context is only set by Label Studio's interactive-annotating call
+            # (docs/interactive.md): answer the one question it holds, at once
+            asks = interactive_asks(config, context, self.prompt_template)
+            priority = Priority.INTERACTIVE
+            if not asks:
+                log.info("interactive context without a prompt or keypoint of this config",
+                         extra={"context_keys": sorted(context)[:10]})
+        else:
+            asks = cached_bulk_asks(label_config, self.prompt_template, self.settings.caption_prompt)
+            priority = kwargs.get("priority")  # INTERACTIVE is 0: test for None, not falsiness
+            if priority is None:
+                priority = Priority.INTERACTIVE if len(tasks) <= 1 else Priority.BULK
+        bulk = priority != Priority.INTERACTIVE
+        deadline = kwargs.get("deadline") if bulk else None
+        gone: Callable[[], bool] | None = kwargs.get("client_gone")
+        started = time.monotonic()
+
+        # What an interactive context asks is not a task's prediction: nothing to key or keep.
+        keys = [None] * len(tasks) if interactive else self._keys(tasks, asks)
+        claim = self.results.claim(keys, project=project_id(kwargs.get("project"), tasks),
+                                   register=bulk)
+        run = None
+        if claim.new:
+            new = claim.new
+            run = TaskRun(self, [tasks[i] for i in new], asks, priority, on_task=lambda j, prediction, ok:
+                          self.results.resolve(claim.entries[new[j]], prediction, ok)).start()
+        outcome = claim.wait(deadline, gone)
+        if outcome == "gone":
+            self.results.stats.add(clients_gone=1)
+            if not bulk and run is not None:
+                # an opened task or a click nobody waits for: drop its queued queries (what already
+                # runs finishes and is kept for the next open)
+                run.cancel()
+                self.results.stats.add(cancelled_gone=1)
+        results = self.results.finish(claim, delivered=outcome != "gone")
+        self._log_outcome(tasks, results, claim, outcome, priority, interactive, started, deadline)
+        return results
+
+    def fit(self, event: str, data: dict, **kwargs) -> dict:
+        """Molmo is not fine-tuned from annotations here; events are acknowledged and ignored."""
+        log.debug("webhook event ignored", extra={"event": event})
+        return {"status": "ignored", "event": event}
+
+    def _log_outcome(self, tasks, results, claim, outcome: str, priority: Priority,
+                     interactive: bool, started: float, deadline: float | None) -> None:
+        unfinished = sum(1 for r in results if isinstance(r, list))
+        if outcome == "deadline":
+            self.results.stats.add(deadlines_hit=1)
+            log.warning("predict deadline reached: answering the finished tasks, the rest keep "
+                        "running and are kept for the next retrieve",
+                        extra={"tasks": len(tasks), "unfinished": unfinished,
+                               "deadline_s": round(deadline - started, 1)})
+        elif outcome == "gone":
+            log.warning("client hung up before the answer", extra={
+                "tasks": len(tasks), "unfinished": unfinished,
+                "then": "kept running for the next retrieve" if priority == Priority.BULK
+                else "cancelled"})
+        predictions = [r for r in results if isinstance(r, dict)]
+        waited = sum(1 for e in claim.entries if e is not None) - len(claim.new)
+        log.info(
+            "predicted",
+            extra={
+                "tasks": len(tasks), "regions": sum(len(p["result"]) for p in predictions),
+                "points": sum(r.get("type") == "keypointlabels" for p in predictions for r in p["result"]),
+                "seconds": round(time.monotonic() - started, 3), "priority": Priority(priority).name,
+                "interactive": interactive, "computed": len(claim.new),
+                "from_earlier_work": waited + len(claim.taken), "unfinished": unfinished,
+                "outcome": outcome,
+            },
+        )
+
+    def asks_fingerprint_for(self, label_config: str) -> str | None:
+        """The fingerprint a bulk prediction for ``label_config`` carries; None when the config
+        is unusable (the write-back then drops what was made for an older one)."""
+        try:
+            return asks_fingerprint(cached_bulk_asks(label_config, self.prompt_template,
+                                                     self.settings.caption_prompt))
+        except LabelConfigError:
+            return None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _keys(self, tasks: Sequence[Any], asks: Sequence[Ask]) -> list[TaskKey | None]:
+        """Per task: what its prediction depends on; None when it cannot be told apart (no
+        integer id), so it is computed but never kept."""
+        fingerprint = asks_fingerprint(asks)
+        data_keys = sorted({ask.data_key for ask in asks})
+        keys: list[TaskKey | None] = []
+        for task in tasks:
+            task_id = task.get("id") if isinstance(task, dict) else None
+            data = task.get("data") if isinstance(task, dict) else None
+            if not isinstance(task_id, int) or isinstance(task_id, bool) or not isinstance(data, dict):
+                keys.append(None)
+                continue
+            images = digest(*(f"{key}={data.get(key)!r}" for key in data_keys))
+            keys.append(TaskKey(task_id, images, fingerprint, self.model_version))
+        return keys
+
+    def _fetch_images(self, tasks: Sequence[Any], data_keys: Sequence[str],
+                      priority: Priority = Priority.BULK) -> list[dict[str, Future]]:
+        """Per task: data key -> a future of its image, or of None when it cannot be had."""
+        pool = self._interactive_fetch_pool if priority == Priority.INTERACTIVE else self._fetch_pool
+        return [{key: pool.submit(self._load_one, task, key) for key in data_keys} for task in tasks]
+
+    def _load_one(self, task: Any, data_key: str) -> LoadedImage | None:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        try:
+            if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+                raise BadReference("task has no 'data' object")
+            value = task["data"].get(data_key)
+            if not isinstance(value, str) or not value.strip():
+                raise BadReference(f"task data has no string '{data_key}' (the Image's value)")
+            return self.images.load(value.strip(), task_id=task_id if isinstance(task_id, int) else None)
+        except ImageLoadError as exc:
+            self.fetch_failures.add(**{exc.reason if exc.reason in FETCH_FAILURES else "other": 1})
+            log.warning("image unavailable", extra={"task": task_id, "key": data_key, "reason": str(exc),
+                                                    "kind": exc.reason})
+        except Exception as exc:  # noqa: BLE001 - one task never spoils its batch
+            self.fetch_failures.add(error=1)
+            log.exception("image loading failed", extra={"task": task_id, "reason": repr(exc)[:300]})
+        return None
+
+
+def project_id(project: Any, tasks: Sequence[Any]) -> int | None:
+    """Label Studio's project id: from /predict's ``"<id>.<timestamp>"``, else the tasks' own."""
+    if isinstance(project, int) and not isinstance(project, bool):
+        return project
+    if isinstance(project, str) and project.split(".", 1)[0].isdigit():
+        return int(project.split(".", 1)[0])
+    first = tasks[0] if tasks and isinstance(tasks[0], dict) else {}
+    value = first.get("project")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class _Chunk:
+    """One chunk of a run on its way through the scheduler: per task, what is still to come."""
+
+    def __init__(self, start: int, images: list[dict[str, LoadedImage | None]], asks: Sequence[Ask]):
+        self.start = start
+        self.images = images
+        self.plan = [(t, ask, row[ask.data_key]) for t, row in enumerate(images) for ask in asks
+                     if row.get(ask.data_key) is not None]
+        self.remaining = [0] * len(images)
+        for t, _, _ in self.plan:
+            self.remaining[t] += 1
+        # a task missing an image is not "ok": what it gives is not kept (the next retrieve retries)
+        self.bad = [any(row.get(ask.data_key) is None for ask in asks) for row in images]
+        #: per task, its answers' regions by plan index: joined in the config's order when the
+        #: task completes (answers arrive in the order they finish, short ones first)
+        self.regions: list[dict[int, list[dict]]] = [{} for _ in images]
+        self.open = sum(1 for n in self.remaining if n)
+
+    @property
+    def complete(self) -> bool:
+        return self.open == 0
+
+
+class TaskRun:
+    """Predicts ``tasks`` in a background thread and reports each one as soon as its last answer
+    is in: ``on_task(index, prediction, ok)``, exactly once per task, also when something fails
+    (then an empty prediction and ``ok`` False). ``ok``: every image loaded and every answer came
+    back, so the prediction is worth keeping.
+
+    Chunks of TASK_CHUNK tasks: the next chunk's images are fetched while the current one is on
+    the GPU, and it is queued before the current one finishes (the GPU does not idle at chunk
+    boundaries); at most two chunks' images are held at once."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, backend: MolmoBackend, tasks: Sequence[Any], asks: Sequence[Ask],
+                 priority: Priority, on_task: Callable[[int, dict, bool], None]):
+        self.backend = backend
+        self.tasks = list(tasks)
+        self.asks = tuple(asks)
+        self.priority = Priority(priority)
+        self.on_task = on_task
+        self._answers: queue.Queue = queue.Queue()
+        self._reported = [False] * len(self.tasks)
+        self._jobs: list = []
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name=f"predict-{next(self._ids)}", daemon=True)
+
+    def start(self) -> "TaskRun":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Queries not yet started are dropped, no further chunk is queued."""
+        with self._lock:
+            self._cancelled = True
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._chunks()
+        except SchedulerClosed:
+            log.warning("engine shutting down: tasks left unpredicted",
+                        extra={"tasks": self._reported.count(False)})
+        except Exception:  # noqa: BLE001 - every task still gets its one result below
+            log.exception("prediction run failed", extra={"tasks": self._reported.count(False)})
+        finally:
+            version = self.backend.model_version
+            for i, reported in enumerate(self._reported):
+                if not reported:
+                    self._report(i, empty_prediction(version), False)
+
+    def _chunks(self) -> None:
+        data_keys = list(dict.fromkeys(ask.data_key for ask in self.asks))
+        bounds = [(i, min(i + TASK_CHUNK, len(self.tasks))) for i in range(0, len(self.tasks), TASK_CHUNK)]
+        fetching = self.backend._fetch_images(self.tasks[slice(*bounds[0])], data_keys, self.priority)
+        active: list[_Chunk] = []
+        for k, (start, _) in enumerate(bounds):
+            images = [{key: future.result() for key, future in row.items()} for row in fetching]
+            if self._cancelled:
+                return
+            active.append(self._submit(start, images))
+            active = [c for c in active if not c.complete]
+            while len(active) > 1:  # the older chunk finishes before another chunk is fetched
+                self._take_answer()
+                active = [c for c in active if not c.complete]
+            if k + 1 < len(bounds):
+                fetching = self.backend._fetch_images(self.tasks[slice(*bounds[k + 1])], data_keys,
+                                                      self.priority)
+        while active:
+            self._take_answer()
+            active = [c for c in active if not c.complete]
+
+    def _submit(self, start: int, images: list[dict[str, LoadedImage | None]]) -> _Chunk:
+        chunk = _Chunk(start, images, self.asks)
+        for t, n in enumerate(chunk.remaining):
+            if n == 0:  # no image for any question (or nothing to ask): answered already
+                self._finish_task(chunk, t)
+        if not chunk.plan:
+            return chunk
+        queries = [PointQuery(image=image.image, prompt=ask.prompt, image_key=id(image))
+                   for _, ask, image in chunk.plan]
+
+        def on_answer(i: int, answer: Answer) -> None:  # GPU worker thread: a queue put only
+            self._answers.put((chunk, i, answer))
+
+        job = self.backend.scheduler.submit_async(queries, priority=self.priority, on_answer=on_answer)
+        with self._lock:
+            self._jobs.append(job)
+            cancelled = self._cancelled
+        if cancelled:
+            job.cancel()
+        return chunk
+
+    def _take_answer(self) -> None:
+        chunk, i, answer = self._answers.get()
+        t, ask, image = chunk.plan[i]
+        if answer.truncated:
+            task = self.tasks[chunk.start + t]
+            log.warning("answer cut at MOLMO_MAX_NEW_TOKENS: its points past the cap are lost",
+                        extra={"task": task.get("id") if isinstance(task, dict) else None,
+                               "prompt": ask.prompt[:80], "max_new_tokens": self.backend.settings.max_new_tokens})
+        if answer.error:
+            chunk.bad[t] = True
+        else:
+            settings = self.backend.settings
+            chunk.regions[t][i] = answer_regions(
+                ask, answer, image_width=image.width, image_height=image.height,
+                point_width=settings.point_width, min_point_score=settings.min_point_score,
+            )
+        chunk.remaining[t] -= 1
+        if chunk.remaining[t] == 0:
+            chunk.open -= 1
+            self._finish_task(chunk, t)
+            if chunk.complete:
+                chunk.images, chunk.plan = [], []  # its decoded images go as soon as it is done
+
+    def _finish_task(self, chunk: _Chunk, t: int) -> None:
+        version = self.backend.model_version
+        regions = [region for i in sorted(chunk.regions[t]) for region in chunk.regions[t][i]]
+        bad = chunk.bad[t]
+        prediction = empty_prediction(version) if bad and not regions else task_prediction(regions, version)
+        self._report(chunk.start + t, prediction, not bad)
+
+    def _report(self, index: int, prediction: dict, ok: bool) -> None:
+        if self._reported[index]:
+            return
+        self._reported[index] = True
+        try:
+            self.on_task(index, prediction, ok)
+        except Exception:  # noqa: BLE001 - a bookkeeping bug must not stop the other tasks
+            log.exception("reporting a finished task failed", extra={"task_index": index})

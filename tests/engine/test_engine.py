@@ -1,0 +1,245 @@
+"""The transformers engine on the tiny demo Molmo2: real processor -> generate -> decode on CPU."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from molmo_backend.demo.models import SHIPPED_DEMO, demo_info
+from molmo_backend.engine.base import PointQuery
+from molmo_backend.engine.decoding import INTERACTIVE_SLOTS
+from molmo_backend.engine.molmo2 import TransformersEngine, resolve_model
+from molmo_backend.settings import Settings
+from tests.support.forcing import ForceAnswers, by_label
+
+RED = Image.new("RGB", (640, 480), (200, 30, 30))
+GREEN = Image.new("RGB", (300, 500), (30, 200, 30))
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_dir):
+    return TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+
+
+def test_loads_through_the_auto_classes_and_reports_what_it_is(engine):
+    assert type(engine.model).__name__ == "Molmo2ForConditionalGeneration"
+    assert type(engine.processor).__name__ == "Molmo2Processor"
+    assert engine.family == "molmo2" and engine.demo and engine.model_id == "molmo2-demo"
+    assert len(engine.revision) == 10
+
+
+def test_chat_text_puts_the_image_first_and_asks_for_the_assistant(engine):
+    text = engine.chat_text("Point to cat")
+    assert text == "<|image|><|im_start|>user\nPoint to cat<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_forced_answers_come_through_real_generate(engine):
+    answers = {"cat": '<points coords="1 1 461 527 2 481 521">cat</points>', "dog": "There are none."}
+    engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
+    try:
+        out = engine.generate([PointQuery(RED, "Point to cat"), PointQuery(GREEN, "Point to dog")])
+    finally:
+        engine.logits_processors.clear()
+    assert [a.text for a in out] == [answers["cat"], answers["dog"]]
+    assert all(a.score == 1.0 for a in out)  # forced tokens have probability 1
+
+
+def test_batched_answers_equal_one_at_a_time_answers(engine):
+    queries = [PointQuery(img, f"Point to thing {i}") for i, img in enumerate([RED, GREEN, RED, GREEN, RED])]
+    batched = engine.generate(queries)
+    single = [engine.generate([q])[0] for q in queries]
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert all(a.text for a in batched)  # the random model says something
+    assert [a.score for a in batched] == pytest.approx([a.score for a in single], abs=1e-3)
+
+
+MIXED = [RED, Image.new("RGB", (300, 900), (10, 200, 10)), Image.effect_noise((500, 500), 60).convert("RGB")]
+PROMPTS = ["Point to cat", "Point to the big brown dog", "Point to a", "Point to every window", "x", "Point to cat"]
+
+
+@pytest.mark.parametrize("max_batch,interactive", [(8, False), (2, False), (8, True)])
+def test_fast_decoder_equals_plain_generate_with_mixed_rows_everywhere(demo_model_dir, max_batch, interactive):
+    """Images with different token counts, prompts of different lengths, labels sharing images,
+    rows admitted all at once or two at a time as slots free up, in the bulk or the opened
+    tasks' slots: the slot decoder gives generate()'s tokens and scores."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=32, max_batch=max_batch)
+    engine.processor.image_processor.max_crops = 4
+    queries = [PointQuery(MIXED[i % 3], p, image_key=i % 3) for i, p in enumerate(PROMPTS)]
+    fast, plain = engine.generate(queries, interactive=interactive), engine.generate_plain(queries)
+    assert [a.text for a in fast] == [a.text for a in plain]
+    assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
+    assert [a.tokens for a in fast] == [a.tokens for a in plain]  # per-point confidence from either
+    for f, p in zip(fast, plain):
+        assert "".join(f.tokens) == f.text or "".join(f.tokens).strip() == f.text
+        assert f.token_logprobs == pytest.approx(p.token_logprobs, abs=1e-3)
+    lengths = {engine.prepare(PointQuery(image, "x")).length for image in MIXED}
+    assert len(lengths) > 1, "test images must give prefixes of different lengths"
+    assert engine.free_slots(False) == engine.max_batch and engine.free_slots(True) == INTERACTIVE_SLOTS
+
+
+def test_rows_of_different_lengths_leave_when_they_end_and_others_take_their_slots(demo_model_dir):
+    """Continuous batching in the engine: with 2 bulk slots, a row forced to 2 tokens ends and
+    frees its slot while a 20-token row is still decoding; the next row joins beside it. Each
+    answer is what the query gives alone, with exactly the forced number of tokens."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=2)
+    lengths = [20, 2, 2, 7, 1]
+    queries = [PointQuery(MIXED[i % 3], f"Point to thing {i}", answer_tokens=n) for i, n in enumerate(lengths)]
+    admitted = []
+    prefill = engine.prefill
+
+    def recording_prefill(rows):
+        admitted.append([r.query.answer_tokens for r in rows])
+        return prefill(rows)
+
+    engine.prefill = recording_prefill
+    together = engine.generate(queries)
+    engine.prefill = prefill
+    assert [len(a.token_logprobs) for a in together] == lengths
+    assert admitted[:2] == [[20, 2], [2]], "the third row must join while the first still runs"
+    alone = [engine.generate([q])[0] for q in queries]
+    assert [a.text for a in together] == [a.text for a in alone]
+    for a, b in zip(together, alone):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+
+
+def test_an_answer_stopped_by_the_cap_says_it_was_cut(demo_model_dir):
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=5, max_batch=4)
+    capped, = engine.generate([PointQuery(RED, "Point to cat")])
+    assert len(capped.token_logprobs) == 5 and capped.truncated
+    forced, = engine.generate([PointQuery(RED, "Point to cat", answer_tokens=3)])
+    assert len(forced.token_logprobs) == 3 and not forced.truncated  # the seam is not the cap
+
+
+def test_fast_decoder_answers_each_query_like_it_was_alone(demo_model_dir):
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    queries = [PointQuery(img, f"Point to item number {i}" + " please" * i) for i, img in enumerate([RED, GREEN, RED])]
+    together = engine.generate(queries)
+    alone = [engine.generate([q])[0] for q in queries]
+    assert [a.text for a in together] == [a.text for a in alone]
+
+
+def test_demo_auto_falls_back_only_without_gpu_and_local_weights(tmp_path, demo_model_dir):
+    path, demo = resolve_model(Settings(model="allenai/not-downloaded", demo="auto", cache_dir=tmp_path))
+    assert demo and path == str(SHIPPED_DEMO) and demo_info(path)["kind"] == "shapes"  # the trained one
+    path, demo = resolve_model(Settings(model="allenai/not-downloaded", demo="random", cache_dir=tmp_path))
+    assert demo and demo_info(path)["kind"] == "random" and path.startswith(str(tmp_path))
+    assert resolve_model(Settings(model="allenai/not-downloaded", demo="0", cache_dir=tmp_path)) == (
+        "allenai/not-downloaded", False)
+    assert resolve_model(Settings(model=str(demo_model_dir), demo="auto", cache_dir=tmp_path)) == (
+        str(demo_model_dir), True)
+
+
+def _compiling_engine(demo_model_dir):
+    """An engine whose opened tasks' steps are compiled. The engine only turns that on with CUDA
+    graphs on a GPU; on the CPU the same step runs compiled, directly."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    assert not engine.decoder.compile_step, "compiling is for CUDA only unless asked for"
+    engine.decoder.compile_step = True
+    return engine
+
+
+def test_compiled_decode_step_gives_generates_answers_for_every_batch_size(demo_model_dir):
+    """MOLMO_COMPILE: torch.compile (inductor, dynamic shapes) of the opened tasks' decode step.
+    One compile at warm-up serves 1-3 rows and other cache lengths, with generate()'s answers."""
+    engine = _compiling_engine(demo_model_dir)
+    reference = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8, decoder="generate")
+    counters = __import__("torch")._dynamo.utils.counters
+    engine.warm_up()
+    assert engine.decoder._compiled is not None and engine.decoder.compile_step
+    compiled_at_warm_up = counters["stats"]["unique_graphs"]
+    assert compiled_at_warm_up >= 1
+    tall = Image.new("RGB", (300, 900), (10, 200, 10))
+    batches = [
+        [PointQuery(RED, "Point to cat", 1), PointQuery(RED, "Point to the dog on the left", 1),
+         PointQuery(RED, "Point to x", 1)],
+        [PointQuery(GREEN, "Point to a very long description of something " * 3, 2)],
+        [PointQuery(tall, "Point to cat", 3), PointQuery(GREEN, "Point to cat", 4)],
+        [PointQuery(RED, "Point to the " + "very " * 40 + "red cat", 5)],  # a longer cache read
+    ]
+    for i, queries in enumerate(batches):
+        if i == len(batches) - 1:  # the server compiles in its loader thread, runs in a GPU worker's
+            with ThreadPoolExecutor(1) as other_thread:
+                fast = other_thread.submit(engine.generate, queries, True).result()
+        else:
+            fast = engine.generate(queries, interactive=True)
+        plain = reference.generate(queries)
+        assert [a.text for a in fast] == [a.text for a in plain]
+        assert [a.score for a in fast] == pytest.approx([a.score for a in plain], abs=1e-3)
+    assert engine.decoder.compile_step
+    assert counters["stats"]["unique_graphs"] == compiled_at_warm_up, "no opened task may wait for a compile"
+
+
+def test_decode_step_that_fails_to_compile_runs_eagerly_and_says_so(demo_model_dir, caplog):
+    import torch
+
+    engine = _compiling_engine(demo_model_dir)
+    queries = [PointQuery(RED, "Point to cat"), PointQuery(GREEN, "Point to dog")]
+    expected = [a.text for a in TransformersEngine.load(str(demo_model_dir), max_new_tokens=24).generate(queries)]
+
+    def fails(*args):
+        raise torch._dynamo.exc.Unsupported("injected: this model cannot be compiled")
+
+    engine.decoder._compiled = fails
+    with caplog.at_level("WARNING", logger="molmo_backend.engine.decoding"):
+        assert [a.text for a in engine.generate(queries, interactive=True)] == expected
+    assert "torch.compile of the decode step failed" in caplog.text and "injected" in caplog.text
+    assert not engine.decoder.compile_step
+    assert [a.text for a in engine.generate(queries, interactive=True)] == expected  # and stays eager, quietly
+
+
+def test_compile_is_off_by_default_and_the_setting_reaches_server_and_commands(monkeypatch, demo_model_dir):
+    from molmo_backend.commands import cli
+    from molmo_backend.settings import SettingsError
+
+    assert Settings.from_env({}).compile_step == "0"  # 109 s cold / 56 s warm start on an H200
+    assert Settings.from_env({"MOLMO_COMPILE": "1"}).compile_step == "1"
+    with pytest.raises(SettingsError, match="MOLMO_COMPILE"):
+        Settings.from_env({"MOLMO_COMPILE": "yes"})
+    args = cli.build_parser().parse_args(["predict", "x.png", "--label", "cat"])
+    monkeypatch.delenv("MOLMO_COMPILE", raising=False)
+    assert cli._command_settings(args).compile_step == "0"
+    monkeypatch.setenv("MOLMO_COMPILE", "1")
+    assert cli._command_settings(args).compile_step == "1"
+    # on the CPU the setting is accepted and nothing is compiled (no CUDA graphs to capture)
+    engine = TransformersEngine.from_settings(Settings(model=str(demo_model_dir), compile_step="1"),
+                                              device=__import__("torch").device("cpu"))
+    assert not engine.decoder.compile_step
+
+
+def test_prefill_cost_is_the_prefix_the_slot_decoder_prefills(demo_model_dir):
+    """The scheduler bounds a step's prefill by each query's cost: the engine must know a
+    query's image and prompt tokens from the image size alone (no pixels processed), exactly."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24)
+    engine.processor.image_processor.max_crops = 4  # so image sizes give different token counts
+    seen = set()
+    for size in [(640, 480), (300, 900), (4000, 100), (1, 1), (1280, 960)]:
+        query = PointQuery(Image.new("RGB", size), "Point to the big brown dog.")
+        row = engine.prepare(query).length + len(engine._suffix_ids(query.prompt))
+        assert engine.prefill_cost(query) == row, size
+        assert engine.tokens_for(query) == row + engine.max_new_tokens
+        seen.add(row)
+    assert len(seen) > 2
+    assert engine.token_budget() is None  # CPU: no GPU memory to budget; max_batch alone
+
+
+def test_kv_token_budget_is_the_free_memory_share_over_bytes_per_token(engine):
+    from molmo_backend.engine.molmo2 import KV_MEMORY_FRACTION, kv_token_budget
+
+    text = engine.model.config.text_config
+    per_token = engine.decoder.kv_bytes_per_token
+    assert per_token == 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4  # fp32
+    # Molmo2-8B in bf16 (36 layers, 8 kv heads of 128): 147456 bytes a token; 60 GiB free
+    assert kv_token_budget(60 * 2**30, 147456) == int(60 * 2**30 * KV_MEMORY_FRACTION) // 147456 == 305834
+    assert kv_token_budget(0, 147456) == 0
+
+
+def test_images_of_mixed_sizes_share_a_prefill_forward_when_padding_costs_less_than_another():
+    from molmo_backend.engine.decoding import prefill_groups
+
+    lengths = [753, 1190, 411, 983]  # 640x480, 1920x1080, 300x200, 1280x960 in Molmo2's geometry
+    assert prefill_groups(lengths, overhead=1500) == [[1, 3, 0, 2]]  # one padded forward, longest first
+    assert prefill_groups(lengths, overhead=0) == [[1], [3], [0], [2]]  # no fixed cost: no padding
+    assert prefill_groups([1000] * 5 + [100] * 5, overhead=1500) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert prefill_groups([]) == []
