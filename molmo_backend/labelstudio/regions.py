@@ -1,7 +1,8 @@
 """Build regions (keypoints, <Number> counts, <TextArea> texts) and per-task predictions in the
 shape Label Studio stores.
 
-Label Studio does not validate regions (FACTS.md section 1): a point at x=150 is stored and shown.
+Label Studio does not validate regions (seen on 1.23.2): a point at x=150, or a label that is not
+in the config, is stored and shown.
 So every region is checked here, and an invalid one is dropped (None) rather than sent.
 """
 

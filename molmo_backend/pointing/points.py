@@ -1,6 +1,6 @@
 """Read the points out of a Molmo answer, in percent of the image like Label Studio.
 
-Formats (see FACTS.md section 2):
+Formats (allenai/molmo2's olmo/preprocessing/point_formatter.py; Molmo v1's model cards):
 
 - Molmo2: ``<points coords="1 1 461 527 2 481 521">cat</points>``: an image index, then
   (point id, x, y) triples on a 0-1000 scale; several images are separated by a tab or ``;``.

@@ -18,7 +18,7 @@ __all__ = ["COUNT_TEMPLATE", "DEFAULT_PROMPT_TEMPLATE", "build_count_prompt", "b
 PLACEHOLDER = "{label}"
 
 #: each model family's trained pointing phrasing: the first of the pointing templates its training
-#: sampled from (Molmo2: FACTS §2; v1: GENERAL_PROMPTS_V1["pointing"][0] in allenai/molmo's
+#: sampled from (Molmo2: its training prompts in allenai/molmo2; v1: GENERAL_PROMPTS_V1["pointing"][0] in allenai/molmo's
 #: olmo/data/data_formatter.py). v1's target for a missing object is still "There are none.",
 #: although this prompt names another phrase; either way no point is parsed from it.
 FAMILY_TEMPLATES = {
@@ -27,7 +27,7 @@ FAMILY_TEMPLATES = {
 }
 
 
-#: Molmo2's trained counting phrasing (FACTS §2). The answer points at every instance and states
+#: Molmo2's trained counting phrasing (one of its training prompts). The answer points at every instance and states
 #: the total: "Counting the <points coords=...>cats</points> shows a total of 3." Used for both
 #: families (Molmo v1's own counting phrasing is not known here).
 COUNT_TEMPLATE = "How many {label} are there in the image? Point to them and output the total count."

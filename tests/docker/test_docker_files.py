@@ -444,7 +444,8 @@ def test_compose_pairs_label_studio_with_the_backend(instructions):
     ls = services["label-studio"]
     assert ls["image"] == LS_IMAGE
     ls_env = _env(ls)
-    # legacy tokens on by default; backends on the private network allowed (FACTS: both flags)
+    # legacy tokens on by default; backends on the private network allowed (LS 1.23.2 answers 403 for a
+    # backend on a private address unless both of these flags are off)
     assert _default(ls_env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"]) == "true"
     assert ls_env["ML_BLOCK_LOCAL_IP"] == "false" and ls_env["SSRF_PROTECTION_ENABLED"] == "false"
     assert _default(ls_env["LABEL_STUDIO_PASSWORD"]) is None, "no default admin password"

@@ -7,7 +7,7 @@ import pytest
 
 from molmo_backend.pointing.points import Point, parse_points
 
-# Real answer shapes (FACTS.md section 2)
+# Real answer shapes (Molmo2's point formatter; Molmo v1's model cards)
 MOLMO2_ONE = '<points coords="1 1 461 527">cat</points>'
 MOLMO2_TWO = '<points coords="1 1 461 527 2 481 521">label</points>'
 MOLMO2_ALT = '<points alt="left eye" coords="1 1 100 200 2 300 400 3 999 1000">left eye</points>'
