@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from molmo_backend.images.loader import ImageLoader, ImageLoadError
+from molmo_backend.images.errors import ImageLoadError
+from molmo_backend.images.loader import ImageLoader
 from molmo_backend.settings import Settings
 from tests.support.http_fixtures import HttpServer, Reply
 from tests.support.processes import free_port

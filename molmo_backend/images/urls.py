@@ -1,0 +1,102 @@
+"""URL helpers of the fetch path: Label Studio's base URL and origin, the URL check that keeps
+the allow-list judging the host actually connected to, and URLs and errors fit for messages."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import urllib3.exceptions
+from urllib3.util import parse_url
+
+from molmo_backend.images.address_policy import normalize_name, parse_ip
+from molmo_backend.images.errors import BadReference
+
+
+def base_url(url: str | None) -> str | None:
+    """``http://host:port[/prefix]`` without a trailing slash; a bare ``host:port`` gets http."""
+    url = (url or "").strip().rstrip("/")
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def split_checked(url: str):
+    """``urlsplit(url)``, refused when requests (urllib3) would read another host or port in it:
+    the allow-list must judge the host that is connected to (``http://a\\@b/``, ``%2e`` ...)."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # raises on a malformed port
+        theirs = parse_url(url)
+    except (ValueError, urllib3.exceptions.LocationParseError):
+        raise BadReference(f"invalid URL {describe_url(url)}") from None
+    if parts.scheme.lower() in ("http", "https") and (
+            _host_key(parts.hostname) != _host_key(theirs.host) or parts.port != theirs.port):
+        raise BadReference(f"ambiguous URL {describe_url(url)}: URL parsers disagree on its host")
+    return parts._replace(scheme=parts.scheme.lower())
+
+
+def _host_key(host: str | None) -> str:
+    host = (host or "").strip("[]")
+    ip = parse_ip(host)
+    return str(ip) if ip is not None else normalize_name(host)
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port: what "the same origin" compares."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def strip_prefix(path: str, prefix: str) -> str:
+    """Drop LS's sub-path (LS served under ``/prefix``) when a task path already carries it."""
+    prefix = prefix.rstrip("/")
+    if prefix and (path == prefix or path.startswith((prefix + "/", prefix + "?"))):
+        return path[len(prefix):] or "/"
+    return path
+
+
+def ls_relative(url: str, aliases: tuple[str, ...]) -> str | None:
+    """``/path?query`` when ``url`` is one of LS's own URLs, else None."""
+    for alias in aliases:
+        if origin(url) == origin(alias):
+            parts = urlsplit(url)
+            path = parts.path or "/"
+            path = strip_prefix(path, urlsplit(alias).path)
+            return path + (f"?{parts.query}" if parts.query else "")
+    return None
+
+
+def is_local_files(path: str) -> bool:
+    """Whether ``path`` is LS's local-files storage (``/data/local-files/?d=<path>``)."""
+    return path.startswith("/data/local-files/") or path.startswith("/data/local-files?")
+
+
+def describe_url(url: str) -> str:
+    """A URL fit for messages: no credentials, no query (signed URLs carry secrets there)."""
+    if url[:5].lower() == "data:":
+        return "a data: URI"
+    parts = urlsplit(url)
+    try:
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        netloc = parts.hostname or ""
+    query = parts.query if is_local_files(parts.path) else ""  # ?d= is a path, not a secret
+    text = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def error_reason(exc: BaseException) -> str:
+    """The root cause of a requests error, e.g. 'Connection refused', without the URL."""
+    seen = exc
+    for _ in range(10):  # the chain is short; the bound only guards against odd cycles
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__ or getattr(seen, "reason", None)
+        if not isinstance(seen, BaseException):
+            break
+    return type(exc).__name__
