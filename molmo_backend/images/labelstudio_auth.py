@@ -13,7 +13,7 @@ import time
 import requests
 
 from molmo_backend.images.errors import LabelStudioRefused, Unreachable
-from molmo_backend.images.urls import describe_url, error_reason
+from molmo_backend.redaction import describe_url, error_reason
 
 TOKEN_REFRESH_MARGIN = 30.0  # renew an access token this many seconds before it expires
 _JWT = re.compile(r"[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*\.[A-Za-z0-9_-]+=*")

@@ -13,7 +13,8 @@ starting with ``/``), http(s) URLs, cloud URIs (``s3://``, ``gs://``, ``azure-bl
 
 This module is the fetch path; decoding is :mod:`molmo_backend.images.decode`, LS's
 ``Authorization`` header :mod:`molmo_backend.images.labelstudio_auth`, the URL checks
-:mod:`molmo_backend.images.urls`, and the errors, one class per reason, :mod:`molmo_backend.images.errors`.
+:mod:`molmo_backend.images.urls`, URLs fit for messages :mod:`molmo_backend.redaction`, and the
+errors, one class per reason, :mod:`molmo_backend.images.errors`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from molmo_backend.images.errors import (BadReference, FetchRefused, FetchTimeou
                                          Unreachable)
 from molmo_backend.images.labelstudio_auth import LabelStudioAuth
 from molmo_backend.images.transport import AddressRefused, CheckedAdapter, Resolver
-from molmo_backend.images.urls import (base_url, describe_url, error_reason, is_local_files,
-                                       ls_relative, origin, split_checked, strip_prefix)
+from molmo_backend.images.urls import base_url, ls_relative, origin, split_checked, strip_prefix
+from molmo_backend.redaction import describe_url, error_reason, is_local_files
 from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)

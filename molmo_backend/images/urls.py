@@ -1,15 +1,16 @@
-"""URL helpers of the fetch path: Label Studio's base URL and origin, the URL check that keeps
-the allow-list judging the host actually connected to, and URLs and errors fit for messages."""
+"""URL helpers of the fetch path: Label Studio's base URL and origin, and the URL check that keeps
+the allow-list judging the host actually connected to."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import urllib3.exceptions
 from urllib3.util import parse_url
 
 from molmo_backend.images.address_policy import normalize_name, parse_ip
 from molmo_backend.images.errors import BadReference
+from molmo_backend.redaction import describe_url
 
 
 def base_url(url: str | None) -> str | None:
@@ -69,34 +70,3 @@ def ls_relative(url: str, aliases: tuple[str, ...]) -> str | None:
             path = strip_prefix(path, urlsplit(alias).path)
             return path + (f"?{parts.query}" if parts.query else "")
     return None
-
-
-def is_local_files(path: str) -> bool:
-    """Whether ``path`` is LS's local-files storage (``/data/local-files/?d=<path>``)."""
-    return path.startswith("/data/local-files/") or path.startswith("/data/local-files?")
-
-
-def describe_url(url: str) -> str:
-    """A URL fit for messages: no credentials, no query (signed URLs carry secrets there)."""
-    if url[:5].lower() == "data:":
-        return "a data: URI"
-    parts = urlsplit(url)
-    try:
-        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    except ValueError:
-        netloc = parts.hostname or ""
-    query = parts.query if is_local_files(parts.path) else ""  # ?d= is a path, not a secret
-    text = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def error_reason(exc: BaseException) -> str:
-    """The root cause of a requests error, e.g. 'Connection refused', without the URL."""
-    seen = exc
-    for _ in range(10):  # the chain is short; the bound only guards against odd cycles
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__ or getattr(seen, "reason", None)
-        if not isinstance(seen, BaseException):
-            break
-    return type(exc).__name__
