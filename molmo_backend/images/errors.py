@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from molmo_backend.errors import MolmoError
 
-class ImageLoadError(Exception):
+
+class ImageLoadError(MolmoError):
     """Why an image could not be loaded; safe to log and to show (never holds a token).
-    ``reason`` names the kind of failure for /metrics (fetch failures by reason)."""
+    ``reason`` names the kind of failure for /metrics (fetch failures by reason).
+
+    It never fails a request: the backend catches it per task (labelstudio/model.py), and that
+    task gets no prediction while the others do. So it keeps MolmoError's status and exit code
+    (500/1), what any error that escaped would mean."""
 
     reason = "other"
 

@@ -16,11 +16,13 @@ import zlib
 import pytest
 from PIL import Image
 
-from molmo_backend.images import labelstudio_auth
+from molmo_backend.errors import MolmoError
+from molmo_backend.images import errors, labelstudio_auth
 from molmo_backend.images.decode import decode_image
 from molmo_backend.images.errors import ImageLoadError
 from molmo_backend.images.labelstudio_auth import LabelStudioAuth
 from molmo_backend.images.loader import ImageLoader
+from molmo_backend.metrics import FETCH_FAILURES
 from molmo_backend.settings import Settings
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply, make_jwt
 
@@ -638,3 +640,9 @@ def test_formats_outside_the_list_are_refused():
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     assert "not an image in a supported format" in str(
         pytest.raises(ImageLoadError, decode_image, eps, 10**8).value)
+
+
+def test_image_errors_are_molmo_errors_named_for_metrics():
+    kinds = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ImageLoadError)]
+    assert len(kinds) == 10 and all(issubclass(c, MolmoError) for c in kinds)
+    assert {c.reason for c in kinds} <= set(FETCH_FAILURES)
