@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection

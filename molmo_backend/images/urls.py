@@ -26,7 +26,7 @@ def split_checked(url: str):
     the allow-list must judge the host that is connected to (``http://a\\@b/``, ``%2e`` ...)."""
     parts = urlsplit(url)
     try:
-        parts.port  # raises on a malformed port
+        parts.port  # noqa: B018 - raises on a malformed port
         theirs = parse_url(url)
     except (ValueError, urllib3.exceptions.LocationParseError):
         raise BadReference(f"invalid URL {describe_url(url)}") from None

@@ -57,7 +57,7 @@ def quadrant_colors(img: Image.Image) -> list[tuple[int, int, int]]:
 
 
 def close(a, b, tol: int = 40) -> bool:
-    return all(abs(x - y) <= tol for x, y in zip(a, b))
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
 PNG = encode(quadrants())
@@ -556,7 +556,7 @@ def test_exif_orientation(orientation):
     loaded = decode_image(data, 10**8)
     assert (loaded.width, loaded.height) == (60, 40)
     assert loaded.image.size == (60, 40)
-    for got, want in zip(quadrant_colors(loaded.image), [RED, GREEN, BLUE, WHITE]):
+    for got, want in zip(quadrant_colors(loaded.image), [RED, GREEN, BLUE, WHITE], strict=True):
         assert close(got, want), (orientation, quadrant_colors(loaded.image))
 
 
