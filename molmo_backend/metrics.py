@@ -35,7 +35,7 @@ RETRIEVE_COUNTERS: dict[str, str] = {
 }
 
 
-#: task images that could not be loaded, by the kind of failure (molmo_backend/images/loader.py's
+#: task images that could not be loaded, by the kind of failure (molmo_backend/images/errors.py's
 #: ImageLoadError subclasses carry these names)
 FETCH_FAILURES: dict[str, str] = {
     "bad_reference": "no image reference, an unsupported scheme, a malformed URL or data URI",

@@ -14,7 +14,8 @@ from xml.sax.saxutils import quoteattr
 from molmo_backend.commands.annotate import AnnotateError, EngineFactory, close_backend, load_backend
 from molmo_backend.labelstudio.model import MolmoBackend, cached_config
 from molmo_backend.engine.scheduler import Priority
-from molmo_backend.images.loader import ImageLoadError, decode_image
+from molmo_backend.images.decode import decode_image
+from molmo_backend.images.errors import ImageLoadError
 from molmo_backend.commands.overlay import OverlayPoint, draw_overlay, label_colors
 from molmo_backend.settings import Settings
 

@@ -30,7 +30,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Hashable, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -38,6 +37,7 @@ from PIL import Image
 
 from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, Engine, PointQuery
+from molmo_backend.redaction import describe_url, error_reason
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class OpenAIEngine(Engine):
         self._stats_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never shows the key
-        return f"OpenAIEngine({_describe(self.url)!r}, model={self.request_model!r})"
+        return f"OpenAIEngine({describe_url(self.url)!r}, model={self.request_model!r})"
 
     @classmethod
     def from_settings(cls, settings: Settings, *, startup_wait: float = STARTUP_WAIT,
@@ -140,7 +140,7 @@ class OpenAIEngine(Engine):
         )
         log.info(
             "engine server ready",
-            extra={"url": _describe(url), "model": served.request_name, "model_id": served.model_id,
+            extra={"url": describe_url(url), "model": served.request_name, "model_id": served.model_id,
                    "family": served.family, "concurrency": engine.concurrency},
         )
         return engine
@@ -188,13 +188,13 @@ class OpenAIEngine(Engine):
                 resp = self.session.post(f"{self.url}/chat/completions", data=body, headers=_JSON,
                                          timeout=(min(self.timeout, 10.0), self.timeout))
             except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
-                error = f"cannot reach the engine server at {_describe(self.url)}: {_why(exc)}"
+                error = f"cannot reach the engine server at {describe_url(self.url)}: {error_reason(exc)}"
             except requests.Timeout:
                 # a read time-out is not retried: the server already spent the whole budget on
                 # this query, and three tries would triple the wait that Label Studio sees
                 return Answer(text="", error=f"engine server did not answer within {self.timeout:g} s")
             except requests.RequestException as exc:
-                return Answer(text="", error=f"request to the engine server failed: {_why(exc)}")
+                return Answer(text="", error=f"request to the engine server failed: {error_reason(exc)}")
             else:
                 with resp:
                     if resp.status_code == 200:
@@ -287,16 +287,16 @@ def discover_model(session: requests.Session, url: str, wanted: str, *, timeout:
         try:
             resp = session.get(f"{url}/models", timeout=(min(timeout, 10.0), timeout))
         except requests.RequestException as exc:
-            last = f"cannot reach {_describe(url)}: {_why(exc)}"
+            last = f"cannot reach {describe_url(url)}: {error_reason(exc)}"
         else:
             with resp:
                 if resp.status_code in (401, 403):
                     raise EngineUnavailable(
-                        f"the engine server at {_describe(url)} refused the request (HTTP "
+                        f"the engine server at {describe_url(url)} refused the request (HTTP "
                         f"{resp.status_code}): check MOLMO_ENGINE_API_KEY")
                 if resp.status_code == 404:
                     raise EngineUnavailable(
-                        f"{_describe(url)}/models does not exist (HTTP 404): MOLMO_ENGINE_URL must be "
+                        f"{describe_url(url)}/models does not exist (HTTP 404): MOLMO_ENGINE_URL must be "
                         "the OpenAI base URL, usually ending in /v1")
                 if resp.status_code == 200:
                     try:
@@ -304,15 +304,15 @@ def discover_model(session: requests.Session, url: str, wanted: str, *, timeout:
                     except (ValueError, KeyError, TypeError, AttributeError):
                         entries = None
                     if not entries:
-                        raise EngineUnavailable(f"{_describe(url)}/models lists no model")
+                        raise EngineUnavailable(f"{describe_url(url)}/models lists no model")
                     return _choose(entries, wanted)
-                last = f"HTTP {resp.status_code} from {_describe(url)}/models"
+                last = f"HTTP {resp.status_code} from {describe_url(url)}/models"
         now = time.monotonic()
         if now >= deadline:
             raise EngineUnavailable(f"the engine server did not come up within {wait:g} s ({last})")
         if now - announced >= 30.0:
             announced = now
-            log.info("waiting for the engine server", extra={"url": _describe(url), "reason": last})
+            log.info("waiting for the engine server", extra={"url": describe_url(url), "reason": last})
         time.sleep(min(poll, max(deadline - now, 0.0)))
 
 
@@ -377,24 +377,3 @@ def _server_message(resp: requests.Response) -> str:
     except ValueError:
         text = resp.text
     return " ".join(text.split())[:300] or resp.reason or "no message"
-
-
-def _describe(url: str) -> str:
-    """``url`` without user info, query or fragment: fit for logs."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        return "<unparseable url>"
-
-
-def _why(exc: BaseException) -> str:
-    """A short reason for a requests exception, without URLs (which could carry user info)."""
-    text = str(exc)
-    for marker in ("Connection refused", "Name or service not known", "timed out",
-                   "Temporary failure in name resolution", "Connection reset", "RemoteDisconnected"):
-        if marker in text:
-            return marker.lower()
-    return type(exc).__name__

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+
+from molmo_backend.errors import BadInput
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -76,8 +78,9 @@ DESCRIPTIONS = {
 }
 
 
-class PolicyError(ValueError):
-    """An ``MOLMO_ALLOWED_HOSTS`` entry that cannot be read; the message says which and why."""
+class PolicyError(BadInput, ValueError):
+    """An ``MOLMO_ALLOWED_HOSTS`` entry that cannot be read; the message says which and why.
+    A configuration mistake: BadInput (exit code 2), and still the ValueError callers catch."""
 
 
 def parse_ip(text: str) -> IPAddress | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -23,6 +23,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.timeout import _DEFAULT_TIMEOUT
 
+from molmo_backend.errors import MolmoError
 from molmo_backend.images.address_policy import AddressPolicy, parse_ip
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,12 @@ log = logging.getLogger(__name__)
 Resolver = Callable[..., list]
 
 
-class AddressRefused(Exception):
+class AddressRefused(MolmoError):
     """No address of the host may be connected to; the message says which and why, e.g.
     "images.test resolves to 10.0.0.5, a private address" (no URL).
 
-    Not an OSError on purpose: urllib3 and requests let it through unchanged."""
+    Not an OSError on purpose: urllib3 and requests let it through unchanged. The image loader
+    turns it into that task's FetchRefused, so its status and exit code (MolmoError's) are unused."""
 
 
 class AddressOpener:

@@ -30,7 +30,9 @@ from molmo_backend.labelstudio.answers import answer_regions
 from molmo_backend.labelstudio.asks import Ask, bulk_asks
 from molmo_backend.engine.base import Answer, PointQuery
 from molmo_backend.engine.scheduler import Priority, Scheduler, SchedulerClosed
-from molmo_backend.images.loader import BadReference, ImageLoader, ImageLoadError, LoadedImage
+from molmo_backend.images.decode import LoadedImage
+from molmo_backend.images.errors import BadReference, ImageLoadError
+from molmo_backend.images.loader import ImageLoader
 from molmo_backend.labelstudio.interactive import interactive_asks
 from molmo_backend.labelstudio.config import LabelConfig, LabelConfigError, parse_label_config
 from molmo_backend.metrics import FETCH_FAILURES, Counters

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from molmo_backend.errors import BadInput
 from molmo_backend.images.address_policy import (AddressPolicy, PolicyError, classify, parse_entry,
                                           parse_ip)
 from molmo_backend.settings import Settings, SettingsError
@@ -87,6 +88,7 @@ def test_bad_entries_are_refused_with_the_reason(text, why):
     with pytest.raises(PolicyError) as info:
         parse_entry(text)
     assert why in str(info.value) and repr(text) in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, BadInput)
 
 
 def test_bad_entry_stops_the_start_naming_the_variable():

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from molmo_backend.images.loader import ImageLoader, ImageLoadError
+from molmo_backend.errors import MolmoError
+from molmo_backend.images.errors import ImageLoadError
+from molmo_backend.images.loader import ImageLoader
+from molmo_backend.images.transport import AddressRefused
 from molmo_backend.settings import Settings
 from tests.support.http_fixtures import HttpServer, Reply
 from tests.support.processes import free_port
@@ -76,6 +79,10 @@ def test_one_lookup_per_connection_and_the_connect_goes_to_the_address_checked(w
     assert "rebind.test resolves to 169.254.169.254, a link-local address" in message
     assert "does not open: list its IP or a CIDR" in message
     assert resolver.calls == 2 and len(net_guard.connects()) == 1
+
+
+def test_the_refusal_is_no_oserror_so_urllib3_and_requests_pass_it_on_unchanged():
+    assert issubclass(AddressRefused, MolmoError) and not issubclass(AddressRefused, OSError)
 
 
 def test_refused_addresses_are_skipped_and_only_allowed_ones_connected(web, net_guard):

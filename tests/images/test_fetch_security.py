@@ -17,12 +17,11 @@ good tasks' address; no bait server reached.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import requests
@@ -30,7 +29,7 @@ from PIL import Image
 
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply
 from tests.support.net_guard import read_events
-from tests.support.processes import free_port, run_backend
+from tests.support.processes import run_backend
 
 CAT = '<points coords="1 1 250 500 2 750 100">cat</points>'
 CAT_POINTS = [(25.0, 50.0), (75.0, 10.0)]

@@ -16,8 +16,13 @@ import zlib
 import pytest
 from PIL import Image
 
-from molmo_backend.images import loader as images
-from molmo_backend.images.loader import ImageLoader, ImageLoadError, LabelStudioAuth
+from molmo_backend.errors import MolmoError
+from molmo_backend.images import errors, labelstudio_auth
+from molmo_backend.images.decode import decode_image
+from molmo_backend.images.errors import ImageLoadError
+from molmo_backend.images.labelstudio_auth import LabelStudioAuth
+from molmo_backend.images.loader import ImageLoader
+from molmo_backend.metrics import FETCH_FAILURES
 from molmo_backend.settings import Settings
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply, make_jwt
 
@@ -52,7 +57,7 @@ def quadrant_colors(img: Image.Image) -> list[tuple[int, int, int]]:
 
 
 def close(a, b, tol: int = 40) -> bool:
-    return all(abs(x - y) <= tol for x, y in zip(a, b))
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
 PNG = encode(quadrants())
@@ -360,10 +365,10 @@ def test_pat_from_setup_token(pat_ls):
 def test_pat_re_exchanged_before_expiry(pat_ls, monkeypatch):
     loader = ImageLoader(settings(label_studio_url=pat_ls.url, label_studio_api_key=pat_ls.pat))
     loader.load("/data/upload/1/img.png")
-    monkeypatch.setattr(images, "_now", lambda: time.time() + 260)  # 40 s left: still fine
+    monkeypatch.setattr(labelstudio_auth, "_now", lambda: time.time() + 260)  # 40 s left: still fine
     loader.load("/data/upload/1/img.png")
     assert pat_ls.exchanges == 1
-    monkeypatch.setattr(images, "_now", lambda: time.time() + 290)  # inside the 30 s margin
+    monkeypatch.setattr(labelstudio_auth, "_now", lambda: time.time() + 290)  # inside the 30 s margin
     loader.load("/data/upload/1/img.png")
     assert pat_ls.exchanges == 2
 
@@ -548,10 +553,10 @@ def test_exif_orientation(orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encode(stored, "JPEG", exif=exif.tobytes(), quality=95)
-    loaded = images.decode_image(data, 10**8)
+    loaded = decode_image(data, 10**8)
     assert (loaded.width, loaded.height) == (60, 40)
     assert loaded.image.size == (60, 40)
-    for got, want in zip(quadrant_colors(loaded.image), [RED, GREEN, BLUE, WHITE]):
+    for got, want in zip(quadrant_colors(loaded.image), [RED, GREEN, BLUE, WHITE], strict=True):
         assert close(got, want), (orientation, quadrant_colors(loaded.image))
 
 
@@ -561,7 +566,7 @@ def test_modes_are_converted_to_rgb():
     one = Image.new("1", (8, 8), 1)
     for img, fmt, want in [(cmyk, "JPEG", RED), (gray16, "PNG", (156, 156, 156)),
                            (one, "PNG", WHITE), (Image.new("L", (8, 8), 77), "PNG", (77,) * 3)]:
-        loaded = images.decode_image(encode(img, fmt), 10**8).image
+        loaded = decode_image(encode(img, fmt), 10**8).image
         assert loaded.mode == "RGB"
         assert close(loaded.getpixel((4, 4)), want, tol=3), (img.mode, loaded.getpixel((4, 4)))
 
@@ -575,7 +580,7 @@ def test_transparency_is_shown_over_white():
     palette.putpixel((1, 1), 1)
     for img, opaque in [(rgba, BLUE), (la, None), (palette, GREEN)]:
         params = {"transparency": 0} if img.mode == "P" else {}
-        loaded = images.decode_image(encode(img, "PNG", **params), 10**8).image
+        loaded = decode_image(encode(img, "PNG", **params), 10**8).image
         assert loaded.mode == "RGB"
         assert loaded.getpixel((5, 5)) == WHITE, img.mode
         if opaque:
@@ -585,26 +590,26 @@ def test_transparency_is_shown_over_white():
 def test_palette_without_transparency():
     img = Image.new("P", (4, 4), 1)
     img.putpalette([0, 0, 0, 10, 20, 30])
-    assert images.decode_image(encode(img, "PNG"), 10**8).image.getpixel((0, 0)) == (10, 20, 30)
+    assert decode_image(encode(img, "PNG"), 10**8).image.getpixel((0, 0)) == (10, 20, 30)
 
 
 def test_animated_gif_gives_first_frame():
     frames = [Image.new("RGB", (10, 10), c) for c in (RED, BLUE, GREEN)]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
     assert Image.open(io.BytesIO(data)).n_frames == 3
-    loaded = images.decode_image(data, 10**8)
+    loaded = decode_image(data, 10**8)
     assert loaded.image.mode == "RGB" and loaded.image.getpixel((5, 5)) == RED
 
 
 def test_webp():
-    loaded = images.decode_image(encode(quadrants(), "WEBP", lossless=True), 10**8)
+    loaded = decode_image(encode(quadrants(), "WEBP", lossless=True), 10**8)
     assert quadrant_colors(loaded.image) == [RED, GREEN, BLUE, WHITE]
 
 
 def test_pixel_cap():
-    message = str(pytest.raises(ImageLoadError, images.decode_image, PNG, 2000).value)
+    message = str(pytest.raises(ImageLoadError, decode_image, PNG, 2000).value)
     assert "60x40" in message and "MOLMO_MAX_IMAGE_PIXELS=2000" in message
-    assert images.decode_image(PNG, 2400).width == 60
+    assert decode_image(PNG, 2400).width == 60
 
 
 def png_header_claiming(width: int, height: int) -> bytes:
@@ -618,7 +623,7 @@ def png_header_claiming(width: int, height: int) -> bytes:
 
 
 def test_decompression_bomb_header():
-    message = str(pytest.raises(ImageLoadError, images.decode_image,
+    message = str(pytest.raises(ImageLoadError, decode_image,
                                 png_header_claiming(60000, 60000), 10**12).value)
     assert "decompression bomb" in message
 
@@ -634,4 +639,10 @@ def test_formats_outside_the_list_are_refused():
     # EPS would hand the data to Ghostscript; browsers cannot show it either
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     assert "not an image in a supported format" in str(
-        pytest.raises(ImageLoadError, images.decode_image, eps, 10**8).value)
+        pytest.raises(ImageLoadError, decode_image, eps, 10**8).value)
+
+
+def test_image_errors_are_molmo_errors_named_for_metrics():
+    kinds = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ImageLoadError)]
+    assert len(kinds) == 10 and all(issubclass(c, MolmoError) for c in kinds)
+    assert {c.reason for c in kinds} <= set(FETCH_FAILURES)
