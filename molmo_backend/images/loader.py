@@ -128,7 +128,10 @@ class ImageLoader:
     def _read(self, value: str, task_id: int | None, deadline: float, ls: _LabelStudio) -> bytes:
         if value[:5].lower() == "data:":
             return decode_data_uri(value, self.settings.max_image_bytes)
-        scheme = urlsplit(value).scheme.lower()
+        try:
+            scheme = urlsplit(value).scheme.lower()
+        except ValueError as exc:  # e.g. "http://[::1/a.png": an unclosed IPv6 bracket
+            raise BadReference(f"the image reference is not a valid URL ({exc})") from None
         if scheme in CLOUD_SCHEMES:
             return self._read_cloud(value, task_id, deadline, ls)
         if scheme in ("http", "https"):

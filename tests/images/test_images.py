@@ -19,7 +19,7 @@ from PIL import Image
 from molmo_backend.errors import MolmoError
 from molmo_backend.images import errors, labelstudio_auth
 from molmo_backend.images.decode import decode_image
-from molmo_backend.images.errors import ImageLoadError
+from molmo_backend.images.errors import BadReference, ImageLoadError
 from molmo_backend.images.labelstudio_auth import LabelStudioAuth
 from molmo_backend.images.loader import ImageLoader
 from molmo_backend.metrics import FETCH_FAILURES
@@ -251,6 +251,12 @@ def test_star_and_host_port_entries_allow(server):
 @pytest.mark.parametrize("value", ["", "   ", "images/cat.png", "C:\\images\\cat.png"])
 def test_unsupported_references(value):
     with pytest.raises(ImageLoadError):
+        ImageLoader(settings(allowed_hosts=("*",))).load(value)
+
+
+@pytest.mark.parametrize("value", ["http://[::1/a.png", "https://[not-an-ip]/a.png"])
+def test_a_reference_that_is_no_url_is_that_task_s_bad_reference(value):
+    with pytest.raises(BadReference, match="not a valid URL"):
         ImageLoader(settings(allowed_hosts=("*",))).load(value)
 
 
