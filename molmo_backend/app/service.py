@@ -31,7 +31,7 @@ def default_engine_factory(settings: Settings) -> Engine | list[Engine]:
         from molmo_backend.engine.openai_remote import OpenAIEngine
 
         return OpenAIEngine.from_settings(settings)
-    from molmo_backend.engine.molmo2 import load_local_engine
+    from molmo_backend.engine.loading import load_local_engine
 
     return load_local_engine(settings)
 

@@ -10,7 +10,8 @@ from PIL import Image
 from molmo_backend.demo.models import SHIPPED_DEMO, demo_info
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.decoding import INTERACTIVE_SLOTS
-from molmo_backend.engine.molmo2 import TransformersEngine, resolve_model
+from molmo_backend.engine.loading import resolve_model
+from molmo_backend.engine.molmo2 import TransformersEngine
 from molmo_backend.settings import Settings
 from tests.support.forcing import ForceAnswers, by_label
 

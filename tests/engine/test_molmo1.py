@@ -24,7 +24,8 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from molmo_backend.engine.base import PointQuery
-from molmo_backend.engine.molmo2 import ModelLoadError, load_local_engine, model_family
+from molmo_backend.engine.inprocess import ModelLoadError
+from molmo_backend.engine.loading import load_local_engine, model_family
 from molmo_backend.pointing.points import Point, parse_points
 from molmo_backend.pointing.prompts import build_prompt, default_prompt_template, prompt_fingerprint
 from molmo_backend.settings import Settings

@@ -1,0 +1,110 @@
+"""Which in-process engine loads a checkpoint: Molmo2 (:mod:`.molmo2`) or Molmo v1 (:mod:`.molmo1`).
+
+The loading code is the real one users run: ``from_pretrained`` on a hub id or a local folder
+(``MOLMO_MODEL``), honouring ``HF_HOME``. Without a GPU and without local weights the serve
+command falls back to the tiny demo model (see :mod:`molmo_backend.demo.models`) and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from molmo_backend.demo.models import DEMO_BANNER, ensure_demo_model, ensure_random_model, is_demo_model
+from molmo_backend.engine.base import Engine
+from molmo_backend.engine.inprocess import ModelLoadError, pick_devices
+from molmo_backend.engine.molmo2 import TransformersEngine
+from molmo_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def weights_available_locally(model: str, revision: str | None) -> bool:
+    """True when ``model`` is a local checkpoint folder or already in the Hugging Face cache."""
+    if Path(model).is_dir():
+        return (Path(model) / "config.json").is_file()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
+    except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
+        return False
+
+
+def resolve_model(settings: Settings) -> tuple[str, bool]:
+    """(what to load, whether it is the demo model), following ``MOLMO_DEMO``."""
+    if settings.demo == "random":
+        log.warning("serving the tiny RANDOM demo model (untrained, not Molmo): its points are meaningless")
+        return str(ensure_random_model(settings.cache_dir)), True
+    if settings.demo == "1":
+        log.warning(DEMO_BANNER)
+        return str(ensure_demo_model(settings.cache_dir)), True
+    if settings.demo == "auto" and not torch.cuda.is_available():
+        if not weights_available_locally(settings.model, settings.revision):
+            log.warning("no GPU and no local weights for %s: %s. Set MOLMO_DEMO=0 to fail instead, "
+                        "or point MOLMO_MODEL at downloaded weights.", settings.model, DEMO_BANNER)
+            return str(ensure_demo_model(settings.cache_dir)), True
+    return settings.model, is_demo_model(settings.model)
+
+
+def model_family(path_or_id: str, revision: str | None = None) -> str:
+    """``model_type`` of a checkpoint's config.json, read without running any remote code."""
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(path_or_id, revision=revision)
+    return config.get("model_type", "unknown")
+
+
+def load_local_engine(settings: Settings) -> Engine | list[Engine]:
+    """The in-process engine for the checkpoint's family (picked from its config.json).
+
+    ``model_type`` "molmo" (v1: Molmo-7B-D/-7B-O/MolmoE-1B/-72B-0924) runs through its own remote
+    code in the molmo1 install profile (transformers 4.5x, requirements-molmo1.txt); anything else
+    is Molmo2 on transformers 5 (requirements.txt). Each profile says plainly when it is the wrong one.
+    """
+    import transformers
+
+    installed = transformers.__version__
+    v1_profile = int(installed.split(".")[0]) < 5
+    if v1_profile:
+        # The demo model is a Molmo2, which transformers 4.x cannot build or run.
+        no_local_weights = not weights_available_locally(settings.model, settings.revision)
+        auto_demo = settings.demo == "auto" and not torch.cuda.is_available() and no_local_weights
+        if settings.demo in ("1", "random") or auto_demo:
+            raise ModelLoadError(
+                f"the demo model is a Molmo2 and this is the molmo1 install profile (transformers "
+                f"{installed}): point MOLMO_MODEL at Molmo v1 weights already downloaded (a local folder "
+                f"or the Hugging Face cache) and set MOLMO_DEMO=0, or install requirements.txt for the demo"
+            )
+        path = settings.model
+    else:
+        path, _ = resolve_model(settings)
+    family = model_family(path, None if Path(path).is_dir() else settings.revision)
+    if family == "molmo":
+        if not v1_profile:
+            raise ModelLoadError(
+                f"{settings.model} is a Molmo v1 checkpoint (model_type 'molmo'): its remote code needs "
+                f"transformers 4.46-4.53, but {installed} is installed. Install the molmo1 profile in its "
+                f"own environment: pip install -r requirements-molmo1.txt (Docker: build with "
+                f"--build-arg PROFILE=molmo1); see docs/molmo1.md"
+            )
+        try:
+            from molmo_backend.engine.molmo1 import Molmo1Engine
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{settings.model} is a Molmo v1 checkpoint, but its engine cannot load: {exc}"
+            ) from exc
+        return Molmo1Engine.from_settings(settings)
+    if v1_profile:
+        raise ModelLoadError(
+            f"{settings.model} is a {family!r} checkpoint, but this is the molmo1 install profile "
+            f"(transformers {installed}), which runs only Molmo v1 (model_type 'molmo'). Molmo2 needs "
+            f"requirements.txt (transformers 5)"
+        )
+    devices = pick_devices(settings)
+    if len(devices) > 1:
+        log.info("one model replica per GPU", extra={"devices": [str(d) for d in devices]})
+    engines = [TransformersEngine.from_settings(settings, device=device, path=path) for device in devices]
+    return engines[0] if len(engines) == 1 else engines
