@@ -1,8 +1,8 @@
 """Which in-process engine loads a checkpoint: Molmo2 (:mod:`.molmo2`) or Molmo v1 (:mod:`.molmo1`).
 
 The loading code is the real one users run: ``from_pretrained`` on a hub id or a local folder
-(``MOLMO_MODEL``), honouring ``HF_HOME``. Without a GPU and without local weights the serve
-command falls back to the tiny demo model (see :mod:`molmo_backend.demo.models`) and says so.
+(``MOLMO_MODEL``), honouring ``HF_HOME``. Which checkpoint (MOLMO_MODEL or the demo model) is
+decided above this layer, in :mod:`molmo_backend.app.model_choice`, and passed down.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
+import transformers
 
-from molmo_backend.demo.models import DEMO_BANNER, ensure_demo_model, ensure_random_model, is_demo_model
 from molmo_backend.engine.base import Engine
 from molmo_backend.engine.inprocess import ModelLoadError, pick_devices
 from molmo_backend.engine.molmo2 import TransformersEngine
@@ -33,22 +32,6 @@ def weights_available_locally(model: str, revision: str | None) -> bool:
         return False
 
 
-def resolve_model(settings: Settings) -> tuple[str, bool]:
-    """(what to load, whether it is the demo model), following ``MOLMO_DEMO``."""
-    if settings.demo == "random":
-        log.warning("serving the tiny RANDOM demo model (untrained, not Molmo): its points are meaningless")
-        return str(ensure_random_model(settings.cache_dir)), True
-    if settings.demo == "1":
-        log.warning(DEMO_BANNER)
-        return str(ensure_demo_model(settings.cache_dir)), True
-    if settings.demo == "auto" and not torch.cuda.is_available():
-        if not weights_available_locally(settings.model, settings.revision):
-            log.warning("no GPU and no local weights for %s: %s. Set MOLMO_DEMO=0 to fail instead, "
-                        "or point MOLMO_MODEL at downloaded weights.", settings.model, DEMO_BANNER)
-            return str(ensure_demo_model(settings.cache_dir)), True
-    return settings.model, is_demo_model(settings.model)
-
-
 def model_family(path_or_id: str, revision: str | None = None) -> str:
     """``model_type`` of a checkpoint's config.json, read without running any remote code."""
     from transformers import PretrainedConfig
@@ -57,30 +40,29 @@ def model_family(path_or_id: str, revision: str | None = None) -> str:
     return config.get("model_type", "unknown")
 
 
-def load_local_engine(settings: Settings) -> Engine | list[Engine]:
-    """The in-process engine for the checkpoint's family (picked from its config.json).
+def installed_transformers() -> str:
+    return transformers.__version__
+
+
+def molmo1_profile() -> bool:
+    """True in the molmo1 install profile (transformers 4.5x, requirements-molmo1.txt), which runs
+    only Molmo v1; the main profile (transformers 5, requirements.txt) runs Molmo2."""
+    return int(installed_transformers().split(".")[0]) < 5
+
+
+def load_local_engine(settings: Settings, path: str | None = None, *, model_id: str | None = None,
+                      demo: bool = False) -> Engine | list[Engine]:
+    """The in-process engine for the checkpoint at ``path`` (default MOLMO_MODEL), by its family
+    (picked from its config.json); a Molmo2 engine reports ``model_id`` (default MOLMO_MODEL) and
+    ``demo``, which the caller knows.
 
     ``model_type`` "molmo" (v1: Molmo-7B-D/-7B-O/MolmoE-1B/-72B-0924) runs through its own remote
     code in the molmo1 install profile (transformers 4.5x, requirements-molmo1.txt); anything else
     is Molmo2 on transformers 5 (requirements.txt). Each profile says plainly when it is the wrong one.
     """
-    import transformers
-
-    installed = transformers.__version__
-    v1_profile = int(installed.split(".")[0]) < 5
-    if v1_profile:
-        # The demo model is a Molmo2, which transformers 4.x cannot build or run.
-        no_local_weights = not weights_available_locally(settings.model, settings.revision)
-        auto_demo = settings.demo == "auto" and not torch.cuda.is_available() and no_local_weights
-        if settings.demo in ("1", "random") or auto_demo:
-            raise ModelLoadError(
-                f"the demo model is a Molmo2 and this is the molmo1 install profile (transformers "
-                f"{installed}): point MOLMO_MODEL at Molmo v1 weights already downloaded (a local folder "
-                f"or the Hugging Face cache) and set MOLMO_DEMO=0, or install requirements.txt for the demo"
-            )
-        path = settings.model
-    else:
-        path, _ = resolve_model(settings)
+    installed = installed_transformers()
+    v1_profile = molmo1_profile()
+    path = path or settings.model
     family = model_family(path, None if Path(path).is_dir() else settings.revision)
     if family == "molmo":
         if not v1_profile:
@@ -106,5 +88,6 @@ def load_local_engine(settings: Settings) -> Engine | list[Engine]:
     devices = pick_devices(settings)
     if len(devices) > 1:
         log.info("one model replica per GPU", extra={"devices": [str(d) for d in devices]})
-    engines = [TransformersEngine.from_settings(settings, device=device, path=path) for device in devices]
+    engines = [TransformersEngine.from_settings(settings, device=device, path=path, model_id=model_id, demo=demo)
+               for device in devices]
     return engines[0] if len(engines) == 1 else engines

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from molmo_backend.demo.models import demo_name, is_demo_model
 from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import INTERACTIVE_SLOTS, LENGTH_STEP, PreparedImage, SlotDecoder, prepare_image, round_up
@@ -124,8 +123,11 @@ class TransformersEngine(StepEngine):
 
     @classmethod
     def load(cls, model_path: str, *, revision: str | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, model_id: str | None = None, **options) -> "TransformersEngine":
-        """``from_pretrained`` on a hub id or a local folder, as users run it."""
+             dtype: torch.dtype = torch.float32, model_id: str | None = None, demo: bool = False,
+             **options) -> "TransformersEngine":
+        """``from_pretrained`` on a hub id or a local folder, as users run it. ``model_id`` (default
+        ``model_path``) and ``demo`` are what it reports: the caller knows whether it is the demo
+        model (molmo_backend.app.model_choice)."""
         started = time.monotonic()
         try:
             processor = AutoProcessor.from_pretrained(model_path, revision=revision)
@@ -133,14 +135,12 @@ class TransformersEngine(StepEngine):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {model_path!r}: {exc}") from exc
         model.to(torch.device(device))
-        demo = is_demo_model(model_path)
         revision = (
             revision
             or (getattr(model.config, "_commit_hash", None) or "")[:10]
             or (local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
         )
-        engine = cls(model, processor, model_id=demo_name(model_path) if demo else (model_id or model_path),
-                     revision=revision, demo=demo, **options)
+        engine = cls(model, processor, model_id=model_id or model_path, revision=revision, demo=demo, **options)
         engine.warm_up()
         log.info(
             "model loaded",
@@ -154,16 +154,17 @@ class TransformersEngine(StepEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings, device: torch.device | None = None, path: str | None = None,
-                      **kwargs) -> "TransformersEngine":
-        """The engine ``settings`` describe; ``path`` skips resolving MOLMO_MODEL/MOLMO_DEMO again."""
-        if path is None:
-            from molmo_backend.engine.loading import resolve_model  # step 1 of the split: moves up next
-
-            path = resolve_model(settings)[0]
+                      *, model_id: str | None = None, **kwargs) -> "TransformersEngine":
+        """The engine ``settings`` describe, for ``path`` (default MOLMO_MODEL; the demo model's
+        folder when molmo_backend.app.model_choice picks it, with its ``model_id`` and ``demo``)."""
+        path = path or settings.model
         device = device or pick_device(settings)
+        options = load_options(settings, path, device)
+        if model_id:
+            options["model_id"] = model_id
         return cls.load(
             path,
-            **load_options(settings, path, device),
+            **options,
             decoder=settings.decoder,
             cuda_graphs=settings.cuda_graphs == "1",
             compile_step=settings.compile_step == "1",
