@@ -20,10 +20,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProce
 
 from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
-from molmo_backend.engine.decoding import INTERACTIVE_SLOTS, LENGTH_STEP, PreparedImage, SlotDecoder, prepare_image, round_up
+from molmo_backend.engine.decoding import SlotDecoder
 from molmo_backend.engine.inprocess import (
     ModelLoadError, TokenLogprobs, cut_at_end, load_options, local_revision, pick_device,
 )
+from molmo_backend.engine.prefill import PreparedImage, prepare_image
+from molmo_backend.engine.slots import INTERACTIVE_SLOTS, LENGTH_STEP, round_up
 from molmo_backend.engine.token_text import TokenTexts
 
 log = logging.getLogger(__name__)
