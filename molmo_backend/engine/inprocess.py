@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
+from molmo_backend.errors import MolmoError
 from molmo_backend.settings import Settings
 
 
-class ModelLoadError(RuntimeError):
-    pass
+class ModelLoadError(MolmoError, RuntimeError):
+    """The checkpoint or the install cannot serve (wrong profile, bad MOLMO_GPUS, unloadable
+    weights): raised at start, so the server reports it as failed (HTTP 500), a command exits 1."""
 
 
 def pick_device(settings: Settings) -> torch.device:

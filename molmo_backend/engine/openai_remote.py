@@ -36,6 +36,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from PIL import Image
 
+from molmo_backend.errors import Unavailable
 from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, Engine, PointQuery, mean_probability
 
@@ -57,7 +58,7 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _JSON = {"Content-Type": "application/json"}
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(Unavailable, RuntimeError):
     """The engine server could not be used at start (unreachable, refused the key, serves nothing)."""
 
 
