@@ -2,7 +2,7 @@
 
 allenai/Molmo-7B-D-0924, Molmo-7B-O-0924, MolmoE-1B-0924 and Molmo-72B-0924 ship their model and
 processor as Python files next to the weights (``trust_remote_code=True``). That code runs on
-transformers 4.46-4.53 and breaks on 5.x (FACTS §2), so this module belongs to the molmo1 install
+transformers 4.46-4.53 and breaks on 5.x, so this module belongs to the molmo1 install
 profile (``requirements-molmo1.txt``) and refuses to import under transformers 5; nothing else in
 the package imports it except :func:`~molmo_backend.engine.loading.load_local_engine`,
 and only for a checkpoint whose ``model_type`` is ``"molmo"``.
@@ -35,7 +35,7 @@ import transformers
 from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, Engine, PointQuery, mean_probability
 
-#: transformers versions the v1 remote code is known to run on (FACTS §2)
+#: transformers versions the v1 remote code is known to run on
 SUPPORTED_TRANSFORMERS = ">=4.46,<4.54"
 PROFILE_HINT = (
     "Molmo v1 checkpoints need the molmo1 install profile: pip install -r requirements-molmo1.txt "
