@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workloads import build, noise_image  # noqa: E402
 
 from molmo_backend.engine.base import PointQuery, Row  # noqa: E402
-from molmo_backend.engine.decoding import prepare_image  # noqa: E402
+from molmo_backend.engine.prefill import prepare_image  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 
 

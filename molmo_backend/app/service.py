@@ -31,9 +31,9 @@ def default_engine_factory(settings: Settings) -> Engine | list[Engine]:
         from molmo_backend.engine.openai_remote import OpenAIEngine
 
         return OpenAIEngine.from_settings(settings)
-    from molmo_backend.engine.molmo2 import load_local_engine
+    from molmo_backend.app.model_choice import load_engine
 
-    return load_local_engine(settings)
+    return load_engine(settings)
 
 
 def build_backend(settings: Settings, engine: Engine | list[Engine],

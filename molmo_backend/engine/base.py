@@ -15,6 +15,7 @@ priorities and retries.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
@@ -63,6 +64,11 @@ class Answer:
     #: True when generation stopped at the new-token cap rather than at an end token: the answer
     #: may be cut (points past the cap are lost), so callers log and count it
     truncated: bool = False
+
+
+def mean_probability(logprobs: Sequence[float]) -> float | None:
+    """Mean probability of an answer's tokens: its score when no finer one is known."""
+    return round(sum(math.exp(x) for x in logprobs) / len(logprobs), 4) if logprobs else None
 
 
 class Engine(ABC):

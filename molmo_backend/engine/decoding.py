@@ -1,8 +1,8 @@
 """Greedy decoding of Molmo2 rows held in cache slots: the GPU side of continuous batching.
 
-Every (image, prompt) row lives in one slot of a static K/V cache (:class:`SlotCache`) from its
-admission to its end, at its own positions 0..length-1: its image prefix, its prompt suffix, then
-its answer. Rows of different lengths, images and ages share a decode step; a row that ends frees
+Every (image, prompt) row lives in one slot of a static K/V cache (:class:`.slots.SlotCache`)
+from its admission to its end, at its own positions 0..length-1: its image prefix, its prompt
+suffix, then its answer. Rows of different lengths, images and ages share a decode step; a row that ends frees
 its slot at once and the next waiting row takes it.
 
 - **Prefill** (:meth:`SlotDecoder.prefill`): each distinct image of the admitted rows goes through
@@ -33,149 +33,12 @@ import torch
 from transformers import DynamicCache
 
 from molmo_backend.engine import slot_attention
+from molmo_backend.engine.prefill import PreparedImage, prefill_groups, stack_images
+from molmo_backend.engine.slots import INTERACTIVE_SLOTS, LENGTH_STEP, CacheView, SlotCache, round_up, row_bucket
 
 log = logging.getLogger(__name__)
 
-#: attention reads a multiple of this many cache positions (fewer distinct graphs; at most this
-#: many positions read in vain per row)
-LENGTH_STEP = 256
-#: decode steps over the bulk region use row counts rounded up to these (then multiples of 64)
-BULK_ROW_BUCKETS = (16, 32, 48, 64, 96, 128)
-#: the opened tasks' region; its steps use 2, 4, 8 or 16 rows (at least 2: torch.compile
-#: specialises a size of 1, which would cost a second compile)
-INTERACTIVE_SLOTS = 16
-#: the fixed cost of one prefill forward, in image tokens: on an H200 with Molmo2-8B one
-#: 1280x960 image (1004 tokens) took 150 ms, four 314 ms, eight 522 ms (2026-12-02): ~95 ms per
-#: forward plus ~54 ms per image, so padding up to ~1500 tokens is cheaper than a second forward
-FORWARD_OVERHEAD_TOKENS = 1500
 _CAPTURE_LOCK = threading.Lock()
-
-
-def round_up(value: int, step: int) -> int:
-    return -(-value // step) * step
-
-
-def row_bucket(rows: int, interactive: bool) -> int:
-    if interactive:
-        return max(2, 1 << (rows - 1).bit_length())
-    return next((b for b in BULK_ROW_BUCKETS if b >= rows), round_up(rows, 64))
-
-
-class SlotCache:
-    """Preallocated keys/values of every layer, ``[slots, length, kv_heads, head_dim]``
-    (slot-major, so each slot's positions are one contiguous block, which the variable-length
-    decode attention of :mod:`.slot_attention` reads as one sequence).
-
-    The model calls :meth:`update` once per layer; the caller sets :attr:`view` (where this
-    forward writes, which rows and positions it reads) before each forward, with device tensors
-    only, so a captured graph replays it."""
-
-    is_initialized = True
-    is_compileable = False
-
-    def __init__(self, num_layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (slots, length, kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = length
-        self.view: CacheView | None = None
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        view = self.view
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # key_states: [rows, heads, tokens, dim] -> slot view.write_rows[r, t], position view.write_at[r, t]
-        keys[view.write_rows, view.write_at] = key_states.transpose(1, 2)
-        values[view.write_rows, view.write_at] = value_states.transpose(1, 2)
-        length = view.key_positions.shape[0]
-        if view.gather is not None:  # rows in any slots: a copy of theirs
-            return keys[view.gather, :length].transpose(1, 2), values[view.gather, :length].transpose(1, 2)
-        rows = slice(view.first, view.first + view.write_rows.shape[0])  # a contiguous range: a view
-        return keys[rows, :length].transpose(1, 2), values[rows, :length].transpose(1, 2)
-
-
-@dataclass
-class CacheView:
-    """Where one forward writes and what it reads; tensors only (and a constant ``first``), so
-    that a compiled step keeps its sizes dynamic."""
-
-    write_rows: torch.Tensor  # [rows, tokens] slot of each written token
-    write_at: torch.Tensor  # [rows, tokens] its position in the slot
-    key_positions: torch.Tensor  # positions 0..n-1 read per slot
-    first: int = 0  # the rows are the slots first, first+1, ... (decode steps)
-    gather: torch.Tensor | None = None  # or these slots, in row order (prefill of admitted rows)
-
-
-@dataclass
-class PreparedImage:
-    """One image as the processor lays it out, ready to be stacked with others of the same
-    token count."""
-
-    inputs: dict  # processor outputs for this image alone (batch of one)
-    length: int  # prefix tokens (bos + image tokens)
-    crops: int
-    patches: int  # per crop
-
-
-def prepare_image(processor, image, device: torch.device | None = None) -> PreparedImage:
-    """The processor's work for one image: on ``device`` when given (on a GPU its crops are
-    resized there: a 12 MP photo costs a few ms instead of hundreds on the CPU), else on the
-    CPU. Thread-safe: the processor holds no state."""
-    kwargs = {"device": device} if device is not None else {}
-    encoded = processor(images=[[image]], text=[processor.image_token], return_tensors="pt", **kwargs)
-    inputs = {key: value.to(device) if device is not None else value for key, value in encoded.items()}
-    pixels = inputs["pixel_values"]
-    return PreparedImage(inputs, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]), int(pixels.shape[1]))
-
-
-def stack_images(images: Sequence[PreparedImage], device: torch.device, dtype: torch.dtype, pad_id: int) -> dict:
-    """Model inputs for several images, as the processor would batch them: token rows
-    left-padded to the longest, crops concatenated, pooling indices shifted by the patches
-    before them."""
-    pooling, offset = [], 0
-    for image in images:
-        idx = image.inputs["image_token_pooling"]
-        pooling.append(torch.where(idx >= 0, idx + offset, idx))
-        offset += image.crops * image.patches
-    if device.type == "cuda":  # prepared on another thread's stream: keep their memory until read here
-        stream = torch.cuda.current_stream(device)
-        for image in images:
-            for value in image.inputs.values():
-                if value.is_cuda:
-                    value.record_stream(stream)
-    width = max(image.length for image in images)
-    text = {"input_ids": pad_id, "attention_mask": 0}
-    if "mm_token_type_ids" in images[0].inputs:
-        text["mm_token_type_ids"] = 0
-    batch = {name: torch.cat([torch.nn.functional.pad(im.inputs[name], (width - im.length, 0), value=fill)
-                              for im in images]) for name, fill in text.items()}
-    for name in ("pixel_values", "image_grids", "image_num_crops"):
-        batch[name] = torch.cat([im.inputs[name] for im in images])
-    batch["image_token_pooling"] = torch.cat(pooling)
-    out = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    out["pixel_values"] = out["pixel_values"].to(dtype)
-    return out
-
-
-def prefill_groups(lengths: Sequence[int], overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Images (by index) per prefill forward: longest first, each forward padded to its
-    longest image. A forward's fixed cost is worth ``overhead`` tokens, so images of mixed
-    sizes share one when padding costs less than another forward would (an exact partition of
-    the sorted lengths, by dynamic programming)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted images
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):  # images i..j-1 in one forward, padded to the longest, order[i]
-            cost = best[i] + (j - i) * lengths[order[i]] + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append([order[k] for k in range(cut[j], j)])
-        j = cut[j]
-    return groups[::-1]
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 allenai/Molmo-7B-D-0924, Molmo-7B-O-0924, MolmoE-1B-0924 and Molmo-72B-0924 ship their model and
 processor as Python files next to the weights (``trust_remote_code=True``). That code runs on
-transformers 4.46-4.53 and breaks on 5.x (FACTS §2), so this module belongs to the molmo1 install
+transformers 4.46-4.53 and breaks on 5.x, so this module belongs to the molmo1 install
 profile (``requirements-molmo1.txt``) and refuses to import under transformers 5; nothing else in
-the package imports it except :func:`~molmo_backend.engine.molmo2.load_local_engine`,
+the package imports it except :func:`~molmo_backend.engine.loading.load_local_engine`,
 and only for a checkpoint whose ``model_type`` is ``"molmo"``.
 
 How v1 is driven (its remote code's contract):
@@ -33,9 +33,9 @@ import torch
 import transformers
 
 from molmo_backend.settings import Settings
-from molmo_backend.engine.base import Answer, Engine, PointQuery
+from molmo_backend.engine.base import Answer, Engine, PointQuery, mean_probability
 
-#: transformers versions the v1 remote code is known to run on (FACTS §2)
+#: transformers versions the v1 remote code is known to run on
 SUPPORTED_TRANSFORMERS = ">=4.46,<4.54"
 PROFILE_HINT = (
     "Molmo v1 checkpoints need the molmo1 install profile: pip install -r requirements-molmo1.txt "
@@ -51,8 +51,8 @@ if int(transformers.__version__.split(".")[0]) >= 5:
 from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig, LogitsProcessor  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
-from molmo_backend.engine.molmo2 import (  # noqa: E402
-    ModelLoadError, _local_revision, _TokenLogprobs, cut_at_end, load_options, mean_probability, pick_device,
+from molmo_backend.engine.inprocess import (  # noqa: E402
+    ModelLoadError, TokenLogprobs, cut_at_end, load_options, local_revision, pick_device,
 )
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class Molmo1Engine(Engine):
         self.revision = (
             revision
             or (getattr(config, "_commit_hash", None) or "")[:10]
-            or (_local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
+            or (local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
         )
         tokenizer = self.processor.tokenizer
         self._stop_ids = _stop_ids(tokenizer)
@@ -188,7 +188,7 @@ class Molmo1Engine(Engine):
             max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
             eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
         )
-        recorder = _TokenLogprobs()
+        recorder = TokenLogprobs()
         with torch.inference_mode():
             output = self.model.generate_from_batch(
                 batch, generation_config, tokenizer=self.processor.tokenizer,

@@ -1,15 +1,12 @@
 """Molmo2 in this process, through Hugging Face transformers' Auto classes.
 
-The loading code is the real one users run: ``from_pretrained`` on a hub id or a local folder
-(``MOLMO_MODEL``), honouring ``HF_HOME``. Without a GPU and without local weights the serve
-command falls back to the tiny demo model (see :mod:`molmo_backend.demo.models`) and says so.
+:class:`TransformersEngine` loads with ``from_pretrained`` on a hub id or a local folder, as users
+run it; which checkpoint to load is decided above it (:mod:`.loading`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import threading
 import time
 from concurrent.futures import Future
@@ -21,17 +18,17 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from molmo_backend.demo.models import DEMO_BANNER, demo_name, ensure_demo_model, ensure_random_model, is_demo_model
 from molmo_backend.settings import Settings
-from molmo_backend.engine.base import Answer, Engine, PointQuery, Row, StepEngine
-from molmo_backend.engine.decoding import INTERACTIVE_SLOTS, LENGTH_STEP, PreparedImage, SlotDecoder, prepare_image, round_up
+from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
+from molmo_backend.engine.decoding import SlotDecoder
+from molmo_backend.engine.inprocess import (
+    ModelLoadError, TokenLogprobs, cut_at_end, load_options, local_revision, pick_device,
+)
+from molmo_backend.engine.prefill import PreparedImage, prepare_image
+from molmo_backend.engine.slots import INTERACTIVE_SLOTS, LENGTH_STEP, round_up
 from molmo_backend.engine.token_text import TokenTexts
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 #: share of the GPU memory free after loading that the cache slots may take; the rest is headroom
@@ -48,175 +45,6 @@ DECODERS = ("fast", "generate")
 def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_MEMORY_FRACTION) -> int:
     """Cache tokens (rows x length) that fit in ``fraction`` of ``free_bytes``."""
     return max(0, int(free_bytes * fraction) // bytes_per_token)
-
-
-def weights_available_locally(model: str, revision: str | None) -> bool:
-    """True when ``model`` is a local checkpoint folder or already in the Hugging Face cache."""
-    if Path(model).is_dir():
-        return (Path(model) / "config.json").is_file()
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str)
-    except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
-        return False
-
-
-def resolve_model(settings: Settings) -> tuple[str, bool]:
-    """(what to load, whether it is the demo model), following ``MOLMO_DEMO``."""
-    if settings.demo == "random":
-        log.warning("serving the tiny RANDOM demo model (untrained, not Molmo): its points are meaningless")
-        return str(ensure_random_model(settings.cache_dir)), True
-    if settings.demo == "1":
-        log.warning(DEMO_BANNER)
-        return str(ensure_demo_model(settings.cache_dir)), True
-    if settings.demo == "auto" and not torch.cuda.is_available():
-        if not weights_available_locally(settings.model, settings.revision):
-            log.warning("no GPU and no local weights for %s: %s. Set MOLMO_DEMO=0 to fail instead, "
-                        "or point MOLMO_MODEL at downloaded weights.", settings.model, DEMO_BANNER)
-            return str(ensure_demo_model(settings.cache_dir)), True
-    return settings.model, is_demo_model(settings.model)
-
-
-def pick_device(settings: Settings) -> torch.device:
-    if settings.device != "auto":
-        return torch.device(settings.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_devices(settings: Settings) -> list[torch.device]:
-    """``MOLMO_GPUS``: empty = the one device of MOLMO_DEVICE; ``all`` = every visible GPU;
-    ``0,2`` = those GPUs. One model replica runs on each."""
-    if not settings.gpus:
-        return [pick_device(settings)]
-    if settings.gpus == "all":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise ModelLoadError("MOLMO_GPUS=all but no CUDA GPU is visible")
-        return [torch.device("cuda", i) for i in range(count)]
-    try:
-        return [torch.device("cuda", int(i)) for i in settings.gpus.split(",") if i.strip()]
-    except ValueError as exc:
-        raise ModelLoadError(f"MOLMO_GPUS={settings.gpus!r}: expected 'all' or GPU indices like 0,1") from exc
-
-
-def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
-    if settings.dtype != "auto":
-        return getattr(torch, settings.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def load_options(settings: Settings, path: str, device: torch.device) -> dict:
-    """What every in-process engine's loader takes from the settings, for ``path`` on ``device``."""
-    return dict(
-        revision=None if Path(path).is_dir() else settings.revision,
-        device=device,
-        dtype=pick_dtype(settings, device),
-        max_new_tokens=settings.max_new_tokens,
-        max_batch=settings.max_batch,
-        model_id=settings.model,
-    )
-
-
-def _local_revision(path: Path) -> str:
-    """A content hash of a local checkpoint's small files: stable while the checkpoint is."""
-    digest = hashlib.sha256()
-    # DEMO_MODEL.json: a retrained demo has the same config but another training record
-    for name in sorted(["config.json", "model.safetensors.index.json", "generation_config.json", "DEMO_MODEL.json"]):
-        if (path / name).is_file():
-            digest.update((path / name).read_bytes())
-    weights = path / "model.safetensors"
-    if weights.is_file():
-        digest.update(str(weights.stat().st_size).encode())
-    return digest.hexdigest()[:10]
-
-
-def model_family(path_or_id: str, revision: str | None = None) -> str:
-    """``model_type`` of a checkpoint's config.json, read without running any remote code."""
-    from transformers import PretrainedConfig
-
-    config, _ = PretrainedConfig.get_config_dict(path_or_id, revision=revision)
-    return config.get("model_type", "unknown")
-
-
-def load_local_engine(settings: Settings) -> Engine | list[Engine]:
-    """The in-process engine for the checkpoint's family (picked from its config.json).
-
-    ``model_type`` "molmo" (v1: Molmo-7B-D/-7B-O/MolmoE-1B/-72B-0924) runs through its own remote
-    code in the molmo1 install profile (transformers 4.5x, requirements-molmo1.txt); anything else
-    is Molmo2 on transformers 5 (requirements.txt). Each profile says plainly when it is the wrong one.
-    """
-    import transformers
-
-    installed = transformers.__version__
-    v1_profile = int(installed.split(".")[0]) < 5
-    if v1_profile:
-        # The demo model is a Molmo2, which transformers 4.x cannot build or run.
-        no_local_weights = not weights_available_locally(settings.model, settings.revision)
-        auto_demo = settings.demo == "auto" and not torch.cuda.is_available() and no_local_weights
-        if settings.demo in ("1", "random") or auto_demo:
-            raise ModelLoadError(
-                f"the demo model is a Molmo2 and this is the molmo1 install profile (transformers "
-                f"{installed}): point MOLMO_MODEL at Molmo v1 weights already downloaded (a local folder "
-                f"or the Hugging Face cache) and set MOLMO_DEMO=0, or install requirements.txt for the demo"
-            )
-        path = settings.model
-    else:
-        path, _ = resolve_model(settings)
-    family = model_family(path, None if Path(path).is_dir() else settings.revision)
-    if family == "molmo":
-        if not v1_profile:
-            raise ModelLoadError(
-                f"{settings.model} is a Molmo v1 checkpoint (model_type 'molmo'): its remote code needs "
-                f"transformers 4.46-4.53, but {installed} is installed. Install the molmo1 profile in its "
-                f"own environment: pip install -r requirements-molmo1.txt (Docker: build with "
-                f"--build-arg PROFILE=molmo1); see docs/molmo1.md"
-            )
-        try:
-            from molmo_backend.engine.molmo1 import Molmo1Engine
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"{settings.model} is a Molmo v1 checkpoint, but its engine cannot load: {exc}"
-            ) from exc
-        return Molmo1Engine.from_settings(settings)
-    if v1_profile:
-        raise ModelLoadError(
-            f"{settings.model} is a {family!r} checkpoint, but this is the molmo1 install profile "
-            f"(transformers {installed}), which runs only Molmo v1 (model_type 'molmo'). Molmo2 needs "
-            f"requirements.txt (transformers 5)"
-        )
-    devices = pick_devices(settings)
-    if len(devices) > 1:
-        log.info("one model replica per GPU", extra={"devices": [str(d) for d in devices]})
-    engines = [TransformersEngine.from_settings(settings, device=device, path=path) for device in devices]
-    return engines[0] if len(engines) == 1 else engines
-
-
-class _TokenLogprobs(LogitsProcessor):
-    """Records, at each step, the log-probability of the token greedy decoding is about to pick.
-
-    Placed last in the processor list, it sees the scores generate() takes its argmax from."""
-
-    def __init__(self):
-        self.steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids, scores):
-        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values)
-        return scores
-
-
-def cut_at_end(rows: list[list[int]], steps: list[torch.Tensor], ends: set[int]
-               ) -> tuple[list[list[int]], list[list[float]]]:
-    """Each row's generated ids and their log-probabilities (as :class:`_TokenLogprobs` recorded
-    them), up to (not including) the row's first end token."""
-    logprobs = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
-    cut = [next((i for i, token in enumerate(row) if token in ends), len(row)) for row in rows]
-    return [row[:k] for row, k in zip(rows, cut)], [row[:k] for row, k in zip(logprobs, cut)]
-
-
-def mean_probability(logprobs: Sequence[float]) -> float | None:
-    """Mean probability of an answer's tokens: its score when no finer one is known."""
-    return round(sum(math.exp(x) for x in logprobs) / len(logprobs), 4) if logprobs else None
 
 
 class TransformersEngine(StepEngine):
@@ -297,8 +125,11 @@ class TransformersEngine(StepEngine):
 
     @classmethod
     def load(cls, model_path: str, *, revision: str | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, model_id: str | None = None, **options) -> "TransformersEngine":
-        """``from_pretrained`` on a hub id or a local folder, as users run it."""
+             dtype: torch.dtype = torch.float32, model_id: str | None = None, demo: bool = False,
+             **options) -> "TransformersEngine":
+        """``from_pretrained`` on a hub id or a local folder, as users run it. ``model_id`` (default
+        ``model_path``) and ``demo`` are what it reports: the caller knows whether it is the demo
+        model (molmo_backend.app.model_choice)."""
         started = time.monotonic()
         try:
             processor = AutoProcessor.from_pretrained(model_path, revision=revision)
@@ -306,14 +137,12 @@ class TransformersEngine(StepEngine):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load model {model_path!r}: {exc}") from exc
         model.to(torch.device(device))
-        demo = is_demo_model(model_path)
         revision = (
             revision
             or (getattr(model.config, "_commit_hash", None) or "")[:10]
-            or (_local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
+            or (local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
         )
-        engine = cls(model, processor, model_id=demo_name(model_path) if demo else (model_id or model_path),
-                     revision=revision, demo=demo, **options)
+        engine = cls(model, processor, model_id=model_id or model_path, revision=revision, demo=demo, **options)
         engine.warm_up()
         log.info(
             "model loaded",
@@ -327,13 +156,17 @@ class TransformersEngine(StepEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings, device: torch.device | None = None, path: str | None = None,
-                      **kwargs) -> "TransformersEngine":
-        """The engine ``settings`` describe; ``path`` skips resolving MOLMO_MODEL/MOLMO_DEMO again."""
-        path = path or resolve_model(settings)[0]
+                      *, model_id: str | None = None, **kwargs) -> "TransformersEngine":
+        """The engine ``settings`` describe, for ``path`` (default MOLMO_MODEL; the demo model's
+        folder when molmo_backend.app.model_choice picks it, with its ``model_id`` and ``demo``)."""
+        path = path or settings.model
         device = device or pick_device(settings)
+        options = load_options(settings, path, device)
+        if model_id:
+            options["model_id"] = model_id
         return cls.load(
             path,
-            **load_options(settings, path, device),
+            **options,
             decoder=settings.decoder,
             cuda_graphs=settings.cuda_graphs == "1",
             compile_step=settings.compile_step == "1",
@@ -412,7 +245,7 @@ class TransformersEngine(StepEngine):
         ).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        recorder = _TokenLogprobs()
+        recorder = TokenLogprobs()
         with torch.inference_mode():
             sequences = self.model.generate(
                 **inputs,

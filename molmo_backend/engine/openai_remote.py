@@ -35,8 +35,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from PIL import Image
 
+from molmo_backend.errors import Unavailable
 from molmo_backend.settings import Settings
-from molmo_backend.engine.base import Answer, Engine, PointQuery
+from molmo_backend.engine.base import Answer, Engine, PointQuery, mean_probability
 from molmo_backend.redaction import describe_url, error_reason
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _JSON = {"Content-Type": "application/json"}
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(Unavailable, RuntimeError):
     """The engine server could not be used at start (unreachable, refused the key, serves nothing)."""
 
 
@@ -226,7 +227,7 @@ class OpenAIEngine(Engine):
                 raise TypeError("message content is not a string")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             return Answer(text="", error=f"malformed answer from the engine server: {exc!r}"[:500])
-        return Answer(text=text.strip(), score=_mean_token_prob(choice.get("logprobs")))
+        return Answer(text=text.strip(), score=mean_probability(_token_logprobs(choice.get("logprobs"))))
 
     # -- images --------------------------------------------------------------------------------
     def _encode_images(self, queries: Sequence[PointQuery]) -> list[bytes | Exception]:
@@ -341,21 +342,21 @@ def _session(concurrency: int, api_key: str | None) -> requests.Session:
     return session
 
 
-def _mean_token_prob(logprobs) -> float | None:
-    """Mean probability of the generated tokens from an OpenAI ``logprobs`` object (chat shape
-    ``{"content": [{"logprob": ..}]}`` or the completions shape ``{"token_logprobs": [..]}``)."""
+def _token_logprobs(logprobs) -> list[float]:
+    """The generated tokens' log-probabilities in an OpenAI ``logprobs`` object (chat shape
+    ``{"content": [{"logprob": ..}]}`` or the completions shape ``{"token_logprobs": [..]}``);
+    values that are no log-probability (missing, not finite, above 0) are left out."""
     if not isinstance(logprobs, dict):
-        return None
+        return []
     values = logprobs.get("content")
     if isinstance(values, list):
         values = [v.get("logprob") if isinstance(v, dict) else None for v in values]
     else:
         values = logprobs.get("token_logprobs")
     if not isinstance(values, list):
-        return None
-    probs = [math.exp(v) for v in values
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= 0]
-    return round(sum(probs) / len(probs), 4) if probs else None
+        return []
+    return [v for v in values
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= 0]
 
 
 def _retry_after(resp: requests.Response) -> float | None:

@@ -37,6 +37,7 @@ from prometheus_client import Histogram
 
 from molmo_backend.engine.base import Answer, Engine, PointQuery, Row, StepEngine
 from molmo_backend.engine.queue import Item, Priority, RequestQueue
+from molmo_backend.errors import MolmoError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ RATE_WINDOW_S = 60.0
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
-class SchedulerClosed(RuntimeError):
-    pass
+class SchedulerClosed(MolmoError, RuntimeError):
+    """Work submitted to a scheduler that has been closed (the server shutting down)."""
 
 
 @dataclass(eq=False)

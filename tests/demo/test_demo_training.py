@@ -9,11 +9,13 @@ import random
 
 import torch
 
+from molmo_backend.app.model_choice import choose_model
 from molmo_backend.demo.models import SHAPES_RECIPE, demo_info, demo_name
 from molmo_backend.demo.scenes import make_scene
 from molmo_backend.demo.training import Batches, PatchProbe, encode, draw_example, main, patch_labels
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.molmo2 import TransformersEngine
+from molmo_backend.settings import Settings
 
 
 def _train(out):
@@ -31,7 +33,9 @@ def test_training_writes_a_loadable_reproducible_demo_checkpoint(tmp_path, capsy
     assert info["kind"] == "shapes" and info["training"]["steps"] == 3
     assert demo_name(tmp_path / "a") == "molmo2-demo-shapes"
 
-    engine = TransformersEngine.load(str(tmp_path / "a"), max_new_tokens=8, max_batch=4)
+    choice = choose_model(Settings(model=str(tmp_path / "a"), demo="0"))  # as the server picks and names it
+    engine = TransformersEngine.load(choice.path, model_id=choice.model_id, demo=choice.demo, max_new_tokens=8,
+                                     max_batch=4)
     assert engine.model_id == "molmo2-demo-shapes" and engine.demo
     scene = make_scene(random.Random(0))
     answers = engine.generate([PointQuery(scene.image, "Point to red circle")])

@@ -7,10 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
+from molmo_backend.app.model_choice import choose_model, resolve_model
 from molmo_backend.demo.models import SHIPPED_DEMO, demo_info
 from molmo_backend.engine.base import PointQuery
-from molmo_backend.engine.decoding import INTERACTIVE_SLOTS
-from molmo_backend.engine.molmo2 import TransformersEngine, resolve_model
+from molmo_backend.engine.molmo2 import TransformersEngine
+from molmo_backend.engine.slots import INTERACTIVE_SLOTS
 from molmo_backend.settings import Settings
 from tests.support.forcing import ForceAnswers, by_label
 
@@ -20,7 +21,9 @@ GREEN = Image.new("RGB", (300, 500), (30, 200, 30))
 
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
-    return TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
+    choice = choose_model(Settings(model=str(demo_model_dir), demo="0"))  # as the server picks and names it
+    return TransformersEngine.load(choice.path, model_id=choice.model_id, demo=choice.demo, max_new_tokens=24,
+                                   max_batch=8)
 
 
 def test_loads_through_the_auto_classes_and_reports_what_it_is(engine):
@@ -236,7 +239,7 @@ def test_kv_token_budget_is_the_free_memory_share_over_bytes_per_token(engine):
 
 
 def test_images_of_mixed_sizes_share_a_prefill_forward_when_padding_costs_less_than_another():
-    from molmo_backend.engine.decoding import prefill_groups
+    from molmo_backend.engine.prefill import prefill_groups
 
     lengths = [753, 1190, 411, 983]  # 640x480, 1920x1080, 300x200, 1280x960 in Molmo2's geometry
     assert prefill_groups(lengths, overhead=1500) == [[1, 3, 0, 2]]  # one padded forward, longest first

@@ -24,7 +24,8 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from molmo_backend.engine.base import PointQuery
-from molmo_backend.engine.molmo2 import ModelLoadError, load_local_engine, model_family
+from molmo_backend.engine.inprocess import ModelLoadError
+from molmo_backend.engine.loading import load_local_engine, model_family
 from molmo_backend.pointing.points import Point, parse_points
 from molmo_backend.pointing.prompts import build_prompt, default_prompt_template, prompt_fingerprint
 from molmo_backend.settings import Settings
@@ -272,17 +273,19 @@ def test_forced_v1_answers_come_back_as_percent_points(engine):
 def test_profile_dispatches_v1_and_refuses_molmo2_and_the_demo(v1_dir, tmp_path):
     from molmo_backend.engine.molmo1 import Molmo1Engine
 
+    from molmo_backend.app.model_choice import load_engine
+
     settings = Settings(model=str(v1_dir), demo="auto", device="cpu", max_new_tokens=8, max_batch=3)
-    loaded = load_local_engine(settings)
+    loaded = load_engine(settings)
     assert isinstance(loaded, Molmo1Engine)
     assert (loaded.max_new_tokens, loaded.max_batch, loaded.dtype) == (8, 3, torch.float32)
     molmo2 = tmp_path / "molmo2"
     molmo2.mkdir()
     (molmo2 / "config.json").write_text(json.dumps({"model_type": "molmo2"}))
     with pytest.raises(ModelLoadError, match="molmo1 install profile.*requirements.txt"):
-        load_local_engine(Settings(model=str(molmo2), demo="0", device="cpu"))
+        load_engine(Settings(model=str(molmo2), demo="0", device="cpu"))
     with pytest.raises(ModelLoadError, match="demo model is a Molmo2"):
-        load_local_engine(Settings(model=str(v1_dir), demo="1", device="cpu"))
+        load_engine(Settings(model=str(v1_dir), demo="1", device="cpu"))
 
 
 @needs_v1_profile

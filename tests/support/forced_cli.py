@@ -26,10 +26,13 @@ def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
     """An engine factory: the demo TransformersEngine with ForceAnswers (and a delay per prefill)."""
 
     def factory(settings):
+        from molmo_backend.app.model_choice import choose_model
         from molmo_backend.engine.molmo2 import TransformersEngine
         from tests.support.forcing import ForceAnswers, by_label
 
-        engine = TransformersEngine.from_settings(settings)
+        choice = choose_model(settings)  # MOLMO_DEMO=random: the random demo model, named as served
+        engine = TransformersEngine.from_settings(settings, path=choice.path, model_id=choice.model_id,
+                                                  demo=choice.demo)
         if answers:
             engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
         if delay > 0:

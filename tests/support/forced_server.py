@@ -98,10 +98,13 @@ def main() -> int:
     faults = json.loads(os.environ.get("MOLMO_TEST_FAULTS") or "[]")
 
     def engine_factory(settings: Settings):
+        from molmo_backend.app.model_choice import choose_model
         from molmo_backend.engine.molmo2 import TransformersEngine
         from tests.support.forcing import ForceAnswers, by_label
 
-        engine = TransformersEngine.from_settings(settings)
+        choice = choose_model(settings)  # MOLMO_DEMO=random: the random demo model, named as served
+        engine = TransformersEngine.from_settings(settings, path=choice.path, model_id=choice.model_id,
+                                                  demo=choice.demo)
         if answers:
             engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
         if faults:

@@ -39,10 +39,13 @@ def main() -> int:
     specs = load_specs(args.answers)
 
     def engine_factory(settings: Settings):
+        from molmo_backend.app.model_choice import choose_model
         from molmo_backend.engine.molmo2 import TransformersEngine
         from tests.support.scored_forcing import ForceScoredAnswers, by_substring
 
-        engine = TransformersEngine.from_settings(settings)
+        choice = choose_model(settings)  # MOLMO_DEMO=random: the random demo model, named as served
+        engine = TransformersEngine.from_settings(settings, path=choice.path, model_id=choice.model_id,
+                                                  demo=choice.demo)
         engine.logits_processors.append(ForceScoredAnswers(engine.processor.tokenizer, by_substring(specs)))
         return engine
 
