@@ -14,12 +14,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import islice
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from molmo_backend.engine.base import PointQuery
-
-if TYPE_CHECKING:
-    from molmo_backend.engine.scheduler import Job
 
 
 class Priority(IntEnum):
@@ -32,7 +29,7 @@ class Item:
     """One waiting query: which job it belongs to, and where its answer goes."""
 
     query: PointQuery
-    job: "Job"
+    job: object  #: the scheduler's Job; the queue only compares it by identity
     index: int
     enqueued: float = field(default_factory=time.monotonic)
     #: CPU-side preparation started ahead of the GPU (engine.prepare), or None
