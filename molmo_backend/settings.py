@@ -11,14 +11,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from molmo_backend.errors import BadInput
 from molmo_backend.images.address_policy import PolicyError, parse_entries
 
 #: what a <TextArea> for the image without its own ``prompt`` is filled with the answer to
 DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 
 
-class SettingsError(ValueError):
-    """A configuration value that cannot be used; the message names the variable."""
+class SettingsError(BadInput, ValueError):
+    """A configuration value that cannot be used; the message names the variable (exit code 2)."""
 
 
 def _hf_home(env: Mapping[str, str]) -> Path:

@@ -21,9 +21,9 @@ from werkzeug.exceptions import HTTPException
 
 from molmo_backend.app.connection import client_gone_probe
 from molmo_backend.app import prometheus
-from molmo_backend.app.protocol import BadRequest, json_object, parse_predict, parse_setup, parse_webhook
-from molmo_backend.labelstudio.config import LabelConfigError
+from molmo_backend.app.protocol import json_object, parse_predict, parse_setup, parse_webhook
 from molmo_backend.app.service import ModelService
+from molmo_backend.errors import MolmoError
 from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,17 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
             {"WWW-Authenticate": 'Basic realm="molmo-backend"', "Content-Type": "application/json"},
         )
 
-    @app.errorhandler(BadRequest)
-    @app.errorhandler(LabelConfigError)
-    def bad_request(exc):
-        count(bad_requests=1)
-        log.warning("bad request", extra={"path": request.path, "reason": str(exc)})
-        return jsonify(error=str(exc)), 400
+    @app.errorhandler(MolmoError)
+    def molmo_error(exc: MolmoError):
+        """The backend's own errors (a bad body or label config: 400) answer with their status and
+        message, without a traceback: the caller can act on them."""
+        if exc.http_status < 500:
+            count(bad_requests=1)
+            log.warning("bad request", extra={"path": request.path, "reason": str(exc)})
+        else:
+            log.warning("request failed", extra={"path": request.path, "reason": str(exc),
+                                                 "status": exc.http_status})
+        return jsonify(error=str(exc)), exc.http_status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -59,7 +59,9 @@ IN_FLIGHT = 2
 #: stop early when this many tasks failed to load their image before any succeeded
 FAILED_STREAK = 16
 
-#: something the user must fix (URL, key, project, filters, files); the message says what
+#: something the user must fix (URL, key, project, filters, files); the message says what. One
+#: class with the Label Studio API's errors (a BadInput: exit code 2), so that a caller catching
+#: AnnotateError gets those too
 AnnotateError = LabelStudioAPIError
 
 EngineFactory = Callable[[Settings], Any]

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from molmo_backend import __version__
+from molmo_backend.errors import MolmoError
 from molmo_backend.settings import SETTINGS_DOC, Settings, SettingsError
 
 log = logging.getLogger("molmo_backend.commands.cli")
@@ -228,23 +229,23 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
     (tests force answers through it)."""
     args = build_parser().parse_args(argv)
     args.engine_factory = engine_factory
-    from molmo_backend.labelstudio.config import LabelConfigError
-
     try:
         return args.func(args)
-    except SettingsError as exc:
-        print(f"molmo-backend: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except LabelConfigError as exc:
-        print(f"molmo-backend: the project's label config cannot be used: {exc}", file=sys.stderr)
-        return 2
+    except MolmoError as exc:  # something the user can act on: its message, no traceback
+        print(f"molmo-backend: {_error_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("molmo-backend: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except Exception as exc:
-        from molmo_backend.commands.annotate import AnnotateError
 
-        if isinstance(exc, AnnotateError):
-            print(f"molmo-backend: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def _error_line(exc: MolmoError) -> str:
+    if isinstance(exc, SettingsError):
+        return f"configuration error: {exc}"
+    # imported here: label_studio_sdk (under labelstudio.config) takes about a second to import,
+    # which --help and serve's start should not wait for
+    from molmo_backend.labelstudio.config import LabelConfigError
+
+    if isinstance(exc, LabelConfigError):
+        return f"the project's label config cannot be used: {exc}"
+    return str(exc)

@@ -34,6 +34,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import KeyPointLabelsTag, NumberTag, TextAreaTag
 from label_studio_sdk.label_interface.object_tags import ImageTag
 
+from molmo_backend.errors import BadInput
+
 PROMPT_ATTRIBUTE = "prompt"
 #: on a <Number>: what to count
 COUNT_ATTRIBUTE = "count"
@@ -44,8 +46,9 @@ HOW_TO = ('Add <KeyPointLabels name="kp" toName="image"> with <Label value="..."
           'pointing at an <Image name="image" value="$image"/>')
 
 
-class LabelConfigError(ValueError):
-    """The label config gives the backend nothing to do; the message says what to add or fix."""
+class LabelConfigError(BadInput, ValueError):
+    """The label config gives the backend nothing to do; the message says what to add or fix
+    (HTTP 400, exit code 2)."""
 
 
 @dataclass(frozen=True)
