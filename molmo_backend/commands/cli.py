@@ -162,6 +162,8 @@ def _command_settings(args: argparse.Namespace, **overrides) -> Settings:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     from molmo_backend.commands import annotate as ann
+    from molmo_backend.commands.progress import format_duration
+    from molmo_backend.labelstudio.api import TaskFilter
 
     settings = _command_settings(args, label_studio_url=args.url, label_studio_api_key=args.api_key)
     if args.query:
@@ -171,7 +173,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             raise ann.AnnotateError(f"--query is not valid JSON: {exc}") from None
     else:
         query = None
-    task_filter = ann.TaskFilter(task_ids=ann.parse_task_ids(args.tasks), view=args.view, query=query)
+    task_filter = TaskFilter(task_ids=ann.parse_task_ids(args.tasks), view=args.view, query=query)
     if args.page_size < 1:
         raise ann.AnnotateError("--page-size must be >= 1")
     report = ann.annotate_project(
@@ -184,7 +186,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     rate = report.written / report.predict_seconds if report.predict_seconds > 0 else 0.0
     summary = (f"project {report.project}, model_version {report.model_version}: "
                f"{report.listed} tasks, {report.skipped} already done, {report.written} written "
-               f"({report.with_points} with points) in {ann.format_duration(report.seconds)}"
+               f"({report.with_points} with points) in {format_duration(report.seconds)}"
                f" ({rate:.2f} tasks/s)")
     if report.skipped_late:
         summary += f", {report.skipped_late} predicted elsewhere meanwhile"
