@@ -140,18 +140,6 @@ def parse_label_config(label_config: str) -> LabelConfig:
     return LabelConfig(tuple(points), counts, tuple(texts), tuple(prompt_inputs))
 
 
-def parse_point_targets(label_config: str) -> list[PointTarget]:
-    """Every KeyPointLabels -> Image pair of ``label_config``, in config order.
-
-    Raises LabelConfigError when the config cannot be parsed or holds no usable pair; pairs that
-    cannot be used (no labels, not an Image, no ``$key``) are skipped, and named in that error.
-    """
-    targets, skipped = _point_targets(_interface(label_config))
-    if not targets:
-        raise _nothing_to_do(skipped)
-    return targets
-
-
 def _nothing_to_do(skipped: list[str]) -> LabelConfigError:
     why = "; ".join(skipped) + ". " if skipped else ""
     return LabelConfigError(f"The label config has no keypoint labels for an image. {why}{HOW_TO}.")
