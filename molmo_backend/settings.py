@@ -11,14 +11,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from molmo_backend.errors import BadInput
 from molmo_backend.images.address_policy import PolicyError, parse_entries
 
 #: what a <TextArea> for the image without its own ``prompt`` is filled with the answer to
 DEFAULT_CAPTION_PROMPT = "Describe this image in one sentence."
 
 
-class SettingsError(ValueError):
-    """A configuration value that cannot be used; the message names the variable."""
+class SettingsError(BadInput, ValueError):
+    """A configuration value that cannot be used; the message names the variable (exit code 2)."""
 
 
 def _hf_home(env: Mapping[str, str]) -> Path:
@@ -129,18 +130,6 @@ class Settings:
         """Whether the server stores deferred predictions in Label Studio itself."""
         return self.write_back != "0" and bool(self.label_studio_url and self.label_studio_api_key)
 
-    def redacted(self) -> dict:
-        """The settings as a dict fit for logs: secrets are masked."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in SECRETS and value:
-                value = "***"
-            out[f.name] = str(value) if isinstance(value, Path) else value
-        return out
-
-
-SECRETS = {"label_studio_api_key", "basic_auth_pass", "engine_api_key"}
 
 # field name -> (environment variable, description)
 SETTINGS_DOC: dict[str, tuple[str, str]] = {

@@ -1,9 +1,10 @@
 """HTTP layer: Label Studio's ML-backend routes around a :class:`ModelService`.
 
-Routes, request shapes and auth live here; what a prediction is lives in the backend. ``/health``
-and ``/setup`` never wait on the GPU (Label Studio gives them 1 s and 3 s). ``/predict`` gives the
-backend its deadline (``MOLMO_PREDICT_DEADLINE`` from the request's arrival) and a way to tell
-that Label Studio has hung up (molmo_backend/app/connection.py).
+Routes and auth live here; the request bodies' shapes in molmo_backend/app/protocol.py; what a
+prediction is in the backend. ``/health`` and ``/setup`` never wait on the GPU (Label Studio
+gives them 1 s and 3 s). ``/predict`` gives the backend its deadline (``MOLMO_PREDICT_DEADLINE``
+from the request's arrival) and a way to tell that Label Studio has hung up
+(molmo_backend/app/connection.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import time
 from collections import Counter
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from molmo_backend.app.connection import client_gone_probe
 from molmo_backend.app import prometheus
-from molmo_backend.labelstudio.config import LabelConfigError
+from molmo_backend.app.protocol import json_object, parse_predict, parse_setup, parse_webhook
 from molmo_backend.app.service import ModelService
+from molmo_backend.errors import MolmoError
 from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,25 +32,6 @@ log = logging.getLogger(__name__)
 PREDICT_WAIT_FOR_MODEL_S = 30.0
 #: routes that answer without basic auth (container health checks)
 OPEN_ROUTES = {"/", "/health"}
-
-
-class BadRequest(ValueError):
-    pass
-
-
-def _json_body() -> dict:
-    # Only Content-Type: application/json is read (what Label Studio sends): a browser cannot
-    # send that cross-site without a CORS preflight, which this server never grants.
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # json raises it, not ValueError, for deeply nested input
-        raise BadRequest("the request body is JSON nested too deeply") from None
-    if not isinstance(body, dict):
-        limit = request.max_content_length
-        if limit is not None and request.content_length is None and len(request.get_data()) >= limit:
-            raise RequestEntityTooLarge()  # a chunked body is cut at the cap, not refused by it
-        raise BadRequest("the request body must be a JSON object sent as Content-Type: application/json")
-    return body
 
 
 def create_app(service: ModelService, settings: Settings) -> Flask:
@@ -75,12 +58,17 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
             {"WWW-Authenticate": 'Basic realm="molmo-backend"', "Content-Type": "application/json"},
         )
 
-    @app.errorhandler(BadRequest)
-    @app.errorhandler(LabelConfigError)
-    def bad_request(exc):
-        count(bad_requests=1)
-        log.warning("bad request", extra={"path": request.path, "reason": str(exc)})
-        return jsonify(error=str(exc)), 400
+    @app.errorhandler(MolmoError)
+    def molmo_error(exc: MolmoError):
+        """The backend's own errors (a bad body or label config: 400) answer with their status and
+        message, without a traceback: the caller can act on them."""
+        if exc.http_status < 500:
+            count(bad_requests=1)
+            log.warning("bad request", extra={"path": request.path, "reason": str(exc)})
+        else:
+            log.warning("request failed", extra={"path": request.path, "reason": str(exc),
+                                                 "status": exc.http_status})
+        return jsonify(error=str(exc)), exc.http_status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -119,18 +107,13 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
 
     @app.post("/setup")
     def setup():
-        body = _json_body()
+        body = json_object(request)
         backend, error = ready_backend()
         if error:
             return error
-        schema = body.get("schema")
-        if schema is not None and not isinstance(schema, str):
-            raise BadRequest("'schema' must be the label config XML string")
-        model_version = backend.setup(
-            label_config=schema,
-            hostname=_str_or_none(body.get("hostname")),
-            access_token=_str_or_none(body.get("access_token")),
-        )
+        setup_request = parse_setup(body)  # after the readiness check: a loading model answers 503
+        model_version = backend.setup(label_config=setup_request.schema, hostname=setup_request.hostname,
+                                      access_token=setup_request.access_token)
         count(setups=1)
         return jsonify(model_version=model_version)
 
@@ -138,32 +121,24 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
     def predict():
         started = time.monotonic()
         deadline = started + settings.predict_deadline if settings.predict_deadline > 0 else None
-        body = _json_body()
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list):
-            raise BadRequest("'tasks' must be a list of Label Studio tasks")
-        label_config = body.get("label_config")
-        if label_config is not None and not isinstance(label_config, str):
-            raise BadRequest("'label_config' must be the label config XML string")
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
-        context = params.get("context") if isinstance(params.get("context"), dict) else None
+        predict_request = parse_predict(json_object(request))
         backend, error = ready_backend(wait=PREDICT_WAIT_FOR_MODEL_S)
         if error:
             return error
-        results = backend.predict(tasks, context=context, label_config=label_config, deadline=deadline,
+        tasks = predict_request.tasks
+        results = backend.predict(tasks, context=predict_request.context,
+                                  label_config=predict_request.label_config, deadline=deadline,
                                   client_gone=client_gone_probe(request.environ),
-                                  project=body.get("project"))
+                                  project=predict_request.project)
         count(predict_requests=1, tasks=len(tasks))
         log.info("predict request", extra={"tasks": len(tasks), "seconds": round(time.monotonic() - started, 3)})
         return jsonify(results=results)
 
     @app.post("/webhook")
     def webhook():
-        body = request.get_json(silent=True)
-        body = body if isinstance(body, dict) else {}
-        event = str(body.get("action") or body.get("event") or "unknown")
+        event = parse_webhook(request.get_json(silent=True))
         backend = service.backend
-        result = backend.fit(event, body) if backend is not None else {"status": "ignored"}
+        result = backend.fit(event.event, event.data) if backend is not None else {"status": "ignored"}
         count(webhooks=1)
         return jsonify(result), 200
 
@@ -206,10 +181,6 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         return response
 
     return app
-
-
-def _str_or_none(value) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def _basic_auth_ok(header: str, settings: Settings) -> bool:

@@ -15,7 +15,7 @@ loses at most the chunks in flight and a re-run resumes where it stopped. The La
 (and the facts about them) live in molmo_backend/labelstudio/api.py, shared with the server's
 write-back.
 
-Interrupts (:class:`Interrupts`): the first SIGINT/SIGTERM stops starting chunks, lets the chunks
+Interrupts (molmo_backend/commands/interrupts.py): the first SIGINT/SIGTERM stops starting chunks, lets the chunks
 in flight finish and writes them; a second one abandons those chunks without writing anything
 of them. A task is never written twice by one run, and before each write the chunk's tasks are
 checked again, so a run beside another (or beside "Retrieve predictions") rarely duplicates.
@@ -24,19 +24,18 @@ checked again, so a run beside another (or beside "Retrieve predictions") rarely
 from __future__ import annotations
 
 import logging
-import math
 import queue
-import signal
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable
 
+from molmo_backend.commands.backend_session import EngineFactory, close_backend, load_backend
+from molmo_backend.commands.interrupts import Abandon, Interrupts
+from molmo_backend.commands.progress import Progress
 from molmo_backend.labelstudio.model import MolmoBackend, cached_config
 from molmo_backend.engine.scheduler import Priority
-from molmo_backend.labelstudio.api import (  # noqa: F401 (TaskInfo, TaskFilter: annotate's public names)
+from molmo_backend.labelstudio.api import (
     DEFAULT_PAGE_SIZE,
     MAX_WRITE,
     LabelStudioAPIError,
@@ -45,7 +44,6 @@ from molmo_backend.labelstudio.api import (  # noqa: F401 (TaskInfo, TaskFilter:
     TaskInfo,
     write_new_predictions,
 )
-from molmo_backend.app.service import build_backend, default_engine_factory
 from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,155 +57,10 @@ IN_FLIGHT = 2
 #: stop early when this many tasks failed to load their image before any succeeded
 FAILED_STREAK = 16
 
-#: something the user must fix (URL, key, project, filters, files); the message says what
+#: something the user must fix (URL, key, project, filters, files); the message says what. One
+#: class with the Label Studio API's errors (a BadInput: exit code 2), so that a caller catching
+#: AnnotateError gets those too
 AnnotateError = LabelStudioAPIError
-
-EngineFactory = Callable[[Settings], Any]
-
-
-def load_backend(settings: Settings, engine_factory: EngineFactory | None = None) -> MolmoBackend:
-    """The server's backend over a freshly loaded engine."""
-    engine = (engine_factory or default_engine_factory)(settings)
-    return build_backend(settings, engine)
-
-
-# ------------------------------------------------------------------------------------------------
-# interrupts and progress
-
-
-class Abandon(KeyboardInterrupt):
-    """The second interrupt: drop the chunks in flight."""
-
-
-class Interrupts:
-    """SIGINT/SIGTERM while annotating: the first asks to stop after the chunks in flight, the
-    second abandons them. Installed only in the main thread (signals are delivered there)."""
-
-    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
-        self.signals = tuple(signals)
-        self.signum: int | None = None
-        self.abandoned = False
-        self._writing = False
-        self._old: dict[int, Any] = {}
-
-    @property
-    def stop_requested(self) -> bool:
-        return self.signum is not None
-
-    def request_stop(self, signum: int = signal.SIGINT) -> None:
-        """What the first signal does (tests call it directly)."""
-        if self.signum is None:
-            self.signum = signum
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-            log.warning("interrupted: finishing and writing the chunks in flight, then stopping; "
-                        "interrupt again to abandon them")
-            return
-        self.abandoned = True
-        if not self._writing:  # a write in progress completes; the loop stops right after it
-            raise Abandon()
-
-    @contextmanager
-    def writing(self):
-        """No Abandon raised inside: a write request is never cut in half on our side (the caller
-        checks ``abandoned`` after it)."""
-        self._writing = True
-        try:
-            yield
-        finally:
-            self._writing = False
-
-    def __enter__(self) -> "Interrupts":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-
-class Progress:
-    """done/total with tasks/s and ETA: a tqdm bar on a terminal, else a log line every
-    ``interval`` seconds (and one at the end)."""
-
-    def __init__(self, total: int, mode: str = "auto", stream=None, interval: float = 10.0,
-                 pairs: Callable[[], int] | None = None):
-        self.stream = stream or sys.stderr
-        if mode == "auto":
-            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "log"
-        self.mode = mode
-        self.total = total
-        self.done = 0
-        self.interval = interval
-        self.pairs = pairs or (lambda: 0)
-        self._pairs0 = self.pairs()
-        self.started = time.monotonic()
-        self._last_log = self.started
-        self.bar = None
-        self._counts: dict = {}
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="task", file=self.stream, dynamic_ncols=True,
-                            smoothing=0.05, desc="annotate")
-
-    def rate(self) -> float:
-        return self.done / max(time.monotonic() - self.started, 1e-9)
-
-    def eta(self) -> float | None:
-        rate = self.rate()
-        return (self.total - self.done) / rate if rate > 0 else None
-
-    def advance(self, n: int, **counts) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            self._postfix(counts)
-        self.tick(force=self.done >= self.total, **counts)
-
-    def tick(self, force: bool = False, **counts) -> None:
-        now = time.monotonic()
-        if self.bar is not None:
-            self._postfix(counts or self._counts)
-            return
-        if self.mode != "log" or (not force and now - self._last_log < self.interval):
-            return
-        self._last_log = now
-        eta = self.eta()
-        log.info("annotate progress", extra={
-            "done": self.done, "total": self.total, "tasks_per_s": round(self.rate(), 3),
-            "pairs": self.pairs() - self._pairs0,
-            "eta_s": None if eta is None else round(eta, 1), **counts})
-
-    def _postfix(self, counts: dict) -> None:
-        self._counts = counts
-        pairs = self.pairs() - self._pairs0
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        self.bar.set_postfix({"pairs/s": f"{pairs / elapsed:.1f}", **counts}, refresh=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    @contextmanager
-    def logging_redirected(self):
-        """Log lines printed above the bar instead of through it."""
-        if self.bar is None:
-            yield
-            return
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        with logging_redirect_tqdm():
-            yield
-
-
-# ------------------------------------------------------------------------------------------------
-# the project loop
 
 
 class _FailureRecorder:
@@ -357,13 +210,6 @@ def annotate_project(
     return report
 
 
-def close_backend(backend: MolmoBackend) -> None:
-    """Stop the scheduler's worker thread (the process may go on: tests, notebooks)."""
-    close = getattr(backend.scheduler, "close", None)
-    if close is not None:
-        close()
-
-
 def _run_chunks(backend: MolmoBackend, project: LabelStudioProject, label_config: str,
                 chunks: list[_Chunk], recorder: _FailureRecorder, report: AnnotateReport,
                 bar: Progress, interrupts: Interrupts, in_flight: int) -> None:
@@ -468,12 +314,3 @@ def parse_task_ids(values: Iterable[str]) -> tuple[int, ...]:
     if any(i < 1 for i in ids):
         raise AnnotateError("task ids are positive integers")
     return tuple(dict.fromkeys(ids))
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from molmo_backend import __version__
+from molmo_backend.errors import MolmoError
 from molmo_backend.settings import SETTINGS_DOC, Settings, SettingsError
 
 log = logging.getLogger("molmo_backend.commands.cli")
@@ -161,6 +162,8 @@ def _command_settings(args: argparse.Namespace, **overrides) -> Settings:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     from molmo_backend.commands import annotate as ann
+    from molmo_backend.commands.progress import format_duration
+    from molmo_backend.labelstudio.api import TaskFilter
 
     settings = _command_settings(args, label_studio_url=args.url, label_studio_api_key=args.api_key)
     if args.query:
@@ -170,7 +173,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             raise ann.AnnotateError(f"--query is not valid JSON: {exc}") from None
     else:
         query = None
-    task_filter = ann.TaskFilter(task_ids=ann.parse_task_ids(args.tasks), view=args.view, query=query)
+    task_filter = TaskFilter(task_ids=ann.parse_task_ids(args.tasks), view=args.view, query=query)
     if args.page_size < 1:
         raise ann.AnnotateError("--page-size must be >= 1")
     report = ann.annotate_project(
@@ -183,7 +186,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     rate = report.written / report.predict_seconds if report.predict_seconds > 0 else 0.0
     summary = (f"project {report.project}, model_version {report.model_version}: "
                f"{report.listed} tasks, {report.skipped} already done, {report.written} written "
-               f"({report.with_points} with points) in {ann.format_duration(report.seconds)}"
+               f"({report.with_points} with points) in {format_duration(report.seconds)}"
                f" ({rate:.2f} tasks/s)")
     if report.skipped_late:
         summary += f", {report.skipped_late} predicted elsewhere meanwhile"
@@ -228,23 +231,23 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
     (tests force answers through it)."""
     args = build_parser().parse_args(argv)
     args.engine_factory = engine_factory
-    from molmo_backend.labelstudio.config import LabelConfigError
-
     try:
         return args.func(args)
-    except SettingsError as exc:
-        print(f"molmo-backend: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except LabelConfigError as exc:
-        print(f"molmo-backend: the project's label config cannot be used: {exc}", file=sys.stderr)
-        return 2
+    except MolmoError as exc:  # something the user can act on: its message, no traceback
+        print(f"molmo-backend: {_error_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("molmo-backend: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    except Exception as exc:
-        from molmo_backend.commands.annotate import AnnotateError
 
-        if isinstance(exc, AnnotateError):
-            print(f"molmo-backend: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def _error_line(exc: MolmoError) -> str:
+    if isinstance(exc, SettingsError):
+        return f"configuration error: {exc}"
+    # imported here: label_studio_sdk (under labelstudio.config) takes about a second to import,
+    # which --help and serve's start should not wait for
+    from molmo_backend.labelstudio.config import LabelConfigError
+
+    if isinstance(exc, LabelConfigError):
+        return f"the project's label config cannot be used: {exc}"
+    return str(exc)

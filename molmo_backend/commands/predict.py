@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.sax.saxutils import quoteattr
 
-from molmo_backend.commands.annotate import AnnotateError, EngineFactory, close_backend, load_backend
+from molmo_backend.commands.backend_session import EngineFactory, close_backend, load_backend
+from molmo_backend.errors import BadInput
 from molmo_backend.labelstudio.model import MolmoBackend, cached_config
 from molmo_backend.engine.scheduler import Priority
 from molmo_backend.images.decode import decode_image
@@ -52,13 +53,13 @@ def predict_files(settings: Settings, paths: Sequence[str | Path], labels: Seque
                   out_dir: str | Path | None = None, engine_factory: EngineFactory | None = None,
                   backend: MolmoBackend | None = None) -> dict:
     """Points per image and label, through the server's backend; with ``out_dir`` an overlay PNG
-    per image there (``<name>.molmo.png``). Unreadable files raise AnnotateError before the model
-    loads."""
+    per image there (``<name>.molmo.png``). No label, no file or an unreadable file raise
+    BadInput (exit code 2) before the model loads."""
     labels = list(dict.fromkeys(label.strip() for label in labels if label and label.strip()))
     if not labels:
-        raise AnnotateError("give at least one --label")
+        raise BadInput("give at least one --label")
     if not paths:
-        raise AnnotateError("give at least one image file")
+        raise BadInput("give at least one image file")
     files: list[tuple[Path, bytes, Any]] = []
     problems = []
     for raw in paths:
@@ -71,7 +72,7 @@ def predict_files(settings: Settings, paths: Sequence[str | Path], labels: Seque
         except (OSError, ImageLoadError) as exc:
             problems.append(f"{path}: {exc.strerror if isinstance(exc, OSError) else exc}")
     if problems:
-        raise AnnotateError("cannot read " + "; ".join(problems))
+        raise BadInput("cannot read " + "; ".join(problems))
 
     config = keypoint_config(labels)
     cached_config(config)

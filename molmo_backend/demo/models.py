@@ -18,6 +18,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from molmo_backend.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 MOLMO2_TOKENS = [
@@ -252,7 +254,7 @@ def ensure_random_model(cache_dir: str | Path) -> Path:
     return out
 
 
-class DemoModelMissing(FileNotFoundError):
+class DemoModelMissing(Unavailable, FileNotFoundError):
     pass
 
 

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+from molmo_backend.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 #: Label Studio's PREDICTION_IMPORT_BATCH_SIZE: one import request of at most this many tasks is
@@ -36,9 +38,10 @@ DEFAULT_PAGE_SIZE = 500
 WRITE_ATTEMPTS = 4
 
 
-class LabelStudioAPIError(RuntimeError):
-    """Something the user must fix (URL, key, project, filters, files); the message says what.
-    ``retryable``: the cause was transient (no answer, 429, 5xx), so another try may succeed."""
+class LabelStudioAPIError(BadInput, RuntimeError):
+    """Something the user must fix (URL, key, project, filters, files); the message says what
+    (exit code 2). ``retryable``: the cause was transient (no answer, 429, 5xx), so another try
+    may succeed."""
 
     retryable = False
 

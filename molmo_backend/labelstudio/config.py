@@ -34,6 +34,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import KeyPointLabelsTag, NumberTag, TextAreaTag
 from label_studio_sdk.label_interface.object_tags import ImageTag
 
+from molmo_backend.errors import BadInput
+
 PROMPT_ATTRIBUTE = "prompt"
 #: on a <Number>: what to count
 COUNT_ATTRIBUTE = "count"
@@ -44,8 +46,9 @@ HOW_TO = ('Add <KeyPointLabels name="kp" toName="image"> with <Label value="..."
           'pointing at an <Image name="image" value="$image"/>')
 
 
-class LabelConfigError(ValueError):
-    """The label config gives the backend nothing to do; the message says what to add or fix."""
+class LabelConfigError(BadInput, ValueError):
+    """The label config gives the backend nothing to do; the message says what to add or fix
+    (HTTP 400, exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -135,18 +138,6 @@ def parse_label_config(label_config: str) -> LabelConfig:
     if not (points or counts or texts):
         raise _nothing_to_do(skipped)
     return LabelConfig(tuple(points), counts, tuple(texts), tuple(prompt_inputs))
-
-
-def parse_point_targets(label_config: str) -> list[PointTarget]:
-    """Every KeyPointLabels -> Image pair of ``label_config``, in config order.
-
-    Raises LabelConfigError when the config cannot be parsed or holds no usable pair; pairs that
-    cannot be used (no labels, not an Image, no ``$key``) are skipped, and named in that error.
-    """
-    targets, skipped = _point_targets(_interface(label_config))
-    if not targets:
-        raise _nothing_to_do(skipped)
-    return targets
 
 
 def _nothing_to_do(skipped: list[str]) -> LabelConfigError:

@@ -132,18 +132,27 @@ class MolmoBackend(LabelStudioMLBase):
         self.images.configure_label_studio(hostname, access_token)
         return self.model_version
 
-    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list:
+    def predict(self, tasks: list[dict], context: dict | None = None, *,
+                label_config: str | None = None, priority: Priority | None = None,
+                deadline: float | None = None, client_gone: Callable[[], bool] | None = None,
+                project: Any = None, **kwargs: Any) -> list:
         """One result per task, in order: its prediction dict, or, only for a bulk request given
         a ``deadline``, an empty list for a task not finished by then (or answered meanwhile by
         the write-back). Raises LabelConfigError for an unusable config (that is the whole
         request's fault); anything that goes wrong with one task gives that task an empty
         prediction and a logged reason.
 
-        Keyword arguments: ``label_config``; ``priority`` (default: INTERACTIVE for one task,
-        BULK for more); ``deadline`` (``time.monotonic()`` value, bulk requests only);
+        ``label_config``: the config to fill (default: the one /setup gave); ``priority``
+        (default: INTERACTIVE for one task, BULK for more; an interactive context is always
+        INTERACTIVE); ``deadline`` (``time.monotonic()`` value, bulk requests only);
         ``client_gone`` (a callable: True once the HTTP client has hung up); ``project`` (the
-        Label Studio project, ``"<id>.<timestamp>"`` or an id, for the write-back)."""
-        label_config = kwargs.get("label_config") or self.label_config
+        Label Studio project, ``"<id>.<timestamp>"`` or an id, for the write-back).
+
+        Other keywords are accepted and ignored: label-studio-ml 2.x's server calls
+        ``predict(tasks, context=context, **params)`` with the rest of the request's ``params``
+        (Label Studio sends ``login`` and ``password`` there besides ``context``), so a caller
+        written for that contract must not get a TypeError."""
+        label_config = label_config or self.label_config
         if not label_config:
             raise LabelConfigError("no label config: send 'label_config' with the request, or call "
                                    "/setup with the project's 'schema' first")
@@ -159,24 +168,22 @@ class MolmoBackend(LabelStudioMLBase):
                          extra={"context_keys": sorted(context)[:10]})
         else:
             asks = cached_bulk_asks(label_config, self.prompt_template, self.settings.caption_prompt)
-            priority = kwargs.get("priority")  # INTERACTIVE is 0: test for None, not falsiness
-            if priority is None:
+            if priority is None:  # INTERACTIVE is 0: test for None, not falsiness
                 priority = Priority.INTERACTIVE if len(tasks) <= 1 else Priority.BULK
         bulk = priority != Priority.INTERACTIVE
-        deadline = kwargs.get("deadline") if bulk else None
-        gone: Callable[[], bool] | None = kwargs.get("client_gone")
+        deadline = deadline if bulk else None
         started = time.monotonic()
 
         # What an interactive context asks is not a task's prediction: nothing to key or keep.
         keys = [None] * len(tasks) if interactive else self._keys(tasks, asks)
-        claim = self.results.claim(keys, project=project_id(kwargs.get("project"), tasks),
+        claim = self.results.claim(keys, project=project_id(project, tasks),
                                    register=bulk)
         run = None
         if claim.new:
             new = claim.new
             run = TaskRun(self, [tasks[i] for i in new], asks, priority, on_task=lambda j, prediction, ok:
                           self.results.resolve(claim.entries[new[j]], prediction, ok)).start()
-        outcome = claim.wait(deadline, gone)
+        outcome = claim.wait(deadline, client_gone)
         if outcome == "gone":
             self.results.stats.add(clients_gone=1)
             if not bulk and run is not None:

@@ -24,21 +24,17 @@ import pytest
 from PIL import Image
 
 from molmo_backend.commands import cli
-from molmo_backend.commands.annotate import (
-    AnnotateError,
-    Interrupts,
-    LabelStudioProject,
-    TaskFilter,
-    annotate_project,
-    parse_task_ids,
-)
+from molmo_backend.commands.annotate import AnnotateError, annotate_project, parse_task_ids
+from molmo_backend.commands.interrupts import Interrupts
 from molmo_backend.commands.predict import keypoint_config
 from molmo_backend.labelstudio.model import make_model_version
 from molmo_backend.engine.base import Answer, Engine
+from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.labelstudio.config import LabelConfigError
 from molmo_backend.commands.overlay import PALETTE, RING
 from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
-from molmo_backend.settings import Settings
+from molmo_backend.errors import Unavailable
+from molmo_backend.settings import Settings, SettingsError
 from tests.support import fake_label_studio
 from tests.support.fake_label_studio import StatusError
 from tests.support.processes import ROOT
@@ -333,3 +329,26 @@ def test_predict_refuses_unreadable_files_before_loading_a_model(tmp_path, capsy
                      "--label", "cat"], engine_factory=no_engine)
     err = capsys.readouterr().err
     assert code == 2 and "text.png" in err and "missing.png" in err and "No such file" in err
+
+
+def test_the_backends_errors_exit_with_their_code_and_say_what_kind(tmp_path, capsys, monkeypatch):
+    """main answers every MolmoError the same way: one line, its kind's exit code, no traceback."""
+    monkeypatch.setattr("molmo_backend.logs.configure_logging", lambda *a, **k: None)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    image = str(tmp_path / "a.png")
+
+    def unavailable(settings):
+        raise Unavailable("the engine server is not there")
+
+    assert cli.main(["predict", image, "--label", "cat"], engine_factory=unavailable) == 1
+    assert capsys.readouterr().err.endswith("molmo-backend: the engine server is not there\n")
+    monkeypatch.setattr("molmo_backend.commands.predict.keypoint_config", lambda labels: "<View/>")
+    assert cli.main(["predict", image, "--label", "cat"], engine_factory=unavailable) == 2
+    assert "molmo-backend: the project's label config cannot be used: The label config" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("MOLMO_DEMO", "sometimes")
+    assert cli.main(["predict", image, "--label", "cat"], engine_factory=unavailable) == 2
+    assert "molmo-backend: configuration error: MOLMO_DEMO must be" in capsys.readouterr().err
+    assert (SettingsError.exit_code, LabelConfigError.exit_code, AnnotateError.exit_code) == (2, 2, 2)
+    assert issubclass(SettingsError, ValueError) and issubclass(LabelConfigError, ValueError)
+    assert issubclass(AnnotateError, RuntimeError)

@@ -11,7 +11,7 @@ from molmo_backend.demo.scenes import (
     COLOURS, LABELS, NONE_ANSWER, SAMPLES, answer_for, label_config, make_scene, pick_question,
     sample_scene, write_samples,
 )
-from molmo_backend.labelstudio.config import parse_point_targets
+from molmo_backend.labelstudio.config import parse_label_config
 from molmo_backend.pointing.points import parse_points
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,5 +84,5 @@ def test_the_sample_files_are_what_the_generator_writes(tmp_path):
 
 
 def test_the_sample_label_config_is_one_keypoint_control_with_every_label():
-    targets = parse_point_targets(label_config())
+    targets = parse_label_config(label_config()).points
     assert [(t.from_name, t.to_name, t.labels) for t in targets] == [("kp", "image", LABELS)]

@@ -4,7 +4,7 @@ from molmo_backend.labelstudio.config import (
     PROMPT_ATTRIBUTE,
     LabelConfigError,
     PointTarget,
-    parse_point_targets,
+    parse_label_config,
 )
 
 ONE_PAIR = """
@@ -19,7 +19,7 @@ ONE_PAIR = """
 
 
 def test_one_pair():
-    [target] = parse_point_targets(ONE_PAIR)
+    [target] = parse_label_config(ONE_PAIR).points
     assert target == PointTarget(
         from_name="kp", to_name="image", data_key="image",
         labels=("cat", "dog"), prompts={"dog": "the brown dog"},
@@ -36,7 +36,7 @@ def test_two_pairs_keep_config_order_and_their_own_images():
       <KeyPointLabels name="first" toName="image"><Label value="nose"/><Label value="eye"/></KeyPointLabels>
     </View>
     """
-    targets = parse_point_targets(config)
+    targets = parse_label_config(config).points
     assert [(t.from_name, t.to_name, t.data_key, t.labels) for t in targets] == [
         ("second", "photo", "photo_url", ("tail",)),
         ("first", "image", "image", ("nose", "eye")),
@@ -52,7 +52,7 @@ def test_other_controls_are_ignored():
       <KeyPointLabels name="kp" toName="image"><Label value="wheel"/></KeyPointLabels>
     </View>
     """
-    [target] = parse_point_targets(config)
+    [target] = parse_label_config(config).points
     assert target.from_name == "kp"
     assert target.labels == ("wheel",)
 
@@ -72,7 +72,7 @@ def test_odd_label_strings_come_out_as_label_studio_shows_them():
       </KeyPointLabels>
     </View>
     """
-    [target] = parse_point_targets(config)
+    [target] = parse_label_config(config).points
     assert target.labels == (
         "left eye", "Tom & Jerry", 'say "hi"', "it's", "café ü 猫", "{label} {0}", "a <b>",
     )
@@ -89,7 +89,7 @@ def test_prompt_attribute_is_decoded_and_stripped():
       </KeyPointLabels>
     </View>
     """
-    [target] = parse_point_targets(config)
+    [target] = parse_label_config(config).points
     assert target.prompts == {"R&D": 'the "R&D" sign'}
 
 
@@ -104,7 +104,7 @@ def test_alias_is_the_label_and_value_its_prompt():
       </KeyPointLabels>
     </View>
     """
-    [target] = parse_point_targets(config)
+    [target] = parse_label_config(config).points
     assert target.labels == ("LE", "RE")
     assert target.prompts == {"LE": "left eye", "RE": "the right eye of the person"}
 
@@ -118,7 +118,7 @@ def test_blank_labels_are_skipped_and_duplicates_collapse():
       </KeyPointLabels>
     </View>
     """
-    [target] = parse_point_targets(config)
+    [target] = parse_label_config(config).points
     assert target.labels == ("cat",)
 
 
@@ -130,7 +130,7 @@ def test_control_without_labels_is_skipped_when_another_works():
       <KeyPointLabels name="kp" toName="image"><Label value="cat"/></KeyPointLabels>
     </View>
     """
-    assert [t.from_name for t in parse_point_targets(config)] == ["kp"]
+    assert [t.from_name for t in parse_label_config(config).points] == ["kp"]
 
 
 def test_one_control_with_two_images_gives_two_targets():
@@ -140,7 +140,7 @@ def test_one_control_with_two_images_gives_two_targets():
       <KeyPointLabels name="kp" toName="a,b"><Label value="cat"/></KeyPointLabels>
     </View>
     """
-    assert [(t.to_name, t.data_key) for t in parse_point_targets(config)] == [
+    assert [(t.to_name, t.data_key) for t in parse_label_config(config).points] == [
         ("a", "left"), ("b", "right")]
 
 
@@ -150,7 +150,7 @@ def test_nested_views_work():
       <View><KeyPointLabels name="kp" toName="image"><Label value="cat"/></KeyPointLabels></View>
     </View>
     """
-    [target] = parse_point_targets(config)
+    [target] = parse_label_config(config).points
     assert target.data_key == "img"
 
 
@@ -158,7 +158,7 @@ def test_nested_views_work():
                                     "<View><Image name='i' value='$i'/>"])
 def test_unparsable_config(config):
     with pytest.raises(LabelConfigError) as info:
-        parse_point_targets(config)
+        parse_label_config(config)
     assert "KeyPointLabels" in str(info.value)
 
 
@@ -170,7 +170,7 @@ def test_no_pair_says_what_to_add():
     </View>
     """
     with pytest.raises(LabelConfigError) as info:
-        parse_point_targets(config)
+        parse_label_config(config)
     message = str(info.value)
     assert '<KeyPointLabels name="kp" toName="image">' in message
     assert '<Image name="image" value="$image"/>' in message
@@ -197,7 +197,7 @@ def test_error_is_a_value_error():
 ])
 def test_unusable_pairs_are_explained(config, reason):
     with pytest.raises(LabelConfigError) as info:
-        parse_point_targets(config)
+        parse_label_config(config)
     assert reason in str(info.value)
     assert "Add <KeyPointLabels" in str(info.value)
 
@@ -209,4 +209,4 @@ def test_doctype_is_refused(tmp_path):
               '<View><Image name="image" value="$image"/>'
               '<KeyPointLabels name="kp" toName="image"><Label value="&x;"/></KeyPointLabels></View>')
     with pytest.raises(LabelConfigError, match="DOCTYPE"):
-        parse_point_targets(config)
+        parse_label_config(config)
