@@ -51,8 +51,13 @@ def counts(ls: LabelStudio, pid: int, version: str) -> dict:
     out = {"none": 0, "one": 0, "more": 0, "foreign": 0}
     page = 1
     while True:
-        r = ls.api("GET", "/api/tasks", expect=(200, 404), timeout=600,
-                   params={"project": pid, "page": page, "page_size": 1000, "fields": "all"})
+        r = ls.api(
+            "GET",
+            "/api/tasks",
+            expect=(200, 404),
+            timeout=600,
+            params={"project": pid, "page": page, "page_size": 1000, "fields": "all"},
+        )
         if r.status_code == 404:
             return out
         tasks = r.json()["tasks"]
@@ -67,22 +72,32 @@ def counts(ls: LabelStudio, pid: int, version: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--mode", choices=["repeat", "write-back"], default="repeat")
     parser.add_argument("--deadline", type=float, default=90.0, help="MOLMO_PREDICT_DEADLINE")
     parser.add_argument("--max-retrieves", type=int, default=50)
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="MOLMO_MAX_NEW_TOKENS: the "
-                        "random demo model talks until this cap, so it sets the engine's speed")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="MOLMO_MAX_NEW_TOKENS: the "
+        "random demo model talks until this cap, so it sets the engine's speed",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    report: dict = {"tasks": args.tasks, "mode": args.mode, "deadline_s": args.deadline,
-                    "max_new_tokens": args.max_new_tokens,
-                    "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": f"{platform.node()} ({platform.processor() or platform.machine()})",
-                    "retrieves": []}
+    report: dict = {
+        "tasks": args.tasks,
+        "mode": args.mode,
+        "deadline_s": args.deadline,
+        "max_new_tokens": args.max_new_tokens,
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()})",
+        "retrieves": [],
+    }
     with tempfile.TemporaryDirectory(prefix="big-retrieve-") as tmp_name:
         tmp = Path(tmp_name)
         web = tmp / "web"
@@ -93,14 +108,19 @@ def main() -> int:
             pid = ls.create_project(CONFIG, title="big retrieve")["id"]
             t = time.monotonic()
             for start in range(0, args.tasks, 1000):
-                ls.import_urls(pid, [f"{web_url}/{i}.png" for i in range(start, min(start + 1000, args.tasks))])
+                ls.import_urls(
+                    pid, [f"{web_url}/{i}.png" for i in range(start, min(start + 1000, args.tasks))]
+                )
             report["import_s"] = round(time.monotonic() - t, 1)
             log(f"imported {args.tasks} tasks in {report['import_s']} s")
-            env = {"MOLMO_PREDICT_DEADLINE": str(args.deadline),
-                   "MOLMO_MAX_NEW_TOKENS": str(args.max_new_tokens),
-                   "MOLMO_ALLOWED_HOSTS": web_url.split("//", 1)[1],
-                   "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.user_token,
-                   "MOLMO_WRITE_BACK": "auto" if args.mode == "write-back" else "0"}
+            env = {
+                "MOLMO_PREDICT_DEADLINE": str(args.deadline),
+                "MOLMO_MAX_NEW_TOKENS": str(args.max_new_tokens),
+                "MOLMO_ALLOWED_HOSTS": web_url.split("//", 1)[1],
+                "LABEL_STUDIO_URL": ls.url,
+                "LABEL_STUDIO_API_KEY": ls.user_token,
+                "MOLMO_WRITE_BACK": "auto" if args.mode == "write-back" else "0",
+            }
             (tmp / "backend").mkdir()
             with run_backend(tmp / "backend", env=env) as backend:
                 version = ls.connect_ml(pid, backend.url)["model_version"]
@@ -109,18 +129,32 @@ def main() -> int:
 
                 def retrieve(n: int) -> dict:
                     t = time.monotonic()
-                    answer = ls.api("POST", "/api/dm/actions", timeout=1800,
-                                    params={"id": "retrieve_tasks_predictions", "project": pid},
-                                    json={"selectedItems": {"all": True, "excluded": []}}).json()
+                    answer = ls.api(
+                        "POST",
+                        "/api/dm/actions",
+                        timeout=1800,
+                        params={"id": "retrieve_tasks_predictions", "project": pid},
+                        json={"selectedItems": {"all": True, "excluded": []}},
+                    ).json()
                     seconds = time.monotonic() - t
                     now = counts(ls, pid, version)
-                    metrics = requests.get(f"{backend.url}/metrics?format=json", timeout=30).json()["retrieve"]
-                    report["retrieves"].append({"n": n, "at_s": round(time.monotonic() - started, 1),
-                                                "seconds": round(seconds, 1),
-                                                "detail": answer.get("detail"), **now,
-                                                "backend": metrics})
-                    log(f"retrieve {n}: {seconds:.1f} s, LS says {answer.get('detail')!r}; tasks "
-                        f"with one prediction: {now['one']}, none: {now['none']}, more: {now['more']}")
+                    metrics = requests.get(f"{backend.url}/metrics?format=json", timeout=30).json()[
+                        "retrieve"
+                    ]
+                    report["retrieves"].append(
+                        {
+                            "n": n,
+                            "at_s": round(time.monotonic() - started, 1),
+                            "seconds": round(seconds, 1),
+                            "detail": answer.get("detail"),
+                            **now,
+                            "backend": metrics,
+                        }
+                    )
+                    log(
+                        f"retrieve {n}: {seconds:.1f} s, LS says {answer.get('detail')!r}; tasks "
+                        f"with one prediction: {now['one']}, none: {now['none']}, more: {now['more']}"
+                    )
                     return now
 
                 now = retrieve(1)
@@ -130,11 +164,14 @@ def main() -> int:
                     while True:
                         m = requests.get(f"{backend.url}/metrics?format=json", timeout=30).json()["retrieve"]
                         now = counts(ls, pid, version)
-                        log(f"write-back: {now['one']} tasks hold a prediction; backend: in flight "
+                        log(
+                            f"write-back: {now['one']} tasks hold a prediction; backend: in flight "
                             f"{m['in_flight']}, kept {m['kept']}, written {m['written_back']}, "
-                            f"failures {m['write_back_failures']}")
-                        given_up = m["write_back_failures"] and m["in_flight"] == 0 and \
-                            m["kept"] == now["none"]
+                            f"failures {m['write_back_failures']}"
+                        )
+                        given_up = (
+                            m["write_back_failures"] and m["in_flight"] == 0 and m["kept"] == now["none"]
+                        )
                         if now["none"] == 0 or given_up:
                             break
                         time.sleep(10)
@@ -146,8 +183,10 @@ def main() -> int:
                 report["total_s"] = round(time.monotonic() - started, 1)
                 report["final"] = counts(ls, pid, version)
                 report["backend"] = requests.get(f"{backend.url}/metrics?format=json", timeout=30).json()
-    log(f"done: {json.dumps(report['final'])} in {report['total_s']} s after "
-        f"{len(report['retrieves'])} retrieve(s)")
+    log(
+        f"done: {json.dumps(report['final'])} in {report['total_s']} s after "
+        f"{len(report['retrieves'])} retrieve(s)"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     ok = report["final"]["none"] == 0 and report["final"]["more"] == 0 and not report["final"]["foreign"]

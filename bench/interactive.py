@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import build, noise_image  # noqa: E402
 
+from molmo_backend.app.service import build_backend  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.logs import configure_logging  # noqa: E402
-from molmo_backend.app.service import build_backend  # noqa: E402
 from molmo_backend.settings import Settings  # noqa: E402
 
 CONFIG = """<View>
@@ -41,8 +41,16 @@ CONFIG = """<View>
   </KeyPointLabels>
   <TextArea name="prompt" toName="image" smart="true"/>
 </View>"""
-CONTEXT = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
-                       "value": {"text": ["window: every window of the left building"]}}]}
+CONTEXT = {
+    "result": [
+        {
+            "from_name": "prompt",
+            "to_name": "image",
+            "type": "textarea",
+            "value": {"text": ["window: every window of the left building"]},
+        }
+    ]
+}
 
 
 def data_uri(img) -> str:
@@ -53,13 +61,18 @@ def data_uri(img) -> str:
 
 def stats(values):
     values = sorted(values)
-    return {"runs": len(values), "p50_s": round(statistics.median(values), 3),
-            "p95_s": round(values[min(len(values) - 1, int(0.95 * len(values)))], 3),
-            "max_s": round(values[-1], 3)}
+    return {
+        "runs": len(values),
+        "p50_s": round(statistics.median(values), 3),
+        "p95_s": round(values[min(len(values) - 1, int(0.95 * len(values)))], 3),
+        "max_s": round(values[-1], 3),
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="8b", choices=["8b", "4b", "tiny"])
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--runs", type=int, default=20)
@@ -71,32 +84,49 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.monotonic()
     model, processor, params = build(args.model, device, dtype)
-    engine = TransformersEngine(model, processor, model_id=f"Molmo2-{args.model}", revision="random",
-                                max_new_tokens=args.tokens, max_batch=128)
+    engine = TransformersEngine(
+        model,
+        processor,
+        model_id=f"Molmo2-{args.model}",
+        revision="random",
+        max_new_tokens=args.tokens,
+        max_batch=128,
+    )
     engine.answer_tokens = args.tokens  # every answer args.tokens long (random weights stop anywhere)
     backend = build_backend(Settings(max_new_tokens=args.tokens), engine)
-    print(f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, Molmo2-{args.model}, "
-          f"{params / 1e9:.2f} B params, built in {time.monotonic() - t0:.0f} s", flush=True)
+    print(
+        f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, Molmo2-{args.model}, "
+        f"{params / 1e9:.2f} B params, built in {time.monotonic() - t0:.0f} s",
+        flush=True,
+    )
 
     uris = [data_uri(img) for img in [noise_image((1280, 960), 1100 + i) for i in range(args.runs * 2 + 2)]]
 
     def interactive(uri, task_id):
         started = time.perf_counter()
-        [prediction] = backend.predict([{"id": task_id, "data": {"image": uri}}], context=CONTEXT,
-                                       label_config=CONFIG)
+        [prediction] = backend.predict(
+            [{"id": task_id, "data": {"image": uri}}], context=CONTEXT, label_config=CONFIG
+        )
         assert prediction["model_version"] == backend.model_version
         return time.perf_counter() - started
 
     interactive(uris[-1], 0)  # warm-up: graph capture for this batch shape
     idle = [interactive(uri, i) for i, uri in enumerate(uris[: args.runs])]
-    out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-           "model": args.model, "tokens": args.tokens, "command": " ".join(["python"] + sys.argv),
-           "interactive_idle": stats(idle)}
+    out = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "model": args.model,
+        "tokens": args.tokens,
+        "command": " ".join(["python"] + sys.argv),
+        "interactive_idle": stats(idle),
+    }
     print("interactive idle:", out["interactive_idle"], flush=True)
 
     bulk_uris = [data_uri(img) for img in [noise_image((1280, 960), 2300 + i) for i in range(8)]]
-    bulk_tasks = [{"id": 1000 + i, "data": {"image": bulk_uris[i % len(bulk_uris)] + " " * (i // len(bulk_uris))}}
-                  for i in range(args.bulk_tasks)]
+    bulk_tasks = [
+        {"id": 1000 + i, "data": {"image": bulk_uris[i % len(bulk_uris)] + " " * (i // len(bulk_uris))}}
+        for i in range(args.bulk_tasks)
+    ]
     done = threading.Event()
     bulk = {}
 
@@ -110,15 +140,19 @@ def main() -> int:
     thread.start()
     time.sleep(2.0)
     loaded = []
-    for i, uri in enumerate(uris[args.runs: 2 * args.runs]):
+    for i, uri in enumerate(uris[args.runs : 2 * args.runs]):
         if done.is_set():
             break
         loaded.append(interactive(uri, 500 + i))
         time.sleep(0.2)
     thread.join()
     out["interactive_under_bulk"] = stats(loaded) if loaded else None
-    out["bulk"] = {"tasks": args.bulk_tasks, "pairs": 3 * args.bulk_tasks, "seconds": round(bulk["s"], 2),
-                   "preemptions": backend.scheduler.stats.get("preemptions")}
+    out["bulk"] = {
+        "tasks": args.bulk_tasks,
+        "pairs": 3 * args.bulk_tasks,
+        "seconds": round(bulk["s"], 2),
+        "preemptions": backend.scheduler.stats.get("preemptions"),
+    }
     print("interactive under bulk:", out["interactive_under_bulk"], flush=True)
     print("bulk:", out["bulk"], flush=True)
     if args.json:

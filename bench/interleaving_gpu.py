@@ -32,7 +32,9 @@ from tests.support.interleave import run_trials  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--tiny", action="store_true")
@@ -44,23 +46,40 @@ def main() -> int:
     model, processor, params = build("tiny" if args.tiny else "8b", device, torch.float32, layers=args.layers)
     sizes = [(300, 200), (640, 480), (1280, 960), (1920, 1080), (500, 500)]
     images = [noise_image(size, 40 + i) for i, size in enumerate(sizes)]
-    results = {"date": datetime.date.today().isoformat(),
-               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "command": " ".join(["python"] + sys.argv),
-               "model": f"Molmo2-8B geometry, {args.layers} text layers, float32", "params_b": round(params / 1e9, 2),
-               "variants": []}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(["python"] + sys.argv),
+        "model": f"Molmo2-8B geometry, {args.layers} text layers, float32",
+        "params_b": round(params / 1e9, 2),
+        "variants": [],
+    }
     for compiled in (False, True):
-        engine = TransformersEngine(model, processor, model_id="check", revision="random", max_new_tokens=12,
-                                    max_batch=24, compile_step=compiled)
+        engine = TransformersEngine(
+            model,
+            processor,
+            model_id="check",
+            revision="random",
+            max_new_tokens=12,
+            max_batch=24,
+            compile_step=compiled,
+        )
         started = time.perf_counter()
         engine.warm_up()
         warm = round(time.perf_counter() - started, 1)
         trials = run_trials(engine, images, args.trials, seed_base=7000 + 100 * compiled, tolerance=1e-3)
-        row = {"cuda_graphs": engine.decoder.use_cuda_graph, "compiled_step": engine.decoder.compile_step,
-               "warm_up_s": warm, "trials": len(trials), "answers": sum(t["answers"] for t in trials),
-               "arrived_mid_bulk": sum(t["arrived_mid_bulk"] for t in trials),
-               "mismatches": sum(len(t["mismatches"]) for t in trials), "seeds": [t["seed"] for t in trials],
-               "failing_seeds": [t["seed"] for t in trials if t["mismatches"]]}
+        row = {
+            "cuda_graphs": engine.decoder.use_cuda_graph,
+            "compiled_step": engine.decoder.compile_step,
+            "warm_up_s": warm,
+            "trials": len(trials),
+            "answers": sum(t["answers"] for t in trials),
+            "arrived_mid_bulk": sum(t["arrived_mid_bulk"] for t in trials),
+            "mismatches": sum(len(t["mismatches"]) for t in trials),
+            "seeds": [t["seed"] for t in trials],
+            "failing_seeds": [t["seed"] for t in trials if t["mismatches"]],
+        }
         results["variants"].append(row)
         print(row, flush=True)
         del engine

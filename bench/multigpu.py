@@ -25,13 +25,15 @@ from workloads import build, fixed40  # noqa: E402
 
 NEW_TOKENS = 40
 
+from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
 from molmo_backend.logs import configure_logging  # noqa: E402
-from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="8b", choices=["8b", "4b"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--images-per-gpu", type=int, default=160)
@@ -42,14 +44,26 @@ def main() -> int:
     engines = []
     for i in range(count):
         model, processor, _ = build(args.model, torch.device("cuda", i), torch.bfloat16)
-        engine = TransformersEngine(model, processor, model_id=f"Molmo2-{args.model}", revision="random",
-                                    max_new_tokens=NEW_TOKENS, max_batch=args.batch)
+        engine = TransformersEngine(
+            model,
+            processor,
+            model_id=f"Molmo2-{args.model}",
+            revision="random",
+            max_new_tokens=NEW_TOKENS,
+            max_batch=args.batch,
+        )
         engine.answer_tokens = NEW_TOKENS  # every answer NEW_TOKENS long (random weights stop anywhere)
         engines.append(engine)
     print(f"{count} x {torch.cuda.get_device_name(0)}, Molmo2-{args.model.upper()}", flush=True)
 
-    results = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
-               "gpus": count, "command": " ".join(["python"] + sys.argv), "batch": args.batch, "runs": []}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0),
+        "gpus": count,
+        "command": " ".join(["python"] + sys.argv),
+        "batch": args.batch,
+        "runs": [],
+    }
     for n in sorted({1, count}):
         scheduler = Scheduler(engines[:n], max_batch=args.batch)
         warm = fixed40(max(1, args.batch // 3) * n, 100 + n).queries
@@ -62,8 +76,13 @@ def main() -> int:
         for i in range(n):
             torch.cuda.synchronize(i)
         seconds = time.perf_counter() - started
-        row = {"gpus": n, "pairs": len(bulk), "seconds": round(seconds, 2),
-               "pairs_per_s": round(len(bulk) / seconds, 2), "failed_queries": scheduler.stats["failed_queries"]}
+        row = {
+            "gpus": n,
+            "pairs": len(bulk),
+            "seconds": round(seconds, 2),
+            "pairs_per_s": round(len(bulk) / seconds, 2),
+            "failed_queries": scheduler.stats["failed_queries"],
+        }
         results["runs"].append(row)
         print(row, flush=True)
         scheduler.close()

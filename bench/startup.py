@@ -35,13 +35,18 @@ def save(args) -> dict:
 
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
-    model, processor, params = build(args.model, torch.device("cuda" if cuda else "cpu"),
-                                     torch.bfloat16 if cuda else torch.float32)
+    model, processor, params = build(
+        args.model, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    )
     built = time.perf_counter() - started
     model.save_pretrained(args.path)
     processor.save_pretrained(args.path)
-    return {"step": "save", "params_b": round(params / 1e9, 2), "build_s": round(built, 1),
-            "save_s": round(time.perf_counter() - started - built, 1)}
+    return {
+        "step": "save",
+        "params_b": round(params / 1e9, 2),
+        "build_s": round(built, 1),
+        "save_s": round(time.perf_counter() - started - built, 1),
+    }
 
 
 def load(args) -> dict:
@@ -52,33 +57,49 @@ def load(args) -> dict:
     from workloads import LABELS, noise_image
 
     from molmo_backend.engine.base import PointQuery
-    from molmo_backend.engine.scheduler import Priority, Scheduler
     from molmo_backend.engine.molmo2 import TransformersEngine
+    from molmo_backend.engine.scheduler import Priority, Scheduler
 
     imported = time.perf_counter() - started
     cuda = torch.cuda.is_available()
-    engine = TransformersEngine.load(args.path, device="cuda" if cuda else "cpu",
-                                     dtype=torch.bfloat16 if cuda else torch.float32, max_new_tokens=1024,
-                                     max_batch=128, compile_step=args.compile == "1")
+    engine = TransformersEngine.load(
+        args.path,
+        device="cuda" if cuda else "cpu",
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        max_new_tokens=1024,
+        max_batch=128,
+        compile_step=args.compile == "1",
+    )
     ready = time.perf_counter() - started
     scheduler = Scheduler(engine)
     seconds = []
     for i in range(args.runs + 1):
         image = noise_image((1280, 960), 500 + i)
-        queries = [PointQuery(image, f"Point to the {label}.", image_key=i, answer_tokens=40) for label in LABELS]
+        queries = [
+            PointQuery(image, f"Point to the {label}.", image_key=i, answer_tokens=40) for label in LABELS
+        ]
         t0 = time.perf_counter()
         scheduler.submit(queries, Priority.INTERACTIVE)
         seconds.append(time.perf_counter() - t0)
     scheduler.close()
     seconds = seconds[1:]  # the first one captures its graphs
-    return {"step": "load", "compile": args.compile, "inductor_cache": "cold" if cold else "warm",
-            "compiled_step": engine.decoder.compile_step, "import_s": round(imported, 1),
-            "ready_s": round(ready, 1), "open_task_idle_p50_s": round(statistics.median(seconds), 3),
-            "open_task_idle_max_s": round(max(seconds), 3), "runs": len(seconds)}
+    return {
+        "step": "load",
+        "compile": args.compile,
+        "inductor_cache": "cold" if cold else "warm",
+        "compiled_step": engine.decoder.compile_step,
+        "import_s": round(imported, 1),
+        "ready_s": round(ready, 1),
+        "open_task_idle_p50_s": round(statistics.median(seconds), 3),
+        "open_task_idle_max_s": round(max(seconds), 3),
+        "runs": len(seconds),
+    }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("step", choices=["save", "load"])
     parser.add_argument("path")
     parser.add_argument("--model", default="8b", help="8b, 4b, or tiny (a CPU check of this script)")

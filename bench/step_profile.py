@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workloads import build, noise_image  # noqa: E402
 
 from molmo_backend.engine.base import PointQuery, Row  # noqa: E402
-from molmo_backend.engine.prefill import prepare_image  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
+from molmo_backend.engine.prefill import prepare_image  # noqa: E402
 
 
 def cuda_ms(fn, repeat=10, warm=2) -> float:
@@ -62,26 +62,44 @@ def attention_variants(out, device):
             lengths = torch.randint(read // 2, read, (rows,), device=device)
             mask = torch.where(torch.arange(read, device=device)[None, :] <= lengths[:, None], 0.0, -1e30)
             mask = mask.to(torch.bfloat16)[:, None, None, :]
-            k = cache[16:16 + rows, :, :read]
+            k = cache[16 : 16 + rows, :, :read]
             packed = q.reshape(rows, kv, heads // kv, dim)
             key = f"rows{rows}_read{read}"
             out[key + "_sdpa_strided_packgqa"] = cuda_ms(
-                lambda: torch.nn.functional.scaled_dot_product_attention(packed, k, k, attn_mask=mask))
+                lambda: torch.nn.functional.scaled_dot_product_attention(packed, k, k, attn_mask=mask)
+            )
             kc = k.contiguous()
             out[key + "_sdpa_contiguous_packgqa"] = cuda_ms(
-                lambda: torch.nn.functional.scaled_dot_product_attention(packed, kc, kc, attn_mask=mask))
+                lambda: torch.nn.functional.scaled_dot_product_attention(packed, kc, kc, attn_mask=mask)
+            )
             out[key + "_kv_bytes_gb"] = round(2 * rows * read * kv * dim * 2 / 1e9, 3)
             try:  # per-row key lengths: the efficient kernel reads only each row's own keys
                 flat = cache_bmhk.view(1, slots * length, kv, dim)
-                qp = q.reshape(rows, kv, heads // kv, dim).permute(0, 2, 1, 3).reshape(1, rows * heads // kv, kv, dim)
+                qp = (
+                    q.reshape(rows, kv, heads // kv, dim)
+                    .permute(0, 2, 1, 3)
+                    .reshape(1, rows * heads // kv, kv, dim)
+                )
                 seqstart_q = torch.arange(rows + 1, device=device, dtype=torch.int32) * (heads // kv)
                 seqstart_k = (torch.arange(rows + 1, device=device, dtype=torch.int32) + 16) * length
                 seqlen_k = (lengths + 1).to(torch.int32)
 
                 def varlen():
                     return torch.ops.aten._efficient_attention_forward(
-                        qp, flat, flat, None, seqstart_q, seqstart_k, heads // kv, read, 0.0, 0, False,
-                        scale=None, seqlen_k=seqlen_k)
+                        qp,
+                        flat,
+                        flat,
+                        None,
+                        seqstart_q,
+                        seqstart_k,
+                        heads // kv,
+                        read,
+                        0.0,
+                        0,
+                        False,
+                        scale=None,
+                        seqlen_k=seqlen_k,
+                    )
 
                 out[key + "_efficient_seqlen_k"] = cuda_ms(varlen)
             except Exception as exc:  # noqa: BLE001
@@ -93,12 +111,17 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
-    out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-           "command": " ".join(["python"] + sys.argv)}
+    out = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "command": " ".join(["python"] + sys.argv),
+    }
     attention_variants(out, device)
     print(json.dumps(out, indent=1), flush=True)
     model, processor, _ = build("8b", device, torch.bfloat16)
-    engine = TransformersEngine(model, processor, model_id="8b", revision="random", max_new_tokens=1024, max_batch=128)
+    engine = TransformersEngine(
+        model, processor, model_id="8b", revision="random", max_new_tokens=1024, max_batch=128
+    )
     decoder = engine.decoder
     for rows in (16, 64, 128):
         for read in (512, 1280, 2048):
@@ -112,12 +135,15 @@ def main() -> int:
     print(json.dumps(out, indent=1), flush=True)
     for size in ((1280, 960), (4032, 3024), (1920, 1080)):
         image = noise_image(size, 3)
-        out[f"prepare_cpu_{size[0]}x{size[1]}_ms"] = round(1000 * min(
-            _timed(lambda: prepare_image(processor, image, None)) for _ in range(3)), 1)
+        out[f"prepare_cpu_{size[0]}x{size[1]}_ms"] = round(
+            1000 * min(_timed(lambda: prepare_image(processor, image, None)) for _ in range(3)), 1
+        )
         out[f"prepare_gpu_{size[0]}x{size[1]}_ms"] = wall_ms(lambda: prepare_image(processor, image, device))
     for images in (1, 4, 8):
-        queries = [PointQuery(noise_image((1280, 960), 10 + i), "Point to the person.", image_key=i)
-                   for i in range(images)]
+        queries = [
+            PointQuery(noise_image((1280, 960), 10 + i), "Point to the person.", image_key=i)
+            for i in range(images)
+        ]
 
         def prefill():
             rows = [Row(q, False) for q in queries]

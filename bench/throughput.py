@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workloads import LABELS, build, fixed40, mean_length, noise_image, realistic, subset  # noqa: E402
 
 from molmo_backend.engine.base import PointQuery  # noqa: E402
-from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
+from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
 
 
 def sync(device):
@@ -76,10 +76,14 @@ def run_plain(engine, queries, batch):
     """(a)/(b): generate() on left-padded batches; each batch runs to its longest answer."""
     processor, model = engine.processor, engine.model
     for start in range(0, len(queries), batch):
-        chunk = queries[start:start + batch]
+        chunk = queries[start : start + batch]
         tokens = max(q.answer_tokens for q in chunk)
-        inputs = processor(images=[[q.image] for q in chunk], text=[engine.chat_text(q.prompt) for q in chunk],
-                           padding=True, return_tensors="pt").to(engine.device)
+        inputs = processor(
+            images=[[q.image] for q in chunk],
+            text=[engine.chat_text(q.prompt) for q in chunk],
+            padding=True,
+            return_tensors="pt",
+        ).to(engine.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
@@ -95,9 +99,16 @@ def scheduled(engine, workload, device, log, label) -> dict:
     seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
     stats = dict(scheduler.stats)
     scheduler.close()
-    row = {"variant": label, "workload": workload.name, "pairs": len(workload.queries), "seconds": round(seconds, 2),
-           "pairs_per_s": rate(len(workload.queries), seconds), "peak_gib": peak_gib(device),
-           "failed_queries": stats["failed_queries"], "truncated": stats["truncated"]}
+    row = {
+        "variant": label,
+        "workload": workload.name,
+        "pairs": len(workload.queries),
+        "seconds": round(seconds, 2),
+        "pairs_per_s": rate(len(workload.queries), seconds),
+        "peak_gib": peak_gib(device),
+        "failed_queries": stats["failed_queries"],
+        "truncated": stats["truncated"],
+    }
     log(f"  {label} {workload.name}: {row}")
     return row
 
@@ -110,8 +121,10 @@ def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7) -> dict:
     images = [noise_image((1280, 960), seed * 1000 + i) for i in range(runs + 1)]
 
     def one(img):
-        queries = [PointQuery(img, f"Point to the {label}.", image_key=("open", next(keys)), answer_tokens=40)
-                   for label in LABELS]
+        queries = [
+            PointQuery(img, f"Point to the {label}.", image_key=("open", next(keys)), answer_tokens=40)
+            for label in LABELS
+        ]
         started = time.perf_counter()
         answers = scheduler.submit(queries, Priority.INTERACTIVE)
         assert all(a.error is None for a in answers), answers
@@ -121,6 +134,7 @@ def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7) -> dict:
     done: dict = {}
     thread = None
     if bulk is not None:
+
         def bulk_job():
             started = time.perf_counter()
             scheduler.submit(bulk.queries, Priority.BULK)
@@ -140,19 +154,28 @@ def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7) -> dict:
         thread.join()
     stats = dict(scheduler.stats)
     scheduler.close()
-    out = {"runs": len(seconds), "p50_s": round(statistics.median(seconds), 3) if seconds else None,
-           "p95_s": round(percentile(seconds, 95), 3) if seconds else None,
-           "max_s": round(max(seconds), 3) if seconds else None}
+    out = {
+        "runs": len(seconds),
+        "p50_s": round(statistics.median(seconds), 3) if seconds else None,
+        "p95_s": round(percentile(seconds, 95), 3) if seconds else None,
+        "max_s": round(max(seconds), 3) if seconds else None,
+    }
     if bulk is not None:
-        out.update(bulk_pairs=len(bulk.queries), bulk_s=round(done.get("bulk_s", 0), 1),
-                   bulk_paused_steps=stats["bulk_paused_steps"])
+        out.update(
+            bulk_pairs=len(bulk.queries),
+            bulk_s=round(done.get("bulk_s", 0), 1),
+            bulk_paused_steps=stats["bulk_paused_steps"],
+        )
     return out
 
 
 def equal_to_generate(engine, device) -> str:
     """Greedy answers (real end tokens, 16 new) of the engine vs plain generate(), bf16."""
-    check = [PointQuery(noise_image(size, 99 + i), f"Point to the {label}.", image_key=("check", i))
-             for i, size in enumerate([(1280, 960), (640, 480)]) for label in LABELS]
+    check = [
+        PointQuery(noise_image(size, 99 + i), f"Point to the {label}.", image_key=("check", i))
+        for i, size in enumerate([(1280, 960), (640, 480)])
+        for label in LABELS
+    ]
     cap = engine.max_new_tokens
     engine.max_new_tokens = 16
     try:
@@ -173,8 +196,11 @@ def profile(engine, workload, device) -> dict:
     phases = engine.decoder.profile
     engine.decoder.profile = None
     prefill_tokens = sum(engine.prefill_cost(q) for q in workload.queries[:: len(LABELS)])
-    out = {"total_s": round(seconds, 2), **{k: round(v, 3) for k, v in phases.items()},
-           "prefill_tokens": prefill_tokens}
+    out = {
+        "total_s": round(seconds, 2),
+        **{k: round(v, 3) for k, v in phases.items()},
+        "prefill_tokens": prefill_tokens,
+    }
     if phases.get("prefix"):
         params = sum(p.numel() for p in engine.model.parameters())
         out["prefill_tflops"] = round(2 * params * prefill_tokens / phases["prefix"] / 1e12, 1)
@@ -184,13 +210,24 @@ def profile(engine, workload, device) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="8b", help="8b or 4b (tiny with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run of this script with a tiny model")
-    parser.add_argument("--images", type=int, default=160, help="images of the fixed40 workload and of the "
-                        "realistic job behind the open-task latency (3 pairs each)")
-    parser.add_argument("--realistic-images", type=int, default=480,
-                        help="images of the realistic and mean_length workloads: a bulk retrieve of that many tasks")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=160,
+        help="images of the fixed40 workload and of the "
+        "realistic job behind the open-task latency (3 pairs each)",
+    )
+    parser.add_argument(
+        "--realistic-images",
+        type=int,
+        default=480,
+        help="images of the realistic and mean_length workloads: a bulk retrieve of that many tasks",
+    )
     parser.add_argument("--batch", type=int, default=128, help="bulk rows of (d)")
     parser.add_argument("--plain-batch", type=int, default=48)
     parser.add_argument("--seed-pairs", type=int, default=6)
@@ -208,10 +245,14 @@ def main() -> int:
     def log(message):
         print(message, flush=True)
 
-    results = {"date": datetime.date.today().isoformat(),
-               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-               "command": " ".join(["python"] + sys.argv), "labels_per_image": len(LABELS)}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "command": " ".join(["python"] + sys.argv),
+        "labels_per_image": len(LABELS),
+    }
 
     def save():
         if args.json:
@@ -220,24 +261,38 @@ def main() -> int:
     log(f"{results['device']}, torch {results['torch']}, transformers {results['transformers']}")
     started = time.perf_counter()
     model, processor, params = build(size, device, dtype)
-    results.update(model=f"Molmo2-{size.upper()}" if size != "tiny" else "tiny", params_b=round(params / 1e9, 2),
-                   build_s=round(time.perf_counter() - started, 1))
-    engine = TransformersEngine(model, processor, model_id=results["model"], revision="random",
-                                max_new_tokens=1024, max_batch=args.batch)
+    results.update(
+        model=f"Molmo2-{size.upper()}" if size != "tiny" else "tiny",
+        params_b=round(params / 1e9, 2),
+        build_s=round(time.perf_counter() - started, 1),
+    )
+    engine = TransformersEngine(
+        model,
+        processor,
+        model_id=results["model"],
+        revision="random",
+        max_new_tokens=1024,
+        max_batch=args.batch,
+    )
     results["bulk_rows"], results["slot_tokens"] = engine.max_batch, engine.decoder.slot_length
     results["varlen_attention"] = engine.decoder.varlen
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
-    log(f"{results['model']}: {results['params_b']} B params, built in {results['build_s']} s; "
+    log(
+        f"{results['model']}: {results['params_b']} B params, built in {results['build_s']} s; "
         f"{engine.max_batch} bulk rows of {engine.decoder.slot_length} tokens, varlen attention "
         f"{engine.decoder.varlen}; "
-        f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s")
+        f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s"
+    )
     results["engine_equals_generate"] = equal_to_generate(engine, device)
     log(f"  engine == generate(): {results['engine_equals_generate']}")
 
-    work = {"fixed40": fixed40(args.images, 1), "realistic": realistic(args.realistic_images, 2),
-            "realistic_small": realistic(args.images, 5)}
+    work = {
+        "fixed40": fixed40(args.images, 1),
+        "realistic": realistic(args.realistic_images, 2),
+        "realistic_small": realistic(args.images, 5),
+    }
     work["realistic_small"].name = "realistic_small"
     work["mean_length"] = mean_length(work["realistic"])
     results["workloads"] = {name: w.describe() for name, w in work.items()}
@@ -268,8 +323,9 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    plain_engine = TransformersEngine(model, processor, model_id=results["model"], revision="random",
-                                      decoder="generate")
+    plain_engine = TransformersEngine(
+        model, processor, model_id=results["model"], revision="random", decoder="generate"
+    )
 
     # (a), (b): plain generate()
     if "b" not in skip:
@@ -278,9 +334,15 @@ def main() -> int:
             run_plain(plain_engine, part.queries[: args.plain_batch], args.plain_batch)  # warm-up
             peak_reset(device)
             seconds = timed(lambda: run_plain(plain_engine, part.queries, args.plain_batch), device)
-            row = {"variant": "b_plain_generate", "workload": name, "pairs": len(part.queries),
-                   "batch": args.plain_batch, "seconds": round(seconds, 2),
-                   "pairs_per_s": rate(len(part.queries), seconds), "peak_gib": peak_gib(device)}
+            row = {
+                "variant": "b_plain_generate",
+                "workload": name,
+                "pairs": len(part.queries),
+                "batch": args.plain_batch,
+                "seconds": round(seconds, 2),
+                "pairs_per_s": rate(len(part.queries), seconds),
+                "peak_gib": peak_gib(device),
+            }
             results["runs"].append(row)
             log(f"  (b) {row}")
             save()
@@ -289,18 +351,31 @@ def main() -> int:
             part = subset(work[name], args.seed_pairs)
             run_plain(plain_engine, part.queries[:1], 1)  # warm-up
             seconds = timed(lambda: run_plain(plain_engine, part.queries, 1), device)
-            row = {"variant": "a_seed", "workload": name, "pairs": len(part.queries), "seconds": round(seconds, 2),
-                   "pairs_per_s": rate(len(part.queries), seconds)}
+            row = {
+                "variant": "a_seed",
+                "workload": name,
+                "pairs": len(part.queries),
+                "seconds": round(seconds, 2),
+                "pairs_per_s": rate(len(part.queries), seconds),
+            }
             results["runs"].append(row)
             log(f"  (a) {row}")
             save()
 
     def pick(variant, workload):
-        return next((r["pairs_per_s"] for r in results["runs"]
-                     if r["variant"] == variant and r["workload"] == workload), None)
+        return next(
+            (
+                r["pairs_per_s"]
+                for r in results["runs"]
+                if r["variant"] == variant and r["workload"] == workload
+            ),
+            None,
+        )
 
     summary = {
-        "card": results["device"], "model": results["model"], "date": results["date"],
+        "card": results["device"],
+        "model": results["model"],
+        "date": results["date"],
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
@@ -311,7 +386,9 @@ def main() -> int:
         "open_task_idle_p50_s": results.get("open_task_idle", {}).get("p50_s"),
         "open_task_under_bulk_p50_s": results.get("open_task_under_bulk", {}).get("p50_s"),
         "open_task_under_bulk_p95_s": results.get("open_task_under_bulk", {}).get("p95_s"),
-        "truncated_answers": sum(r.get("truncated", 0) for r in results["runs"] if r["variant"] == "d_engine"),
+        "truncated_answers": sum(
+            r.get("truncated", 0) for r in results["runs"] if r["variant"] == "d_engine"
+        ),
         "engine_equals_generate": results["engine_equals_generate"],
     }
     results["summary"] = summary

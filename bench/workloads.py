@@ -37,42 +37,94 @@ LABELS = ["person", "car", "dog"]
 # text dims: (hidden, layers, heads, kv heads, head_dim, mlp)
 SIZES = {"8b": (4096, 36, 32, 8, 128, 12288), "4b": (2560, 36, 32, 8, 128, 9728)}
 #: (width, height) of the realistic workload's images and their shares
-IMAGE_SIZES = [((640, 480), 0.25), ((1280, 960), 0.25), ((800, 600), 0.1), ((1920, 1080), 0.15),
-               ((4032, 3024), 0.15), ((1024, 1024), 0.05), ((300, 200), 0.05)]
+IMAGE_SIZES = [
+    ((640, 480), 0.25),
+    ((1280, 960), 0.25),
+    ((800, 600), 0.1),
+    ((1920, 1080), 0.15),
+    ((4032, 3024), 0.15),
+    ((1024, 1024), 0.05),
+    ((300, 200), 0.05),
+]
 NONE_TOKENS, TAG_TOKENS, POINT_TOKENS = 4, 15, 10
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
     """(model, processor, parameter count) of a random-weight Molmo2; ``tiny`` for CPU checks;
     ``layers`` shortens the text model (quick GPU checks of the engine's mechanics)."""
-    from transformers import (Molmo2Config, Molmo2ForConditionalGeneration, Molmo2ImageProcessor,
-                              Molmo2Processor, Molmo2VideoProcessor)
+    from transformers import (
+        Molmo2Config,
+        Molmo2ForConditionalGeneration,
+        Molmo2ImageProcessor,
+        Molmo2Processor,
+        Molmo2VideoProcessor,
+    )
 
     tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ["<im_start>", "<im_end>", "<im_patch>", "<low_res_im_start>", "<frame_start>", "<frame_end>"]}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in [
+            "<im_start>",
+            "<im_end>",
+            "<im_patch>",
+            "<low_res_im_start>",
+            "<frame_start>",
+            "<frame_end>",
+        ]
+    }
     if size == "tiny":
-        text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, intermediate_size=128)
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, head_dim=16, image_size=[56, 56], num_position_embeddings=16)
-        adapter = dict(vision_feature_layer=[-1, -2], hidden_size=32, num_attention_heads=2,
-                       num_key_value_heads=2, head_dim=16, intermediate_size=128)
+        text = dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+        )
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            image_size=[56, 56],
+            num_position_embeddings=16,
+        )
+        adapter = dict(
+            vision_feature_layer=[-1, -2],
+            hidden_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+        )
     else:
         hidden, n_layers, heads, kv, head_dim, mlp = SIZES[size]
-        text = dict(hidden_size=hidden, num_hidden_layers=layers or n_layers, num_attention_heads=heads,
-                    num_key_value_heads=kv, head_dim=head_dim, intermediate_size=mlp)
+        text = dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers or n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            intermediate_size=mlp,
+        )
         vision = {}  # Molmo2VisionConfig() defaults are the released SigLIP geometry
         adapter = dict(intermediate_size=mlp)
     config = Molmo2Config(
         vision_config=vision,
-        adapter_config=dict(adapter, text_hidden_size=text["hidden_size"],
-                            **({} if size == "tiny" else {"hidden_size": 1152})),
+        adapter_config=dict(
+            adapter, text_hidden_size=text["hidden_size"], **({} if size == "tiny" else {"hidden_size": 1152})
+        ),
         text_config=dict(text, vocab_size=151936, additional_vocab_size=128, max_position_embeddings=36864),
-        image_start_token_id=ids["<im_start>"], image_end_token_id=ids["<im_end>"],
-        image_patch_id=ids["<im_patch>"], low_res_image_start_token_id=ids["<low_res_im_start>"],
-        frame_start_token_id=ids["<frame_start>"], frame_end_token_id=ids["<frame_end>"],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        image_start_token_id=ids["<im_start>"],
+        image_end_token_id=ids["<im_end>"],
+        image_patch_id=ids["<im_patch>"],
+        low_res_image_start_token_id=ids["<low_res_im_start>"],
+        frame_start_token_id=ids["<frame_start>"],
+        frame_end_token_id=ids["<frame_end>"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     config._attn_implementation = "sdpa"
@@ -87,13 +139,21 @@ def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | Non
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     crop = 56 if size == "tiny" else 378
     image_processor = Molmo2ImageProcessor(
-        size={"height": crop, "width": crop}, patch_size=14, max_crops=8,
-        overlap_margins=[1, 1] if size == "tiny" else [4, 4], pooling_size=[2, 2],
-        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"height": crop, "width": crop},
+        patch_size=14,
+        max_crops=8,
+        overlap_margins=[1, 1] if size == "tiny" else [4, 4],
+        pooling_size=[2, 2],
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
     )
     processor = Molmo2Processor(
-        image_processor=image_processor, video_processor=Molmo2VideoProcessor(), tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE, image_use_col_tokens=True, use_single_crop_col_tokens=False,
+        image_processor=image_processor,
+        video_processor=Molmo2VideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_use_col_tokens=True,
+        use_single_crop_col_tokens=False,
         use_single_crop_start_token=True,
     )
     params = sum(p.numel() for p in model.parameters())
@@ -104,7 +164,9 @@ def noise_image(size: tuple[int, int], seed: int) -> Image.Image:
     """A random-noise RGB image (never a flat colour: no crop compresses to nothing)."""
     generator = torch.Generator().manual_seed(seed)
     width, height = size
-    small = torch.randint(0, 256, (max(1, height // 8), max(1, width // 8), 3), generator=generator, dtype=torch.uint8)
+    small = torch.randint(
+        0, 256, (max(1, height // 8), max(1, width // 8), 3), generator=generator, dtype=torch.uint8
+    )
     return Image.fromarray(small.numpy()).resize((width, height), Image.NEAREST)
 
 
@@ -139,14 +201,23 @@ class Workload:
         for q in self.queries[:: len(LABELS)]:
             key = f"{q.image.width}x{q.image.height}"
             sizes[key] = sizes.get(key, 0) + 1
-        return {"pairs": len(self.queries), "images": len(self.queries) // len(LABELS),
-                "mean_answer_tokens": round(self.mean_tokens, 1), "max_answer_tokens": self.max_tokens,
-                "image_sizes": sizes}
+        return {
+            "pairs": len(self.queries),
+            "images": len(self.queries) // len(LABELS),
+            "mean_answer_tokens": round(self.mean_tokens, 1),
+            "max_answer_tokens": self.max_tokens,
+            "image_sizes": sizes,
+        }
 
 
 def _pairs(images: list[Image.Image], lengths: list[int], key: int) -> list[PointQuery]:
-    return [PointQuery(image, f"Point to the {label}.", image_key=(key, i), answer_tokens=lengths[i * len(LABELS) + j])
-            for i, image in enumerate(images) for j, label in enumerate(LABELS)]
+    return [
+        PointQuery(
+            image, f"Point to the {label}.", image_key=(key, i), answer_tokens=lengths[i * len(LABELS) + j]
+        )
+        for i, image in enumerate(images)
+        for j, label in enumerate(LABELS)
+    ]
 
 
 def fixed40(images: int, seed: int, size=(1280, 960)) -> Workload:
@@ -165,8 +236,13 @@ def realistic(images: int, seed: int) -> Workload:
 def mean_length(workload: Workload) -> Workload:
     """The same images, every answer at the workload's mean length."""
     mean = round(workload.mean_tokens)
-    return Workload("mean_length", [PointQuery(q.image, q.prompt, image_key=("mean",) + tuple(q.image_key),
-                                               answer_tokens=mean) for q in workload.queries])
+    return Workload(
+        "mean_length",
+        [
+            PointQuery(q.image, q.prompt, image_key=("mean",) + tuple(q.image_key), answer_tokens=mean)
+            for q in workload.queries
+        ],
+    )
 
 
 def subset(workload: Workload, pairs: int) -> Workload:

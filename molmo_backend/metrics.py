@@ -8,30 +8,29 @@ shows.
 from __future__ import annotations
 
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 #: "Retrieve predictions" past its deadline: what became of each task (molmo_backend/labelstudio/results.py,
 #: molmo_backend/labelstudio/writeback.py)
 RETRIEVE_COUNTERS: dict[str, str] = {
     "answered_in_time": "tasks whose prediction went out in the answer to their own request",
     "served_from_cache": "tasks answered at once from predictions finished after an earlier "
-                         "request had answered without them",
+    "request had answered without them",
     "deferred": "tasks answered with an empty list (unfinished at the deadline, or the client "
-                "had gone): their work goes on in the background",
+    "had gone): their work goes on in the background",
     "completed_later": "deferred tasks whose prediction finished afterwards and was kept",
     "failed_later": "deferred tasks whose prediction failed afterwards (not kept: the next "
-                    "retrieve tries again)",
+    "retrieve tries again)",
     "written_back": "kept predictions written to Label Studio by the backend itself",
     "already_in_label_studio": "kept predictions not written because the task already held "
-                               "this model_version",
-    "write_back_failures": "kept predictions whose write failed after retries (left for the "
-                           "next retrieve)",
+    "this model_version",
+    "write_back_failures": "kept predictions whose write failed after retries (left for the next retrieve)",
     "stale_dropped": "kept predictions dropped because the project's label config changed",
     "evicted": "kept predictions dropped from memory (MOLMO_RESULT_CACHE full)",
     "deadlines_hit": "bulk requests answered at MOLMO_PREDICT_DEADLINE with unfinished tasks",
     "clients_gone": "requests whose client hung up before the answer",
     "cancelled_gone": "opened-task or interactive requests cancelled because their client "
-                      "hung up (their queued queries dropped)",
+    "hung up (their queued queries dropped)",
 }
 
 

@@ -15,8 +15,14 @@ MAX_URL_CHARS = 200
 
 #: phrases of socket and urllib3 errors that say why a connection failed, for when no OSError in
 #: the exception's chain carries the reason in ``strerror`` (time-outs, a server hanging up)
-_REASONS = ("Connection refused", "Name or service not known", "timed out",
-            "Temporary failure in name resolution", "Connection reset", "RemoteDisconnected")
+_REASONS = (
+    "Connection refused",
+    "Name or service not known",
+    "timed out",
+    "Temporary failure in name resolution",
+    "Connection reset",
+    "RemoteDisconnected",
+)
 
 
 def is_local_files(path: str) -> bool:
@@ -40,7 +46,7 @@ def describe_url(url: str) -> str:
         netloc = parts.hostname or ""
     query = parts.query if is_local_files(parts.path) else ""  # ?d= is a path, not a secret
     text = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    return text if len(text) <= MAX_URL_CHARS else text[:MAX_URL_CHARS - 3] + "..."
+    return text if len(text) <= MAX_URL_CHARS else text[: MAX_URL_CHARS - 3] + "..."
 
 
 def error_reason(exc: BaseException) -> str:

@@ -7,9 +7,9 @@ down, and tests build one by hand. ``SETTINGS_DOC`` is the source of README's co
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 
 from molmo_backend.errors import BadInput
 from molmo_backend.images.address_policy import PolicyError, parse_entries
@@ -74,7 +74,7 @@ class Settings:
     log_format: str = "json"  # "json" or "text"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Settings from environment variables (see ``SETTINGS_DOC``), then ``overrides``."""
         env = os.environ if env is None else env
         values: dict = {}
@@ -135,67 +135,115 @@ class Settings:
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "model": ("MOLMO_MODEL", "Hub id or local folder of a Molmo2 checkpoint"),
     "revision": ("MOLMO_REVISION", "Hub revision (branch, tag or commit) of MOLMO_MODEL"),
-    "demo": ("MOLMO_DEMO", "`auto`: use the tiny demo model (trained on synthetic coloured shapes "
-             "only; not Molmo) when there is no GPU and no local weights; `1`: always; `0`: never; "
-             "`random`: the untrained random tiny model (for protocol tests)"),
+    "demo": (
+        "MOLMO_DEMO",
+        "`auto`: use the tiny demo model (trained on synthetic coloured shapes "
+        "only; not Molmo) when there is no GPU and no local weights; `1`: always; `0`: never; "
+        "`random`: the untrained random tiny model (for protocol tests)",
+    ),
     "device": ("MOLMO_DEVICE", "`auto`, `cuda`, `cuda:N` or `cpu`"),
-    "gpus": ("MOLMO_GPUS", "Several GPUs: `all` or indices like `0,1`: one model replica on each, "
-             "the scheduler feeds them all (empty: the one MOLMO_DEVICE)"),
-    "dtype": ("MOLMO_DTYPE", "`auto` (bfloat16 on CUDA, float32 on CPU), `bfloat16`, `float16`, "
-              "`float32`"),
-    "max_new_tokens": ("MOLMO_MAX_NEW_TOKENS", "Cap on tokens generated per (image, label). Molmo2 "
-                       "spends about 10 tokens a point, so 1024 holds about 100 points; an answer "
-                       "that reaches the cap is logged with its task and counted (`truncated`)"),
-    "max_batch": ("MOLMO_MAX_BATCH", "Most bulk (image, label) rows decoding together (cache slots; "
-                  "fewer when the GPU's free memory holds fewer; opened tasks have 16 slots of their "
-                  "own). For `generate`/remote engines: most pairs in one batch"),
-    "decoder": ("MOLMO_DECODER", "`fast`: continuous batching: rows in cache slots join and leave "
-                "between decode steps, one prefill per image, CUDA-graph decode steps; `generate`: "
-                "plain Hugging Face generate() (slower; a reference)"),
-    "cuda_graphs": ("MOLMO_CUDA_GRAPHS", "`1`: replay decode steps as a CUDA graph (fast decoder on "
-                    "CUDA); `0`: eager steps"),
-    "compile_step": ("MOLMO_COMPILE", "`1`: compile the opened tasks' decode step with torch.compile "
-                     "at start, before it is captured as a CUDA graph (CUDA with graphs on). Start-up "
-                     "with Molmo2-8B on an H200: 109 s to ready with an empty inductor cache, 56 s "
-                     "with a warm one, and no latency gain measured; `0` (default): don't"),
-    "prompt_template": ("MOLMO_PROMPT_TEMPLATE", "Prompt per label; `{label}` is replaced by the "
-                        "label (or its `prompt` attribute in the label config). Default: the "
-                        "model family's trained pointing phrasing"),
+    "gpus": (
+        "MOLMO_GPUS",
+        "Several GPUs: `all` or indices like `0,1`: one model replica on each, "
+        "the scheduler feeds them all (empty: the one MOLMO_DEVICE)",
+    ),
+    "dtype": ("MOLMO_DTYPE", "`auto` (bfloat16 on CUDA, float32 on CPU), `bfloat16`, `float16`, `float32`"),
+    "max_new_tokens": (
+        "MOLMO_MAX_NEW_TOKENS",
+        "Cap on tokens generated per (image, label). Molmo2 "
+        "spends about 10 tokens a point, so 1024 holds about 100 points; an answer "
+        "that reaches the cap is logged with its task and counted (`truncated`)",
+    ),
+    "max_batch": (
+        "MOLMO_MAX_BATCH",
+        "Most bulk (image, label) rows decoding together (cache slots; "
+        "fewer when the GPU's free memory holds fewer; opened tasks have 16 slots of their "
+        "own). For `generate`/remote engines: most pairs in one batch",
+    ),
+    "decoder": (
+        "MOLMO_DECODER",
+        "`fast`: continuous batching: rows in cache slots join and leave "
+        "between decode steps, one prefill per image, CUDA-graph decode steps; `generate`: "
+        "plain Hugging Face generate() (slower; a reference)",
+    ),
+    "cuda_graphs": (
+        "MOLMO_CUDA_GRAPHS",
+        "`1`: replay decode steps as a CUDA graph (fast decoder on CUDA); `0`: eager steps",
+    ),
+    "compile_step": (
+        "MOLMO_COMPILE",
+        "`1`: compile the opened tasks' decode step with torch.compile "
+        "at start, before it is captured as a CUDA graph (CUDA with graphs on). Start-up "
+        "with Molmo2-8B on an H200: 109 s to ready with an empty inductor cache, 56 s "
+        "with a warm one, and no latency gain measured; `0` (default): don't",
+    ),
+    "prompt_template": (
+        "MOLMO_PROMPT_TEMPLATE",
+        "Prompt per label; `{label}` is replaced by the "
+        "label (or its `prompt` attribute in the label config). Default: the "
+        "model family's trained pointing phrasing",
+    ),
     "point_width": ("MOLMO_POINT_WIDTH", "Keypoint dot size, percent of the image width"),
-    "min_point_score": ("MOLMO_MIN_POINT_SCORE", "Drop keypoints whose confidence (0-1: the "
-                        "probability Molmo gave to emitting the point, docs/confidence.md) is "
-                        "below this; `0` keeps all"),
-    "caption_prompt": ("MOLMO_CAPTION_PROMPT", "Question answered into a `<TextArea toName=\"image\">` "
-                       "that has no `prompt` attribute (and is not the interactive prompt box)"),
-    "cache_dir": ("MOLMO_CACHE_DIR", "Where the random demo model is built (default `$HF_HOME/molmo-backend`)"),
+    "min_point_score": (
+        "MOLMO_MIN_POINT_SCORE",
+        "Drop keypoints whose confidence (0-1: the "
+        "probability Molmo gave to emitting the point, docs/confidence.md) is "
+        "below this; `0` keeps all",
+    ),
+    "caption_prompt": (
+        "MOLMO_CAPTION_PROMPT",
+        'Question answered into a `<TextArea toName="image">` '
+        "that has no `prompt` attribute (and is not the interactive prompt box)",
+    ),
+    "cache_dir": (
+        "MOLMO_CACHE_DIR",
+        "Where the random demo model is built (default `$HF_HOME/molmo-backend`)",
+    ),
     "engine": ("MOLMO_ENGINE", "`transformers` (in this process) or `openai` (a vLLM/SGLang server)"),
-    "engine_url": ("MOLMO_ENGINE_URL", "Base URL of the OpenAI-compatible server, e.g. "
-                   "`http://vllm:8000/v1`"),
+    "engine_url": (
+        "MOLMO_ENGINE_URL",
+        "Base URL of the OpenAI-compatible server, e.g. `http://vllm:8000/v1`",
+    ),
     "engine_api_key": ("MOLMO_ENGINE_API_KEY", "Bearer key for that server, if it wants one"),
     "engine_concurrency": ("MOLMO_ENGINE_CONCURRENCY", "Most requests in flight to that server"),
     "engine_timeout": ("MOLMO_ENGINE_TIMEOUT", "Seconds allowed for one request to that server"),
     "label_studio_url": ("LABEL_STUDIO_URL", "Label Studio's URL, for fetching uploaded images"),
-    "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "Label Studio personal access token or legacy "
-                             "token"),
-    "predict_deadline": ("MOLMO_PREDICT_DEADLINE", "Seconds a bulk /predict (Retrieve predictions) "
-                         "computes before it answers with the tasks finished by then; the rest "
-                         "go on and are answered by the next retrieve (or written back). Keep it "
-                         "under Label Studio's ML_TIMEOUT_PREDICT (100 s); `0`: no deadline"),
-    "result_cache": ("MOLMO_RESULT_CACHE", "Most predictions finished after their retrieve answered "
-                     "that are kept in memory for the next one (tasks)"),
-    "write_back": ("MOLMO_WRITE_BACK", "`auto`: with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set, "
-                   "write those predictions to Label Studio as they finish; `1`: the same, and "
-                   "refuse to start without them; `0`: never"),
+    "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "Label Studio personal access token or legacy token"),
+    "predict_deadline": (
+        "MOLMO_PREDICT_DEADLINE",
+        "Seconds a bulk /predict (Retrieve predictions) "
+        "computes before it answers with the tasks finished by then; the rest "
+        "go on and are answered by the next retrieve (or written back). Keep it "
+        "under Label Studio's ML_TIMEOUT_PREDICT (100 s); `0`: no deadline",
+    ),
+    "result_cache": (
+        "MOLMO_RESULT_CACHE",
+        "Most predictions finished after their retrieve answered "
+        "that are kept in memory for the next one (tasks)",
+    ),
+    "write_back": (
+        "MOLMO_WRITE_BACK",
+        "`auto`: with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set, "
+        "write those predictions to Label Studio as they finish; `1`: the same, and "
+        "refuse to start without them; `0`: never",
+    ),
     "fetch_timeout": ("MOLMO_FETCH_TIMEOUT", "Seconds allowed for one image fetch"),
     "max_image_bytes": ("MOLMO_MAX_IMAGE_BYTES", "Largest image file accepted, in bytes"),
-    "max_image_pixels": ("MOLMO_MAX_IMAGE_PIXELS", "Largest image accepted, in pixels "
-                         "(decompression-bomb guard)"),
-    "allowed_hosts": ("MOLMO_ALLOWED_HOSTS", "Comma-separated host names (`name` or `name:port`), "
-                      "IPs and CIDRs images may be fetched from besides Label Studio's; `*`: any "
-                      "host at a public address. Loopback, private, link-local... addresses only "
-                      "when listed (docs/security.md)"),
-    "local_files_root": ("LOCAL_FILES_DOCUMENT_ROOT", "Folder served by Label Studio's local-files "
-                         "storage, read directly when set"),
+    "max_image_pixels": (
+        "MOLMO_MAX_IMAGE_PIXELS",
+        "Largest image accepted, in pixels (decompression-bomb guard)",
+    ),
+    "allowed_hosts": (
+        "MOLMO_ALLOWED_HOSTS",
+        "Comma-separated host names (`name` or `name:port`), "
+        "IPs and CIDRs images may be fetched from besides Label Studio's; `*`: any "
+        "host at a public address. Loopback, private, link-local... addresses only "
+        "when listed (docs/security.md)",
+    ),
+    "local_files_root": (
+        "LOCAL_FILES_DOCUMENT_ROOT",
+        "Folder served by Label Studio's local-files storage, read directly when set",
+    ),
     "host": ("HOST", "Address the server binds"),
     "port": ("PORT", "Port the server binds"),
     "threads": ("THREADS", "HTTP threads of the single gunicorn worker"),

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def client_gone_probe(environ: Mapping[str, Any]) -> Callable[[], bool] | None:

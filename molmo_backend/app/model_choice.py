@@ -13,11 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
-from molmo_backend.demo.models import DEMO_BANNER, demo_name, ensure_demo_model, ensure_random_model, is_demo_model
+from molmo_backend.demo.models import (
+    DEMO_BANNER,
+    demo_name,
+    ensure_demo_model,
+    ensure_random_model,
+    is_demo_model,
+)
 from molmo_backend.engine.base import Engine
 from molmo_backend.engine.inprocess import ModelLoadError
 from molmo_backend.engine.loading import (
-    installed_transformers, load_local_engine, molmo1_profile, weights_available_locally,
+    installed_transformers,
+    load_local_engine,
+    molmo1_profile,
+    weights_available_locally,
 )
 from molmo_backend.settings import Settings
 
@@ -44,8 +53,12 @@ def resolve_model(settings: Settings) -> tuple[str, bool]:
         return str(ensure_demo_model(settings.cache_dir)), True
     if settings.demo == "auto" and not torch.cuda.is_available():
         if not weights_available_locally(settings.model, settings.revision):
-            log.warning("no GPU and no local weights for %s: %s. Set MOLMO_DEMO=0 to fail instead, "
-                        "or point MOLMO_MODEL at downloaded weights.", settings.model, DEMO_BANNER)
+            log.warning(
+                "no GPU and no local weights for %s: %s. Set MOLMO_DEMO=0 to fail instead, "
+                "or point MOLMO_MODEL at downloaded weights.",
+                settings.model,
+                DEMO_BANNER,
+            )
             return str(ensure_demo_model(settings.cache_dir)), True
     return settings.model, is_demo_model(settings.model)
 

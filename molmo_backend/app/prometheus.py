@@ -9,7 +9,7 @@ histograms (request seconds here, per-pair seconds in the scheduler). Every name
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,8 +38,13 @@ class RequestTimer:
     """The request-seconds histogram of one app."""
 
     def __init__(self):
-        self.histogram = Histogram("molmo_request_seconds", "Seconds the server took to answer a request",
-                                   ["route", "status"], buckets=REQUEST_BUCKETS, registry=None)
+        self.histogram = Histogram(
+            "molmo_request_seconds",
+            "Seconds the server took to answer a request",
+            ["route", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=None,
+        )
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.histogram.labels(route, str(status)).observe(seconds)
@@ -55,8 +60,9 @@ class _Collector:
         for name in STATES:
             state.add_metric([name], 1.0 if service.state == name else 0.0)
         yield state
-        events = CounterMetricFamily("molmo_server_events", "Server events by kind (requests, errors)",
-                                     labels=["event"])
+        events = CounterMetricFamily(
+            "molmo_server_events", "Server events by kind (requests, errors)", labels=["event"]
+        )
         for name, value in sorted(self.requests().items()):
             events.add_metric([name], value)
         yield events
@@ -68,18 +74,24 @@ class _Collector:
         stats = dict(scheduler.stats)
         for name, help_text in SCHEDULER_COUNTERS.items():
             yield CounterMetricFamily(f"molmo_scheduler_{name}", help_text, value=stats.get(name, 0))
-        depth = GaugeMetricFamily("molmo_queue_depth", "Queries waiting to be admitted, by priority",
-                                  labels=["priority"])
+        depth = GaugeMetricFamily(
+            "molmo_queue_depth", "Queries waiting to be admitted, by priority", labels=["priority"]
+        )
         for priority in Priority:
             depth.add_metric([priority.name.lower()], scheduler.pending(priority))
         yield depth
-        yield GaugeMetricFamily("molmo_rows_running", "Rows in the engines' cache slots (decoding)",
-                                value=scheduler.running())
-        yield GaugeMetricFamily("molmo_pairs_per_second", "Queries answered per second over the last minute",
-                                value=scheduler.pairs_per_second())
+        yield GaugeMetricFamily(
+            "molmo_rows_running", "Rows in the engines' cache slots (decoding)", value=scheduler.running()
+        )
+        yield GaugeMetricFamily(
+            "molmo_pairs_per_second",
+            "Queries answered per second over the last minute",
+            value=scheduler.pairs_per_second(),
+        )
         yield from scheduler.pair_latency.collect()
-        failures = CounterMetricFamily("molmo_fetch_failures", "Task images not loaded, by kind of failure",
-                                       labels=["reason"])
+        failures = CounterMetricFamily(
+            "molmo_fetch_failures", "Task images not loaded, by kind of failure", labels=["reason"]
+        )
         for name, value in backend.fetch_failures.snapshot().items():
             failures.add_metric([name], value)
         yield failures

@@ -72,16 +72,20 @@ def parse_predict(body: dict) -> PredictRequest:
         raise BadRequest("'label_config' must be the label config XML string")
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
     context = params.get("context") if isinstance(params.get("context"), dict) else None
-    return PredictRequest(tasks=tasks, label_config=label_config, context=context,
-                          project=body.get("project"))
+    return PredictRequest(
+        tasks=tasks, label_config=label_config, context=context, project=body.get("project")
+    )
 
 
 def parse_setup(body: dict) -> SetupRequest:
     schema = body.get("schema")
     if schema is not None and not isinstance(schema, str):
         raise BadRequest("'schema' must be the label config XML string")
-    return SetupRequest(schema=schema, hostname=_str_or_none(body.get("hostname")),
-                        access_token=_str_or_none(body.get("access_token")))
+    return SetupRequest(
+        schema=schema,
+        hostname=_str_or_none(body.get("hostname")),
+        access_token=_str_or_none(body.get("access_token")),
+    )
 
 
 def parse_webhook(body: Any) -> WebhookEvent:

@@ -19,8 +19,8 @@ from collections import Counter
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from molmo_backend.app.connection import client_gone_probe
 from molmo_backend.app import prometheus
+from molmo_backend.app.connection import client_gone_probe
 from molmo_backend.app.protocol import json_object, parse_predict, parse_setup, parse_webhook
 from molmo_backend.app.service import ModelService
 from molmo_backend.errors import MolmoError
@@ -54,7 +54,8 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
             return None
         count(auth_failures=1)
         return Response(
-            '{"error": "authentication required"}', 401,
+            '{"error": "authentication required"}',
+            401,
             {"WWW-Authenticate": 'Basic realm="molmo-backend"', "Content-Type": "application/json"},
         )
 
@@ -66,16 +67,19 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
             count(bad_requests=1)
             log.warning("bad request", extra={"path": request.path, "reason": str(exc)})
         else:
-            log.warning("request failed", extra={"path": request.path, "reason": str(exc),
-                                                 "status": exc.http_status})
+            log.warning(
+                "request failed", extra={"path": request.path, "reason": str(exc), "status": exc.http_status}
+            )
         return jsonify(error=str(exc)), exc.http_status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         if exc.code == 413:
             count(too_large=1)
-            return jsonify(error=f"the request body is larger than MOLMO_MAX_REQUEST_BYTES="
-                                 f"{settings.max_request_bytes} bytes"), 413
+            return jsonify(
+                error=f"the request body is larger than MOLMO_MAX_REQUEST_BYTES="
+                f"{settings.max_request_bytes} bytes"
+            ), 413
         return jsonify(error=exc.description or exc.name), exc.code
 
     @app.errorhandler(Exception)
@@ -112,8 +116,11 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         if error:
             return error
         setup_request = parse_setup(body)  # after the readiness check: a loading model answers 503
-        model_version = backend.setup(label_config=setup_request.schema, hostname=setup_request.hostname,
-                                      access_token=setup_request.access_token)
+        model_version = backend.setup(
+            label_config=setup_request.schema,
+            hostname=setup_request.hostname,
+            access_token=setup_request.access_token,
+        )
         count(setups=1)
         return jsonify(model_version=model_version)
 
@@ -126,12 +133,18 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
         if error:
             return error
         tasks = predict_request.tasks
-        results = backend.predict(tasks, context=predict_request.context,
-                                  label_config=predict_request.label_config, deadline=deadline,
-                                  client_gone=client_gone_probe(request.environ),
-                                  project=predict_request.project)
+        results = backend.predict(
+            tasks,
+            context=predict_request.context,
+            label_config=predict_request.label_config,
+            deadline=deadline,
+            client_gone=client_gone_probe(request.environ),
+            project=predict_request.project,
+        )
         count(predict_requests=1, tasks=len(tasks))
-        log.info("predict request", extra={"tasks": len(tasks), "seconds": round(time.monotonic() - started, 3)})
+        log.info(
+            "predict request", extra={"tasks": len(tasks), "seconds": round(time.monotonic() - started, 3)}
+        )
         return jsonify(results=results)
 
     @app.post("/webhook")
@@ -155,18 +168,28 @@ def create_app(service: ModelService, settings: Settings) -> Flask:
     def metrics():
         """Prometheus text format (docs/metrics.md); ``?format=json`` for the same as JSON."""
         if request.args.get("format") != "json":
-            return Response(prometheus.render(service, request_counts, timer), 200,
-                            {"Content-Type": prometheus.CONTENT_TYPE})
+            return Response(
+                prometheus.render(service, request_counts, timer),
+                200,
+                {"Content-Type": prometheus.CONTENT_TYPE},
+            )
         backend = service.backend
         body = {"state": service.state, "requests": request_counts()}
         if backend is not None:
             scheduler = backend.scheduler
             body["model_version"] = backend.model_version
-            body["scheduler"] = dict(scheduler.stats, pending=scheduler.pending(), running=scheduler.running(),
-                                     pairs_per_s=round(scheduler.pairs_per_second(), 3))
+            body["scheduler"] = dict(
+                scheduler.stats,
+                pending=scheduler.pending(),
+                running=scheduler.running(),
+                pairs_per_s=round(scheduler.pairs_per_second(), 3),
+            )
             body["fetch_failures"] = backend.fetch_failures.snapshot()
-            body["retrieve"] = dict(backend.results.stats.snapshot(), **backend.results.sizes(),
-                                    write_back=backend.write_back is not None)
+            body["retrieve"] = dict(
+                backend.results.stats.snapshot(),
+                **backend.results.sizes(),
+                write_back=backend.write_back is not None,
+            )
         return jsonify(body)
 
     @app.before_request

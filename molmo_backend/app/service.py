@@ -10,16 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from molmo_backend.labelstudio.model import MolmoBackend, make_model_version
 from molmo_backend.engine.base import Engine
 from molmo_backend.engine.scheduler import Scheduler
 from molmo_backend.images.loader import ImageLoader
-from molmo_backend.pointing.prompts import default_prompt_template
+from molmo_backend.labelstudio.model import MolmoBackend, make_model_version
 from molmo_backend.labelstudio.results import ResultStore
-from molmo_backend.settings import Settings
 from molmo_backend.labelstudio.writeback import WriteBack
+from molmo_backend.pointing.prompts import default_prompt_template
+from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ def default_engine_factory(settings: Settings) -> Engine | list[Engine]:
     return load_engine(settings)
 
 
-def build_backend(settings: Settings, engine: Engine | list[Engine],
-                  write_back: bool = False) -> MolmoBackend:
+def build_backend(
+    settings: Settings, engine: Engine | list[Engine], write_back: bool = False
+) -> MolmoBackend:
     """The backend over one engine, or over replicas of one model (one per GPU).
 
     ``write_back`` (the server): predictions finished after their retrieve answered are also
@@ -47,23 +48,34 @@ def build_backend(settings: Settings, engine: Engine | list[Engine],
     template = settings.prompt_template or default_prompt_template(first.family)
     version = make_model_version(first.model_id, first.revision, template, settings.caption_prompt)
     results = ResultStore(settings.result_cache)
-    backend = MolmoBackend(settings, scheduler, ImageLoader(settings), version,
-                           prompt_template=template, results=results)
+    backend = MolmoBackend(
+        settings, scheduler, ImageLoader(settings), version, prompt_template=template, results=results
+    )
     if write_back and settings.writes_back:
-        writer = WriteBack(results, settings.label_studio_url, settings.label_studio_api_key,
-                           version, backend.asks_fingerprint_for)
+        writer = WriteBack(
+            results,
+            settings.label_studio_url,
+            settings.label_studio_api_key,
+            version,
+            backend.asks_fingerprint_for,
+        )
         results.on_kept = writer.start().enqueue
         backend.write_back = writer
-        log.info("deferred predictions are written to Label Studio as they finish",
-                 extra={"label_studio_url": settings.label_studio_url})
+        log.info(
+            "deferred predictions are written to Label Studio as they finish",
+            extra={"label_studio_url": settings.label_studio_url},
+        )
     return backend
 
 
 class ModelService:
     """Holds the backend once its model has loaded; reports loading state and errors meanwhile."""
 
-    def __init__(self, settings: Settings,
-                 engine_factory: Callable[[Settings], Engine | list[Engine]] = default_engine_factory):
+    def __init__(
+        self,
+        settings: Settings,
+        engine_factory: Callable[[Settings], Engine | list[Engine]] = default_engine_factory,
+    ):
         self.settings = settings
         self.engine_factory = engine_factory
         self.backend: MolmoBackend | None = None
@@ -78,7 +90,7 @@ class ModelService:
             return "ready"
         return "failed" if self.error else "loading"
 
-    def start(self, background: bool = True) -> "ModelService":
+    def start(self, background: bool = True) -> ModelService:
         if background:
             self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
             self._thread.start()
@@ -97,8 +109,10 @@ class ModelService:
             self.backend = build_backend(self.settings, engine, write_back=True)
             log.info(
                 "backend ready",
-                extra={"model_version": self.backend.model_version,
-                       "startup_s": round(time.monotonic() - self.started, 2)},
+                extra={
+                    "model_version": self.backend.model_version,
+                    "startup_s": round(time.monotonic() - self.started, 2),
+                },
             )
         except Exception as exc:  # noqa: BLE001 - reported by /health, the server stays up
             self.error = f"{type(exc).__name__}: {exc}"

@@ -9,10 +9,10 @@ import logging
 
 from flask import Flask
 
-from molmo_backend.images.address_policy import classify, parse_ip
-from molmo_backend.logs import configure_logging
 from molmo_backend.app.routes import create_app
 from molmo_backend.app.service import ModelService
+from molmo_backend.images.address_policy import classify, parse_ip
+from molmo_backend.logs import configure_logging
 from molmo_backend.settings import Settings
 
 
@@ -33,13 +33,15 @@ def startup_warnings(settings: Settings) -> list[str]:
     if settings.label_studio_api_key and not settings.label_studio_url:
         warnings.append(
             "LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the key is sent to whichever host "
-            "Label Studio's /setup call names; set LABEL_STUDIO_URL (and BASIC_AUTH_USER/PASS)")
+            "Label Studio's /setup call names; set LABEL_STUDIO_URL (and BASIC_AUTH_USER/PASS)"
+        )
     if not settings.basic_auth_user and not _is_loopback(settings.host):
         warnings.append(
             f"the server listens on {settings.host or '*'}:{settings.port} (not a loopback address) "
             "without basic auth: anyone who can reach that port can call /setup and /predict and "
             "make the backend fetch images; set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same "
-            "in Label Studio's model settings), or HOST=127.0.0.1")
+            "in Label Studio's model settings), or HOST=127.0.0.1"
+        )
     return warnings
 
 

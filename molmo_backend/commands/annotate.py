@@ -27,13 +27,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from molmo_backend.commands.backend_session import EngineFactory, close_backend, load_backend
 from molmo_backend.commands.interrupts import Abandon, Interrupts
 from molmo_backend.commands.progress import Progress
-from molmo_backend.labelstudio.model import MolmoBackend, cached_config
 from molmo_backend.engine.scheduler import Priority
 from molmo_backend.labelstudio.api import (
     DEFAULT_PAGE_SIZE,
@@ -44,6 +44,7 @@ from molmo_backend.labelstudio.api import (
     TaskInfo,
     write_new_predictions,
 )
+from molmo_backend.labelstudio.model import MolmoBackend, cached_config
 from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,7 @@ class AnnotateReport:
 
     @property
     def complete(self) -> bool:
-        return self.interrupted is None and not self.failed and \
-            self.written + self.skipped_late == self.todo
+        return self.interrupted is None and not self.failed and self.written + self.skipped_late == self.todo
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in vars(self).items() if k != "failed"}
@@ -143,11 +143,14 @@ def annotate_project(
     no keypoints for an image); returns a report otherwise, also after an interruption."""
     started = time.monotonic()
     if not 1 <= chunk_size <= MAX_CHUNK:
-        raise AnnotateError(f"--chunk-size must be 1..{MAX_CHUNK} (Label Studio imports up to "
-                            f"{MAX_CHUNK} predictions in one bulk insert)")
+        raise AnnotateError(
+            f"--chunk-size must be 1..{MAX_CHUNK} (Label Studio imports up to "
+            f"{MAX_CHUNK} predictions in one bulk insert)"
+        )
     task_filter.validate()
-    project = project or LabelStudioProject(project_id, settings.label_studio_url,
-                                            settings.label_studio_api_key)
+    project = project or LabelStudioProject(
+        project_id, settings.label_studio_url, settings.label_studio_api_key
+    )
     report = AnnotateReport(project=project.id)
     label_config = project.label_config()
     cached_config(label_config)  # LabelConfigError now, not after the model has loaded
@@ -174,14 +177,24 @@ def annotate_project(
     todo = [t for t in listed if version not in t.model_versions]
     report.skipped = report.listed - len(todo)
     report.todo = len(todo)
-    log.info("annotate plan", extra={"project": project.id, "model_version": version,
-                                     "tasks": report.listed, "already_done": report.skipped,
-                                     "to_do": report.todo, "chunk_size": chunk_size})
+    log.info(
+        "annotate plan",
+        extra={
+            "project": project.id,
+            "model_version": version,
+            "tasks": report.listed,
+            "already_done": report.skipped,
+            "to_do": report.todo,
+            "chunk_size": chunk_size,
+        },
+    )
     if task_filter.task_ids:
         missing = sorted(set(task_filter.task_ids) - {t.id for t in listed})
         if missing:
-            log.warning("task ids not in the project (or not in the view)",
-                        extra={"ids": missing[:50], "count": len(missing)})
+            log.warning(
+                "task ids not in the project (or not in the view)",
+                extra={"ids": missing[:50], "count": len(missing)},
+            )
     if not todo:
         close_backend(backend)
         report.seconds = time.monotonic() - started
@@ -189,7 +202,7 @@ def annotate_project(
 
     recorder = _FailureRecorder(backend.images)
     backend.images = recorder
-    chunks = [_Chunk(i, todo[s:s + chunk_size]) for i, s in enumerate(range(0, len(todo), chunk_size))]
+    chunks = [_Chunk(i, todo[s : s + chunk_size]) for i, s in enumerate(range(0, len(todo), chunk_size))]
     stats = getattr(backend.scheduler, "stats", {})
     truncated_before = int(stats.get("truncated", 0))
     bar = Progress(len(todo), progress, stream=stream, pairs=lambda: int(stats.get("queries", 0)))
@@ -197,8 +210,9 @@ def annotate_project(
     t_predict = time.monotonic()
     try:
         with bar.logging_redirected(), interrupts:
-            _run_chunks(backend, project, label_config, chunks, recorder, report, bar, interrupts,
-                        max(1, in_flight))
+            _run_chunks(
+                backend, project, label_config, chunks, recorder, report, bar, interrupts, max(1, in_flight)
+            )
     finally:
         bar.close()
         report.predict_seconds = time.monotonic() - t_predict
@@ -210,17 +224,26 @@ def annotate_project(
     return report
 
 
-def _run_chunks(backend: MolmoBackend, project: LabelStudioProject, label_config: str,
-                chunks: list[_Chunk], recorder: _FailureRecorder, report: AnnotateReport,
-                bar: Progress, interrupts: Interrupts, in_flight: int) -> None:
+def _run_chunks(
+    backend: MolmoBackend,
+    project: LabelStudioProject,
+    label_config: str,
+    chunks: list[_Chunk],
+    recorder: _FailureRecorder,
+    report: AnnotateReport,
+    bar: Progress,
+    interrupts: Interrupts,
+    in_flight: int,
+) -> None:
     """Predict chunks on daemon threads (``in_flight`` at once), write each when it is done."""
     results: queue.Queue[_Chunk] = queue.Queue()
     version = backend.model_version
 
     def predict(chunk: _Chunk) -> None:
         try:
-            chunk.predictions = backend.predict([t.as_task() for t in chunk.tasks],
-                                                label_config=label_config, priority=Priority.BULK)
+            chunk.predictions = backend.predict(
+                [t.as_task() for t in chunk.tasks], label_config=label_config, priority=Priority.BULK
+            )
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             chunk.error = exc
         results.put(chunk)
@@ -236,8 +259,9 @@ def _run_chunks(backend: MolmoBackend, project: LabelStudioProject, label_config
                 chunk = pending.pop()
                 running.add(chunk.index)
                 started.add(chunk.index)
-                threading.Thread(target=predict, args=(chunk,), name=f"chunk-{chunk.index}",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=predict, args=(chunk,), name=f"chunk-{chunk.index}", daemon=True
+                ).start()
             if not running:
                 break  # stop requested: nothing more starts
             try:
@@ -260,24 +284,37 @@ def _run_chunks(backend: MolmoBackend, project: LabelStudioProject, label_config
                     raise AnnotateError(
                         f"the images of the first {streak} tasks could not be loaded (the log says "
                         f"why): check LABEL_STUDIO_URL, the key and MOLMO_ALLOWED_HOSTS. Nothing "
-                        f"was written for them; stopping before trying the rest")
+                        f"was written for them; stopping before trying the rest"
+                    )
     except Abandon:
         report.abandoned = sum(len(c.tasks) for c in chunks if c.index in started - finished)
-        log.warning("abandoned the chunks in flight: nothing of them was written",
-                    extra={"tasks": report.abandoned})
+        log.warning(
+            "abandoned the chunks in flight: nothing of them was written", extra={"tasks": report.abandoned}
+        )
 
 
-def _write_chunk(project: LabelStudioProject, chunk: _Chunk, version: str,
-                 recorder: _FailureRecorder, report: AnnotateReport, interrupts: Interrupts) -> None:
+def _write_chunk(
+    project: LabelStudioProject,
+    chunk: _Chunk,
+    version: str,
+    recorder: _FailureRecorder,
+    report: AnnotateReport,
+    interrupts: Interrupts,
+) -> None:
     assert chunk.predictions is not None and len(chunk.predictions) == len(chunk.tasks)
     rows = []
     for task, prediction in zip(chunk.tasks, chunk.predictions):
         if task.id in recorder.failed:
             report.failed.append(task.id)
             continue
-        rows.append({"task": task.id, "result": prediction["result"],
-                     "score": prediction.get("score", 0.0),
-                     "model_version": prediction.get("model_version", version)})
+        rows.append(
+            {
+                "task": task.id,
+                "result": prediction["result"],
+                "score": prediction.get("score", 0.0),
+                "model_version": prediction.get("model_version", version),
+            }
+        )
     if not rows:
         return
     with interrupts.writing():
@@ -286,8 +323,9 @@ def _write_chunk(project: LabelStudioProject, chunk: _Chunk, version: str,
         outcome = write_new_predictions(project, rows, version)
     if outcome.present:
         report.skipped_late += len(outcome.present)
-        log.info("tasks predicted elsewhere meanwhile, not written again",
-                 extra={"tasks": len(outcome.present)})
+        log.info(
+            "tasks predicted elsewhere meanwhile, not written again", extra={"tasks": len(outcome.present)}
+        )
     written = set(outcome.written)
     report.written += len(written)
     report.with_points += sum(1 for r in rows if r["task"] in written and r["result"])

@@ -7,7 +7,8 @@ The commands build it exactly as ``serve`` does (``build_backend`` over the engi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from molmo_backend.app.service import build_backend, default_engine_factory
 from molmo_backend.labelstudio.model import MolmoBackend

@@ -41,9 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (PORT, default 9090)")
     serve.add_argument("--threads", type=int, help="HTTP threads (THREADS, default 32)")
     serve.add_argument("--model", help="hub id or local folder (MOLMO_MODEL)")
-    serve.add_argument("--demo", action="store_true",
-                       help="serve the tiny demo model (MOLMO_DEMO=1; trained on synthetic shapes, not Molmo): "
-                            "for trying the whole path")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve the tiny demo model (MOLMO_DEMO=1; trained on synthetic shapes, not Molmo): "
+        "for trying the whole path",
+    )
     serve.add_argument("--log-level", help="LOG_LEVEL (default INFO)")
     serve.set_defaults(func=cmd_serve)
     _add_annotate(commands)
@@ -76,13 +79,19 @@ per image (<name>.molmo.png) with a dot and the label at every point.
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id or local folder (MOLMO_MODEL)")
-    parser.add_argument("--demo", action="store_true",
-                        help="use the tiny demo model (MOLMO_DEMO=1; trained on synthetic shapes, "
-                             "not Molmo): for trying the command")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the tiny demo model (MOLMO_DEMO=1; trained on synthetic shapes, "
+        "not Molmo): for trying the command",
+    )
     parser.add_argument("--prompt-template", help="prompt per label, with {label} (MOLMO_PROMPT_TEMPLATE)")
     parser.add_argument("--log-level", help="LOG_LEVEL (default INFO)")
-    parser.add_argument("--log-format", choices=["text", "json"],
-                        help="log lines on stderr (LOG_FORMAT; default text for this command)")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines on stderr (LOG_FORMAT; default text for this command)",
+    )
 
 
 def _add_annotate(commands) -> None:
@@ -95,25 +104,47 @@ def _add_annotate(commands) -> None:
         epilog=ANNOTATE_EXAMPLES + "\n" + _settings_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    annotate.add_argument("--project", type=int, required=True, metavar="ID",
-                          help="the project's id (the number in its URL)")
+    annotate.add_argument(
+        "--project", type=int, required=True, metavar="ID", help="the project's id (the number in its URL)"
+    )
     annotate.add_argument("--url", help="Label Studio's URL (LABEL_STUDIO_URL)")
-    annotate.add_argument("--api-key", help="personal access token or legacy token "
-                          "(LABEL_STUDIO_API_KEY; prefer the variable: flags show in ps)")
-    annotate.add_argument("--tasks", action="append", default=[], metavar="IDS",
-                          help="only these task ids, e.g. 1,2,10-20 (repeatable)")
-    annotate.add_argument("--view", type=int, metavar="VIEW_ID",
-                          help="only the tasks of this Data Manager tab (its filters)")
-    annotate.add_argument("--query", metavar="JSON",
-                          help='a Data Manager query, e.g. \'{"filters": {"conjunction": "and", '
-                               '"items": [...]}}\'')
-    annotate.add_argument("--chunk-size", type=int, default=64, metavar="N",
-                          help="tasks per chunk: predicted together, written together (default 64, "
-                               "at most 500); the GPU batches MOLMO_MAX_BATCH queries across chunks")
-    annotate.add_argument("--page-size", type=int, default=500, metavar="N",
-                          help="tasks per listing request (default 500)")
-    annotate.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
-                          help="a bar on a terminal, else a log line every 10 s (default auto)")
+    annotate.add_argument(
+        "--api-key",
+        help="personal access token or legacy token "
+        "(LABEL_STUDIO_API_KEY; prefer the variable: flags show in ps)",
+    )
+    annotate.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="IDS",
+        help="only these task ids, e.g. 1,2,10-20 (repeatable)",
+    )
+    annotate.add_argument(
+        "--view", type=int, metavar="VIEW_ID", help="only the tasks of this Data Manager tab (its filters)"
+    )
+    annotate.add_argument(
+        "--query",
+        metavar="JSON",
+        help='a Data Manager query, e.g. \'{"filters": {"conjunction": "and", "items": [...]}}\'',
+    )
+    annotate.add_argument(
+        "--chunk-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="tasks per chunk: predicted together, written together (default 64, "
+        "at most 500); the GPU batches MOLMO_MAX_BATCH queries across chunks",
+    )
+    annotate.add_argument(
+        "--page-size", type=int, default=500, metavar="N", help="tasks per listing request (default 500)"
+    )
+    annotate.add_argument(
+        "--progress",
+        choices=["auto", "bar", "log", "off"],
+        default="auto",
+        help="a bar on a terminal, else a log line every 10 s (default auto)",
+    )
     annotate.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     _model_flags(annotate)
     annotate.set_defaults(func=cmd_annotate)
@@ -129,8 +160,13 @@ def _add_predict(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    predict.add_argument("--label", action="append", required=True, metavar="LABEL",
-                         help="a label to point at (repeat for several)")
+    predict.add_argument(
+        "--label",
+        action="append",
+        required=True,
+        metavar="LABEL",
+        help="a label to point at (repeat for several)",
+    )
     predict.add_argument("--out", metavar="DIR", help="write an overlay PNG per image here")
     _model_flags(predict)
     predict.set_defaults(func=cmd_predict)
@@ -140,8 +176,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from molmo_backend.app.serve import serve
 
     settings = Settings.from_env(
-        host=args.host, port=args.port, threads=args.threads, model=args.model,
-        demo="1" if args.demo else None, log_level=args.log_level,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        model=args.model,
+        demo="1" if args.demo else None,
+        log_level=args.log_level,
     )
     return serve(settings)
 
@@ -151,8 +191,13 @@ def _command_settings(args: argparse.Namespace, **overrides) -> Settings:
     says otherwise."""
     env = {"LOG_FORMAT": "text", **os.environ}
     settings = Settings.from_env(
-        env, model=args.model, demo="1" if args.demo else None, log_level=args.log_level,
-        log_format=args.log_format, prompt_template=args.prompt_template, **overrides,
+        env,
+        model=args.model,
+        demo="1" if args.demo else None,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        prompt_template=args.prompt_template,
+        **overrides,
     )
     from molmo_backend.logs import configure_logging
 
@@ -177,32 +222,46 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if args.page_size < 1:
         raise ann.AnnotateError("--page-size must be >= 1")
     report = ann.annotate_project(
-        settings, args.project, task_filter=task_filter, chunk_size=args.chunk_size,
-        page_size=args.page_size, engine_factory=getattr(args, "engine_factory", None),
+        settings,
+        args.project,
+        task_filter=task_filter,
+        chunk_size=args.chunk_size,
+        page_size=args.page_size,
+        engine_factory=getattr(args, "engine_factory", None),
         progress=args.progress,
     )
     if args.json:
         print(json.dumps(report.as_dict()), flush=True)
     rate = report.written / report.predict_seconds if report.predict_seconds > 0 else 0.0
-    summary = (f"project {report.project}, model_version {report.model_version}: "
-               f"{report.listed} tasks, {report.skipped} already done, {report.written} written "
-               f"({report.with_points} with points) in {format_duration(report.seconds)}"
-               f" ({rate:.2f} tasks/s)")
+    summary = (
+        f"project {report.project}, model_version {report.model_version}: "
+        f"{report.listed} tasks, {report.skipped} already done, {report.written} written "
+        f"({report.with_points} with points) in {format_duration(report.seconds)}"
+        f" ({rate:.2f} tasks/s)"
+    )
     if report.skipped_late:
         summary += f", {report.skipped_late} predicted elsewhere meanwhile"
     print(summary, file=sys.stderr)
     if report.truncated:
-        print(f"{report.truncated} answers reached MOLMO_MAX_NEW_TOKENS and were cut: their points past "
-              f"the cap are missing (raise MOLMO_MAX_NEW_TOKENS and re-run on those tasks)", file=sys.stderr)
+        print(
+            f"{report.truncated} answers reached MOLMO_MAX_NEW_TOKENS and were cut: their points past "
+            f"the cap are missing (raise MOLMO_MAX_NEW_TOKENS and re-run on those tasks)",
+            file=sys.stderr,
+        )
     if report.interrupted is not None:
         left = report.todo - report.written - report.skipped_late - len(report.failed)
-        print(f"interrupted: {left} tasks left (abandoned in flight: {report.abandoned}); run the "
-              f"same command again to resume", file=sys.stderr)
+        print(
+            f"interrupted: {left} tasks left (abandoned in flight: {report.abandoned}); run the "
+            f"same command again to resume",
+            file=sys.stderr,
+        )
         return 128 + report.interrupted
     if report.failed:
-        print(f"{len(report.failed)} tasks' images could not be loaded (see the log; ids "
-              f"{report.failed[:20]}); they got no prediction: run again to retry them",
-              file=sys.stderr)
+        print(
+            f"{len(report.failed)} tasks' images could not be loaded (see the log; ids "
+            f"{report.failed[:20]}); they got no prediction: run again to retry them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -211,14 +270,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from molmo_backend.commands.predict import predict_files
 
     settings = _command_settings(args)
-    result = predict_files(settings, args.images, args.label, out_dir=args.out,
-                           engine_factory=getattr(args, "engine_factory", None))
+    result = predict_files(
+        settings,
+        args.images,
+        args.label,
+        out_dir=args.out,
+        engine_factory=getattr(args, "engine_factory", None),
+    )
     if result["model_version"].startswith("molmo2-demo@"):
-        log.warning("this is the tiny random demo model: its points are random (MOLMO_MODEL and "
-                    "a GPU give real ones)")
+        log.warning(
+            "this is the tiny random demo model: its points are random (MOLMO_MODEL and a GPU give real ones)"
+        )
     elif result["model_version"].startswith("molmo2-demo-shapes@"):
-        log.warning("this is the tiny demo model, trained on synthetic shapes (not Molmo): it finds "
-                    "only coloured shapes such as 'red circle' (MOLMO_MODEL and a GPU give real answers)")
+        log.warning(
+            "this is the tiny demo model, trained on synthetic shapes (not Molmo): it finds "
+            "only coloured shapes such as 'red circle' (MOLMO_MODEL and a GPU give real answers)"
+        )
     print(json.dumps(result, indent=2), flush=True)
     for image in result["images"]:
         if image["overlay"]:

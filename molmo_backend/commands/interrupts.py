@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ class Interrupts:
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            log.warning("interrupted: finishing and writing the chunks in flight, then stopping; "
-                        "interrupt again to abandon them")
+            log.warning(
+                "interrupted: finishing and writing the chunks in flight, then stopping; "
+                "interrupt again to abandon them"
+            )
             return
         self.abandoned = True
         if not self._writing:  # a write in progress completes; the loop stops right after it
@@ -58,7 +61,7 @@ class Interrupts:
         finally:
             self._writing = False
 
-    def __enter__(self) -> "Interrupts":
+    def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._old[sig] = signal.signal(sig, self._handle)

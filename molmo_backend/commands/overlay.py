@@ -7,16 +7,28 @@ the pixel at a point's position always has its label's colour (tests read it bac
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
 #: distinct colours (Sasha Trubetskoy's list), assigned to labels in order
 PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40),
-    (128, 0, 0), (0, 0, 128), (128, 128, 0), (255, 225, 25), (220, 190, 255),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+    (0, 0, 128),
+    (128, 128, 0),
+    (255, 225, 25),
+    (220, 190, 255),
 )
 RING = (255, 255, 255)
 
@@ -44,9 +56,13 @@ def dot_radius(width: int, height: int) -> int:
     return max(3, round(min(width, height) * 0.012))
 
 
-def draw_overlay(image: Image.Image, points: Sequence[OverlayPoint],
-                 colors: Mapping[str, tuple[int, int, int]] | None = None,
-                 radius: int | None = None, show_labels: bool = True) -> Image.Image:
+def draw_overlay(
+    image: Image.Image,
+    points: Sequence[OverlayPoint],
+    colors: Mapping[str, tuple[int, int, int]] | None = None,
+    radius: int | None = None,
+    show_labels: bool = True,
+) -> Image.Image:
     """A copy of ``image`` (RGB) with ``points`` drawn on it; ``image`` itself is not changed.
 
     Points outside the image are skipped. ``colors`` maps labels to RGB (default: ``label_colors``
@@ -84,8 +100,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _label_box(draw: ImageDraw.ImageDraw, font, p: OverlayPoint, color, gap: int, width: int,
-               height: int) -> None:
+def _label_box(
+    draw: ImageDraw.ImageDraw, font, p: OverlayPoint, color, gap: int, width: int, height: int
+) -> None:
     """The label in a box of its colour, right of the dot (left of it near the right edge)."""
     text = p.label
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
@@ -100,5 +117,9 @@ def _label_box(draw: ImageDraw.ImageDraw, font, p: OverlayPoint, color, gap: int
     y = min(max(y, 0), max(height - box_h, 0))
     draw.rectangle([x, y, x + box_w, y + box_h], fill=color)
     luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-    draw.text((x + pad - left, y + pad - top), text, font=font,
-              fill=(0, 0, 0) if luminance > 150 else (255, 255, 255))
+    draw.text(
+        (x + pad - left, y + pad - top),
+        text,
+        font=font,
+        fill=(0, 0, 0) if luminance > 150 else (255, 255, 255),
+    )

@@ -6,18 +6,19 @@ go through the server's own backend (as data URIs), so the points are what ``ser
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from molmo_backend.commands.backend_session import EngineFactory, close_backend, load_backend
-from molmo_backend.errors import BadInput
-from molmo_backend.labelstudio.model import MolmoBackend, cached_config
+from molmo_backend.commands.overlay import OverlayPoint, draw_overlay, label_colors
 from molmo_backend.engine.scheduler import Priority
+from molmo_backend.errors import BadInput
 from molmo_backend.images.decode import decode_image
 from molmo_backend.images.errors import ImageLoadError
-from molmo_backend.commands.overlay import OverlayPoint, draw_overlay, label_colors
+from molmo_backend.labelstudio.model import MolmoBackend, cached_config
 from molmo_backend.settings import Settings
 
 
@@ -33,15 +34,22 @@ class FileResult:
         by_label: dict[str, list[dict]] = {label: [] for label in labels}
         for p in self.points:
             by_label.setdefault(p["label"], []).append({k: v for k, v in p.items() if k != "label"})
-        return {"image": self.path, "width": self.width, "height": self.height,
-                "labels": by_label, "overlay": self.overlay}
+        return {
+            "image": self.path,
+            "width": self.width,
+            "height": self.height,
+            "labels": by_label,
+            "overlay": self.overlay,
+        }
 
 
 def keypoint_config(labels: Sequence[str]) -> str:
     """A label config with one KeyPointLabels of ``labels`` on ``$image``."""
     body = "\n".join(f"    <Label value={quoteattr(label)}/>" for label in labels)
-    return (f'<View>\n  <Image name="image" value="$image"/>\n'
-            f'  <KeyPointLabels name="kp" toName="image">\n{body}\n  </KeyPointLabels>\n</View>')
+    return (
+        f'<View>\n  <Image name="image" value="$image"/>\n'
+        f'  <KeyPointLabels name="kp" toName="image">\n{body}\n  </KeyPointLabels>\n</View>'
+    )
 
 
 def _data_uri(data: bytes, path: Path) -> str:
@@ -49,9 +57,15 @@ def _data_uri(data: bytes, path: Path) -> str:
     return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
 
 
-def predict_files(settings: Settings, paths: Sequence[str | Path], labels: Sequence[str], *,
-                  out_dir: str | Path | None = None, engine_factory: EngineFactory | None = None,
-                  backend: MolmoBackend | None = None) -> dict:
+def predict_files(
+    settings: Settings,
+    paths: Sequence[str | Path],
+    labels: Sequence[str],
+    *,
+    out_dir: str | Path | None = None,
+    engine_factory: EngineFactory | None = None,
+    backend: MolmoBackend | None = None,
+) -> dict:
     """Points per image and label, through the server's backend; with ``out_dir`` an overlay PNG
     per image there (``<name>.molmo.png``). No label, no file or an unreadable file raise
     BadInput (exit code 2) before the model loads."""
@@ -78,8 +92,9 @@ def predict_files(settings: Settings, paths: Sequence[str | Path], labels: Seque
     cached_config(config)
     own = backend is None
     backend = backend or load_backend(settings, engine_factory)
-    tasks = [{"id": i + 1, "data": {"image": _data_uri(data, path)}}
-             for i, (path, data, _) in enumerate(files)]
+    tasks = [
+        {"id": i + 1, "data": {"image": _data_uri(data, path)}} for i, (path, data, _) in enumerate(files)
+    ]
     try:
         predictions = backend.predict(tasks, label_config=config, priority=Priority.BULK)
     finally:
@@ -97,21 +112,32 @@ def predict_files(settings: Settings, paths: Sequence[str | Path], labels: Seque
         for region in prediction["result"]:
             value = region["value"]
             x, y = float(value["x"]), float(value["y"])
-            points.append({"label": value["keypointlabels"][0],
-                           "x": round(x / 100 * image.width, 2), "y": round(y / 100 * image.height, 2),
-                           "x_percent": round(x, 4), "y_percent": round(y, 4),
-                           "score": region.get("score")})
+            points.append(
+                {
+                    "label": value["keypointlabels"][0],
+                    "x": round(x / 100 * image.width, 2),
+                    "y": round(y / 100 * image.height, 2),
+                    "x_percent": round(x, 4),
+                    "y_percent": round(y, 4),
+                    "score": region.get("score"),
+                }
+            )
         result = FileResult(str(path), image.width, image.height, points)
         if out is not None:
             name = _unique_name(path.stem, used)
             target = out / f"{name}.molmo.png"
-            overlay = draw_overlay(image.image, [OverlayPoint(p["label"], p["x"], p["y"]) for p in points],
-                                   colors=colors)
+            overlay = draw_overlay(
+                image.image, [OverlayPoint(p["label"], p["x"], p["y"]) for p in points], colors=colors
+            )
             overlay.save(target, format="PNG")
             result.overlay = str(target)
         results.append(result)
-    return {"model_version": backend.model_version, "prompt_template": backend.prompt_template,
-            "labels": labels, "images": [r.as_dict(labels) for r in results]}
+    return {
+        "model_version": backend.model_version,
+        "prompt_template": backend.prompt_template,
+        "labels": labels,
+        "images": [r.as_dict(labels) for r in results],
+    }
 
 
 def _unique_name(stem: str, used: set[str]) -> str:

@@ -8,8 +8,8 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +18,14 @@ class Progress:
     """done/total with tasks/s and ETA: a tqdm bar on a terminal, else a log line every
     ``interval`` seconds (and one at the end)."""
 
-    def __init__(self, total: int, mode: str = "auto", stream=None, interval: float = 10.0,
-                 pairs: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        total: int,
+        mode: str = "auto",
+        stream=None,
+        interval: float = 10.0,
+        pairs: Callable[[], int] | None = None,
+    ):
         self.stream = stream or sys.stderr
         if mode == "auto":
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "log"
@@ -36,8 +42,14 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="task", file=self.stream, dynamic_ncols=True,
-                            smoothing=0.05, desc="annotate")
+            self.bar = tqdm(
+                total=total,
+                unit="task",
+                file=self.stream,
+                dynamic_ncols=True,
+                smoothing=0.05,
+                desc="annotate",
+            )
 
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.started, 1e-9)
@@ -62,10 +74,17 @@ class Progress:
             return
         self._last_log = now
         eta = self.eta()
-        log.info("annotate progress", extra={
-            "done": self.done, "total": self.total, "tasks_per_s": round(self.rate(), 3),
-            "pairs": self.pairs() - self._pairs0,
-            "eta_s": None if eta is None else round(eta, 1), **counts})
+        log.info(
+            "annotate progress",
+            extra={
+                "done": self.done,
+                "total": self.total,
+                "tasks_per_s": round(self.rate(), 3),
+                "pairs": self.pairs() - self._pairs0,
+                "eta_s": None if eta is None else round(eta, 1),
+                **counts,
+            },
+        )
 
     def _postfix(self, counts: dict) -> None:
         self._counts = counts

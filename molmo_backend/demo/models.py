@@ -23,9 +23,20 @@ from molmo_backend.errors import Unavailable
 log = logging.getLogger(__name__)
 
 MOLMO2_TOKENS = [
-    "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>", "<|image|>",
-    "<im_low>", "<frame_start>", "<frame_end>", "<|video|>", "<|points|>", "<|token_index|>",
-    "<|vit_index|>", "<|vit_loc|>",
+    "<im_start>",
+    "<im_end>",
+    "<im_patch>",
+    "<im_col>",
+    "<low_res_im_start>",
+    "<|image|>",
+    "<im_low>",
+    "<frame_start>",
+    "<frame_end>",
+    "<|video|>",
+    "<|points|>",
+    "<|token_index|>",
+    "<|vit_index|>",
+    "<|vit_loc|>",
 ]
 BASE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 #: text vocabulary size of both tiny models; the 14 Molmo2 tokens follow at ids TEXT_VOCAB...
@@ -36,8 +47,10 @@ SHIPPED_DEMO = Path(__file__).resolve().parent / "shapes_model"
 #: model ids (the first part of model_version) of the two demo kinds
 DEMO_NAMES = {"random": "molmo2-demo", "shapes": "molmo2-demo-shapes"}
 #: what the server logs when it serves the shapes demo
-DEMO_BANNER = ("serving the tiny DEMO model (trained on synthetic shapes; not Molmo): it points only at "
-               "coloured shapes named like 'red circle' or 'blue square' (README: Try it)")
+DEMO_BANNER = (
+    "serving the tiny DEMO model (trained on synthetic shapes; not Molmo): it points only at "
+    "coloured shapes named like 'red circle' or 'blue square' (README: Try it)"
+)
 
 # Single-image subset of the released Molmo2 chat template: media first, then alternating turns.
 CHAT_TEMPLATE = (
@@ -62,11 +75,13 @@ CHAT_TEMPLATE = (
 # parsers know, so forced answers tokenize into a handful of tokens.
 _CORPUS = [
     "Point to the cat.\nPlease say 'There are none.' if it is not in the image.",
-    'Point to all occurrences of "dog"', "How many birds are there in the image?",
-    '<points coords="1 1 461 527 2 481 521">cat</points>', "There are none.",
+    'Point to all occurrences of "dog"',
+    "How many birds are there in the image?",
+    '<points coords="1 1 461 527 2 481 521">cat</points>',
+    "There are none.",
     '<point x="61.5" y="40.6" alt="cat">cat</point>',
     '<points x1="10.0" y1="20.5" x2="80.1" y2="55.3" alt="cats">cats</points>',
-    "Counting the <points coords=\"1 1 100 200\">dogs</points> shows a total of 1.",
+    'Counting the <points coords="1 1 100 200">dogs</points> shows a total of 1.',
     "0 1 2 3 4 5 6 7 8 9 10 100 250 500 750 999 1000 . , ; : ' \" = < > / \t \n",
     "The quick brown fox jumps over the lazy dog. A person, a car, a tree, a window, a head.",
 ]
@@ -102,25 +117,66 @@ class Recipe:
 
 #: random weights, 56 px crops: about 0.2 M parameters, for the test-suite
 RANDOM_RECIPE = Recipe(
-    kind="random", crop=56, patch=14, pooling=(2, 2),
-    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=2, head_dim=16),
-    adapter=dict(vision_feature_layer=[-1, -2], num_attention_heads=2, num_key_value_heads=2,
-                 head_dim=16, intermediate_size=64),
-    text=dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-              num_hidden_layers=2, intermediate_size=64),
+    kind="random",
+    crop=56,
+    patch=14,
+    pooling=(2, 2),
+    vision=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    adapter=dict(
+        vision_feature_layer=[-1, -2],
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+    ),
+    text=dict(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_hidden_layers=2,
+        intermediate_size=64,
+    ),
 )
 
 #: the trained shapes demo: 112 px crops of 14 px patches, one image token per patch (8x8 per
 #: view, no pooling: position is read off the token); about 1 M parameters
 SHAPES_RECIPE = Recipe(
-    kind="shapes", crop=112, patch=14, pooling=(1, 1), split_digits=True,
-    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=4, head_dim=16),
-    adapter=dict(vision_feature_layer=[-1, -3], num_attention_heads=4, num_key_value_heads=4,
-                 head_dim=16, intermediate_size=256),
-    text=dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-              num_hidden_layers=4, intermediate_size=384),
+    kind="shapes",
+    crop=112,
+    patch=14,
+    pooling=(1, 1),
+    split_digits=True,
+    vision=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+    ),
+    adapter=dict(
+        vision_feature_layer=[-1, -3],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        intermediate_size=256,
+    ),
+    text=dict(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=4,
+        intermediate_size=384,
+    ),
 )
 
 
@@ -130,12 +186,17 @@ def build_tokenizer(out: Path, recipe: Recipe = RANDOM_RECIPE):
 
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if recipe.split_digits else byte_level)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if recipe.split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TEXT_VOCAB - 64, special_tokens=BASE_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=TEXT_VOCAB - 64,
+        special_tokens=BASE_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(recipe.corpus() * 20, trainer=trainer)
     fillers = [f"<|filler_{i}|>" for i in range(TEXT_VOCAB - tok.get_vocab_size())]
@@ -143,8 +204,11 @@ def build_tokenizer(out: Path, recipe: Recipe = RANDOM_RECIPE):
     assert tok.get_vocab_size() == TEXT_VOCAB, tok.get_vocab_size()
     tok.add_special_tokens(MOLMO2_TOKENS)  # ids TEXT_VOCAB.., before the wrapper adds anything
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_end|>", eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", padding_side="left",
+        tokenizer_object=tok,
+        bos_token="<|im_end|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
         extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
     )
     for i, token in enumerate(MOLMO2_TOKENS):
@@ -159,16 +223,26 @@ def build_config(tokenizer, recipe: Recipe = RANDOM_RECIPE):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in MOLMO2_TOKENS}
     vision_width = recipe.vision["hidden_size"]
     return Molmo2Config(
-        vision_config=dict(recipe.vision, image_size=[recipe.crop, recipe.crop], patch_size=recipe.patch,
-                           num_position_embeddings=(recipe.crop // recipe.patch) ** 2),
-        adapter_config=dict(recipe.adapter, hidden_size=vision_width,
-                            text_hidden_size=recipe.text["hidden_size"]),
-        text_config=dict(recipe.text, vocab_size=TEXT_VOCAB, additional_vocab_size=64,
-                         max_position_embeddings=4096),
-        image_start_token_id=ids["<im_start>"], image_end_token_id=ids["<im_end>"],
-        image_patch_id=ids["<im_patch>"], low_res_image_start_token_id=ids["<low_res_im_start>"],
-        frame_start_token_id=ids["<frame_start>"], frame_end_token_id=ids["<frame_end>"],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vision_config=dict(
+            recipe.vision,
+            image_size=[recipe.crop, recipe.crop],
+            patch_size=recipe.patch,
+            num_position_embeddings=(recipe.crop // recipe.patch) ** 2,
+        ),
+        adapter_config=dict(
+            recipe.adapter, hidden_size=vision_width, text_hidden_size=recipe.text["hidden_size"]
+        ),
+        text_config=dict(
+            recipe.text, vocab_size=TEXT_VOCAB, additional_vocab_size=64, max_position_embeddings=4096
+        ),
+        image_start_token_id=ids["<im_start>"],
+        image_end_token_id=ids["<im_end>"],
+        image_patch_id=ids["<im_patch>"],
+        low_res_image_start_token_id=ids["<low_res_im_start>"],
+        frame_start_token_id=ids["<frame_start>"],
+        frame_end_token_id=ids["<frame_end>"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -180,13 +254,24 @@ def build_processor(tokenizer, recipe: Recipe = RANDOM_RECIPE):
 
     size = {"height": recipe.crop, "width": recipe.crop}
     image_processor = Molmo2ImageProcessor(
-        size=size, patch_size=recipe.patch, overlap_margins=[1, 1], max_crops=1,
-        pooling_size=list(recipe.pooling), image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size=size,
+        patch_size=recipe.patch,
+        overlap_margins=[1, 1],
+        max_crops=1,
+        pooling_size=list(recipe.pooling),
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
     )
-    video_processor = Molmo2VideoProcessor(size=size, patch_size=recipe.patch, pooling_size=list(recipe.pooling))
+    video_processor = Molmo2VideoProcessor(
+        size=size, patch_size=recipe.patch, pooling_size=list(recipe.pooling)
+    )
     return Molmo2Processor(
-        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE, image_use_col_tokens=True, use_single_crop_col_tokens=False,
+        image_processor=image_processor,
+        video_processor=video_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_use_col_tokens=True,
+        use_single_crop_col_tokens=False,
         use_single_crop_start_token=True,
     )
 
@@ -268,5 +353,6 @@ def ensure_demo_model(cache_dir: str | Path) -> Path:
         raise DemoModelMissing(
             f"the demo model's weights are missing from {SHIPPED_DEMO} (a broken install?): "
             "reinstall molmo-backend, or rebuild them with python -m molmo_backend.demo.training "
-            "--out molmo_backend/demo/shapes_model; MOLMO_DEMO=random serves the untrained random model")
+            "--out molmo_backend/demo/shapes_model; MOLMO_DEMO=random serves the untrained random model"
+        )
     return SHIPPED_DEMO

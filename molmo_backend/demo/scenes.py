@@ -73,6 +73,7 @@ def to_1000(value: float, size: int, grid: int = 1) -> int:
 def _background(rng: random.Random, width: int, height: int, easy: bool = False) -> Image.Image:
     """A low-saturation background: flat or a gradient; unless ``easy``, sometimes with grey
     clutter and noise."""
+
     def muted() -> tuple[int, int, int]:
         grey = rng.randint(20, 240)
         return tuple(max(0, min(255, grey + rng.randint(-25, 25))) for _ in range(3))
@@ -85,8 +86,12 @@ def _background(rng: random.Random, width: int, height: int, easy: bool = False)
         horizontal = rng.random() < 0.5
         steps = width if horizontal else height
         strip = Image.new("RGB", (steps, 1))
-        strip.putdata([tuple(round(a[c] + (b[c] - a[c]) * i / max(1, steps - 1)) for c in range(3))
-                       for i in range(steps)])
+        strip.putdata(
+            [
+                tuple(round(a[c] + (b[c] - a[c]) * i / max(1, steps - 1)) for c in range(3))
+                for i in range(steps)
+            ]
+        )
         if not horizontal:
             strip = strip.transpose(Image.Transpose.ROTATE_270)  # a column, top to bottom
         image = strip.resize((width, height))
@@ -116,8 +121,13 @@ def _background(rng: random.Random, width: int, height: int, easy: bool = False)
 def _polygon(kind: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
     corners = 3 if kind == "triangle" else 4
     start = angle - math.pi / 2 if kind == "triangle" else angle + math.pi / 4
-    return [(x + r * math.cos(start + 2 * math.pi * i / corners), y + r * math.sin(start + 2 * math.pi * i / corners))
-            for i in range(corners)]
+    return [
+        (
+            x + r * math.cos(start + 2 * math.pi * i / corners),
+            y + r * math.sin(start + 2 * math.pi * i / corners),
+        )
+        for i in range(corners)
+    ]
 
 
 def draw_shape(image: Image.Image, shape: Shape, fill, angle: float = 0.0) -> None:
@@ -142,9 +152,15 @@ def random_size(rng: random.Random, easy: bool = False) -> tuple[int, int]:
     return width, height
 
 
-def make_scene(rng: random.Random, width: int | None = None, height: int | None = None,
-               count: int | None = None, labels: list[str] | None = None, easy: bool = False,
-               with_map: bool = False) -> Scene:
+def make_scene(
+    rng: random.Random,
+    width: int | None = None,
+    height: int | None = None,
+    count: int | None = None,
+    labels: list[str] | None = None,
+    easy: bool = False,
+    with_map: bool = False,
+) -> Scene:
     """1-4 shapes (or ``labels``, in order), each label at most once, not overlapping.
     ``easy`` (the start of training): plain backgrounds, no blur, bigger shapes, near-square.
     ``with_map``: also the label map (which shape covers each pixel), for training."""
@@ -187,14 +203,23 @@ def pick_question(rng: random.Random, scene: Scene, absent_share: float = 0.3) -
     absent = [label for label in LABELS if label not in present]
     if present and (rng.random() >= absent_share or not absent):
         return rng.choice(present)
-    near = [label for label in absent
-            if any(label.split(" ")[0] == s.colour or label.split(" ")[1] == s.kind for s in scene.shapes)]
+    near = [
+        label
+        for label in absent
+        if any(label.split(" ")[0] == s.colour or label.split(" ")[1] == s.kind for s in scene.shapes)
+    ]
     return rng.choice(near if near and rng.random() < 0.7 else absent)
 
 
 #: the sample scenes under docs/demo: (file name, seed, width, height)
-SAMPLES = [("shapes-1.jpg", 1, 640, 480), ("shapes-2.jpg", 2, 800, 600), ("shapes-3.jpg", 3, 480, 640),
-           ("shapes-4.jpg", 4, 1000, 400), ("shapes-5.jpg", 5, 512, 512), ("shapes-6.jpg", 6, 900, 600)]
+SAMPLES = [
+    ("shapes-1.jpg", 1, 640, 480),
+    ("shapes-2.jpg", 2, 800, 600),
+    ("shapes-3.jpg", 3, 480, 640),
+    ("shapes-4.jpg", 4, 1000, 400),
+    ("shapes-5.jpg", 5, 512, 512),
+    ("shapes-6.jpg", 6, 900, 600),
+]
 
 
 def sample_scene(seed: int, width: int, height: int) -> Scene:
@@ -206,8 +231,10 @@ def sample_scene(seed: int, width: int, height: int) -> Scene:
 def label_config(labels=LABELS) -> str:
     """A Label Studio labeling config with one keypoint label per demo label."""
     lines = "\n".join(f'    <Label value="{label}"/>' for label in labels)
-    return ('<View>\n  <Image name="image" value="$image"/>\n'
-            f'  <KeyPointLabels name="kp" toName="image">\n{lines}\n  </KeyPointLabels>\n</View>\n')
+    return (
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        f'  <KeyPointLabels name="kp" toName="image">\n{lines}\n  </KeyPointLabels>\n</View>\n'
+    )
 
 
 def write_samples(out) -> None:
@@ -221,8 +248,10 @@ def write_samples(out) -> None:
     for name, seed, width, height in SAMPLES:
         scene = sample_scene(seed, width, height)
         scene.image.save(out / name, quality=90)
-        truth[name] = [{"label": s.label, "x": round(s.x, 1), "y": round(s.y, 1), "radius": round(s.radius, 1)}
-                       for s in scene.shapes]
+        truth[name] = [
+            {"label": s.label, "x": round(s.x, 1), "y": round(s.y, 1), "radius": round(s.radius, 1)}
+            for s in scene.shapes
+        ]
     (out / "shapes.json").write_text(json.dumps(truth, indent=1) + "\n")
     (out / "label_config.xml").write_text(label_config())
 

@@ -103,7 +103,9 @@ def encode(processor, examples: list[Example]) -> dict:
     tokenizer = processor.tokenizer
     eos = tokenizer.eos_token
     texts = [chat_text(processor, prompt_for(e.label)) + e.answer + eos for e in examples]
-    batch = processor(images=[[e.scene.image] for e in examples], text=texts, padding=True, return_tensors="pt")
+    batch = processor(
+        images=[[e.scene.image] for e in examples], text=texts, padding=True, return_tensors="pt"
+    )
     ids = batch["input_ids"]
     labels = torch.full_like(ids, -100)
     for row, example in enumerate(examples):
@@ -125,17 +127,35 @@ def patch_labels(scene: Scene, side: int | None = None) -> torch.Tensor:
     label map sampled at the patch centres of the crop the processor stretches the image to."""
     side = side or SHAPES_RECIPE.crop // SHAPES_RECIPE.patch
     width, height = scene.label_map.size
-    return torch.tensor([scene.label_map.getpixel((min(width - 1, int((j + 0.5) * width / side)),
-                                                   min(height - 1, int((i + 0.5) * height / side))))
-                         for i in range(side) for j in range(side)], dtype=torch.long)
+    return torch.tensor(
+        [
+            scene.label_map.getpixel(
+                (
+                    min(width - 1, int((j + 0.5) * width / side)),
+                    min(height - 1, int((i + 0.5) * height / side)),
+                )
+            )
+            for i in range(side)
+            for j in range(side)
+        ],
+        dtype=torch.long,
+    )
 
 
 class Batches(torch.utils.data.IterableDataset):
     """Encoded training batches; batch ``step`` depends only on (seed, step), whichever worker
     makes it (the DataLoader hands batches back in step order)."""
 
-    def __init__(self, processor, seed: int, steps: int, batch_size: int, ramp_steps: int, grid: int,
-                 per_image: int = 4):
+    def __init__(
+        self,
+        processor,
+        seed: int,
+        steps: int,
+        batch_size: int,
+        ramp_steps: int,
+        grid: int,
+        per_image: int = 4,
+    ):
         self.processor, self.seed, self.steps = processor, seed, steps
         self.batch_size, self.ramp_steps, self.grid = batch_size, ramp_steps, grid
         self.per_image = per_image
@@ -145,13 +165,15 @@ class Batches(torch.utils.data.IterableDataset):
         rng = random.Random(f"train-{self.seed}-{step}")
         hard_share = min(1.0, step / self.ramp_steps) if self.ramp_steps else 1.0
         if self.per_image == 1:
-            examples = [draw_example(rng, rng.random() < hard_share, self.grid) for _ in range(self.batch_size)]
+            examples = [
+                draw_example(rng, rng.random() < hard_share, self.grid) for _ in range(self.batch_size)
+            ]
             return encode(self.processor, examples)
         examples: list[Example] = []
         while len(examples) < self.batch_size:
             scene = draw_scene(rng, rng.random() < hard_share)
             examples += questions_about(rng, scene, self.per_image, self.grid)
-        return encode(self.processor, examples[:self.batch_size])
+        return encode(self.processor, examples[: self.batch_size])
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -178,7 +200,9 @@ class PatchProbe(torch.nn.Module):
 
     def loss(self, patch_labels: torch.Tensor) -> torch.Tensor:
         rows, per_view = patch_labels.shape
-        features = self.features.view(rows, -1, per_view, self.features.shape[-1])  # (rows, views, patches, width)
+        features = self.features.view(
+            rows, -1, per_view, self.features.shape[-1]
+        )  # (rows, views, patches, width)
         logits = self.head(features.float())
         targets = patch_labels[:, None, :].expand(rows, features.shape[1], per_view)
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -211,14 +235,17 @@ def evaluate(model, processor, examples: list[Example], device: torch.device, ba
     hits = present = none_right = absent = several = 0
     errors = []
     for start in range(0, len(examples), batch_size):
-        part = examples[start:start + batch_size]
-        inputs = processor(images=[[e.scene.image] for e in part],
-                           text=[chat_text(processor, prompt_for(e.label)) for e in part],
-                           padding=True, return_tensors="pt").to(device)
+        part = examples[start : start + batch_size]
+        inputs = processor(
+            images=[[e.scene.image] for e in part],
+            text=[chat_text(processor, prompt_for(e.label)) for e in part],
+            padding=True,
+            return_tensors="pt",
+        ).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for example, text in zip(part, texts):
             points = parse_points(text.strip())
             shape = example.scene.find(example.label)
@@ -240,9 +267,12 @@ def evaluate(model, processor, examples: list[Example], device: torch.device, ba
     model.train()
     errors.sort()
     return {
-        "present": present, "hit_rate": round(hits / max(1, present), 4),
+        "present": present,
+        "hit_rate": round(hits / max(1, present), 4),
         "median_error_of_diagonal": round(errors[len(errors) // 2], 4) if errors else None,
-        "absent": absent, "none_rate": round(none_right / max(1, absent), 4), "several_points": several,
+        "absent": absent,
+        "none_rate": round(none_right / max(1, absent), 4),
+        "several_points": several,
     }
 
 
@@ -276,7 +306,7 @@ def init_for_training(model) -> None:
         vision.positional_embedding.copy_(sincos_positions(side, vision.positional_embedding.shape[1]))
         for module in model.model.multi_modal_projector.modules():
             if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
 
@@ -308,12 +338,17 @@ def train(out: Path, opts: Options) -> dict:
     model.to(device).train()
     probe.to(device)
     params = sum(p.numel() for p in model.parameters())
-    log.info("model: %d parameters; %d steps of %d examples on %s", params, opts.steps, opts.batch_size, device)
+    log.info(
+        "model: %d parameters; %d steps of %d examples on %s", params, opts.steps, opts.batch_size, device
+    )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     other += list(probe.parameters())
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
-                                  lr=opts.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+        lr=opts.lr,
+        betas=(0.9, 0.98),
+    )
     warmup = max(1, opts.steps // 50)
 
     def lr_at(step: int) -> float:
@@ -322,10 +357,18 @@ def train(out: Path, opts: Options) -> dict:
         progress = (step - warmup) / max(1, opts.steps - warmup)
         return opts.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    batches = Batches(processor, opts.seed, opts.steps, opts.batch_size, int(opts.ramp * opts.steps), opts.grid,
-                      opts.per_image)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=opts.workers,
-                                         prefetch_factor=4 if opts.workers else None)
+    batches = Batches(
+        processor,
+        opts.seed,
+        opts.steps,
+        opts.batch_size,
+        int(opts.ramp * opts.steps),
+        opts.grid,
+        opts.per_image,
+    )
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, num_workers=opts.workers, prefetch_factor=4 if opts.workers else None
+    )
     evaluation = held_out(opts.seed, opts.eval_count, opts.grid)
     history: list[dict] = []
     started = time.monotonic()
@@ -334,15 +377,27 @@ def train(out: Path, opts: Options) -> dict:
 
     def checkpoint(final: bool) -> dict:
         scores = evaluate(model, processor, evaluation, device)
-        history.append({"step": step, "loss": round(running, 4), "s": round(time.monotonic() - started), **scores})
+        history.append(
+            {"step": step, "loss": round(running, 4), "s": round(time.monotonic() - started), **scores}
+        )
         log.info("eval %s", json.dumps(history[-1]))
         record = {
             "trained_on": "synthetic scenes of coloured shapes (molmo_backend/demo/scenes.py); not Molmo",
-            "labels": list(LABELS), "seed": opts.seed, "steps": step + 1, "planned_steps": opts.steps,
-            "batch": opts.batch_size, "lr": opts.lr, "ramp": opts.ramp, "grid": opts.grid,
-            "probe_weight": opts.probe_weight, "questions_per_image": opts.per_image,
-            "device": device.type, "train_s": round(time.monotonic() - started), "parameters": params,
-            "held_out": history[-1], "finished": final,
+            "labels": list(LABELS),
+            "seed": opts.seed,
+            "steps": step + 1,
+            "planned_steps": opts.steps,
+            "batch": opts.batch_size,
+            "lr": opts.lr,
+            "ramp": opts.ramp,
+            "grid": opts.grid,
+            "probe_weight": opts.probe_weight,
+            "questions_per_image": opts.per_image,
+            "device": device.type,
+            "train_s": round(time.monotonic() - started),
+            "parameters": params,
+            "held_out": history[-1],
+            "finished": final,
             "hit": f"within {HIT_SHARE_OF_DIAGONAL:.0%} of the image diagonal of the shape's centre",
         }
         cpu_model = model if device.type == "cpu" else _cpu_copy(model)
@@ -364,8 +419,15 @@ def train(out: Path, opts: Options) -> dict:
         running = answer_loss if running is None else 0.98 * running + 0.02 * answer_loss
         elapsed = time.monotonic() - started
         if step % 50 == 0:
-            log.info("step %d answer loss %.4f (running %.4f) with probe %.4f lr %.2e %.0f s",
-                     step, answer_loss, running, loss.item(), lr_at(step), elapsed)
+            log.info(
+                "step %d answer loss %.4f (running %.4f) with probe %.4f lr %.2e %.0f s",
+                step,
+                answer_loss,
+                running,
+                loss.item(),
+                lr_at(step),
+                elapsed,
+            )
         out_of_time = opts.minutes is not None and elapsed > opts.minutes * 60
         if out_of_time or step == opts.steps - 1:
             record = checkpoint(final=True)
@@ -383,38 +445,79 @@ def _cpu_copy(model):
 
 def main(argv: list[str] | None = None) -> int:
     defaults = Options()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write the checkpoint to")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch", type=int, default=defaults.batch_size, help="examples per step")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (on a shared machine, more threads than free cores "
-                             "slow it down many times)")
-    parser.add_argument("--workers", type=int, default=defaults.workers,
-                        help="processes drawing and encoding scenes (0: the training process)")
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                        help="steps between held-out scores and checkpoints (0: only at the end)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (on a shared machine, more threads than free cores "
+        "slow it down many times)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="processes drawing and encoding scenes (0: the training process)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=defaults.eval_every,
+        help="steps between held-out scores and checkpoints (0: only at the end)",
+    )
     parser.add_argument("--eval-count", type=int, default=defaults.eval_count, help="held-out examples")
     parser.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
-    parser.add_argument("--ramp", type=float, default=defaults.ramp,
-                        help="share of the steps over which hard scenes replace easy ones")
-    parser.add_argument("--probe-weight", type=float, default=defaults.probe_weight,
-                        help="weight of the per-patch 'what is here' loss on the image tokens (0: off)")
-    parser.add_argument("--per-image", type=int, default=defaults.per_image,
-                        help="questions asked about each training scene (1: one, about 30%% of them absent "
-                             "shapes; more: its shapes, then absent ones)")
-    parser.add_argument("--grid", type=int, default=defaults.grid,
-                        help="coordinates are taught as multiples of this (0-1000 scale)")
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=defaults.ramp,
+        help="share of the steps over which hard scenes replace easy ones",
+    )
+    parser.add_argument(
+        "--probe-weight",
+        type=float,
+        default=defaults.probe_weight,
+        help="weight of the per-patch 'what is here' loss on the image tokens (0: off)",
+    )
+    parser.add_argument(
+        "--per-image",
+        type=int,
+        default=defaults.per_image,
+        help="questions asked about each training scene (1: one, about 30%% of them absent "
+        "shapes; more: its shapes, then absent ones)",
+    )
+    parser.add_argument(
+        "--grid",
+        type=int,
+        default=defaults.grid,
+        help="coordinates are taught as multiples of this (0-1000 scale)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    opts = Options(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed, device=args.device,
-                   workers=args.workers, eval_every=args.eval_every, eval_count=args.eval_count,
-                   minutes=args.minutes, ramp=args.ramp, grid=args.grid, probe_weight=args.probe_weight,
-                   per_image=args.per_image)
+    opts = Options(
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+        eval_every=args.eval_every,
+        eval_count=args.eval_count,
+        minutes=args.minutes,
+        ramp=args.ramp,
+        grid=args.grid,
+        probe_weight=args.probe_weight,
+        per_image=args.per_image,
+    )
     record = train(args.out, opts)
     print(json.dumps(record, indent=1))
     return 0

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -99,7 +100,7 @@ class Engine(ABC):
         but ``max_batch``. Asked each time a batch is formed."""
         return None
 
-    def close(self) -> None:  # pragma: no cover - optional
+    def close(self) -> None:  # noqa: B027 (optional: most engines free nothing)  # pragma: no cover
         """Free the model's memory."""
 
 

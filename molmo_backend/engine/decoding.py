@@ -26,15 +26,22 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from molmo_backend.engine import slot_attention
 from molmo_backend.engine.prefill import PreparedImage, prefill_groups, stack_images
-from molmo_backend.engine.slots import INTERACTIVE_SLOTS, LENGTH_STEP, CacheView, SlotCache, round_up, row_bucket
+from molmo_backend.engine.slots import (
+    INTERACTIVE_SLOTS,
+    LENGTH_STEP,
+    CacheView,
+    SlotCache,
+    round_up,
+    row_bucket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +60,18 @@ class SlotRow:
 class SlotDecoder:
     """Prefill and decode steps over the slots of one Molmo2ForConditionalGeneration."""
 
-    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, *, bulk_slots: int, slot_length: int,
-                 interactive_slots: int = INTERACTIVE_SLOTS, use_cuda_graph: bool = True,
-                 compile_step: bool = False):
+    def __init__(
+        self,
+        model,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        *,
+        bulk_slots: int,
+        slot_length: int,
+        interactive_slots: int = INTERACTIVE_SLOTS,
+        use_cuda_graph: bool = True,
+        compile_step: bool = False,
+    ):
         self.model = model
         self.lm = model.model.language_model
         self.embed = self.lm.embed_tokens
@@ -67,7 +83,9 @@ class SlotDecoder:
         self.device, self.dtype = model.device, self.embed.weight.dtype
         self.neg = torch.finfo(self.dtype).min
         #: bytes one cached token takes (keys and values of every layer)
-        self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.embed.weight.element_size()
+        self.kv_bytes_per_token = (
+            2 * self.num_layers * self.kv_heads * self.head_dim * self.embed.weight.element_size()
+        )
         self.eos = sorted(set(eos_ids))
         self.pad_id = pad_id
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"
@@ -79,8 +97,9 @@ class SlotDecoder:
         self.bulk_slots = bulk_slots
         self.scratch = interactive_slots + bulk_slots  # padding rows of captured prefills write here
         self.slots = self.scratch + 1
-        self.cache = SlotCache(self.num_layers, self.slots, self.kv_heads, slot_length, self.head_dim,
-                               self.dtype, self.device)
+        self.cache = SlotCache(
+            self.num_layers, self.slots, self.kv_heads, slot_length, self.head_dim, self.dtype, self.device
+        )
         self.slot_length = slot_length
         device = self.device
         self.last_token = torch.zeros((self.slots,), dtype=torch.long, device=device)
@@ -89,7 +108,10 @@ class SlotDecoder:
         self.out_logprob = torch.zeros((self.slots,), dtype=torch.float, device=device)
         self.positions = torch.arange(slot_length, device=device)
         self.slot_index = torch.arange(self.slots, device=device)
-        self._free = {True: list(range(interactive_slots)), False: list(range(interactive_slots, self.scratch))}
+        self._free = {
+            True: list(range(interactive_slots)),
+            False: list(range(interactive_slots, self.scratch)),
+        }
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         groups = self.lm.config.num_attention_heads // self.kv_heads
@@ -116,8 +138,14 @@ class SlotDecoder:
 
     # -- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, images: Sequence[PreparedImage], image_of: Sequence[int], slots: Sequence[int],
-                suffixes: Sequence[list[int]], logits_processors=()) -> tuple[list[SlotRow], list[int], list[float]]:
+    def prefill(
+        self,
+        images: Sequence[PreparedImage],
+        image_of: Sequence[int],
+        slots: Sequence[int],
+        suffixes: Sequence[list[int]],
+        logits_processors=(),
+    ) -> tuple[list[SlotRow], list[int], list[float]]:
         """Prefill rows (row i shows ``images[image_of[i]]`` in slot ``slots[i]`` and asks
         ``suffixes[i]``); returns each row's state and its first token and log-probability."""
         with self._on_device():
@@ -139,8 +167,12 @@ class SlotDecoder:
         mask = inputs["attention_mask"].bool()
         width = mask.shape[1]
         cache = DynamicCache(config=self.model.config.get_text_config())
-        self.model.model(**inputs, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
-                         past_key_values=cache, use_cache=True)
+        self.model.model(
+            **inputs,
+            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+        )
         local = {image: k for k, image in enumerate(members)}
         by_length: dict[int, list[int]] = {}
         for i, image in enumerate(image_of):
@@ -150,20 +182,22 @@ class SlotDecoder:
             slots = torch.tensor([rows[i].slot for i in targets], device=self.device)
             sources = torch.tensor([local[image_of[i]] for i in targets], device=self.device)
             for layer in range(self.num_layers):
-                keys = cache.layers[layer].keys[sources, :, width - length:].transpose(1, 2)
-                values = cache.layers[layer].values[sources, :, width - length:].transpose(1, 2)
+                keys = cache.layers[layer].keys[sources, :, width - length :].transpose(1, 2)
+                values = cache.layers[layer].values[sources, :, width - length :].transpose(1, 2)
                 self.cache.keys[layer][:, :length].index_copy_(0, slots, keys)
                 self.cache.values[layer][:, :length].index_copy_(0, slots, values)
             for i in targets:
                 rows[i].length = length
 
-    def _prefill_suffixes(self, rows: list[SlotRow], suffixes, logits_processors) -> tuple[list[int], list[float]]:
+    def _prefill_suffixes(
+        self, rows: list[SlotRow], suffixes, logits_processors
+    ) -> tuple[list[int], list[float]]:
         """The prompt suffixes behind their prefixes, right-padded; each row's first pick."""
         device = self.device
         count, width = len(rows), max(len(s) for s in suffixes)
         ids = torch.full((count, width), self.pad_id, dtype=torch.long)
         for i, suffix in enumerate(suffixes):
-            ids[i, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            ids[i, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
         starts = torch.tensor([row.length for row in rows])
         ends = torch.tensor([row.length + len(s) for row, s in zip(rows, suffixes)])
         read_length = min(round_up(int(ends.max()), LENGTH_STEP), self.slot_length)
@@ -172,10 +206,19 @@ class SlotDecoder:
         visible = torch.arange(read_length)[None, None, :] <= positions[:, :, None]
         mask = torch.where(visible, 0.0, self.neg).to(self.dtype)[:, None]
         ids, positions, slots, mask = (t.to(device, non_blocking=True) for t in (ids, positions, slots, mask))
-        self.cache.view = CacheView(slots[:, None].expand(count, width), positions.clamp(max=self.slot_length - 1),
-                                    self.positions[:read_length], gather=slots)
-        hidden = self.lm(inputs_embeds=self.embed(ids), attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True).last_hidden_state
+        self.cache.view = CacheView(
+            slots[:, None].expand(count, width),
+            positions.clamp(max=self.slot_length - 1),
+            self.positions[:read_length],
+            gather=slots,
+        )
+        hidden = self.lm(
+            inputs_embeds=self.embed(ids),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
         last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
         logits = self.lm_head(hidden[torch.arange(count, device=device), last]).float()
         if logits_processors:
@@ -189,8 +232,9 @@ class SlotDecoder:
 
     # -- decode --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: Sequence[SlotRow], generated: Sequence[Sequence[int]] = (),
-               logits_processors=()) -> tuple[list[int], list[float]]:
+    def decode(
+        self, rows: Sequence[SlotRow], generated: Sequence[Sequence[int]] = (), logits_processors=()
+    ) -> tuple[list[int], list[float]]:
         """One token for each of ``rows`` (all in the opened tasks' region or all in the bulk
         region); ``generated`` (each row's tokens so far) is only read by logits processors."""
         with self._on_device():
@@ -198,8 +242,9 @@ class SlotDecoder:
             interactive = rows[0].slot < self.interactive_slots
             first = 0 if interactive else self.interactive_slots
             top = max(row.slot for row in rows) + 1 - first
-            count = min(row_bucket(top, interactive),
-                        self.interactive_slots if interactive else self.bulk_slots)
+            count = min(
+                row_bucket(top, interactive), self.interactive_slots if interactive else self.bulk_slots
+            )
             read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.slot_length)
             if logits_processors:
                 self._eager_step(first, count, read_length, rows, generated, logits_processors)
@@ -208,16 +253,17 @@ class SlotDecoder:
             else:
                 self._step(first, count, read_length, compiled=interactive and self.compile_step)
             slots = [row.slot for row in rows]
-            tokens = self.out_token[first:first + count].tolist()
-            logprobs = self.out_logprob[first:first + count].tolist()
+            tokens = self.out_token[first : first + count].tolist()
+            logprobs = self.out_logprob[first : first + count].tolist()
             for row in rows:
                 row.length += 1
             timer.lap("decode")
             timer.count("steps", 1)
             return [tokens[s - first] for s in slots], [logprobs[s - first] for s in slots]
 
-    def _step_logits(self, first: int, last_token, lengths, slot_index, key_positions,
-                     varlen: bool = False) -> torch.Tensor:
+    def _step_logits(
+        self, first: int, last_token, lengths, slot_index, key_positions, varlen: bool = False
+    ) -> torch.Tensor:
         """The forward of one decode step over the slots ``first``.. (graph-safe). Its tensors are
         views of the state buffers for those slots, so a compiled step sees their sizes (rows,
         positions read) as dynamic shapes, not as constants to recompile for. ``varlen``: each
@@ -230,23 +276,42 @@ class SlotDecoder:
         if varlen:
             count, length = last_token.shape[0], self.slot_length
             starts = torch.arange(count + 1, device=last_token.device, dtype=torch.int32)
-            plan = slot_attention.planned(slot_attention.Plan(
-                self.cache.keys, self.cache.values, starts * (self.lm.config.num_attention_heads // self.kv_heads),
-                (starts + first) * length, (lengths + 1).to(torch.int32), key_positions.shape[0]))
+            plan = slot_attention.planned(
+                slot_attention.Plan(
+                    self.cache.keys,
+                    self.cache.values,
+                    starts * (self.lm.config.num_attention_heads // self.kv_heads),
+                    (starts + first) * length,
+                    (lengths + 1).to(torch.int32),
+                    key_positions.shape[0],
+                )
+            )
         with plan:
-            hidden = self.lm(inputs_embeds=self.embed(last_token[:, None]), attention_mask=mask,
-                             position_ids=positions, past_key_values=self.cache, use_cache=True).last_hidden_state
+            hidden = self.lm(
+                inputs_embeds=self.embed(last_token[:, None]),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
     def _step_inputs(self, first: int, count: int, read_length: int) -> tuple:
         window = slice(first, first + count)
-        return (first, self.last_token[window], self.lengths[window], self.slot_index[window],
-                self.positions[:read_length])
+        return (
+            first,
+            self.last_token[window],
+            self.lengths[window],
+            self.slot_index[window],
+            self.positions[:read_length],
+        )
 
     def _step(self, first: int, count: int, read_length: int, compiled: bool = False) -> None:
         """One decode step writing its picks into the state buffers (graph-safe)."""
         inputs = self._step_inputs(first, count, read_length)
-        logits = self._compiled_logits(*inputs[1:]) if compiled else self._step_logits(*inputs, varlen=self.varlen)
+        logits = (
+            self._compiled_logits(*inputs[1:]) if compiled else self._step_logits(*inputs, varlen=self.varlen)
+        )
         logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
         self._advance(first, count, token, logprob)
 
@@ -272,7 +337,7 @@ class SlotDecoder:
         width = max(len(h) for h in histories)
         input_ids = torch.full((len(histories), width), self.pad_id, dtype=torch.long, device=self.device)
         for i, history in enumerate(histories):
-            input_ids[i, width - len(history):] = torch.tensor(history, device=self.device)
+            input_ids[i, width - len(history) :] = torch.tensor(history, device=self.device)
         for processor in logits_processors:
             logits = processor(input_ids, logits)
         return logits
@@ -289,13 +354,17 @@ class SlotDecoder:
         of the eager step. If compiling fails, the step runs eagerly from then on (same
         answers, slower) and the log says why."""
         if self._compiled is None:
-            self._compiled = torch.compile(self._interactive_step_logits, dynamic=True,
-                                           options={"emulate_precision_casts": True})
+            self._compiled = torch.compile(
+                self._interactive_step_logits, dynamic=True, options={"emulate_precision_casts": True}
+            )
         try:
             return self._compiled(*inputs)
         except torch._dynamo.exc.TorchDynamoException:  # raised while compiling, before any work
-            log.warning("torch.compile of the decode step failed: decoding without it "
-                        "(MOLMO_COMPILE=0 skips the attempt)", exc_info=True)
+            log.warning(
+                "torch.compile of the decode step failed: decoding without it "
+                "(MOLMO_COMPILE=0 skips the attempt)",
+                exc_info=True,
+            )
             self.compile_step = False
             return self._interactive_step_logits(*inputs)
 
@@ -320,7 +389,7 @@ class SlotDecoder:
             self.last_token.zero_()
         return len(self._graphs) - before
 
-    def _graph(self, first: int, count: int, read_length: int, interactive: bool) -> "_StepGraph":
+    def _graph(self, first: int, count: int, read_length: int, interactive: bool) -> _StepGraph:
         compiled = interactive and self.compile_step
         key = (first, count, read_length, compiled)
         graph = self._graphs.get(key)
@@ -357,8 +426,9 @@ class _StepGraph:
                 decoder._step(*self.args, compiled=self.compiled)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=decoder._graph_pool, stream=torch.cuda.Stream(),
-                                  capture_error_mode="thread_local"):
+            with torch.cuda.graph(
+                graph, pool=decoder._graph_pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"
+            ):
                 decoder._step(*self.args, compiled=self.compiled)
         self.graph = graph
 

@@ -66,7 +66,9 @@ def local_revision(path: Path) -> str:
     """A content hash of a local checkpoint's small files: stable while the checkpoint is."""
     digest = hashlib.sha256()
     # DEMO_MODEL.json: a retrained demo has the same config but another training record
-    for name in sorted(["config.json", "model.safetensors.index.json", "generation_config.json", "DEMO_MODEL.json"]):
+    for name in sorted(
+        ["config.json", "model.safetensors.index.json", "generation_config.json", "DEMO_MODEL.json"]
+    ):
         if (path / name).is_file():
             digest.update((path / name).read_bytes())
     weights = path / "model.safetensors"
@@ -88,8 +90,9 @@ class TokenLogprobs(LogitsProcessor):
         return scores
 
 
-def cut_at_end(rows: list[list[int]], steps: list[torch.Tensor], ends: set[int]
-               ) -> tuple[list[list[int]], list[list[float]]]:
+def cut_at_end(
+    rows: list[list[int]], steps: list[torch.Tensor], ends: set[int]
+) -> tuple[list[list[int]], list[list[float]]]:
     """Each row's generated ids and their log-probabilities (as :class:`TokenLogprobs` recorded
     them), up to (not including) the row's first end token."""
     logprobs = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]

@@ -50,8 +50,9 @@ def molmo1_profile() -> bool:
     return int(installed_transformers().split(".")[0]) < 5
 
 
-def load_local_engine(settings: Settings, path: str | None = None, *, model_id: str | None = None,
-                      demo: bool = False) -> Engine | list[Engine]:
+def load_local_engine(
+    settings: Settings, path: str | None = None, *, model_id: str | None = None, demo: bool = False
+) -> Engine | list[Engine]:
     """The in-process engine for the checkpoint at ``path`` (default MOLMO_MODEL), by its family
     (picked from its config.json); a Molmo2 engine reports ``model_id`` (default MOLMO_MODEL) and
     ``demo``, which the caller knows.
@@ -88,6 +89,8 @@ def load_local_engine(settings: Settings, path: str | None = None, *, model_id: 
     devices = pick_devices(settings)
     if len(devices) > 1:
         log.info("one model replica per GPU", extra={"devices": [str(d) for d in devices]})
-    engines = [TransformersEngine.from_settings(settings, device=device, path=path, model_id=model_id, demo=demo)
-               for device in devices]
+    engines = [
+        TransformersEngine.from_settings(settings, device=device, path=path, model_id=model_id, demo=demo)
+        for device in devices
+    ]
     return engines[0] if len(engines) == 1 else engines

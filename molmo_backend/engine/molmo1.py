@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 import transformers
 
-from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, Engine, PointQuery, mean_probability
+from molmo_backend.settings import Settings
 
 #: transformers versions the v1 remote code is known to run on
 SUPPORTED_TRANSFORMERS = ">=4.46,<4.54"
@@ -48,11 +48,21 @@ if int(transformers.__version__.split(".")[0]) >= 5:
         f"transformers {transformers.__version__} (it needs {SUPPORTED_TRANSFORMERS}). {PROFILE_HINT}"
     )
 
-from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig, LogitsProcessor  # noqa: E402
-from transformers import LogitsProcessorList  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoProcessor,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,  # noqa: E402
+)
 
 from molmo_backend.engine.inprocess import (  # noqa: E402
-    ModelLoadError, TokenLogprobs, cut_at_end, load_options, local_revision, pick_device,
+    ModelLoadError,
+    TokenLogprobs,
+    cut_at_end,
+    load_options,
+    local_revision,
+    pick_device,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +128,10 @@ class Molmo1Engine(Engine):
                 model_path, revision=revision, trust_remote_code=True
             )
             self.model = AutoModelForCausalLM.from_pretrained(
-                model_path, revision=revision, trust_remote_code=True, torch_dtype=dtype,
+                model_path,
+                revision=revision,
+                trust_remote_code=True,
+                torch_dtype=dtype,
                 **({"device_map": device_map} if device_map else {}),
             )
         except (OSError, ValueError, ImportError) as exc:
@@ -145,14 +158,18 @@ class Molmo1Engine(Engine):
         log.info(
             "model loaded",
             extra={
-                "model": self.model_id, "revision": self.revision, "family": self.family,
-                "device": str(self.input_device), "device_map": device_map,
-                "dtype": str(dtype).removeprefix("torch."), "load_s": round(time.monotonic() - started, 2),
+                "model": self.model_id,
+                "revision": self.revision,
+                "family": self.family,
+                "device": str(self.input_device),
+                "device_map": device_map,
+                "dtype": str(dtype).removeprefix("torch."),
+                "load_s": round(time.monotonic() - started, 2),
             },
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kwargs) -> "Molmo1Engine":
+    def from_settings(cls, settings: Settings, **kwargs) -> Molmo1Engine:
         path = settings.model
         device = pick_device(settings)
         # One process, several GPUs and no index chosen: let accelerate spread the layers (Molmo-72B
@@ -185,18 +202,25 @@ class Molmo1Engine(Engine):
             return []
         batch = self.build_batch(queries)
         generation_config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
-            eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=self._stop_ids,
+            pad_token_id=self._pad_id,
         )
         recorder = TokenLogprobs()
         with torch.inference_mode():
             output = self.model.generate_from_batch(
-                batch, generation_config, tokenizer=self.processor.tokenizer,
+                batch,
+                generation_config,
+                tokenizer=self.processor.tokenizer,
                 logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
             )
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         ends = set(self._stop_ids) | ({self._pad_id} if self._pad_id is not None else set())
-        rows, logprobs = cut_at_end(sequences[:, batch["input_ids"].shape[1]:].tolist(), recorder.steps, ends)
+        rows, logprobs = cut_at_end(
+            sequences[:, batch["input_ids"].shape[1] :].tolist(), recorder.steps, ends
+        )
         texts = self.processor.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [Answer(text=t.strip(), score=mean_probability(lp)) for t, lp in zip(texts, logprobs)]
 

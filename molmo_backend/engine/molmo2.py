@@ -9,24 +9,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import SlotDecoder
 from molmo_backend.engine.inprocess import (
-    ModelLoadError, TokenLogprobs, cut_at_end, load_options, local_revision, pick_device,
+    ModelLoadError,
+    TokenLogprobs,
+    cut_at_end,
+    load_options,
+    local_revision,
+    pick_device,
 )
 from molmo_backend.engine.prefill import PreparedImage, prepare_image
 from molmo_backend.engine.slots import INTERACTIVE_SLOTS, LENGTH_STEP, round_up
 from molmo_backend.engine.token_text import TokenTexts
+from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +115,21 @@ class TransformersEngine(StepEngine):
             free, _ = torch.cuda.mem_get_info(self.device)
             fits = kv_token_budget(free, per_token) // length - INTERACTIVE_SLOTS - 1
             if fits < bulk:
-                log.warning("GPU memory holds fewer bulk rows than MOLMO_MAX_BATCH asks",
-                            extra={"max_batch": bulk, "rows": max(fits, 1), "slot_tokens": length})
+                log.warning(
+                    "GPU memory holds fewer bulk rows than MOLMO_MAX_BATCH asks",
+                    extra={"max_batch": bulk, "rows": max(fits, 1), "slot_tokens": length},
+                )
                 bulk = max(fits, 1)
         self.max_batch = bulk
-        return SlotDecoder(self.model, sorted(self._eos_ids), self._pad_id, bulk_slots=bulk, slot_length=length,
-                           use_cuda_graph=cuda_graphs, compile_step=compile_step)
+        return SlotDecoder(
+            self.model,
+            sorted(self._eos_ids),
+            self._pad_id,
+            bulk_slots=bulk,
+            slot_length=length,
+            use_cuda_graph=cuda_graphs,
+            compile_step=compile_step,
+        )
 
     def _largest_prefix(self) -> int:
         """The most prefix tokens (bos + image) an image can take, over aspect ratios 8:1 to 1:8."""
@@ -124,9 +138,17 @@ class TransformersEngine(StepEngine):
         return max(self._image_tokens(h, w) for h, w in sizes)
 
     @classmethod
-    def load(cls, model_path: str, *, revision: str | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, model_id: str | None = None, demo: bool = False,
-             **options) -> "TransformersEngine":
+    def load(
+        cls,
+        model_path: str,
+        *,
+        revision: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        model_id: str | None = None,
+        demo: bool = False,
+        **options,
+    ) -> TransformersEngine:
         """``from_pretrained`` on a hub id or a local folder, as users run it. ``model_id`` (default
         ``model_path``) and ``demo`` are what it reports: the caller knows whether it is the demo
         model (molmo_backend.app.model_choice)."""
@@ -142,21 +164,35 @@ class TransformersEngine(StepEngine):
             or (getattr(model.config, "_commit_hash", None) or "")[:10]
             or (local_revision(Path(model_path)) if Path(model_path).is_dir() else "main")
         )
-        engine = cls(model, processor, model_id=model_id or model_path, revision=revision, demo=demo, **options)
+        engine = cls(
+            model, processor, model_id=model_id or model_path, revision=revision, demo=demo, **options
+        )
         engine.warm_up()
         log.info(
             "model loaded",
             extra={
-                "model": engine.model_id, "revision": engine.revision, "device": str(engine.device),
-                "dtype": str(dtype).removeprefix("torch."), "demo": demo, "decoder": engine.decoder_name,
-                "bulk_rows": engine.max_batch, "load_s": round(time.monotonic() - started, 2),
+                "model": engine.model_id,
+                "revision": engine.revision,
+                "device": str(engine.device),
+                "dtype": str(dtype).removeprefix("torch."),
+                "demo": demo,
+                "decoder": engine.decoder_name,
+                "bulk_rows": engine.max_batch,
+                "load_s": round(time.monotonic() - started, 2),
             },
         )
         return engine
 
     @classmethod
-    def from_settings(cls, settings: Settings, device: torch.device | None = None, path: str | None = None,
-                      *, model_id: str | None = None, **kwargs) -> "TransformersEngine":
+    def from_settings(
+        cls,
+        settings: Settings,
+        device: torch.device | None = None,
+        path: str | None = None,
+        *,
+        model_id: str | None = None,
+        **kwargs,
+    ) -> TransformersEngine:
         """The engine ``settings`` describe, for ``path`` (default MOLMO_MODEL; the demo model's
         folder when molmo_backend.app.model_choice picks it, with its ``model_id`` and ``demo``)."""
         path = path or settings.model
@@ -182,7 +218,7 @@ class TransformersEngine(StepEngine):
     def prefill_cost(self, query: PointQuery) -> int:
         return self._image_tokens(query.image.height, query.image.width) + self._suffix_tokens(query.prompt)
 
-    @lru_cache(maxsize=4096)
+    @lru_cache(maxsize=4096)  # noqa: B019 (one engine per process, alive until it exits)
     def _image_tokens(self, height: int, width: int) -> int:
         try:
             sizes = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
@@ -190,14 +226,16 @@ class TransformersEngine(StepEngine):
         except Exception:  # noqa: BLE001 - a processor that cannot tell: assume a large image
             return FALLBACK_IMAGE_TOKENS
 
-    @lru_cache(maxsize=1024)
+    @lru_cache(maxsize=1024)  # noqa: B019 (one engine per process)
     def _suffix_tokens(self, prompt: str) -> int:
         try:
             return len(self._suffix_ids(prompt))
         except ValueError:  # a template without the image first (MOLMO_DECODER=generate): close enough
-            return len(self.processor.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"])
+            return len(
+                self.processor.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"]
+            )
 
-    @lru_cache(maxsize=1024)
+    @lru_cache(maxsize=1024)  # noqa: B019 (one engine per process)
     def _suffix_ids(self, prompt: str) -> tuple[int, ...]:
         ids = self.processor.tokenizer(self.chat_suffix(prompt), add_special_tokens=False)["input_ids"]
         return tuple(ids)
@@ -210,12 +248,16 @@ class TransformersEngine(StepEngine):
         log.info("compiling the decode step for opened tasks (torch.compile, once per start)")
         started = time.monotonic()
         image = Image.new("RGB", (640, 480), (128, 128, 128))
-        self.generate([PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")],
-                      interactive=True)
-        log.info("decode step ready", extra={"compiled": self.decoder.compile_step,
-                                             "warm_up_s": round(time.monotonic() - started, 1)})
+        self.generate(
+            [PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")],
+            interactive=True,
+        )
+        log.info(
+            "decode step ready",
+            extra={"compiled": self.decoder.compile_step, "warm_up_s": round(time.monotonic() - started, 1)},
+        )
 
-    @lru_cache(maxsize=1024)
+    @lru_cache(maxsize=1024)  # noqa: B019 (one engine per process)
     def chat_text(self, prompt: str) -> str:
         """The model's own chat template around one image and ``prompt``."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -227,7 +269,7 @@ class TransformersEngine(StepEngine):
         image_token = self.processor.image_token
         if not text.startswith(image_token):
             raise ValueError("the chat template does not put the image first; use MOLMO_DECODER=generate")
-        return text[len(image_token):]
+        return text[len(image_token) :]
 
     # -- whole batches -------------------------------------------------------------------------
     def generate(self, queries: Sequence[PointQuery], interactive: bool = False) -> list[Answer]:
@@ -254,7 +296,9 @@ class TransformersEngine(StepEngine):
                 logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
             )
         ends = self._eos_ids | ({self._pad_id} if self._pad_id is not None else set())
-        tokens, logprobs = cut_at_end(sequences[:, inputs["input_ids"].shape[1]:].tolist(), recorder.steps, ends)
+        tokens, logprobs = cut_at_end(
+            sequences[:, inputs["input_ids"].shape[1] :].tolist(), recorder.steps, ends
+        )
         return self._answers(tokens, logprobs, [len(t) >= self.max_new_tokens for t in tokens])
 
     # -- rows in slots (StepEngine) -------------------------------------------------------------
@@ -284,22 +328,29 @@ class TransformersEngine(StepEngine):
             if key not in index_of:
                 index_of[key] = len(images)
                 ready = row.prepared.result() if isinstance(row.prepared, Future) else None
-                images.append(ready or prepare_image(self.processor, row.query.image,
-                                                     self.device if self.device.type == "cuda" else None))
+                images.append(
+                    ready
+                    or prepare_image(
+                        self.processor, row.query.image, self.device if self.device.type == "cuda" else None
+                    )
+                )
             image_of.append(index_of[key])
         suffixes = [list(self._suffix_ids(row.query.prompt)) for row in rows]
-        for row, suffix, image in zip(rows, suffixes, image_of):
+        for _row, suffix, image in zip(rows, suffixes, image_of):
             if images[image].length + len(suffix) + 2 > self.decoder.slot_length:
                 raise ValueError(f"the prompt is too long: {len(suffix)} tokens after the image")
         if self.decoder.profile is not None:
-            self.decoder.profile["prepare"] = self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
+            self.decoder.profile["prepare"] = (
+                self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
+            )
         with self._lock:
             slots = []
             try:
                 for row in rows:
                     slots.append(self.decoder.take_slot(row.interactive))
-                states, tokens, logprobs = self.decoder.prefill(images, image_of, slots, suffixes,
-                                                                self.logits_processors)
+                states, tokens, logprobs = self.decoder.prefill(
+                    images, image_of, slots, suffixes, self.logits_processors
+                )
             except BaseException:
                 for slot in slots:
                     self.decoder.release(slot)
@@ -310,8 +361,9 @@ class TransformersEngine(StepEngine):
 
     def decode(self, rows: Sequence[Row]) -> None:
         with self._lock:
-            tokens, logprobs = self.decoder.decode([row.state for row in rows], [row.tokens for row in rows],
-                                                   self.logits_processors)
+            tokens, logprobs = self.decoder.decode(
+                [row.state for row in rows], [row.tokens for row in rows], self.logits_processors
+            )
         for row, token, logprob in zip(rows, tokens, logprobs):
             self._record(row, token, logprob)
 
@@ -338,14 +390,21 @@ class TransformersEngine(StepEngine):
                     self.decoder.release(row.slot)
                     row.slot = -1
 
-    def _answers(self, tokens: list[list[int]], logprobs: list[list[float]], truncated: list[bool]) -> list[Answer]:
+    def _answers(
+        self, tokens: list[list[int]], logprobs: list[list[float]], truncated: list[bool]
+    ) -> list[Answer]:
         """Answers from each row's generated ids and their log-probabilities (end token cut off):
         the text, its mean token probability, and each token's piece of the text for per-point
         confidence (molmo_backend/pointing/confidence.py works on these, away from torch)."""
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         return [
-            Answer(text=text.strip(), score=mean_probability(lp), tokens=self._token_texts.split(ids, text),
-                   token_logprobs=tuple(lp), truncated=cut)
+            Answer(
+                text=text.strip(),
+                score=mean_probability(lp),
+                tokens=self._token_texts.split(ids, text),
+                token_logprobs=tuple(lp),
+                truncated=cut,
+            )
             for text, ids, lp, cut in zip(texts, tokens, logprobs, truncated)
         ]
 

@@ -27,18 +27,18 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 import requests
-from requests.adapters import HTTPAdapter
 from PIL import Image
+from requests.adapters import HTTPAdapter
 
-from molmo_backend.errors import Unavailable
-from molmo_backend.settings import Settings
 from molmo_backend.engine.base import Answer, Engine, PointQuery, mean_probability
+from molmo_backend.errors import Unavailable
 from molmo_backend.redaction import describe_url, error_reason
+from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -124,25 +124,38 @@ class OpenAIEngine(Engine):
         return f"OpenAIEngine({describe_url(self.url)!r}, model={self.request_model!r})"
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, startup_wait: float = STARTUP_WAIT,
-                      **kwargs) -> "OpenAIEngine":
+    def from_settings(
+        cls, settings: Settings, *, startup_wait: float = STARTUP_WAIT, **kwargs
+    ) -> OpenAIEngine:
         """The engine for ``settings``, once the server answers which model it serves."""
         if not settings.engine_url:
             raise EngineUnavailable("MOLMO_ENGINE=openai needs MOLMO_ENGINE_URL (e.g. http://vllm:8000/v1)")
         url = settings.engine_url.rstrip("/")
         session = _session(settings.engine_concurrency, settings.engine_api_key)
-        served = discover_model(session, url, settings.model, timeout=min(settings.engine_timeout, 10.0),
-                                wait=startup_wait)
+        served = discover_model(
+            session, url, settings.model, timeout=min(settings.engine_timeout, 10.0), wait=startup_wait
+        )
         engine = cls(
-            url, model=served.request_name, model_id=served.model_id, family=served.family,
-            api_key=settings.engine_api_key, concurrency=settings.engine_concurrency,
-            timeout=settings.engine_timeout, max_new_tokens=settings.max_new_tokens,
-            session=session, **kwargs,
+            url,
+            model=served.request_name,
+            model_id=served.model_id,
+            family=served.family,
+            api_key=settings.engine_api_key,
+            concurrency=settings.engine_concurrency,
+            timeout=settings.engine_timeout,
+            max_new_tokens=settings.max_new_tokens,
+            session=session,
+            **kwargs,
         )
         log.info(
             "engine server ready",
-            extra={"url": describe_url(url), "model": served.request_name, "model_id": served.model_id,
-                   "family": served.family, "concurrency": engine.concurrency},
+            extra={
+                "url": describe_url(url),
+                "model": served.request_name,
+                "model_id": served.model_id,
+                "family": served.family,
+                "concurrency": engine.concurrency,
+            },
         )
         return engine
 
@@ -175,19 +188,37 @@ class OpenAIEngine(Engine):
             return Answer(text="", error=f"image could not be encoded: {image_part!r}"[:500])
         # The image part (about 1 MB for a 1280x960 photo) was serialised once per image; only the
         # prompt is serialised per query. Same JSON as json=..., a fifth of the client CPU.
-        head = json.dumps({"model": self.request_model, "temperature": 0,
-                           "max_tokens": self.max_new_tokens, "logprobs": True})
+        head = json.dumps(
+            {
+                "model": self.request_model,
+                "temperature": 0,
+                "max_tokens": self.max_new_tokens,
+                "logprobs": True,
+            }
+        )
         text_part = json.dumps({"type": "text", "text": prompt})
-        body = b"".join([head[:-1].encode(), b', "messages": [{"role": "user", "content": [', image_part,
-                         b", ", text_part.encode(), b"]}]}"])
+        body = b"".join(
+            [
+                head[:-1].encode(),
+                b', "messages": [{"role": "user", "content": [',
+                image_part,
+                b", ",
+                text_part.encode(),
+                b"]}]}",
+            ]
+        )
         error = "no try made"
         started = time.monotonic()
         for attempt in range(1, self.max_tries + 1):
             retry_after = None
             self._count("requests")
             try:
-                resp = self.session.post(f"{self.url}/chat/completions", data=body, headers=_JSON,
-                                         timeout=(min(self.timeout, 10.0), self.timeout))
+                resp = self.session.post(
+                    f"{self.url}/chat/completions",
+                    data=body,
+                    headers=_JSON,
+                    timeout=(min(self.timeout, 10.0), self.timeout),
+                )
             except requests.ConnectionError as exc:  # includes ConnectTimeout: nothing was sent
                 error = f"cannot reach the engine server at {describe_url(self.url)}: {error_reason(exc)}"
             except requests.Timeout:
@@ -213,8 +244,10 @@ class OpenAIEngine(Engine):
                     error = f"{error} (no time left for another try)"
                     break
                 self._count("retries")
-                log.warning("engine request failed, retrying",
-                            extra={"attempt": attempt, "delay_s": round(delay, 3), "error": error[:300]})
+                log.warning(
+                    "engine request failed, retrying",
+                    extra={"attempt": attempt, "delay_s": round(delay, 3), "error": error[:300]},
+                )
                 time.sleep(delay)
         return Answer(text="", error=f"{error} (after {attempt} tries)"[:500])
 
@@ -278,8 +311,15 @@ def _safe_encode(image: Image.Image) -> bytes | Exception:
         return exc
 
 
-def discover_model(session: requests.Session, url: str, wanted: str, *, timeout: float = 10.0,
-                   wait: float = STARTUP_WAIT, poll: float = 2.0) -> ServedModel:
+def discover_model(
+    session: requests.Session,
+    url: str,
+    wanted: str,
+    *,
+    timeout: float = 10.0,
+    wait: float = STARTUP_WAIT,
+    poll: float = 2.0,
+) -> ServedModel:
     """Which model the server at ``url`` serves, waiting up to ``wait`` s for it to answer."""
     deadline = time.monotonic() + wait
     last = "no answer yet"
@@ -294,11 +334,13 @@ def discover_model(session: requests.Session, url: str, wanted: str, *, timeout:
                 if resp.status_code in (401, 403):
                     raise EngineUnavailable(
                         f"the engine server at {describe_url(url)} refused the request (HTTP "
-                        f"{resp.status_code}): check MOLMO_ENGINE_API_KEY")
+                        f"{resp.status_code}): check MOLMO_ENGINE_API_KEY"
+                    )
                 if resp.status_code == 404:
                     raise EngineUnavailable(
                         f"{describe_url(url)}/models does not exist (HTTP 404): MOLMO_ENGINE_URL must be "
-                        "the OpenAI base URL, usually ending in /v1")
+                        "the OpenAI base URL, usually ending in /v1"
+                    )
                 if resp.status_code == 200:
                     try:
                         entries = [e for e in resp.json()["data"] if isinstance(e.get("id"), str)]
@@ -355,8 +397,11 @@ def _token_logprobs(logprobs) -> list[float]:
         values = logprobs.get("token_logprobs")
     if not isinstance(values, list):
         return []
-    return [v for v in values
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= 0]
+    return [
+        v
+        for v in values
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= 0
+    ]
 
 
 def _retry_after(resp: requests.Response) -> float | None:

@@ -8,8 +8,8 @@ them out as the processor would batch them. :mod:`.decoding` runs the forwards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -38,10 +38,14 @@ def prepare_image(processor, image, device: torch.device | None = None) -> Prepa
     encoded = processor(images=[[image]], text=[processor.image_token], return_tensors="pt", **kwargs)
     inputs = {key: value.to(device) if device is not None else value for key, value in encoded.items()}
     pixels = inputs["pixel_values"]
-    return PreparedImage(inputs, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]), int(pixels.shape[1]))
+    return PreparedImage(
+        inputs, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]), int(pixels.shape[1])
+    )
 
 
-def stack_images(images: Sequence[PreparedImage], device: torch.device, dtype: torch.dtype, pad_id: int) -> dict:
+def stack_images(
+    images: Sequence[PreparedImage], device: torch.device, dtype: torch.dtype, pad_id: int
+) -> dict:
     """Model inputs for several images, as the processor would batch them: token rows
     left-padded to the longest, crops concatenated, pooling indices shifted by the patches
     before them."""
@@ -60,8 +64,12 @@ def stack_images(images: Sequence[PreparedImage], device: torch.device, dtype: t
     text = {"input_ids": pad_id, "attention_mask": 0}
     if "mm_token_type_ids" in images[0].inputs:
         text["mm_token_type_ids"] = 0
-    batch = {name: torch.cat([torch.nn.functional.pad(im.inputs[name], (width - im.length, 0), value=fill)
-                              for im in images]) for name, fill in text.items()}
+    batch = {
+        name: torch.cat(
+            [torch.nn.functional.pad(im.inputs[name], (width - im.length, 0), value=fill) for im in images]
+        )
+        for name, fill in text.items()
+    }
     for name in ("pixel_values", "image_grids", "image_num_crops"):
         batch[name] = torch.cat([im.inputs[name] for im in images])
     batch["image_token_pooling"] = torch.cat(pooling)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import islice
-from typing import Iterator
 
 from molmo_backend.engine.base import PointQuery
 

@@ -29,9 +29,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from prometheus_client import Histogram
 
@@ -99,8 +99,13 @@ class Job:
 class Scheduler:
     """Runs one worker thread per engine (one per GPU replica), all fed from one queue."""
 
-    def __init__(self, engines: Engine | Sequence[Engine], max_batch: int | None = None,
-                 progress_every: float = 10.0, prefill_tokens: int = PREFILL_TOKENS_PER_STEP):
+    def __init__(
+        self,
+        engines: Engine | Sequence[Engine],
+        max_batch: int | None = None,
+        progress_every: float = 10.0,
+        prefill_tokens: int = PREFILL_TOKENS_PER_STEP,
+    ):
         self.engines = [engines] if isinstance(engines, Engine) else list(engines)
         if not self.engines:
             raise ValueError("a scheduler needs at least one engine")
@@ -112,20 +117,38 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self._running: dict[int, int] = {}  # engine index -> rows in its slots
-        self.stats = {"queries": 0, "batches": 0, "failed_batches": 0, "failed_queries": 0,
-                      "budget_cuts": 0, "cancelled": 0, "truncated": 0, "prefills": 0,
-                      "decode_steps": 0, "bulk_paused_steps": 0}
+        self.stats = {
+            "queries": 0,
+            "batches": 0,
+            "failed_batches": 0,
+            "failed_queries": 0,
+            "budget_cuts": 0,
+            "cancelled": 0,
+            "truncated": 0,
+            "prefills": 0,
+            "decode_steps": 0,
+            "bulk_paused_steps": 0,
+        }
         self._stats_lock = threading.Lock()
         #: submit-to-answer seconds of each query, by priority (exported by /metrics)
-        self.pair_latency = Histogram("molmo_pair_latency_seconds", "Seconds from a query's submit to its answer",
-                                      ["priority"], buckets=LATENCY_BUCKETS, registry=None)
+        self.pair_latency = Histogram(
+            "molmo_pair_latency_seconds",
+            "Seconds from a query's submit to its answer",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
         self._answered_at: deque[float] = deque(maxlen=100_000)
         #: called by a step worker with ("prefill" | "decode", engine index) after each prefill and
         #: decode step (tests use it to act at an exact step; never set in production)
         self.on_step: Callable[[str, int], None] | None = None
         self._workers = [
-            threading.Thread(target=self._run_steps if engine.stepwise else self._run_batches,
-                             args=(i, engine), name=f"gpu-worker-{i}", daemon=True)
+            threading.Thread(
+                target=self._run_steps if engine.stepwise else self._run_batches,
+                args=(i, engine),
+                name=f"gpu-worker-{i}",
+                daemon=True,
+            )
             for i, engine in enumerate(self.engines)
         ]
         for worker in self._workers:
@@ -138,8 +161,12 @@ class Scheduler:
         job.wait()
         return job.answers
 
-    def submit_async(self, queries: Sequence[PointQuery], priority: Priority = Priority.BULK,
-                     on_answer: Callable[[int, Answer], None] | None = None) -> Job:
+    def submit_async(
+        self,
+        queries: Sequence[PointQuery],
+        priority: Priority = Priority.BULK,
+        on_answer: Callable[[int, Answer], None] | None = None,
+    ) -> Job:
         """Queue ``queries`` and return at once; the :class:`Job` fills in as answers finish."""
         priority = Priority(priority)
         job = Job(total=len(queries), priority=priority, on_answer=on_answer)
@@ -207,8 +234,15 @@ class Scheduler:
         elif job.total > self.max_batch and now - job.last_progress >= self.progress_every:
             job.last_progress = now
             rate = done / max(now - job.started, 1e-9)
-            log.info("bulk progress", extra={"done": done, "total": job.total, "pairs_per_s": round(rate, 2),
-                                             "eta_s": round((job.total - done) / rate, 1)})
+            log.info(
+                "bulk progress",
+                extra={
+                    "done": done,
+                    "total": job.total,
+                    "pairs_per_s": round(rate, 2),
+                    "eta_s": round((job.total - done) / rate, 1),
+                },
+            )
 
     def _drop(self, items: Sequence[Item]) -> None:
         self._count(cancelled=len(items))
@@ -267,8 +301,10 @@ class Scheduler:
                 row = max(longest, self._ask(engine.tokens_for, head.query) or 0)
                 if (len(batch) + 1) * row > budget:
                     self._count(budget_cuts=1)
-                    log.debug("batch cut by the GPU memory budget",
-                              extra={"rows": len(batch), "budget_tokens": budget, "row_tokens": row})
+                    log.debug(
+                        "batch cut by the GPU memory budget",
+                        extra={"rows": len(batch), "budget_tokens": budget, "row_tokens": row},
+                    )
                     break
                 longest = row
             batch.append(self._queue.pop(priority))
@@ -287,8 +323,10 @@ class Scheduler:
                 self._count(failed_queries=1)
                 log.error("query failed", extra={"error": repr(exc)[:500]})
                 return [self._failure(exc)]
-            log.warning("batch failed, splitting and retrying",
-                        extra={"batch_size": len(batch), "error": repr(exc)[:500]})
+            log.warning(
+                "batch failed, splitting and retrying",
+                extra={"batch_size": len(batch), "error": repr(exc)[:500]},
+            )
             mid = len(batch) // 2
             return self._answer(engine, batch[:mid]) + self._answer(engine, batch[mid:])
 
@@ -352,7 +390,9 @@ class Scheduler:
                 if size > free or (groups and cost > budget):
                     break
                 items = self._queue.pop_image_group(priority)
-                groups.append([Row(item.query, interactive, ticket=item, prepared=item.prepared) for item in items])
+                groups.append(
+                    [Row(item.query, interactive, ticket=item, prepared=item.prepared) for item in items]
+                )
                 free -= size
                 budget -= cost
         return groups, dropped
@@ -388,8 +428,10 @@ class Scheduler:
                 for row in rows:
                     self._deliver(row.ticket, self._failure(exc))
                 return []
-            log.warning("prefill failed, splitting and retrying",
-                        extra={"images": len(groups), "error": repr(exc)[:500]})
+            log.warning(
+                "prefill failed, splitting and retrying",
+                extra={"images": len(groups), "error": repr(exc)[:500]},
+            )
             mid = len(groups) // 2
             return self._prefill(engine, groups[:mid]) + self._prefill(engine, groups[mid:])
 

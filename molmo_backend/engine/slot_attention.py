@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_PLAN: contextvars.ContextVar["Plan | None"] = contextvars.ContextVar("slot_attention_plan", default=None)
+_PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("slot_attention_plan", default=None)
 _SDPA = None
 
 
@@ -49,8 +49,9 @@ def planned(plan: Plan):
         _PLAN.reset(token)
 
 
-def varlen_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan,
-                     scaling: float | None) -> torch.Tensor:
+def varlen_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, scaling: float | None
+) -> torch.Tensor:
     """One query token per row ``[rows, heads, 1, dim]`` against each row's own keys; returns
     ``[rows, 1, heads, dim]`` (the layout transformers' attention functions return)."""
     rows, heads, _, dim = query.shape
@@ -60,8 +61,20 @@ def varlen_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     flat_k = keys.view(1, -1, kv, dim)
     flat_v = values.view(1, -1, kv, dim)
     out = torch.ops.aten._efficient_attention_forward(
-        q, flat_k, flat_v, None, plan.seqstart_q, plan.seqstart_k, groups, plan.max_keys, 0.0, 0, False,
-        scale=scaling, seqlen_k=plan.seqlen_k)[0]
+        q,
+        flat_k,
+        flat_v,
+        None,
+        plan.seqstart_q,
+        plan.seqstart_k,
+        groups,
+        plan.max_keys,
+        0.0,
+        0,
+        False,
+        scale=scaling,
+        seqlen_k=plan.seqlen_k,
+    )[0]
     return out.reshape(rows, groups, kv, dim).transpose(1, 2).reshape(rows, 1, heads, dim)
 
 
@@ -97,19 +110,29 @@ def available(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim:
         query = torch.randn(rows, kv_heads * groups, 1, head_dim, device=device, dtype=dtype, generator=gen)
         first = 1
         lengths = torch.tensor([3, 511, 200, 64], device=device, dtype=torch.int32)
-        plan = Plan([keys], [values], torch.arange(rows + 1, device=device, dtype=torch.int32) * groups,
-                    (first + torch.arange(rows + 1, device=device, dtype=torch.int32)) * length, lengths, length)
-        got = varlen_attention(query, keys, values, plan, head_dim ** -0.5)
-        k = keys[first:first + rows].transpose(1, 2).repeat_interleave(groups, dim=1)
-        v = values[first:first + rows].transpose(1, 2).repeat_interleave(groups, dim=1)
+        plan = Plan(
+            [keys],
+            [values],
+            torch.arange(rows + 1, device=device, dtype=torch.int32) * groups,
+            (first + torch.arange(rows + 1, device=device, dtype=torch.int32)) * length,
+            lengths,
+            length,
+        )
+        got = varlen_attention(query, keys, values, plan, head_dim**-0.5)
+        k = keys[first : first + rows].transpose(1, 2).repeat_interleave(groups, dim=1)
+        v = values[first : first + rows].transpose(1, 2).repeat_interleave(groups, dim=1)
         visible = torch.arange(length, device=device)[None, :] < lengths[:, None]
         mask = torch.where(visible, 0.0, float("-inf")).to(dtype)[:, None, None, :]
         want = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask).transpose(1, 2)
         error = (got.float() - want.float()).abs().max().item()
         if error > 2e-2:
-            log.warning("variable-length decode attention disagrees with SDPA: using SDPA", extra={"error": error})
+            log.warning(
+                "variable-length decode attention disagrees with SDPA: using SDPA", extra={"error": error}
+            )
             return False
         return True
     except Exception as exc:  # noqa: BLE001 - a missing or failing kernel: the masked path works
-        log.info("variable-length decode attention unavailable: using SDPA", extra={"reason": repr(exc)[:200]})
+        log.info(
+            "variable-length decode attention unavailable: using SDPA", extra={"reason": repr(exc)[:200]}
+        )
         return False

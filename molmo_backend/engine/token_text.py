@@ -17,7 +17,7 @@ across tokens. When the pieces do not add up to the decoded answer:
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 #: most tokens one character may be split over (UTF-8: 4 bytes), with room to spare
 MAX_GROUP = 8
@@ -66,8 +66,9 @@ class TokenTexts:
         return tuple(out) if pos == len(text) else None
 
     def _split_exact(self, ids: list[int], text: str) -> tuple[str, ...]:
-        prefixes = self.tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))],
-                                               skip_special_tokens=True)
+        prefixes = self.tokenizer.batch_decode(
+            [ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True
+        )
         pieces, done = [], 0
         for k, prefix in enumerate(prefixes):
             end = len(text) if k == len(ids) - 1 else max(done, len(os.path.commonprefix([prefix, text])))

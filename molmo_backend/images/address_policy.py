@@ -34,7 +34,8 @@ _GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 
 #: (range, category), first match wins; an address in none of them is public
 SPECIAL_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
-    (ipaddress.ip_network(net), category) for net, category in (
+    (ipaddress.ip_network(net), category)
+    for net, category in (
         ("0.0.0.0/32", "unspecified"),
         ("0.0.0.0/8", "reserved"),  # "this network"
         ("10.0.0.0/8", "private"),
@@ -167,7 +168,7 @@ def parse_entry(text: str) -> Entry:
         close = raw.find("]")
         if close < 0:
             raise PolicyError(f"{raw!r}: '[' without ']'")
-        host, rest = raw[1:close], raw[close + 1:]
+        host, rest = raw[1:close], raw[close + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise PolicyError(f"{raw!r}: expected ':port' after ']'")
@@ -190,8 +191,9 @@ def parse_entry(text: str) -> Entry:
     if _NUMERIC.fullmatch(name):
         raise PolicyError(f"{raw!r}: write IPv4 addresses as four decimal numbers (10.0.0.1)")
     if name.startswith("*"):
-        raise PolicyError(f"{raw!r}: wildcards are not supported; list each name, or '*' alone "
-                          "for any public address")
+        raise PolicyError(
+            f"{raw!r}: wildcards are not supported; list each name, or '*' alone for any public address"
+        )
     if not _NAME.fullmatch(name):
         raise PolicyError(f"{raw!r} is not a host name, IP address or CIDR")
     return Entry(raw, name=name, port=port)
@@ -206,8 +208,7 @@ def _port(raw: str, text: str) -> int:
 def _unwrap_network(network: IPNetwork) -> IPNetwork:
     """``::ffff:10.0.0.0/104`` -> ``10.0.0.0/8``: mapped addresses are matched as IPv4."""
     if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
-        return ipaddress.ip_network((int(network.network_address) & 0xFFFFFFFF,
-                                     network.prefixlen - 96))
+        return ipaddress.ip_network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
     return network
 
 
@@ -252,8 +253,11 @@ class AddressPolicy:
         entry = self._listed_name(host, port) if parse_ip(host) is None else None
         if entry is not None:
             if category == "link-local":
-                return Verdict(False, f"{DESCRIPTIONS[category]}, which a host name entry "
-                                      f"({entry.text}) does not open: list its IP or a CIDR")
+                return Verdict(
+                    False,
+                    f"{DESCRIPTIONS[category]}, which a host name entry "
+                    f"({entry.text}) does not open: list its IP or a CIDR",
+                )
             return Verdict(True, f"its host is listed as {entry.text}")
         if category is None:
             return Verdict(True, "a public address")

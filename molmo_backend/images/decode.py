@@ -36,8 +36,9 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
     try:
         with Image.open(io.BytesIO(data), formats=formats) as img:
             if img.width * img.height > max_pixels:
-                raise TooLarge(f"image is {img.width}x{img.height} pixels, more than "
-                                     f"MOLMO_MAX_IMAGE_PIXELS={max_pixels}")
+                raise TooLarge(
+                    f"image is {img.width}x{img.height} pixels, more than MOLMO_MAX_IMAGE_PIXELS={max_pixels}"
+                )
             img.load()  # the first frame of an animation
             oriented = ImageOps.exif_transpose(img)
             rgb = to_rgb(oriented)
@@ -48,11 +49,11 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"image rejected as a possible decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise NotAnImage("the file is not an image in a supported format ("
-                             + ", ".join(IMAGE_FORMATS) + ")") from None
+        raise NotAnImage(
+            "the file is not an image in a supported format (" + ", ".join(IMAGE_FORMATS) + ")"
+        ) from None
     except Exception as exc:  # Pillow raises many kinds on corrupt data
-        raise NotAnImage(f"the image could not be decoded: {type(exc).__name__}: "
-                             f"{exc}") from None
+        raise NotAnImage(f"the image could not be decoded: {type(exc).__name__}: {exc}") from None
     return LoadedImage(rgb, rgb.width, rgb.height)
 
 

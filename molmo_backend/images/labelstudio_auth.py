@@ -29,8 +29,9 @@ class LabelStudioAuth:
     until shortly before it expires (or until a 401 says LS no longer accepts it).
     """
 
-    def __init__(self, url: str | None, api_key: str | None, session: requests.Session,
-                 *, timeout: float = 15.0):
+    def __init__(
+        self, url: str | None, api_key: str | None, session: requests.Session, *, timeout: float = 15.0
+    ):
         self.url = url.rstrip("/") if url else None
         self._key = api_key or None
         self._session = session
@@ -67,8 +68,10 @@ class LabelStudioAuth:
             return {"Authorization": f"Bearer {self._key}"}
         remaining = None if deadline is None else deadline - time.monotonic()
         if not self._lock.acquire(timeout=-1 if remaining is None else max(remaining, 0.0)):
-            raise LabelStudioRefused("timed out waiting for Label Studio to exchange the personal "
-                                 "access token (MOLMO_FETCH_TIMEOUT)")
+            raise LabelStudioRefused(
+                "timed out waiting for Label Studio to exchange the personal "
+                "access token (MOLMO_FETCH_TIMEOUT)"
+            )
         try:  # one exchange at a time; the other threads then reuse its result
             if self._access is None or _now() >= self._access_until:
                 timeout = self._timeout
@@ -85,21 +88,27 @@ class LabelStudioAuth:
 
     def _exchange(self, timeout: float) -> tuple[str, float]:
         if not self.url:
-            raise LabelStudioRefused("a personal access token can only be used once Label Studio's "
-                                 "URL is known: set LABEL_STUDIO_URL")
+            raise LabelStudioRefused(
+                "a personal access token can only be used once Label Studio's "
+                "URL is known: set LABEL_STUDIO_URL"
+            )
         url = f"{self.url}/api/token/refresh/"
         try:
-            resp = self._session.post(url, json={"refresh": self._key}, timeout=timeout,
-                                      allow_redirects=False)
+            resp = self._session.post(
+                url, json={"refresh": self._key}, timeout=timeout, allow_redirects=False
+            )
         except requests.RequestException as exc:
-            raise Unreachable(f"could not reach Label Studio at {describe_url(self.url)} to "
-                                 f"exchange the personal access token: {error_reason(exc)}") from None
+            raise Unreachable(
+                f"could not reach Label Studio at {describe_url(self.url)} to "
+                f"exchange the personal access token: {error_reason(exc)}"
+            ) from None
         with resp:
             if resp.status_code != 200:
                 raise LabelStudioRefused(
                     f"Label Studio refused the personal access token (HTTP {resp.status_code} "
                     f"from /api/token/refresh/): check that LABEL_STUDIO_API_KEY is a valid, "
-                    f"unrevoked token of this Label Studio")
+                    f"unrevoked token of this Label Studio"
+                )
             try:
                 access = resp.json()["access"]
             except (ValueError, KeyError, TypeError):
@@ -128,4 +137,3 @@ def _jwt_claims(token: str) -> dict:
     except (IndexError, ValueError, binascii.Error):
         return {}
     return claims if isinstance(claims, dict) else {}
-

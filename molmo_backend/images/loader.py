@@ -34,9 +34,17 @@ from PIL import Image
 
 from molmo_backend.images.address_policy import AddressPolicy, normalize_name
 from molmo_backend.images.decode import LoadedImage, decode_data_uri, decode_image
-from molmo_backend.images.errors import (BadReference, FetchRefused, FetchTimeout, HttpStatusError,
-                                         ImageLoadError, LabelStudioRefused, LocalFileError, TooLarge,
-                                         Unreachable)
+from molmo_backend.images.errors import (
+    BadReference,
+    FetchRefused,
+    FetchTimeout,
+    HttpStatusError,
+    ImageLoadError,
+    LabelStudioRefused,
+    LocalFileError,
+    TooLarge,
+    Unreachable,
+)
 from molmo_backend.images.labelstudio_auth import LabelStudioAuth
 from molmo_backend.images.transport import AddressRefused, CheckedAdapter, Resolver
 from molmo_backend.images.urls import base_url, ls_relative, origin, split_checked, strip_prefix
@@ -68,8 +76,9 @@ class ImageLoader:
     ``resolver`` (``socket.getaddrinfo``'s shape, the default) is what host names are looked up
     with; tests give one that maps names to loopback addresses."""
 
-    def __init__(self, settings: Settings, session: requests.Session | None = None,
-                 resolver: Resolver | None = None):
+    def __init__(
+        self, settings: Settings, session: requests.Session | None = None, resolver: Resolver | None = None
+    ):
         self.settings = settings
         # LABEL_STUDIO_URL's host is the operator's own: allowed at any address it resolves to
         # (a private network, docker compose). /setup's hostname never is (see _build_ls).
@@ -97,8 +106,9 @@ class ImageLoader:
             self._setup = (hostname, access_token or None)
             self._ls = self._build_ls(hostname, access_token, self._ls.auth)
 
-    def _build_ls(self, setup_url: str | None, setup_token: str | None,
-                  old_auth: LabelStudioAuth | None) -> _LabelStudio:
+    def _build_ls(
+        self, setup_url: str | None, setup_token: str | None, old_auth: LabelStudioAuth | None
+    ) -> _LabelStudio:
         s = self.settings
         base = base_url(s.label_studio_url) or setup_url
         key = s.label_studio_api_key or setup_token or None
@@ -140,30 +150,37 @@ class ImageLoader:
                 return self._fetch(value, deadline, ls)
             value = path  # LS's own URL, possibly under a hostname unusable from here
         elif scheme:
-            raise BadReference(f"unsupported URL scheme {scheme!r} in {describe_url(value)}: "
-                                 "images are fetched only over http or https")
+            raise BadReference(
+                f"unsupported URL scheme {scheme!r} in {describe_url(value)}: "
+                "images are fetched only over http or https"
+            )
         if not value.startswith("/"):
-            raise BadReference(f"unsupported image reference {describe_url(value)}: expected a "
-                                 "URL, a Label Studio path, a cloud URI or a data URI")
+            raise BadReference(
+                f"unsupported image reference {describe_url(value)}: expected a "
+                "URL, a Label Studio path, a cloud URI or a data URI"
+            )
         if ls.base:
             value = strip_prefix(value, urlsplit(ls.base).path)
         if is_local_files(value) and self.settings.local_files_root:
             return self._read_local(value)
         if not ls.base:
-            raise BadReference(f"{describe_url(value)} is a Label Studio path but Label Studio's "
-                                 "URL is unknown: set LABEL_STUDIO_URL")
+            raise BadReference(
+                f"{describe_url(value)} is a Label Studio path but Label Studio's "
+                "URL is unknown: set LABEL_STUDIO_URL"
+            )
         return self._fetch(ls.base + value, deadline, ls)
 
-    def _read_cloud(self, uri: str, task_id: int | None, deadline: float,
-                    ls: _LabelStudio) -> bytes:
+    def _read_cloud(self, uri: str, task_id: int | None, deadline: float, ls: _LabelStudio) -> bytes:
         """Ask LS to sign the cloud URI; LS redirects to the signed URL (or streams the file)."""
         scheme = urlsplit(uri).scheme
         if task_id is None:
-            raise BadReference(f"{scheme}:// images need the task id, so that Label Studio "
-                                 "can sign their URL")
+            raise BadReference(
+                f"{scheme}:// images need the task id, so that Label Studio can sign their URL"
+            )
         if not ls.base:
-            raise BadReference(f"{scheme}:// images are signed by Label Studio, whose URL is "
-                                 "unknown: set LABEL_STUDIO_URL")
+            raise BadReference(
+                f"{scheme}:// images are signed by Label Studio, whose URL is unknown: set LABEL_STUDIO_URL"
+            )
         try:
             task_id = int(task_id)
         except (TypeError, ValueError):
@@ -209,23 +226,32 @@ class ImageLoader:
         while True:
             parts = split_checked(url)
             if parts.scheme not in ("http", "https"):
-                raise FetchRefused(f"refusing {parts.scheme or 'scheme-less'} URL "
-                                     f"{describe_url(url)}: only http and https are fetched")
+                raise FetchRefused(
+                    f"refusing {parts.scheme or 'scheme-less'} URL "
+                    f"{describe_url(url)}: only http and https are fetched"
+                )
             is_ls = ls.base is not None and origin(url) == origin(ls.base)
             if not (is_ls or trusted or self._host_allowed(parts, ls)):
-                raise FetchRefused(f"host {parts.hostname!r} is not allowed: add it to "
-                                     "MOLMO_ALLOWED_HOSTS (comma-separated names, IPs or CIDRs; "
-                                     "'*' allows any public address)")
+                raise FetchRefused(
+                    f"host {parts.hostname!r} is not allowed: add it to "
+                    "MOLMO_ALLOWED_HOSTS (comma-separated names, IPs or CIDRs; "
+                    "'*' allows any public address)"
+                )
             try:
                 headers = ls.auth.header(deadline) if is_ls else {}
                 resp = self._get(url, headers, deadline)
             except AddressRefused as exc:
-                hint = (" Label Studio's address came from its /setup call, which opens no "
-                        "address by itself: set LABEL_STUDIO_URL (or list the host in "
-                        "MOLMO_ALLOWED_HOSTS)" if is_ls and ls.from_setup else "")
+                hint = (
+                    " Label Studio's address came from its /setup call, which opens no "
+                    "address by itself: set LABEL_STUDIO_URL (or list the host in "
+                    "MOLMO_ALLOWED_HOSTS)"
+                    if is_ls and ls.from_setup
+                    else ""
+                )
                 raise FetchRefused(
                     f"refusing {describe_url(url)}: {exc}. Only public addresses are fetched unless "
-                    f"MOLMO_ALLOWED_HOSTS lists the host, its IP or a CIDR holding it.{hint}") from None
+                    f"MOLMO_ALLOWED_HOSTS lists the host, its IP or a CIDR holding it.{hint}"
+                ) from None
             with resp:
                 status = resp.status_code
                 if status == 401 and is_ls and ls.auth.can_refresh and not retried:
@@ -235,16 +261,17 @@ class ImageLoader:
                 if status in REDIRECT_CODES:
                     location = resp.headers.get("Location")
                     if not location:
-                        raise HttpStatusError(f"HTTP {status} without a Location from "
-                                             f"{describe_url(url)}")
+                        raise HttpStatusError(f"HTTP {status} without a Location from {describe_url(url)}")
                     redirects += 1
                     if redirects > MAX_REDIRECTS:
-                        raise HttpStatusError(f"more than {MAX_REDIRECTS} redirects fetching "
-                                             f"{describe_url(first)}")
+                        raise HttpStatusError(
+                            f"more than {MAX_REDIRECTS} redirects fetching {describe_url(first)}"
+                        )
                     target = urljoin(url, location)
                     if is_ls and urlsplit(target).path.startswith("/user/login"):
-                        raise LabelStudioRefused(f"Label Studio wants a login for {describe_url(first)}: "
-                                             "set LABEL_STUDIO_API_KEY")
+                        raise LabelStudioRefused(
+                            f"Label Studio wants a login for {describe_url(first)}: set LABEL_STUDIO_API_KEY"
+                        )
                     log.debug("redirect %s -> %s", describe_url(url), describe_url(target))
                     trusted, url = is_ls, target
                     continue
@@ -252,7 +279,8 @@ class ImageLoader:
                     raise LabelStudioRefused(
                         f"Label Studio refused access (HTTP {status}) to {describe_url(url)}: set "
                         "LABEL_STUDIO_API_KEY to a personal access token (legacy tokens are off "
-                        "by default since Label Studio 1.23)")
+                        "by default since Label Studio 1.23)"
+                    )
                 if status != 200:
                     raise HttpStatusError(f"HTTP {status} from {describe_url(url)}")
                 return self._read_body(resp, url, deadline)
@@ -267,8 +295,9 @@ class ImageLoader:
     def _get(self, url: str, headers: dict[str, str], deadline: float) -> requests.Response:
         remaining = self._remaining(deadline, url)
         try:
-            return self._session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                     timeout=(remaining, remaining))
+            return self._session.get(
+                url, headers=headers, stream=True, allow_redirects=False, timeout=(remaining, remaining)
+            )
         except requests.Timeout:
             raise self._timeout_error(url) from None
         except requests.RequestException as exc:
@@ -279,8 +308,9 @@ class ImageLoader:
         limit = self.settings.max_image_bytes
         length = resp.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > limit:
-            raise TooLarge(f"{describe_url(url)} is {int(length)} bytes, more than "
-                                 f"MOLMO_MAX_IMAGE_BYTES={limit}")
+            raise TooLarge(
+                f"{describe_url(url)} is {int(length)} bytes, more than MOLMO_MAX_IMAGE_BYTES={limit}"
+            )
         body = bytearray()
         while True:
             sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
@@ -291,14 +321,14 @@ class ImageLoader:
             except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
                 raise self._timeout_error(url) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise Unreachable(f"download of {describe_url(url)} broke off: "
-                                     f"{type(exc).__name__}") from None
+                raise Unreachable(
+                    f"download of {describe_url(url)} broke off: {type(exc).__name__}"
+                ) from None
             if not chunk:
                 return bytes(body)
             body += chunk
             if len(body) > limit:
-                raise TooLarge(f"{describe_url(url)} is more than MOLMO_MAX_IMAGE_BYTES="
-                                     f"{limit} bytes")
+                raise TooLarge(f"{describe_url(url)} is more than MOLMO_MAX_IMAGE_BYTES={limit} bytes")
             self._remaining(deadline, url)
 
     def _remaining(self, deadline: float, url: str) -> float:
@@ -308,6 +338,7 @@ class ImageLoader:
         return remaining
 
     def _timeout_error(self, url: str) -> ImageLoadError:
-        return FetchTimeout(f"fetching {describe_url(url)} took longer than "
-                              f"MOLMO_FETCH_TIMEOUT={self.settings.fetch_timeout} s")
-
+        return FetchTimeout(
+            f"fetching {describe_url(url)} took longer than "
+            f"MOLMO_FETCH_TIMEOUT={self.settings.fetch_timeout} s"
+        )

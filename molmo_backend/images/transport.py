@@ -53,8 +53,7 @@ class AddressOpener:
             return self._resolver(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
         return socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)
 
-    def open(self, host: str, port: int, timeout, source_address=None,
-             socket_options=None) -> socket.socket:
+    def open(self, host: str, port: int, timeout, source_address=None, socket_options=None) -> socket.socket:
         """A socket connected to an allowed address of ``host``; AddressRefused when there is
         none, OSError when none answers."""
         host = host.strip("[]")
@@ -73,8 +72,10 @@ class AddressOpener:
             found = ", and to ".join(dict.fromkeys(f"{a[0]}, {v.reason}" for *_, a, v in refused))
             raise AddressRefused(f"{host} resolves to {found or 'no IP address'}")
         if refused:
-            log.debug("addresses skipped", extra={
-                "host": host, "skipped": [f"{a[0]}: {v.reason}" for *_, a, v in refused]})
+            log.debug(
+                "addresses skipped",
+                extra={"host": host, "skipped": [f"{a[0]}: {v.reason}" for *_, a, v in refused]},
+            )
         error: OSError | None = None
         for family, kind, proto, sockaddr, _ in allowed:
             sock = socket.socket(family, kind, proto)
@@ -100,13 +101,15 @@ class _CheckedConnectionMixin:
 
     def _new_conn(self) -> socket.socket:
         try:
-            sock = self.opener.open(self._dns_host, self.port, self.timeout,
-                                    self.source_address, self.socket_options)
+            sock = self.opener.open(
+                self._dns_host, self.port, self.timeout, self.source_address, self.socket_options
+            )
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc
         except TimeoutError as exc:
             raise ConnectTimeoutError(
-                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})") from exc
+                self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+            ) from exc
         except OSError as exc:
             raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
         sys.audit("http.client.connect", self, self.host, self.port)
@@ -131,5 +134,4 @@ class CheckedAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = self._pool_classes
 
     def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
-        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert,
-                            proxies={})
+        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies={})

@@ -31,7 +31,8 @@ def split_checked(url: str):
     except (ValueError, urllib3.exceptions.LocationParseError):
         raise BadReference(f"invalid URL {describe_url(url)}") from None
     if parts.scheme.lower() in ("http", "https") and (
-            _host_key(parts.hostname) != _host_key(theirs.host) or parts.port != theirs.port):
+        _host_key(parts.hostname) != _host_key(theirs.host) or parts.port != theirs.port
+    ):
         raise BadReference(f"ambiguous URL {describe_url(url)}: URL parsers disagree on its host")
     return parts._replace(scheme=parts.scheme.lower())
 
@@ -57,7 +58,7 @@ def strip_prefix(path: str, prefix: str) -> str:
     """Drop LS's sub-path (LS served under ``/prefix``) when a task path already carries it."""
     prefix = prefix.rstrip("/")
     if prefix and (path == prefix or path.startswith((prefix + "/", prefix + "?"))):
-        return path[len(prefix):] or "/"
+        return path[len(prefix) :] or "/"
     return path
 
 

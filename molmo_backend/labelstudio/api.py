@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from molmo_backend.errors import BadInput
 
@@ -56,11 +57,14 @@ class TaskFilter:
 
     def validate(self) -> None:
         if self.view is not None and self.query:
-            raise LabelStudioAPIError("--view and --query cannot be combined: Label Studio ignores the "
-                                "query when a view is given (add the filters to the view instead)")
+            raise LabelStudioAPIError(
+                "--view and --query cannot be combined: Label Studio ignores the "
+                "query when a view is given (add the filters to the view instead)"
+            )
         if self.query is not None and not isinstance(self.query, dict):
-            raise LabelStudioAPIError("--query must be a JSON object such as "
-                                '{"filters": {"conjunction": "and", "items": [...]}}')
+            raise LabelStudioAPIError(
+                '--query must be a JSON object such as {"filters": {"conjunction": "and", "items": [...]}}'
+            )
 
     def list_params(self) -> dict:
         """tasks.list() arguments; ids go into the query unless a view is used (then they are
@@ -90,8 +94,11 @@ def get_field(obj: Any, name: str, default=None):
 
 
 def task_info(item: Any) -> TaskInfo:
-    versions = tuple(str(v) for v in (get_field(p, "model_version") for p in get_field(item, "predictions") or [])
-                     if v is not None)
+    versions = tuple(
+        str(v)
+        for v in (get_field(p, "model_version") for p in get_field(item, "predictions") or [])
+        if v is not None
+    )
     return TaskInfo(int(get_field(item, "id")), dict(get_field(item, "data") or {}), versions)
 
 
@@ -101,16 +108,25 @@ class LabelStudioProject:
     ``client`` may be given (tests); otherwise one is made from ``url`` and ``api_key`` (a legacy
     token or a personal access token: the SDK exchanges a PAT by itself)."""
 
-    def __init__(self, project_id: int, url: str | None = None, api_key: str | None = None, *,
-                 client: Any = None, timeout: float = 120.0):
+    def __init__(
+        self,
+        project_id: int,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        client: Any = None,
+        timeout: float = 120.0,
+    ):
         self.id = int(project_id)
         self.url = (url or "").rstrip("/")
         if client is None:
             if not url:
                 raise LabelStudioAPIError("Label Studio's URL is not set: pass --url or set LABEL_STUDIO_URL")
             if not api_key:
-                raise LabelStudioAPIError("no Label Studio key: pass --api-key or set LABEL_STUDIO_API_KEY "
-                                    "(a personal access token, or a legacy token)")
+                raise LabelStudioAPIError(
+                    "no Label Studio key: pass --api-key or set LABEL_STUDIO_API_KEY "
+                    "(a personal access token, or a legacy token)"
+                )
             from label_studio_sdk import LabelStudio
 
             try:
@@ -132,8 +148,9 @@ class LabelStudioProject:
         wanted = set(task_filter.task_ids)
         seen: set[int] = set()
         with self._errors("listing the project's tasks"):
-            pager = self.client.tasks.list(project=self.id, fields="all", page_size=page_size,
-                                           **task_filter.list_params())
+            pager = self.client.tasks.list(
+                project=self.id, fields="all", page_size=page_size, **task_filter.list_params()
+            )
             for item in pager:
                 info = task_info(item)
                 if info.id in seen or (wanted and info.id not in wanted):
@@ -147,14 +164,16 @@ class LabelStudioProject:
             return {}
         query = json.dumps({"selectedItems": {"all": False, "included": list(task_ids)}})
         with self._errors("re-reading tasks"):
-            pager = self.client.tasks.list(project=self.id, fields="all", query=query,
-                                           page_size=max(len(task_ids), 1))
+            pager = self.client.tasks.list(
+                project=self.id, fields="all", query=query, page_size=max(len(task_ids), 1)
+            )
             return {info.id: info.model_versions for info in map(task_info, pager)}
 
     def write(self, predictions: list[dict]) -> None:
         """One import request; the SDK's own retries are off (a retried POST could double it)."""
-        self.client.projects.import_predictions(id=self.id, request=predictions,
-                                                request_options={"max_retries": 0})
+        self.client.projects.import_predictions(
+            id=self.id, request=predictions, request_options={"max_retries": 0}
+        )
 
     # -- errors --------------------------------------------------------------------------------
 
@@ -180,21 +199,27 @@ class LabelStudioProject:
         detail = body.get("detail") if isinstance(body, dict) else body
         where = self.url or "Label Studio"
         if status == 401:
-            return LabelStudioAPIError(f"Label Studio at {where} refused the API key while {doing} "
-                                 f"(HTTP 401{': ' + str(detail) if detail else ''}). Use a personal "
-                                 f"access token (Account & Settings), or a legacy token where "
-                                 f"legacy tokens are enabled")
+            return LabelStudioAPIError(
+                f"Label Studio at {where} refused the API key while {doing} "
+                f"(HTTP 401{': ' + str(detail) if detail else ''}). Use a personal "
+                f"access token (Account & Settings), or a legacy token where "
+                f"legacy tokens are enabled"
+            )
         if status == 403:
-            return LabelStudioAPIError(f"the API key's user may not do this in project {self.id} "
-                                 f"(HTTP 403 while {doing})")
+            return LabelStudioAPIError(
+                f"the API key's user may not do this in project {self.id} (HTTP 403 while {doing})"
+            )
         if status == 404:
-            return LabelStudioAPIError(f"project {self.id} (or the view) was not found at {where} "
-                                 f"(HTTP 404 while {doing})")
+            return LabelStudioAPIError(
+                f"project {self.id} (or the view) was not found at {where} (HTTP 404 while {doing})"
+            )
         if status is not None:
-            return LabelStudioAPIError(f"Label Studio answered HTTP {status} while {doing}: "
-                                 f"{str(detail)[:500]}")
-        return LabelStudioAPIError(f"could not reach Label Studio at {where} while {doing}: "
-                             f"{type(exc).__name__}: {exc}")
+            return LabelStudioAPIError(
+                f"Label Studio answered HTTP {status} while {doing}: {str(detail)[:500]}"
+            )
+        return LabelStudioAPIError(
+            f"could not reach Label Studio at {where} while {doing}: {type(exc).__name__}: {exc}"
+        )
 
 
 def transient(exc: BaseException) -> bool:
@@ -207,7 +232,6 @@ def transient(exc: BaseException) -> bool:
     return status == 429 or status >= 500
 
 
-
 @dataclass
 class WriteOutcome:
     """What :func:`write_new_predictions` did with its rows (task ids)."""
@@ -216,9 +240,14 @@ class WriteOutcome:
     present: list[int] = field(default_factory=list)  # held this model_version already: not written
 
 
-def write_new_predictions(project: LabelStudioProject, rows: list[dict], version: str, *,
-                          attempts: int = WRITE_ATTEMPTS,
-                          pause: Callable[[float], None] = time.sleep) -> WriteOutcome:
+def write_new_predictions(
+    project: LabelStudioProject,
+    rows: list[dict],
+    version: str,
+    *,
+    attempts: int = WRITE_ATTEMPTS,
+    pause: Callable[[float], None] = time.sleep,
+) -> WriteOutcome:
     """Write ``rows`` (``{"task", "result", "score", "model_version"}``, at most ``MAX_WRITE``)
     except those whose task already holds a prediction of ``version``; never a task twice.
 
@@ -247,8 +276,9 @@ def write_new_predictions(project: LabelStudioProject, rows: list[dict], version
         except Exception as exc:  # noqa: BLE001 - sorted below
             if not transient(exc) or attempt == attempts - 1:
                 raise project.explain(exc, f"writing {len(pending)} predictions") from None
-            log.warning("writing predictions failed, checking and retrying",
-                        extra={"tasks": len(pending), "error": str(exc)[:300],
-                               "attempt": attempt + 1})
-            pause(min(2 ** attempt, 10))
+            log.warning(
+                "writing predictions failed, checking and retrying",
+                extra={"tasks": len(pending), "error": str(exc)[:300], "attempt": attempt + 1},
+            )
+            pause(min(2**attempt, 10))
     return outcome

@@ -27,8 +27,8 @@ Per-region Numbers and TextAreas (``perRegion="true"``) describe regions, not th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import KeyPointLabelsTag, NumberTag, TextAreaTag
@@ -42,8 +42,10 @@ COUNT_ATTRIBUTE = "count"
 #: a <TextArea> with this name (or smart="true") is the interactive prompt box
 PROMPT_INPUT_NAME = "prompt"
 
-HOW_TO = ('Add <KeyPointLabels name="kp" toName="image"> with <Label value="..."/> children '
-          'pointing at an <Image name="image" value="$image"/>')
+HOW_TO = (
+    'Add <KeyPointLabels name="kp" toName="image"> with <Label value="..."/> children '
+    'pointing at an <Image name="image" value="$image"/>'
+)
 
 
 class LabelConfigError(BadInput, ValueError):
@@ -121,7 +123,9 @@ class LabelConfig:
     def point_target(self, to_name: str | None = None, from_name: str | None = None) -> PointTarget | None:
         """The first keypoint target of that image / control (None: any)."""
         for target in self.points:
-            if (to_name is None or target.to_name == to_name) and (from_name is None or target.from_name == from_name):
+            if (to_name is None or target.to_name == to_name) and (
+                from_name is None or target.from_name == from_name
+            ):
                 return target
         return None
 
@@ -172,14 +176,16 @@ def _point_targets(interface: LabelInterface) -> tuple[list[PointTarget], list[s
             if reason:
                 skipped.append(reason)
                 continue
-            targets.append(PointTarget(
-                from_name=control.name,
-                to_name=to_name,
-                data_key=obj.attr["value"][1:],
-                labels=labels,
-                prompts=prompts,
-                values=values,
-            ))
+            targets.append(
+                PointTarget(
+                    from_name=control.name,
+                    to_name=to_name,
+                    data_key=obj.attr["value"][1:],
+                    labels=labels,
+                    prompts=prompts,
+                    values=values,
+                )
+            )
     return targets, skipped
 
 
@@ -203,8 +209,14 @@ def _count_targets(interface: LabelInterface, points: list[PointTarget]):
         for target in points:
             label = target.find_label(what) if target.to_name == to_name else None
             if label is not None:
-                yield CountTarget(control.name, to_name, data_key, target.prompts.get(label, label),
-                                  label=label, keypoints_from=target.from_name)
+                yield CountTarget(
+                    control.name,
+                    to_name,
+                    data_key,
+                    target.prompts.get(label, label),
+                    label=label,
+                    keypoints_from=target.from_name,
+                )
                 break
         else:
             yield CountTarget(control.name, to_name, data_key, what)

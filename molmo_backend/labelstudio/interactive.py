@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from molmo_backend.labelstudio.asks import Ask
 from molmo_backend.labelstudio.config import LabelConfig, PointTarget
@@ -34,8 +35,9 @@ from molmo_backend.pointing.prompts import build_prompt
 MAX_PROMPT_CHARS = 500
 
 
-def interactive_asks(config: LabelConfig, context: Mapping[str, Any] | None,
-                     template: str) -> tuple[Ask, ...]:
+def interactive_asks(
+    config: LabelConfig, context: Mapping[str, Any] | None, template: str
+) -> tuple[Ask, ...]:
     """The question for this context: one Ask, or none when the context holds no prompt text of
     the config's prompt box and no keypoint of its KeyPointLabels."""
     items = context.get("result") if isinstance(context, Mapping) else None
@@ -44,8 +46,9 @@ def interactive_asks(config: LabelConfig, context: Mapping[str, Any] | None,
     keypoints = _keypoints(config, items)
 
     if text is not None:
-        target = next((t for t, _, _ in reversed(keypoints) if t.to_name == text_to), None) \
-            or config.point_target(to_name=text_to)
+        target = next(
+            (t for t, _, _ in reversed(keypoints) if t.to_name == text_to), None
+        ) or config.point_target(to_name=text_to)
         if target is None:
             return ()
         label, override = _label_prefix(target, text)
@@ -83,7 +86,9 @@ def _prompt_text(config: LabelConfig, items: list[Mapping]) -> tuple[str | None,
     return found
 
 
-def _keypoints(config: LabelConfig, items: list[Mapping]) -> list[tuple[PointTarget, str, tuple[float, float]]]:
+def _keypoints(
+    config: LabelConfig, items: list[Mapping]
+) -> list[tuple[PointTarget, str, tuple[float, float]]]:
     """(control, label as stored, (x, y)) of each keypoint of the config's controls in the context."""
     out = []
     for item in items:
@@ -94,7 +99,11 @@ def _keypoints(config: LabelConfig, items: list[Mapping]) -> list[tuple[PointTar
         if target is None or not isinstance(value, Mapping):
             continue
         names = value.get("keypointlabels")
-        label = target.find_label(names[0]) if isinstance(names, list) and names and isinstance(names[0], str) else None
+        label = (
+            target.find_label(names[0])
+            if isinstance(names, list) and names and isinstance(names[0], str)
+            else None
+        )
         x, y = value.get("x"), value.get("y")
         if label is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (x, y)):
             continue

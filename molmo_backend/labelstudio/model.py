@@ -22,24 +22,24 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from molmo_backend.labelstudio.answers import answer_regions
-from molmo_backend.labelstudio.asks import Ask, bulk_asks
 from molmo_backend.engine.base import Answer, PointQuery
 from molmo_backend.engine.scheduler import Priority, Scheduler, SchedulerClosed
 from molmo_backend.images.decode import LoadedImage
 from molmo_backend.images.errors import BadReference, ImageLoadError
 from molmo_backend.images.loader import ImageLoader
-from molmo_backend.labelstudio.interactive import interactive_asks
+from molmo_backend.labelstudio.answers import answer_regions
+from molmo_backend.labelstudio.asks import Ask, bulk_asks
 from molmo_backend.labelstudio.config import LabelConfig, LabelConfigError, parse_label_config
-from molmo_backend.metrics import FETCH_FAILURES, Counters
-from molmo_backend.pointing.prompts import prompt_fingerprint
+from molmo_backend.labelstudio.interactive import interactive_asks
 from molmo_backend.labelstudio.regions import empty_prediction, task_prediction
 from molmo_backend.labelstudio.results import ResultStore, TaskKey, digest
-from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
+from molmo_backend.metrics import FETCH_FAILURES, Counters
+from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE, prompt_fingerprint
 from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,15 @@ def make_model_version(model_id: str, revision: str, prompt_template: str, capti
 class MolmoBackend(LabelStudioMLBase):
     """Keypoint pre-annotations from Molmo pointing answers."""
 
-    def __init__(self, settings: Settings, scheduler: Scheduler, images: ImageLoader, model_version: str,
-                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE, results: ResultStore | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        images: ImageLoader,
+        model_version: str,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        results: ResultStore | None = None,
+    ):
         super().__init__()
         self.settings = settings
         self.prompt_template = prompt_template
@@ -116,15 +123,17 @@ class MolmoBackend(LabelStudioMLBase):
         #: task images not loaded, by kind of failure (exported by /metrics)
         self.fetch_failures = Counters(FETCH_FAILURES)
         self._fetch_pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
-        self._interactive_fetch_pool = ThreadPoolExecutor(max_workers=INTERACTIVE_FETCH_THREADS,
-                                                          thread_name_prefix="fetch-open")
+        self._interactive_fetch_pool = ThreadPoolExecutor(
+            max_workers=INTERACTIVE_FETCH_THREADS, thread_name_prefix="fetch-open"
+        )
 
     @property
     def model_version(self) -> str:
         return self._model_version
 
-    def setup(self, label_config: str | None = None, hostname: str | None = None,
-              access_token: str | None = None) -> str:
+    def setup(
+        self, label_config: str | None = None, hostname: str | None = None, access_token: str | None = None
+    ) -> str:
         """Validate the project's config (raises LabelConfigError) and remember how to reach LS."""
         if label_config is not None:
             cached_config(label_config)
@@ -132,10 +141,18 @@ class MolmoBackend(LabelStudioMLBase):
         self.images.configure_label_studio(hostname, access_token)
         return self.model_version
 
-    def predict(self, tasks: list[dict], context: dict | None = None, *,
-                label_config: str | None = None, priority: Priority | None = None,
-                deadline: float | None = None, client_gone: Callable[[], bool] | None = None,
-                project: Any = None, **kwargs: Any) -> list:
+    def predict(
+        self,
+        tasks: list[dict],
+        context: dict | None = None,
+        *,
+        label_config: str | None = None,
+        priority: Priority | None = None,
+        deadline: float | None = None,
+        client_gone: Callable[[], bool] | None = None,
+        project: Any = None,
+        **kwargs: Any,
+    ) -> list:
         """One result per task, in order: its prediction dict, or, only for a bulk request given
         a ``deadline``, an empty list for a task not finished by then (or answered meanwhile by
         the write-back). Raises LabelConfigError for an unusable config (that is the whole
@@ -154,8 +171,10 @@ class MolmoBackend(LabelStudioMLBase):
         written for that contract must not get a TypeError."""
         label_config = label_config or self.label_config
         if not label_config:
-            raise LabelConfigError("no label config: send 'label_config' with the request, or call "
-                                   "/setup with the project's 'schema' first")
+            raise LabelConfigError(
+                "no label config: send 'label_config' with the request, or call "
+                "/setup with the project's 'schema' first"
+            )
         config = cached_config(label_config)
         interactive = context is not None
         if interactive:
@@ -164,8 +183,10 @@ class MolmoBackend(LabelStudioMLBase):
             asks = interactive_asks(config, context, self.prompt_template)
             priority = Priority.INTERACTIVE
             if not asks:
-                log.info("interactive context without a prompt or keypoint of this config",
-                         extra={"context_keys": sorted(context)[:10]})
+                log.info(
+                    "interactive context without a prompt or keypoint of this config",
+                    extra={"context_keys": sorted(context)[:10]},
+                )
         else:
             asks = cached_bulk_asks(label_config, self.prompt_template, self.settings.caption_prompt)
             if priority is None:  # INTERACTIVE is 0: test for None, not falsiness
@@ -176,13 +197,17 @@ class MolmoBackend(LabelStudioMLBase):
 
         # What an interactive context asks is not a task's prediction: nothing to key or keep.
         keys = [None] * len(tasks) if interactive else self._keys(tasks, asks)
-        claim = self.results.claim(keys, project=project_id(project, tasks),
-                                   register=bulk)
+        claim = self.results.claim(keys, project=project_id(project, tasks), register=bulk)
         run = None
         if claim.new:
             new = claim.new
-            run = TaskRun(self, [tasks[i] for i in new], asks, priority, on_task=lambda j, prediction, ok:
-                          self.results.resolve(claim.entries[new[j]], prediction, ok)).start()
+            run = TaskRun(
+                self,
+                [tasks[i] for i in new],
+                asks,
+                priority,
+                on_task=lambda j, prediction, ok: self.results.resolve(claim.entries[new[j]], prediction, ok),
+            ).start()
         outcome = claim.wait(deadline, client_gone)
         if outcome == "gone":
             self.results.stats.add(clients_gone=1)
@@ -200,30 +225,54 @@ class MolmoBackend(LabelStudioMLBase):
         log.debug("webhook event ignored", extra={"event": event})
         return {"status": "ignored", "event": event}
 
-    def _log_outcome(self, tasks, results, claim, outcome: str, priority: Priority,
-                     interactive: bool, started: float, deadline: float | None) -> None:
+    def _log_outcome(
+        self,
+        tasks,
+        results,
+        claim,
+        outcome: str,
+        priority: Priority,
+        interactive: bool,
+        started: float,
+        deadline: float | None,
+    ) -> None:
         unfinished = sum(1 for r in results if isinstance(r, list))
         if outcome == "deadline":
             self.results.stats.add(deadlines_hit=1)
-            log.warning("predict deadline reached: answering the finished tasks, the rest keep "
-                        "running and are kept for the next retrieve",
-                        extra={"tasks": len(tasks), "unfinished": unfinished,
-                               "deadline_s": round(deadline - started, 1)})
+            log.warning(
+                "predict deadline reached: answering the finished tasks, the rest keep "
+                "running and are kept for the next retrieve",
+                extra={
+                    "tasks": len(tasks),
+                    "unfinished": unfinished,
+                    "deadline_s": round(deadline - started, 1),
+                },
+            )
         elif outcome == "gone":
-            log.warning("client hung up before the answer", extra={
-                "tasks": len(tasks), "unfinished": unfinished,
-                "then": "kept running for the next retrieve" if priority == Priority.BULK
-                else "cancelled"})
+            log.warning(
+                "client hung up before the answer",
+                extra={
+                    "tasks": len(tasks),
+                    "unfinished": unfinished,
+                    "then": "kept running for the next retrieve"
+                    if priority == Priority.BULK
+                    else "cancelled",
+                },
+            )
         predictions = [r for r in results if isinstance(r, dict)]
         waited = sum(1 for e in claim.entries if e is not None) - len(claim.new)
         log.info(
             "predicted",
             extra={
-                "tasks": len(tasks), "regions": sum(len(p["result"]) for p in predictions),
+                "tasks": len(tasks),
+                "regions": sum(len(p["result"]) for p in predictions),
                 "points": sum(r.get("type") == "keypointlabels" for p in predictions for r in p["result"]),
-                "seconds": round(time.monotonic() - started, 3), "priority": Priority(priority).name,
-                "interactive": interactive, "computed": len(claim.new),
-                "from_earlier_work": waited + len(claim.taken), "unfinished": unfinished,
+                "seconds": round(time.monotonic() - started, 3),
+                "priority": Priority(priority).name,
+                "interactive": interactive,
+                "computed": len(claim.new),
+                "from_earlier_work": waited + len(claim.taken),
+                "unfinished": unfinished,
                 "outcome": outcome,
             },
         )
@@ -232,8 +281,9 @@ class MolmoBackend(LabelStudioMLBase):
         """The fingerprint a bulk prediction for ``label_config`` carries; None when the config
         is unusable (the write-back then drops what was made for an older one)."""
         try:
-            return asks_fingerprint(cached_bulk_asks(label_config, self.prompt_template,
-                                                     self.settings.caption_prompt))
+            return asks_fingerprint(
+                cached_bulk_asks(label_config, self.prompt_template, self.settings.caption_prompt)
+            )
         except LabelConfigError:
             return None
 
@@ -254,8 +304,9 @@ class MolmoBackend(LabelStudioMLBase):
             keys.append(TaskKey(task_id, images, fingerprint, self.model_version))
         return keys
 
-    def _fetch_images(self, tasks: Sequence[Any], data_keys: Sequence[str],
-                      priority: Priority = Priority.BULK) -> list[dict[str, Future]]:
+    def _fetch_images(
+        self, tasks: Sequence[Any], data_keys: Sequence[str], priority: Priority = Priority.BULK
+    ) -> list[dict[str, Future]]:
         """Per task: data key -> a future of its image, or of None when it cannot be had."""
         pool = self._interactive_fetch_pool if priority == Priority.INTERACTIVE else self._fetch_pool
         return [{key: pool.submit(self._load_one, task, key) for key in data_keys} for task in tasks]
@@ -271,8 +322,10 @@ class MolmoBackend(LabelStudioMLBase):
             return self.images.load(value.strip(), task_id=task_id if isinstance(task_id, int) else None)
         except ImageLoadError as exc:
             self.fetch_failures.add(**{exc.reason if exc.reason in FETCH_FAILURES else "other": 1})
-            log.warning("image unavailable", extra={"task": task_id, "key": data_key, "reason": str(exc),
-                                                    "kind": exc.reason})
+            log.warning(
+                "image unavailable",
+                extra={"task": task_id, "key": data_key, "reason": str(exc), "kind": exc.reason},
+            )
         except Exception as exc:  # noqa: BLE001 - one task never spoils its batch
             self.fetch_failures.add(error=1)
             log.exception("image loading failed", extra={"task": task_id, "reason": repr(exc)[:300]})
@@ -296,8 +349,12 @@ class _Chunk:
     def __init__(self, start: int, images: list[dict[str, LoadedImage | None]], asks: Sequence[Ask]):
         self.start = start
         self.images = images
-        self.plan = [(t, ask, row[ask.data_key]) for t, row in enumerate(images) for ask in asks
-                     if row.get(ask.data_key) is not None]
+        self.plan = [
+            (t, ask, row[ask.data_key])
+            for t, row in enumerate(images)
+            for ask in asks
+            if row.get(ask.data_key) is not None
+        ]
         self.remaining = [0] * len(images)
         for t, _, _ in self.plan:
             self.remaining[t] += 1
@@ -325,8 +382,14 @@ class TaskRun:
 
     _ids = itertools.count(1)
 
-    def __init__(self, backend: MolmoBackend, tasks: Sequence[Any], asks: Sequence[Ask],
-                 priority: Priority, on_task: Callable[[int, dict, bool], None]):
+    def __init__(
+        self,
+        backend: MolmoBackend,
+        tasks: Sequence[Any],
+        asks: Sequence[Ask],
+        priority: Priority,
+        on_task: Callable[[int, dict, bool], None],
+    ):
         self.backend = backend
         self.tasks = list(tasks)
         self.asks = tuple(asks)
@@ -339,7 +402,7 @@ class TaskRun:
         self._cancelled = False
         self._thread = threading.Thread(target=self._run, name=f"predict-{next(self._ids)}", daemon=True)
 
-    def start(self) -> "TaskRun":
+    def start(self) -> TaskRun:
         self._thread.start()
         return self
 
@@ -359,8 +422,9 @@ class TaskRun:
         try:
             self._chunks()
         except SchedulerClosed:
-            log.warning("engine shutting down: tasks left unpredicted",
-                        extra={"tasks": self._reported.count(False)})
+            log.warning(
+                "engine shutting down: tasks left unpredicted", extra={"tasks": self._reported.count(False)}
+            )
         except Exception:  # noqa: BLE001 - every task still gets its one result below
             log.exception("prediction run failed", extra={"tasks": self._reported.count(False)})
         finally:
@@ -384,8 +448,9 @@ class TaskRun:
                 self._take_answer()
                 active = [c for c in active if not c.complete]
             if k + 1 < len(bounds):
-                fetching = self.backend._fetch_images(self.tasks[slice(*bounds[k + 1])], data_keys,
-                                                      self.priority)
+                fetching = self.backend._fetch_images(
+                    self.tasks[slice(*bounds[k + 1])], data_keys, self.priority
+                )
         while active:
             self._take_answer()
             active = [c for c in active if not c.complete]
@@ -397,8 +462,10 @@ class TaskRun:
                 self._finish_task(chunk, t)
         if not chunk.plan:
             return chunk
-        queries = [PointQuery(image=image.image, prompt=ask.prompt, image_key=id(image))
-                   for _, ask, image in chunk.plan]
+        queries = [
+            PointQuery(image=image.image, prompt=ask.prompt, image_key=id(image))
+            for _, ask, image in chunk.plan
+        ]
 
         def on_answer(i: int, answer: Answer) -> None:  # GPU worker thread: a queue put only
             self._answers.put((chunk, i, answer))
@@ -416,16 +483,25 @@ class TaskRun:
         t, ask, image = chunk.plan[i]
         if answer.truncated:
             task = self.tasks[chunk.start + t]
-            log.warning("answer cut at MOLMO_MAX_NEW_TOKENS: its points past the cap are lost",
-                        extra={"task": task.get("id") if isinstance(task, dict) else None,
-                               "prompt": ask.prompt[:80], "max_new_tokens": self.backend.settings.max_new_tokens})
+            log.warning(
+                "answer cut at MOLMO_MAX_NEW_TOKENS: its points past the cap are lost",
+                extra={
+                    "task": task.get("id") if isinstance(task, dict) else None,
+                    "prompt": ask.prompt[:80],
+                    "max_new_tokens": self.backend.settings.max_new_tokens,
+                },
+            )
         if answer.error:
             chunk.bad[t] = True
         else:
             settings = self.backend.settings
             chunk.regions[t][i] = answer_regions(
-                ask, answer, image_width=image.width, image_height=image.height,
-                point_width=settings.point_width, min_point_score=settings.min_point_score,
+                ask,
+                answer,
+                image_width=image.width,
+                image_height=image.height,
+                point_width=settings.point_width,
+                min_point_score=settings.min_point_score,
             )
         chunk.remaining[t] -= 1
         if chunk.remaining[t] == 0:

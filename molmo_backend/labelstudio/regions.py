@@ -15,8 +15,17 @@ import uuid
 from molmo_backend.pointing.points import Point
 
 
-def keypoint_region(point: Point, *, from_name: str, to_name: str, label: str, image_width: int,
-                    image_height: int, point_width: float, score: float | None = None) -> dict | None:
+def keypoint_region(
+    point: Point,
+    *,
+    from_name: str,
+    to_name: str,
+    label: str,
+    image_width: int,
+    image_height: int,
+    point_width: float,
+    score: float | None = None,
+) -> dict | None:
     """One keypoint region, or None when the point or image size cannot be a valid region.
 
     A non-finite ``score`` is left out (JSON has no NaN); a bad ``point_width`` is a setting error

@@ -28,8 +28,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from molmo_backend.metrics import RETRIEVE_COUNTERS, Counters
 
@@ -73,8 +74,18 @@ DROPPED = "dropped"  # failed, stale, evicted, or delivered by an opened task in
 class Entry:
     """One task's result on its way: computed once, delivered at most once."""
 
-    __slots__ = ("key", "project", "state", "prediction", "ok", "claims", "delivered_to",
-                 "registered", "served_elsewhere", "finished_at")
+    __slots__ = (
+        "key",
+        "project",
+        "state",
+        "prediction",
+        "ok",
+        "claims",
+        "delivered_to",
+        "registered",
+        "served_elsewhere",
+        "finished_at",
+    )
 
     def __init__(self, key: TaskKey | None, project: int | None, registered: bool):
         self.key = key
@@ -102,8 +113,9 @@ class Claim:
         self.remaining = 0
         self.finished = threading.Event()
 
-    def wait(self, deadline: float | None = None, gone: Callable[[], bool] | None = None,
-             poll: float = POLL_S) -> str:
+    def wait(
+        self, deadline: float | None = None, gone: Callable[[], bool] | None = None, poll: float = POLL_S
+    ) -> str:
         """Until every entry is finished ("done"), ``deadline`` (monotonic) passes
         ("deadline") or ``gone()`` says the client hung up ("gone")."""
         while True:
@@ -122,8 +134,9 @@ class Claim:
 class ResultStore:
     """The in-flight registry and the LRU of kept results; one per backend, all threads."""
 
-    def __init__(self, capacity: int, stats: Counters | None = None,
-                 on_kept: Callable[[Entry], None] | None = None):
+    def __init__(
+        self, capacity: int, stats: Counters | None = None, on_kept: Callable[[Entry], None] | None = None
+    ):
         self.capacity = max(0, int(capacity))
         self.stats = stats or Counters(RETRIEVE_COUNTERS)
         #: called (under the lock: keep it cheap, e.g. a queue put) when an entry becomes kept
@@ -133,8 +146,9 @@ class ResultStore:
         self._kept: OrderedDict[TaskKey, Entry] = OrderedDict()
 
     # -- requests ------------------------------------------------------------------------------
-    def claim(self, keys: Sequence[TaskKey | None], project: int | None = None,
-              register: bool = True) -> Claim:
+    def claim(
+        self, keys: Sequence[TaskKey | None], project: int | None = None, register: bool = True
+    ) -> Claim:
         """Sort a request's tasks into answered now, waited for, and to compute (``new``).
 
         ``register=False`` (an opened task, an interactive click): its new entries stay private,
@@ -262,9 +276,11 @@ class ResultStore:
 
     def sizes(self) -> dict[str, int]:
         with self._lock:
-            return {"in_flight": len(self._pending),
-                    "kept": sum(1 for e in self._kept.values() if e.state == KEPT),
-                    "written_markers": sum(1 for e in self._kept.values() if e.state == WRITTEN)}
+            return {
+                "in_flight": len(self._pending),
+                "kept": sum(1 for e in self._kept.values() if e.state == KEPT),
+                "written_markers": sum(1 for e in self._kept.values() if e.state == WRITTEN),
+            }
 
     # -- inside the lock -----------------------------------------------------------------------
     def _orphan(self, entry: Entry) -> None:

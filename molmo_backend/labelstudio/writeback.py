@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 from molmo_backend.labelstudio.api import MAX_WRITE, WRITE_ATTEMPTS, LabelStudioProject, write_new_predictions
 from molmo_backend.labelstudio.results import Entry, ResultStore
@@ -44,10 +44,19 @@ LS_TIMEOUT_S = 60.0
 class WriteBack:
     """One daemon thread that writes kept entries (``enqueue``: ResultStore's ``on_kept``)."""
 
-    def __init__(self, store: ResultStore, url: str, api_key: str, model_version: str,
-                 asks_fingerprint: Callable[[str], str | None], *, client=None,
-                 attempts: int = WRITE_ATTEMPTS, pause: Callable[[float], None] = time.sleep,
-                 linger: float = LINGER_S):
+    def __init__(
+        self,
+        store: ResultStore,
+        url: str,
+        api_key: str,
+        model_version: str,
+        asks_fingerprint: Callable[[str], str | None],
+        *,
+        client=None,
+        attempts: int = WRITE_ATTEMPTS,
+        pause: Callable[[float], None] = time.sleep,
+        linger: float = LINGER_S,
+    ):
         self.store = store
         self.stats = store.stats
         self.url, self._api_key = url, api_key
@@ -59,7 +68,7 @@ class WriteBack:
         self._queue: queue.Queue[Entry | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="write-back", daemon=True)
 
-    def start(self) -> "WriteBack":
+    def start(self) -> WriteBack:
         self._thread.start()
         return self
 
@@ -116,33 +125,46 @@ class WriteBack:
         if stale:
             self.store.drop(stale)
             self.stats.add(stale_dropped=len(stale))
-            log.info("label config changed: predictions made for the old one dropped, not written",
-                     extra={"project": project_id, "tasks": len(stale)})
+            log.info(
+                "label config changed: predictions made for the old one dropped, not written",
+                extra={"project": project_id, "tasks": len(stale)},
+            )
         fresh = [e for e in entries if e.key.asks == fingerprint]
         for start in range(0, len(fresh), WRITE_CHUNK):
-            chunk = fresh[start:start + WRITE_CHUNK]
-            rows = [{"task": e.key.task_id, "result": e.prediction["result"],
-                     "score": e.prediction.get("score", 0.0),
-                     "model_version": e.prediction.get("model_version", self.model_version)}
-                    for e in chunk]
+            chunk = fresh[start : start + WRITE_CHUNK]
+            rows = [
+                {
+                    "task": e.key.task_id,
+                    "result": e.prediction["result"],
+                    "score": e.prediction.get("score", 0.0),
+                    "model_version": e.prediction.get("model_version", self.model_version),
+                }
+                for e in chunk
+            ]
             try:
-                outcome = write_new_predictions(project, rows, self.model_version,
-                                                attempts=self.attempts, pause=self.pause)
+                outcome = write_new_predictions(
+                    project, rows, self.model_version, attempts=self.attempts, pause=self.pause
+                )
             except Exception as exc:  # noqa: BLE001 - logged, left for the next retrieve
                 self._failed(project_id, chunk, exc)
                 continue
             # written, or found in LS already: either way LS holds one prediction of this version
             self.store.written(chunk)
-            self.stats.add(written_back=len(outcome.written),
-                           already_in_label_studio=len(outcome.present))
-            log.info("deferred predictions written to Label Studio",
-                     extra={"project": project_id, "written": len(outcome.written),
-                            "already_there": len(outcome.present)})
+            self.stats.add(written_back=len(outcome.written), already_in_label_studio=len(outcome.present))
+            log.info(
+                "deferred predictions written to Label Studio",
+                extra={
+                    "project": project_id,
+                    "written": len(outcome.written),
+                    "already_there": len(outcome.present),
+                },
+            )
 
     def _read_project(self, project_id: int) -> tuple[LabelStudioProject, str]:
         if self._client is None:
-            self._client = LabelStudioProject(project_id, self.url, self._api_key,
-                                              timeout=LS_TIMEOUT_S).client
+            self._client = LabelStudioProject(
+                project_id, self.url, self._api_key, timeout=LS_TIMEOUT_S
+            ).client
         project = LabelStudioProject(project_id, self.url, client=self._client)
         return project, project.label_config()
 
@@ -153,13 +175,16 @@ class WriteBack:
             except Exception as exc:  # noqa: BLE001 - any failure to reach LS is worth a retry
                 if attempt == self.attempts - 1:
                     raise
-                log.warning("Label Studio unavailable for the write-back, retrying",
-                            extra={"error": str(exc)[:300], "attempt": attempt + 1})
-                self.pause(min(2 ** attempt, 10))
+                log.warning(
+                    "Label Studio unavailable for the write-back, retrying",
+                    extra={"error": str(exc)[:300], "attempt": attempt + 1},
+                )
+                self.pause(min(2**attempt, 10))
 
     def _failed(self, project_id: int, entries: list[Entry], exc: BaseException) -> None:
         self.store.write_failed(entries)
         self.stats.add(write_back_failures=len(entries))
-        log.warning("write-back to Label Studio failed; these predictions stay in memory for the "
-                    "next retrieve", extra={"project": project_id, "tasks": len(entries),
-                                            "error": str(exc)[:500]})
+        log.warning(
+            "write-back to Label Studio failed; these predictions stay in memory for the next retrieve",
+            extra={"project": project_id, "tasks": len(entries), "error": str(exc)[:500]},
+        )

@@ -45,13 +45,16 @@ def scored_points(answer: Answer) -> list[ScoredPoint]:
     if answer.tokens and len(answer.tokens) == len(answer.token_logprobs):
         text = "".join(answer.tokens)
         points = parse_points(text)
-        return [ScoredPoint(p, s) for p, s in zip(points, point_scores(points, answer.tokens,
-                                                                        answer.token_logprobs))]
+        return [
+            ScoredPoint(p, s)
+            for p, s in zip(points, point_scores(points, answer.tokens, answer.token_logprobs))
+        ]
     return [ScoredPoint(p, answer.score) for p in parse_points(answer.text)]
 
 
-def point_scores(points: list[Point], tokens: tuple[str, ...] | list[str],
-                 logprobs: tuple[float, ...] | list[float]) -> list[float | None]:
+def point_scores(
+    points: list[Point], tokens: tuple[str, ...] | list[str], logprobs: tuple[float, ...] | list[float]
+) -> list[float | None]:
     """Each point's probability of being emitted, given the points before it.
 
     ``points`` were parsed from ``"".join(tokens)`` (they carry character offsets into it). A

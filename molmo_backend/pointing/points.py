@@ -144,8 +144,10 @@ def _molmo2_points(attr: _Attr, truncated: bool) -> list[_Found]:
         coords = coords[:end]
     out = []
     for group in re.finditer(r"[^\t;]+", coords):
-        words = [(w.group(), attr.value_start + group.start() + w.start())
-                 for w in re.finditer(r"\S+", group.group())]
+        words = [
+            (w.group(), attr.value_start + group.start() + w.start())
+            for w in re.finditer(r"\S+", group.group())
+        ]
         triples = _leading_numbers(words)[1:]  # [0] is the image index (a timestamp for video)
         for i in range(0, len(triples) - 2, 3):
             (_, start, _), (x, _, _), (y, _, end) = triples[i : i + 3]
@@ -167,8 +169,9 @@ def _molmo1_points(attrs: dict[str, _Attr]) -> list[_Found]:
     for k in ordered:
         if k in ys:
             (x, x_attr), (y, y_attr) = xs[k], ys[k]
-            out.append((x, y, min(x_attr.name_start, y_attr.name_start),
-                        max(x_attr.value_end, y_attr.value_end)))
+            out.append(
+                (x, y, min(x_attr.name_start, y_attr.name_start), max(x_attr.value_end, y_attr.value_end))
+            )
     return out
 
 

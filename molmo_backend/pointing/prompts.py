@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import hashlib
 
-
 #: Molmo2's pointing prompt: the first of the pointing templates its training data sampled from
 DEFAULT_PROMPT_TEMPLATE = "Point to {label}\nPlease say 'There are none.' if it is not in the image."
 
-__all__ = ["COUNT_TEMPLATE", "DEFAULT_PROMPT_TEMPLATE", "build_count_prompt", "build_prompt",
-           "default_prompt_template", "prompt_fingerprint"]
+__all__ = [
+    "COUNT_TEMPLATE",
+    "DEFAULT_PROMPT_TEMPLATE",
+    "build_count_prompt",
+    "build_prompt",
+    "default_prompt_template",
+    "prompt_fingerprint",
+]
 
 PLACEHOLDER = "{label}"
 
@@ -43,8 +48,7 @@ def default_prompt_template(family: str) -> str:
     return FAMILY_TEMPLATES.get(family, DEFAULT_PROMPT_TEMPLATE)
 
 
-def build_prompt(label: str, template: str = DEFAULT_PROMPT_TEMPLATE,
-                 override: str | None = None) -> str:
+def build_prompt(label: str, template: str = DEFAULT_PROMPT_TEMPLATE, override: str | None = None) -> str:
     """``template`` with ``{label}`` replaced by ``override`` (the config's prompt) or the label.
 
     str.replace, not str.format: labels such as "{0}" or "a {b}" must pass through untouched.
