@@ -31,20 +31,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from prometheus_client import Histogram
 
 from molmo_backend.engine.base import Answer, Engine, PointQuery, Row, StepEngine
+from molmo_backend.engine.job import CANCELLED, Job, SchedulerClosed
 from molmo_backend.engine.queue import Item, Priority, RequestQueue
-from molmo_backend.errors import MolmoError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CANCELLED", "Job", "Priority", "Scheduler", "SchedulerClosed"]
 
-#: the answer a query gets when its job was cancelled before the query ended
-CANCELLED = "cancelled: nobody waits for this answer any more"
 #: tokens of image + prompt prefilled in one step at most (about 10 images of 1000 tokens): bigger
 #: chunks run the GPU closer to its matmul ceiling, smaller ones stall decoding rows less
 PREFILL_TOKENS_PER_STEP = 10240
@@ -58,42 +55,6 @@ PREPARE_AHEAD = 32
 RATE_WINDOW_S = 60.0
 #: seconds from a query's submit to its answer: opened tasks take about 0.65 s on an H200
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
-
-
-class SchedulerClosed(MolmoError, RuntimeError):
-    """Work submitted to a scheduler that has been closed (the server shutting down)."""
-
-
-@dataclass(eq=False)
-class Job:
-    """One caller's queries in the scheduler; answers arrive as they finish.
-
-    ``answers[i]`` is None until query ``i`` is answered. ``on_answer(i, answer)`` (optional) is
-    called in the worker thread as each one arrives, so a caller can act on finished tasks before
-    the whole job is done. :meth:`cancel` drops the queries not yet answered (work nobody waits
-    for is not computed)."""
-
-    total: int
-    priority: Priority
-    on_answer: Callable[[int, Answer], None] | None = None
-    answers: list = field(default_factory=list)
-    done_count: int = 0
-    cancelled: bool = False
-    started: float = field(default_factory=time.monotonic)
-    last_progress: float = field(default_factory=time.monotonic)
-    finished: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self):
-        self.answers = [None] * self.total
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once every query is answered (or cancelled); False if ``timeout`` passed first."""
-        return self.finished.wait(timeout)
-
-    def cancel(self) -> None:
-        """Queries of this job not yet answered are dropped: waiting ones are never started and
-        running ones leave their slots at the next step; each is answered ``CANCELLED``."""
-        self.cancelled = True
 
 
 class Scheduler:

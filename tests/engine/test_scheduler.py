@@ -124,33 +124,42 @@ def test_out_of_memory_splits_the_batch_until_it_fits():
 class SteppingEngine(EchoEngine):
     """A plain engine that takes a few steps per batch (no pause: the scheduler never re-enters it)."""
 
-    def __init__(self, steps=5, **kwargs):
+    def __init__(self, steps=5, anyone_entered: threading.Event | None = None, **kwargs):
         super().__init__(**kwargs)
         self.steps = steps
+        self.anyone_entered = anyone_entered or threading.Event()
         self.log: list[str] = []
 
     def generate(self, queries):
         self.log.append(f"start {queries[0].prompt}")
         self.entered.set()
+        self.anyone_entered.set()
         self.gate.wait(10)
         self.log.append(f"end {queries[0].prompt}")
         return [Answer(text=q.prompt) for q in queries]
 
 
 def test_several_engines_share_the_queue_and_answers_stay_in_order():
-    engines = [SteppingEngine(max_batch=4), SteppingEngine(max_batch=4)]
-    engines[0].gate.clear()  # the first replica is busy with its first batch: the other takes the rest
+    # Both replicas start held; whichever takes the first batch stays held while the other is let
+    # go, so the other must drain the queue (no assumption about which worker thread runs first).
+    anyone_entered = threading.Event()
+    engines = [SteppingEngine(max_batch=4, anyone_entered=anyone_entered) for _ in range(2)]
+    for engine in engines:
+        engine.gate.clear()
     scheduler = Scheduler(engines)
     prompts = [f"q{i}" for i in range(40)]
     job = scheduler.submit_async(queries(*prompts))
-    assert engines[0].entered.wait(5)
+    assert anyone_entered.wait(10)
+    held, free = sorted(engines, key=lambda e: not e.entered.is_set())
+    free.gate.set()
     assert job.wait(0) is False
     for _ in range(1000):  # the free replica drains the queue while the other is held
         if scheduler.pending() == 0:
             break
         threading.Event().wait(0.01)
     assert scheduler.pending() == 0
-    engines[0].gate.set()
+    assert job.wait(0) is False, "the held replica's batch cannot have been answered"
+    held.gate.set()
     assert job.wait(10)
     assert [a.text for a in job.answers] == prompts
     assert all(engine.log for engine in engines), "both replicas must have worked"
