@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from molmo_backend.engine import slot_attention
+from molmo_backend.engine.phases import PhaseTimer
 from molmo_backend.engine.prefill import PreparedImage, prefill_groups, stack_images
 from molmo_backend.engine.slots import (
     INTERACTIVE_SLOTS,
@@ -149,7 +149,7 @@ class SlotDecoder:
         """Prefill rows (row i shows ``images[image_of[i]]`` in slot ``slots[i]`` and asks
         ``suffixes[i]``); returns each row's state and its first token and log-probability."""
         with self._on_device():
-            timer = _PhaseTimer(self.profile, self.device)
+            timer = PhaseTimer(self.profile, self.device)
             rows = [SlotRow(slot, [], 0) for slot in slots]
             for members in prefill_groups([image.length for image in images]):
                 self._prefill_images(images, members, image_of, rows)
@@ -238,7 +238,7 @@ class SlotDecoder:
         """One token for each of ``rows`` (all in the opened tasks' region or all in the bulk
         region); ``generated`` (each row's tokens so far) is only read by logits processors."""
         with self._on_device():
-            timer = _PhaseTimer(self.profile, self.device)
+            timer = PhaseTimer(self.profile, self.device)
             interactive = rows[0].slot < self.interactive_slots
             first = 0 if interactive else self.interactive_slots
             top = max(row.slot for row in rows) + 1 - first
@@ -400,7 +400,7 @@ class SlotDecoder:
     def _on_device(self):
         if self.device.type == "cuda":  # each GPU replica runs in its own thread
             return torch.cuda.device(self.device)
-        return _NoContext()
+        return contextlib.nullcontext()
 
 
 class _StepGraph:
@@ -431,32 +431,3 @@ class _StepGraph:
             ):
                 decoder._step(*self.args, compiled=self.compiled)
         self.graph = graph
-
-
-class _NoContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _PhaseTimer:
-    """Adds wall seconds per phase into ``sink`` (a dict), synchronising the GPU; no-op if None."""
-
-    def __init__(self, sink: dict | None, device: torch.device):
-        self.sink, self.device = sink, device
-        self.last = time.perf_counter() if sink is not None else 0.0
-
-    def lap(self, phase: str) -> None:
-        if self.sink is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.sink[phase] = self.sink.get(phase, 0.0) + now - self.last
-        self.last = now
-
-    def count(self, name: str, value: int) -> None:
-        if self.sink is not None:
-            self.sink[name] = self.sink.get(name, 0) + value
