@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 from molmo_backend.engine.base import Answer
 from molmo_backend.engine.queue import Priority
-from molmo_backend.errors import MolmoError
+from molmo_backend.errors import Unavailable
 
 #: the answer a query gets when its job was cancelled before the query ended
 CANCELLED = "cancelled: nobody waits for this answer any more"
 
 
-class SchedulerClosed(MolmoError, RuntimeError):
-    """Work submitted to a scheduler that has been closed (the server shutting down)."""
+class SchedulerClosed(Unavailable, RuntimeError):
+    """Work submitted to a scheduler that has been closed (the server shutting down): HTTP 503,
+    so a client retries against the restarted server instead of reading it as a bug."""
 
 
 @dataclass(eq=False)

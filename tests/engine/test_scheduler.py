@@ -249,3 +249,16 @@ def test_a_cancelled_job_is_not_computed_and_still_gets_one_answer_per_query():
     assert engine.batches == [["running"]]  # nothing of the cancelled job reached the engine
     assert scheduler.stats["cancelled"] == 3
     scheduler.close()
+
+
+def test_work_submitted_after_close_is_refused_as_unavailable_not_as_a_bug():
+    from molmo_backend.engine.job import SchedulerClosed
+
+    scheduler = Scheduler(EchoEngine())
+    scheduler.close()
+    try:
+        scheduler.submit_async(queries("late"))
+    except SchedulerClosed as exc:
+        assert (exc.http_status, exc.exit_code) == (503, 1)  # the status the routes answer
+    else:
+        raise AssertionError("a closed scheduler accepted work")
