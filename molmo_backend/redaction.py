@@ -25,10 +25,15 @@ _REASONS = (
 )
 
 
-def is_local_files(path: str) -> bool:
-    """Whether ``path`` is Label Studio's local-files storage (``/data/local-files/?d=<path>``),
-    whose query is a file path, not a secret."""
-    return path.startswith("/data/local-files/") or path.startswith("/data/local-files?")
+def is_local_files(reference: str) -> bool:
+    """Whether ``reference`` (a URL or a path, with its query) is Label Studio's local-files
+    storage (``/data/local-files/?d=<path>``, or without the slash), whose query is a file path,
+    not a secret."""
+    try:
+        path = urlsplit(reference).path
+    except ValueError:
+        return False
+    return path == "/data/local-files" or path.startswith("/data/local-files/")
 
 
 def describe_url(url: str) -> str:
@@ -44,7 +49,7 @@ def describe_url(url: str) -> str:
         netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     except ValueError:  # a port that is not a number, or out of range
         netloc = parts.hostname or ""
-    query = parts.query if is_local_files(parts.path) else ""  # ?d= is a path, not a secret
+    query = parts.query if is_local_files(url) else ""  # ?d= is a path, not a secret
     text = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
     return text if len(text) <= MAX_URL_CHARS else text[: MAX_URL_CHARS - 3] + "..."
 

@@ -20,6 +20,10 @@ def test_a_local_files_path_keeps_its_query():
     assert describe_url("http://ls:8080/data/local-files/?d=images/cat.png") == (
         "http://ls:8080/data/local-files/?d=images/cat.png")
     assert describe_url("http://ls/data/upload/a.png?d=x") == "http://ls/data/upload/a.png"
+    # Label Studio also writes the path without the slash before the query
+    assert describe_url("http://ls/data/local-files?d=images/cat.png") == (
+        "http://ls/data/local-files?d=images/cat.png")
+    assert describe_url("http://ls/data/local-filesX?d=secret") == "http://ls/data/local-filesX"
 
 
 def test_odd_urls_are_described_without_failing():
