@@ -112,7 +112,9 @@ def test_out_of_memory_splits_the_batch_until_it_fits():
     class OutOfMemory(RuntimeError):
         pass
 
-    engine = EchoEngine(max_batch=8, fail_if=lambda ps: OutOfMemory("CUDA out of memory") if len(ps) > 2 else None)
+    engine = EchoEngine(
+        max_batch=8, fail_if=lambda ps: OutOfMemory("CUDA out of memory") if len(ps) > 2 else None
+    )
     scheduler = Scheduler(engine)
     prompts = [f"q{i}" for i in range(8)]
     answers = scheduler.submit(queries(*prompts))

@@ -31,8 +31,9 @@ def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
         from tests.support.forcing import ForceAnswers, by_label
 
         choice = choose_model(settings)  # MOLMO_DEMO=random: the random demo model, named as served
-        engine = TransformersEngine.from_settings(settings, path=choice.path, model_id=choice.model_id,
-                                                  demo=choice.demo)
+        engine = TransformersEngine.from_settings(
+            settings, path=choice.path, model_id=choice.model_id, demo=choice.demo
+        )
         if answers:
             engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
         if delay > 0:
@@ -49,7 +50,9 @@ def forced_engine_factory(answers: dict[str, str], delay: float = 0.0):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--answers", type=Path, help="JSON file: label -> forced answer text")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per prefill")
     parser.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the molmo-backend command line")

@@ -65,7 +65,8 @@ def inject_faults(engine, rules: list[dict]):
                 time.sleep(float(rule["sleep"]))
             if rule.get("error") == "oom":
                 raise torch.cuda.OutOfMemoryError(
-                    "CUDA out of memory. Tried to allocate 2.00 GiB (injected by MOLMO_TEST_FAULTS)")
+                    "CUDA out of memory. Tried to allocate 2.00 GiB (injected by MOLMO_TEST_FAULTS)"
+                )
             if rule.get("error") == "runtime":
                 raise RuntimeError("injected failure (MOLMO_TEST_FAULTS)")
 
@@ -89,7 +90,9 @@ def inject_faults(engine, rules: list[dict]):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--answers", type=Path, help="JSON file: label -> forced answer text")
@@ -103,8 +106,9 @@ def main() -> int:
         from tests.support.forcing import ForceAnswers, by_label
 
         choice = choose_model(settings)  # MOLMO_DEMO=random: the random demo model, named as served
-        engine = TransformersEngine.from_settings(settings, path=choice.path, model_id=choice.model_id,
-                                                  demo=choice.demo)
+        engine = TransformersEngine.from_settings(
+            settings, path=choice.path, model_id=choice.model_id, demo=choice.demo
+        )
         if answers:
             engine.logits_processors.append(ForceAnswers(engine.processor.tokenizer, by_label(answers)))
         if faults:

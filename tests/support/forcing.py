@@ -35,7 +35,11 @@ class ForceAnswers(LogitsProcessor):
             text = self.tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
             prompt = text.split("user\n", 1)[-1].split("<|im_end|>", 1)[0]
             answer = self.answer_for(prompt)
-            ids = None if answer is None else self.tokenizer(answer, add_special_tokens=False).input_ids + [self.eos]
+            ids = (
+                None
+                if answer is None
+                else self.tokenizer(answer, add_special_tokens=False).input_ids + [self.eos]
+            )
             self._cache[prompt_ids] = ids
         return self._cache[prompt_ids], len(row) - answer_start
 

@@ -23,8 +23,9 @@ from tests.support.net_guard import NetGuard  # noqa: E402
 
 if __name__ == "__main__":
     log_path = os.environ.get("MOLMO_TEST_NET_LOG")
-    NetGuard(json.loads(os.environ.get("MOLMO_TEST_NET_NAMES") or "{}"),
-             Path(log_path) if log_path else None).install()
+    NetGuard(
+        json.loads(os.environ.get("MOLMO_TEST_NET_NAMES") or "{}"), Path(log_path) if log_path else None
+    ).install()
     from tests.support import forced_server
 
     raise SystemExit(forced_server.main())

@@ -88,10 +88,10 @@ class NetGuard:
             return _real["getaddrinfo"](host, port, family, type, proto, flags)
         name = host.lower().rstrip(".")
         try:  # numeric, spelled any way the C library reads it: no lookup leaves the process
-            answer = _real["getaddrinfo"](host, port, family, type, proto,
-                                          flags | socket.AI_NUMERICHOST)
-            self._record({"event": "lookup", "host": host, "numeric": True,
-                          "answer": [a[4][0] for a in answer]})
+            answer = _real["getaddrinfo"](host, port, family, type, proto, flags | socket.AI_NUMERICHOST)
+            self._record(
+                {"event": "lookup", "host": host, "numeric": True, "answer": [a[4][0] for a in answer]}
+            )
             return answer
         except socket.gaierror:
             pass
@@ -130,8 +130,9 @@ class NetGuard:
         blocked = not is_loopback(host)
         self._record({"event": "connect", "address": host, "port": port, "blocked": blocked})
         if blocked:
-            raise PermissionError(f"test guard: connect to {host!r} port {port} blocked "
-                                  "(tests stay on loopback)")
+            raise PermissionError(
+                f"test guard: connect to {host!r} port {port} blocked (tests stay on loopback)"
+            )
 
     # -- installing -------------------------------------------------------------------------
 

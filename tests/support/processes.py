@@ -53,26 +53,37 @@ class Backend:
 
 
 @contextmanager
-def run_backend(tmp: Path, env: dict[str, str] | None = None, answers: dict | None = None,
-                timeout: float = 120.0, server: str = "tests/support/forced_server.py"):
+def run_backend(
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    answers: dict | None = None,
+    timeout: float = 120.0,
+    server: str = "tests/support/forced_server.py",
+):
     """Our server under real gunicorn on a free port: ``molmo-backend serve`` on the random demo
     model (``MOLMO_DEMO=random``, unless ``env`` says otherwise), or ``server`` (a script taking --port and --answers FILE, default forced_server.py) when
     ``answers`` are given."""
     port = free_port()
-    full_env = {**os.environ, "MOLMO_DEMO": "random", "LOG_FORMAT": "json", "THREADS": "32",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "MOLMO_DEMO": "random",
+        "LOG_FORMAT": "json",
+        "THREADS": "32",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     full_env.setdefault("MOLMO_CACHE_DIR", str(tmp / "cache"))
     if answers is not None:
         answers_file = tmp / f"answers-{port}.json"
         answers_file.write_text(json.dumps(answers))
-        cmd = [sys.executable, str(ROOT / server), "--port", str(port),
-               "--answers", str(answers_file)]
+        cmd = [sys.executable, str(ROOT / server), "--port", str(port), "--answers", str(answers_file)]
     else:
         cmd = [sys.executable, "-m", "molmo_backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
     log_path = tmp / f"backend-{port}.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         startup = wait_healthy(url, timeout, proc)

@@ -31,7 +31,9 @@ def load_specs(path: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--answers", type=Path, required=True)
@@ -44,8 +46,9 @@ def main() -> int:
         from tests.support.scored_forcing import ForceScoredAnswers, by_substring
 
         choice = choose_model(settings)  # MOLMO_DEMO=random: the random demo model, named as served
-        engine = TransformersEngine.from_settings(settings, path=choice.path, model_id=choice.model_id,
-                                                  demo=choice.demo)
+        engine = TransformersEngine.from_settings(
+            settings, path=choice.path, model_id=choice.model_id, demo=choice.demo
+        )
         engine.logits_processors.append(ForceScoredAnswers(engine.processor.tokenizer, by_substring(specs)))
         return engine
 

@@ -41,8 +41,9 @@ def answer(*pieces: str | tuple[str, float], score: float | None = None) -> Answ
     logprobs = tuple(math.log(p) for p in probs)
     text = "".join(tokens)
     mean = sum(probs) / len(probs) if probs else None
-    return Answer(text=text.strip(), score=mean if score is None else score, tokens=tokens,
-                  token_logprobs=logprobs)
+    return Answer(
+        text=text.strip(), score=mean if score is None else score, tokens=tokens, token_logprobs=logprobs
+    )
 
 
 class ScriptedEngine(Engine):
@@ -124,8 +125,6 @@ class RecordingScheduler(Scheduler):
         return super().submit_async(queries, priority=priority, on_answer=on_answer)
 
 
-
-
 def png_data_uri(width: int = 64, height: int = 48, color=(200, 30, 30)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buf, format="PNG")
@@ -142,16 +141,31 @@ def by_type(prediction: dict, kind: str) -> list[dict]:
 
 def keypoints(prediction: dict) -> list[tuple]:
     """(label, x, y, score) of each keypoint region, sorted."""
-    return sorted((r["value"]["keypointlabels"][0], r["value"]["x"], r["value"]["y"], r.get("score"))
-                  for r in by_type(prediction, "keypointlabels"))
+    return sorted(
+        (r["value"]["keypointlabels"][0], r["value"]["x"], r["value"]["y"], r.get("score"))
+        for r in by_type(prediction, "keypointlabels")
+    )
 
 
-def run_scored_backend(tmp: Path, specs: Mapping[str, object], env: dict[str, str] | None = None,
-                       timeout: float = 120.0):
+def run_scored_backend(
+    tmp: Path, specs: Mapping[str, object], env: dict[str, str] | None = None, timeout: float = 120.0
+):
     """tests/support/scored_server.py under real gunicorn on a free port. ``specs``: prompt text
     -> answer text, or {"text": ..., "probs": {char index: p}}."""
-    return run_backend(tmp, env, answers=dict(specs), timeout=timeout, server="tests/support/scored_server.py")
+    return run_backend(
+        tmp, env, answers=dict(specs), timeout=timeout, server="tests/support/scored_server.py"
+    )
 
 
-__all__ = ["RecordingScheduler", "ScriptedEngine", "ScriptedStepEngine", "answer", "by_type", "keypoints", "make_backend",
-           "png_data_uri", "run_scored_backend", "task"]
+__all__ = [
+    "RecordingScheduler",
+    "ScriptedEngine",
+    "ScriptedStepEngine",
+    "answer",
+    "by_type",
+    "keypoints",
+    "make_backend",
+    "png_data_uri",
+    "run_scored_backend",
+    "task",
+]
