@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests

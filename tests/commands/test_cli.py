@@ -26,14 +26,14 @@ from PIL import Image
 from molmo_backend.commands import cli
 from molmo_backend.commands.annotate import AnnotateError, annotate_project, parse_task_ids
 from molmo_backend.commands.interrupts import Interrupts
+from molmo_backend.commands.overlay import PALETTE, RING
 from molmo_backend.commands.predict import keypoint_config
-from molmo_backend.labelstudio.model import make_model_version
 from molmo_backend.engine.base import Answer, Engine
+from molmo_backend.errors import Unavailable
 from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.labelstudio.config import LabelConfigError
-from molmo_backend.commands.overlay import PALETTE, RING
+from molmo_backend.labelstudio.model import make_model_version
 from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
-from molmo_backend.errors import Unavailable
 from molmo_backend.settings import Settings, SettingsError
 from tests.support import fake_label_studio
 from tests.support.fake_label_studio import StatusError

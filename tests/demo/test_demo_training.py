@@ -12,7 +12,7 @@ import torch
 from molmo_backend.app.model_choice import choose_model
 from molmo_backend.demo.models import SHAPES_RECIPE, demo_info, demo_name
 from molmo_backend.demo.scenes import make_scene
-from molmo_backend.demo.training import Batches, PatchProbe, encode, draw_example, main, patch_labels
+from molmo_backend.demo.training import Batches, PatchProbe, draw_example, encode, main, patch_labels
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.molmo2 import TransformersEngine
 from molmo_backend.settings import Settings

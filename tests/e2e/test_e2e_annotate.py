@@ -20,8 +20,8 @@ from PIL import Image
 from molmo_backend.commands.annotate import annotate_project
 from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.settings import Settings
-from tests.support.labelstudio import E2E_TIMINGS
 from tests.support.forced_cli import forced_engine_factory
+from tests.support.labelstudio import E2E_TIMINGS
 from tests.support.processes import ROOT, run_backend, serve_directory
 
 pytestmark = pytest.mark.e2e

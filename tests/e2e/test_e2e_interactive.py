@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from molmo_backend.pointing.prompts import COUNT_TEMPLATE
-from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
+from molmo_backend.pointing.prompts import COUNT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE
 from molmo_backend.settings import DEFAULT_CAPTION_PROMPT
 from tests.support.labelstudio import E2E_TIMINGS
 from tests.support.scripted import run_scored_backend

@@ -17,8 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.labelstudio import LabelStudio
+from tests.support.labelstudio import E2E_TIMINGS, LabelStudio
 from tests.support.processes import run_backend, serve_directory
 from tests.support.tcp_proxy import TcpProxy
 

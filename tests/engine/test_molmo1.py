@@ -274,9 +274,8 @@ def test_forced_v1_answers_come_back_as_percent_points(engine):
 
 @needs_v1_profile
 def test_profile_dispatches_v1_and_refuses_molmo2_and_the_demo(v1_dir, tmp_path):
-    from molmo_backend.engine.molmo1 import Molmo1Engine
-
     from molmo_backend.app.model_choice import load_engine
+    from molmo_backend.engine.molmo1 import Molmo1Engine
 
     settings = Settings(model=str(v1_dir), demo="auto", device="cpu", max_new_tokens=8, max_batch=3)
     loaded = load_engine(settings)

@@ -68,7 +68,7 @@ def test_one_batch_carries_queries_of_several_concurrent_requests():
         threading.Event().wait(0.01)
     engine.gate.set()
     blocker.join(5)
-    for thread, out in threads:
+    for thread, _out in threads:
         thread.join(5)
     assert engine.batches[1] and len(engine.batches[1]) == 6  # all three requests in one batch
     for r, (_, out) in enumerate(threads):

@@ -588,8 +588,8 @@ def test_compose_server_never_attempted_a_non_loopback_connect(compose):
     ],
 )
 def test_warning_when_listening_beyond_loopback_without_basic_auth(host, auth, warns):
-    from molmo_backend.settings import Settings
     from molmo_backend.app.wsgi import startup_warnings
+    from molmo_backend.settings import Settings
 
     creds = {"basic_auth_user": "u", "basic_auth_pass": "p"} if auth else {}
     found = [w for w in startup_warnings(Settings(host=host, **creds)) if "without basic auth" in w]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from molmo_backend.labelstudio.asks import bulk_asks
 from molmo_backend.engine.base import Answer
+from molmo_backend.labelstudio.asks import bulk_asks
 from molmo_backend.labelstudio.config import (
     CountTarget,
     LabelConfigError,
@@ -13,10 +13,9 @@ from molmo_backend.labelstudio.config import (
     TextTarget,
     parse_label_config,
 )
-from molmo_backend.pointing.points import parse_count
-from molmo_backend.pointing.prompts import COUNT_TEMPLATE, build_count_prompt
 from molmo_backend.labelstudio.regions import number_region, textarea_region
-from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
+from molmo_backend.pointing.points import parse_count
+from molmo_backend.pointing.prompts import COUNT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE, build_count_prompt
 from molmo_backend.settings import DEFAULT_CAPTION_PROMPT, Settings
 from tests.support.scripted import by_type, keypoints, task
 

@@ -29,20 +29,19 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from molmo_backend.labelstudio.answers import answer_regions
-from molmo_backend.labelstudio.asks import Ask, bulk_asks
-from molmo_backend.engine.base import Answer
-from molmo_backend.labelstudio.interactive import interactive_asks
-from molmo_backend.labelstudio.config import LabelConfig, LabelConfigError, parse_label_config
-from molmo_backend.pointing.points import MAX_COUNT, parse_count, parse_points
-from molmo_backend.pointing.prompts import build_prompt
 from molmo_backend.app.routes import create_app
 from molmo_backend.app.service import ModelService
-from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
+from molmo_backend.engine.base import Answer
+from molmo_backend.labelstudio.answers import answer_regions
+from molmo_backend.labelstudio.asks import Ask, bulk_asks
+from molmo_backend.labelstudio.config import LabelConfig, LabelConfigError, parse_label_config
+from molmo_backend.labelstudio.interactive import interactive_asks
+from molmo_backend.pointing.points import MAX_COUNT, parse_count, parse_points
+from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE, build_prompt
 from molmo_backend.settings import Settings
-from tests.support.scripted import ScriptedEngine
 from tests.support.fuzzing import REPORT
 from tests.support.net_guard import NetGuard
+from tests.support.scripted import ScriptedEngine
 
 pytestmark = pytest.mark.fuzz
 

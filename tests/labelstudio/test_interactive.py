@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from molmo_backend.engine.scheduler import Priority
-from molmo_backend.labelstudio.interactive import MAX_PROMPT_CHARS, interactive_asks
 from molmo_backend.labelstudio.config import parse_label_config
+from molmo_backend.labelstudio.interactive import MAX_PROMPT_CHARS, interactive_asks
 from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE as TEMPLATE
 from tests.support.scripted import ScriptedStepEngine, by_type, keypoints, task
 

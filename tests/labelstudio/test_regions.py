@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from molmo_backend.pointing.points import Point, parse_points
 from molmo_backend.labelstudio.regions import empty_prediction, keypoint_region, task_prediction
+from molmo_backend.pointing.points import Point, parse_points
 
 KW = dict(from_name="kp", to_name="image", label="cat", image_width=800, image_height=600, point_width=0.75)
 

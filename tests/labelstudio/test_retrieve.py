@@ -13,14 +13,14 @@ import time
 import pytest
 from PIL import Image
 
-from molmo_backend.labelstudio.model import MolmoBackend
+from molmo_backend.commands.predict import keypoint_config
 from molmo_backend.engine.base import Answer, Engine
 from molmo_backend.engine.scheduler import Priority, Scheduler
 from molmo_backend.images.loader import ImageLoader
-from molmo_backend.commands.predict import keypoint_config
+from molmo_backend.labelstudio.model import MolmoBackend
 from molmo_backend.labelstudio.results import NOT_YET, ResultStore
-from molmo_backend.settings import Settings
 from molmo_backend.labelstudio.writeback import WriteBack
+from molmo_backend.settings import Settings
 from tests.support.fake_label_studio import FakeLabelStudio, StatusError
 
 CONFIG = keypoint_config(["cat"])

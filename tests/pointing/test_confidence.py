@@ -7,8 +7,8 @@ import math
 import pytest
 from PIL import Image
 
-from molmo_backend.pointing.confidence import point_scores, scored_points
 from molmo_backend.engine.base import Answer, PointQuery
+from molmo_backend.pointing.confidence import point_scores, scored_points
 from molmo_backend.pointing.points import parse_points
 from molmo_backend.settings import Settings, SettingsError
 from tests.conftest import KEYPOINT_CONFIG

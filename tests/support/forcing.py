@@ -6,7 +6,8 @@ LogitsProcessor makes greedy decoding emit exactly its tokens, then the end toke
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from transformers import LogitsProcessor

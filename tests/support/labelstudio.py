@@ -39,8 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import requests
 
@@ -265,7 +265,7 @@ class LabelStudio:
     @classmethod
     def attach(
         cls, url: str, *, username: str, password: str, user_token: str, legacy_tokens: bool, log=print
-    ) -> "LabelStudio":
+    ) -> LabelStudio:
         """A client for a Label Studio running elsewhere (a container): the same helpers, nothing
         started or stopped here. Checks that its token mode is ``legacy_tokens``."""
         ls = cls(legacy_tokens=legacy_tokens, log=log)
@@ -280,7 +280,7 @@ class LabelStudio:
     def url(self) -> str:
         return self._attached_url or f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LabelStudio":
+    def start(self) -> LabelStudio:
         if self.proc is not None:
             raise LabelStudioError("already started")
         t0 = time.monotonic()
@@ -393,7 +393,7 @@ class LabelStudio:
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> "LabelStudio":
+    def __enter__(self) -> LabelStudio:
         return self.start()
 
     def __exit__(self, *exc) -> None:

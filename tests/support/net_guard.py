@@ -26,8 +26,8 @@ import ipaddress
 import json
 import socket
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import pytest
 
@@ -136,7 +136,7 @@ class NetGuard:
 
     # -- installing -------------------------------------------------------------------------
 
-    def install(self) -> "NetGuard":
+    def install(self) -> NetGuard:
         guard = self
 
         def connect(sock, address):

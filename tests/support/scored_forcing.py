@@ -10,13 +10,13 @@ spread over other tokens, each below ``p``, so greedy decoding still picks the f
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Union
+from collections.abc import Callable, Mapping
 
 import torch
 
 from tests.support.forcing import ForceAnswers, by_substring  # noqa: F401 (re-exported)
 
-Spec = Union[str, tuple[str, Mapping[int, float]]]
+Spec = str | tuple[str, Mapping[int, float]]
 
 
 class ForceScoredAnswers(ForceAnswers):

@@ -18,19 +18,13 @@ import base64
 import io
 import math
 import threading
-import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
-import pytest
 from PIL import Image
 
-from molmo_backend.labelstudio.model import MolmoBackend
 from molmo_backend.engine.base import Answer, Engine, PointQuery, StepEngine
 from molmo_backend.engine.scheduler import Priority, Scheduler
-from molmo_backend.images.loader import ImageLoader
-from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
-from molmo_backend.settings import Settings
 from tests.support.processes import run_backend
 
 
@@ -164,7 +158,6 @@ __all__ = [
     "answer",
     "by_type",
     "keypoints",
-    "make_backend",
     "png_data_uri",
     "run_scored_backend",
     "task",
