@@ -26,7 +26,8 @@ import requests
 from PIL import Image
 
 from tests.support.docker_stack import ComposeStack, seconds_to_healthy, wait_http, write_ci_compose
-from tests.support.labelstudio import LabelStudio, free_port
+from tests.support.labelstudio import LabelStudio
+from tests.support.processes import free_port
 
 pytestmark = [
     pytest.mark.docker,

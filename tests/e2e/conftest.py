@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.labelstudio import E2E_TIMINGS, LabelStudio, free_port
+from tests.support.labelstudio import E2E_TIMINGS, LabelStudio
+from tests.support.processes import free_port
 
 
 def _start(legacy: bool) -> LabelStudio:

@@ -33,8 +33,6 @@ import fcntl
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import requests
+
+from tests.support.processes import free_port, stop_process_group
 
 LS_VERSION = "1.23.2"
 CACHE_ROOT = Path.home() / ".cache" / "molmo-backend"
@@ -194,28 +194,6 @@ def migrated_db_template(venv: Path, version: str = LS_VERSION, log=print) -> Pa
             partial.replace(template)
         log(f"migrated LS database template in {time.monotonic() - started:.0f} s: {template}")
     return template
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group ``proc`` leads, then SIGKILL it if it lingers."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    # children may outlive a leader that exited: the group id is the leader's pid
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,7 +365,7 @@ class LabelStudio:
 
     def stop(self) -> None:
         if self.proc is not None:
-            kill_process_group(self.proc)
+            stop_process_group(self.proc, timeout=10.0)
             self.proc = None
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; whoever binds it
+    next wins, so start the server right away)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -92,17 +95,23 @@ def run_backend(
         print(log_path.read_text(errors="replace")[-5000:], file=sys.stderr)
         raise
     finally:
-        stop(proc)
+        stop_process_group(proc)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop the process group ``proc`` leads (it was started with ``start_new_session=True``):
+    SIGTERM, up to ``timeout`` seconds for the leader to exit, then SIGKILL to the whole group,
+    since children (gunicorn's workers, Label Studio's) may outlive a leader that exited."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+    # the group id is the leader's pid, which stays reserved while the group has members
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
