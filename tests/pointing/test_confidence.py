@@ -173,7 +173,7 @@ def engine(demo_model_dir):
 
 
 def test_engine_answers_carry_token_texts_and_logprobs_that_give_forced_scores(engine):
-    from tests.support.scored_forcing import ForceScoredAnswers, at, by_substring
+    from tests.support.forcing import ForceScoredAnswers, at, by_substring
 
     cat = '<points coords="1 1 250 500 2 750 100">cat</points>'
     specs = {

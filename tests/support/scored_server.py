@@ -1,5 +1,5 @@
 """Serve the backend (real gunicorn, real HTTP) on the demo model with answers *and token
-probabilities* forced per prompt (tests/support/scored_forcing.py).
+probabilities* forced per prompt (tests/support/forcing.py).
 
     python tests/support/scored_server.py --port 9191 --answers answers.json
 
@@ -43,7 +43,7 @@ def main() -> int:
     def engine_factory(settings: Settings):
         from molmo_backend.app.model_choice import choose_model
         from molmo_backend.engine.molmo2 import TransformersEngine
-        from tests.support.scored_forcing import ForceScoredAnswers, by_substring
+        from tests.support.forcing import ForceScoredAnswers, by_substring
 
         choice = choose_model(settings)  # MOLMO_DEMO=random: the random demo model, named as served
         engine = TransformersEngine.from_settings(
