@@ -3,7 +3,7 @@
     .venv/bin/python docs/img/make_cli_overlay.py
 
 The scene is drawn here (two cartoon cats and a dog); the answers are FORCED through the demo
-model's real generate() (tests/support/forced_cli.py), so the picture shows exactly what
+model's real generate() (tests/support/forced_backend.py cli), so the picture shows exactly what
 ``molmo-backend predict --out`` draws for those points, not what a real Molmo would answer.
 """
 
@@ -71,7 +71,8 @@ def main() -> int:
         out = subprocess.run(
             [
                 sys.executable,
-                str(ROOT / "tests/support/forced_cli.py"),
+                str(ROOT / "tests/support/forced_backend.py"),
+                "cli",
                 "--answers",
                 str(answers),
                 "--",

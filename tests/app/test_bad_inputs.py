@@ -1,7 +1,7 @@
 """Bad inputs through the real HTTP server (gunicorn on 127.0.0.1, the tiny demo Molmo2).
 
 One server for the whole module, with Molmo's answers forced per label through the real
-``generate()`` (tests/support/forced_server.py), so every case can assert its exact outcome:
+``generate()`` (tests/support/forced_backend.py), so every case can assert its exact outcome:
 
 - a request that cannot be served at all gets a 4xx with a message that says why;
 - otherwise every task gets exactly one result, in order: the bad task an empty one (and the

@@ -3,7 +3,7 @@ answers): a bulk /predict answers at MOLMO_PREDICT_DEADLINE with the unfinished 
 lists and keeps their work; a client that hangs up leaves bulk work running for the next retrieve
 and gets an opened task's queued query dropped (issue #12, point 4).
 
-The engine is slowed with tests/support/forced_server.py's MOLMO_TEST_FAULTS ``sleep`` rule: a
+The engine is slowed with tests/support/forced_backend.py's MOLMO_TEST_FAULTS ``sleep`` rule: a
 batch that holds a SLOW-sized image sleeps SLEEP_S before it runs (so it holds the GPU worker
 that long). MOLMO_MAX_BATCH=1: every task is a batch of its own. Real Label Studio:
 tests/e2e/test_e2e_retrieve.py.

@@ -1,7 +1,7 @@
 """Faults through the real HTTP server: Label Studio going away, access tokens expiring or revoked
 mid-run, an exception or GPU out-of-memory inside one batch, clients that hang up mid-request.
 
-One forced-answer server (tests/support/forced_server.py) for the module. Its engine fails on
+One forced-answer server (tests/support/forced_backend.py) for the module. Its engine fails on
 purpose through MOLMO_TEST_FAULTS: any batch holding a 77x55 image raises RuntimeError, a 78x56
 image raises torch.cuda.OutOfMemoryError, any batch of more than 6 queries raises
 OutOfMemoryError (as a real GPU does for too big a batch), and a prompt about "slowpoke" takes 3 s.

@@ -4,8 +4,8 @@ cap, the fetch allow-list by default, and no secret in the server's log.
 One server for the module, with basic auth on, a personal access token for Label Studio
 (tests/support/http_fixtures.FakeLabelStudio on 127.0.0.1), no MOLMO_ALLOWED_HOSTS (the default: only
 Label Studio's host) and LOG_LEVEL=DEBUG, so that even debug lines are searched for secrets. It
-runs under tests/support/guarded_server.py: a connect to anything but loopback would be refused
-and recorded (the last test reads the record). Address checks: tests/images/test_fetch_security.py.
+runs under ``tests/support/forced_backend.py serve --net-guard``: a connect to anything but
+loopback would be refused and recorded (the last test reads the record). Address checks: tests/images/test_fetch_security.py.
 """
 
 from __future__ import annotations
@@ -106,9 +106,7 @@ def world(tmp_path_factory, demo_model_dir):
         "MOLMO_TEST_NET_LOG": str(tmp / "net.jsonl"),
     }
     try:
-        with run_backend(
-            tmp, env=env, answers={"cat": CAT}, server="tests/support/guarded_server.py"
-        ) as backend:
+        with run_backend(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, ls, web, attacker, attacker2, issued, tmp / "net.jsonl")
     finally:
         for server in (ls, web, attacker, attacker2):

@@ -308,7 +308,8 @@ def test_predict_prints_points_and_writes_an_overlay_with_dots_at_them(tmp_path,
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "tests/support/forced_cli.py"),
+            str(ROOT / "tests/support/forced_backend.py"),
+            "cli",
             "--answers",
             str(answers),
             "--",

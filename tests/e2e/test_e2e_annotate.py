@@ -1,6 +1,6 @@
 """``molmo-backend annotate`` against a real Label Studio 1.23.2 (tests/support/labelstudio.py).
 
-The demo model with forced answers (tests/support/forced_cli.py) writes known points, so every
+The demo model with forced answers (tests/support/forced_backend.py cli) writes known points, so every
 stored prediction can be checked exactly. Select with ``pytest -m e2e``.
 """
 
@@ -20,7 +20,7 @@ from PIL import Image
 from molmo_backend.commands.annotate import annotate_project
 from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.settings import Settings
-from tests.support.forced_cli import forced_engine_factory
+from tests.support.forced_backend import forced_engine_factory
 from tests.support.labelstudio import E2E_TIMINGS
 from tests.support.processes import ROOT, run_backend, serve_directory
 
@@ -67,7 +67,8 @@ def _check_all(ls, sizes: dict[int, tuple[int, int]], version: str) -> None:
 def _annotate_cmd(project: int, answers_file: Path, delay: float, *extra: str) -> list[str]:
     return [
         sys.executable,
-        str(ROOT / "tests/support/forced_cli.py"),
+        str(ROOT / "tests/support/forced_backend.py"),
+        "cli",
         "--answers",
         str(answers_file),
         "--delay",

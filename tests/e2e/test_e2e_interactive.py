@@ -2,7 +2,7 @@
 
 Select with ``pytest -m e2e``. Uses the session's legacy-token Label Studio (tests/e2e/conftest.py)
 and the backend under real gunicorn on the demo model with answers and token probabilities forced
-per prompt (tests/support/scored_server.py), so every number checked here is exact.
+per prompt (tests/support/forced_backend.py), so every number checked here is exact.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ "Retrieve predictions" over more tasks than fit in the backend's deadline, against a real Label
 Studio 1.23.2 and the real server (issue #14; issue #12 point 4 for hang-ups).
 
-The engine is slowed with tests/support/forced_server.py's MOLMO_TEST_FAULTS ``sleep`` rule (a
+The engine is slowed with tests/support/forced_backend.py's MOLMO_TEST_FAULTS ``sleep`` rule (a
 batch that matches sleeps that long before it runs) and MOLMO_MAX_BATCH=2, so a few seconds of
 deadline hold only part of the tasks. What every test ends with: each task holds exactly one
 prediction of this model_version, with the forced points: nothing lost, nothing duplicated.

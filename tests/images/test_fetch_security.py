@@ -1,6 +1,6 @@
 """Where the real server may connect, shown through it (gunicorn on 127.0.0.1, the demo Molmo2
-with forced answers) with tests/support/guarded_server.py: inside the server process, names
-resolve from a test table (to loopback addresses, or to the refused ranges themselves), and every
+with forced answers) under ``tests/support/forced_backend.py serve --net-guard``: inside the
+server process, names resolve from a test table (to loopback addresses, or to the refused ranges themselves), and every
 connect to anything but loopback is refused by the guard before it happens and recorded. The
 guard's record (one JSON line per lookup and connect) is read after each request.
 
@@ -39,7 +39,6 @@ CONFIG = (
 )
 A_SIZE, B_SIZE, BAIT_SIZE = (64, 48), (30, 50), (11, 7)
 LEGACY = "c0ffee00" * 5
-GUARDED_SERVER = "tests/support/guarded_server.py"
 
 IMAGES_IP, LS_LISTED_IP, CIDR_IP, COMPOSE_LS_IP, MINIO_IP = (
     "127.0.0.3",
@@ -260,7 +259,7 @@ def star(tmp_path_factory, demo_model_dir):
         "MOLMO_TEST_NET_LOG": str(net_log),
     }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}, server=GUARDED_SERVER) as backend:
+        with run_backend(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, net_log, servers)
     finally:
         for server in servers.values():
@@ -506,7 +505,7 @@ def compose(tmp_path_factory, demo_model_dir):
         "MOLMO_TEST_NET_LOG": str(net_log),
     }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}, server=GUARDED_SERVER) as backend:
+        with run_backend(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, net_log, servers)
     finally:
         for server in servers.values():

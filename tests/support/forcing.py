@@ -8,7 +8,7 @@ LogitsProcessor here makes greedy decoding emit exactly its tokens, then the end
   :func:`at` names the character whose token gets a probability;
 - :func:`by_substring` (alias :data:`by_label`): pick the answer whose key occurs in the prompt.
 
-tests/support/forced_server.py, scored_server.py and forced_cli.py put them into the server and the CLI.
+tests/support/forced_backend.py puts them into the server and the CLI.
 """
 
 from __future__ import annotations

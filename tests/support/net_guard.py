@@ -17,7 +17,7 @@ A table entry's answer is a list of addresses, or a list of such lists: one per 
 last one repeats), to play a name whose answer changes (DNS rebinding).
 
 Installed in a test process by the :func:`net_guard` fixture; in a server process by
-tests/support/guarded_server.py from ``MOLMO_TEST_NET_NAMES`` / ``MOLMO_TEST_NET_LOG``.
+tests/support/forced_backend.py serve --net-guard from ``MOLMO_TEST_NET_NAMES`` / ``MOLMO_TEST_NET_LOG``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
+FORCED_BACKEND = "tests/support/forced_backend.py"  # the server or CLI with forced answers
 
 
 def free_port() -> int:
@@ -61,11 +62,11 @@ def run_backend(
     env: dict[str, str] | None = None,
     answers: dict | None = None,
     timeout: float = 120.0,
-    server: str = "tests/support/forced_server.py",
+    net_guard: bool = False,
 ):
     """Our server under real gunicorn on a free port: ``molmo-backend serve`` on the random demo
-    model (``MOLMO_DEMO=random``, unless ``env`` says otherwise), or ``server`` (a script taking --port and --answers FILE, default forced_server.py) when
-    ``answers`` are given."""
+    model (``MOLMO_DEMO=random``, unless ``env`` says otherwise), or tests/support/forced_backend.py
+    serve when ``answers`` are given (with ``--net-guard`` when ``net_guard``)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -79,7 +80,16 @@ def run_backend(
     if answers is not None:
         answers_file = tmp / f"answers-{port}.json"
         answers_file.write_text(json.dumps(answers))
-        cmd = [sys.executable, str(ROOT / server), "--port", str(port), "--answers", str(answers_file)]
+        cmd = [
+            sys.executable,
+            str(ROOT / FORCED_BACKEND),
+            "serve",
+            "--port",
+            str(port),
+            "--answers",
+            str(answers_file),
+        ]
+        cmd += ["--net-guard"] if net_guard else []
     else:
         cmd = [sys.executable, "-m", "molmo_backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
     log_path = tmp / f"backend-{port}.log"

@@ -9,7 +9,7 @@ The ``make_backend`` fixture (tests/conftest.py) builds a real backend around th
 - :func:`answer`: an Answer whose tokens and probabilities are spelled out per piece.
 - :func:`png_data_uri`: a task image the backend loads without any server.
 - :func:`run_scored_backend`: the real server (gunicorn) on the demo model with answers and token
-  probabilities forced (tests/support/scored_server.py), for the end-to-end tests.
+  probabilities forced (tests/support/forced_backend.py), for the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -144,11 +144,9 @@ def keypoints(prediction: dict) -> list[tuple]:
 def run_scored_backend(
     tmp: Path, specs: Mapping[str, object], env: dict[str, str] | None = None, timeout: float = 120.0
 ):
-    """tests/support/scored_server.py under real gunicorn on a free port. ``specs``: prompt text
-    -> answer text, or {"text": ..., "probs": {char index: p}}."""
-    return run_backend(
-        tmp, env, answers=dict(specs), timeout=timeout, server="tests/support/scored_server.py"
-    )
+    """tests/support/forced_backend.py serve under real gunicorn on a free port. ``specs``: prompt
+    text -> answer text, or {"text": ..., "probs": {char index: p}}."""
+    return run_backend(tmp, env, answers=dict(specs), timeout=timeout)
 
 
 __all__ = [
