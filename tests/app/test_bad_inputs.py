@@ -28,7 +28,7 @@ from PIL import Image
 
 from molmo_backend.pointing.points import parse_points
 from tests.support.http_fixtures import HttpServer, Reply
-from tests.support.processes import free_port, run_backend
+from tests.support.processes import BackendServer, free_port
 
 FETCH_TIMEOUT = 2.0
 MAX_IMAGE_BYTES = 2_000_000
@@ -287,7 +287,7 @@ def world(tmp_path_factory, demo_model_dir):
         "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
     }  # the session's demo build
     try:
-        with run_backend(tmp, env=env, answers=ANSWERS) as backend:
+        with BackendServer(tmp, env=env, answers=ANSWERS) as backend:
             version = requests.get(f"{backend.url}/health", timeout=5).json()["model_version"]
             yield World(backend, web, other, free_port(), files, version, demo_model_dir.parent)
     finally:

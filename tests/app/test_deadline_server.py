@@ -23,7 +23,7 @@ import requests
 from PIL import Image
 
 from molmo_backend.app.connection import client_gone_probe
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 CAT = '<points coords="1 1 250 500">cat</points>'
 CONFIG = (
@@ -100,7 +100,7 @@ def server(tmp_path_factory, demo_model_dir):
         "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
         "MOLMO_TEST_FAULTS": json.dumps([{"image_size": list(SLOW), "sleep": SLEEP_S}]),
     }
-    with run_backend(tmp_path_factory.mktemp("deadline"), env=env, answers={"cat": CAT}) as backend:
+    with BackendServer(tmp_path_factory.mktemp("deadline"), env=env, answers={"cat": CAT}) as backend:
         yield Server(backend)
 
 

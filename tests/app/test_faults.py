@@ -23,7 +23,7 @@ import requests
 from PIL import Image
 
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply, Request
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 CAT = '<points coords="1 1 250 500 2 750 100">cat</points>'
 CAT_POINTS = [(25.0, 50.0), (75.0, 10.0)]
@@ -140,7 +140,7 @@ def world(tmp_path_factory, demo_model_dir):
         "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
     }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT, "slowpoke": CAT}) as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT, "slowpoke": CAT}) as backend:
             yield World(backend, ls, web)
     finally:
         ls.close()

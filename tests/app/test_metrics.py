@@ -8,7 +8,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEYPOINT_CONFIG
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 #: the families operators build dashboards on (docs/metrics.md)
 EXPECTED = {
@@ -29,7 +29,9 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, image_url):
-    with run_backend(tmp_path_factory.mktemp("metrics"), env={"MOLMO_ALLOWED_HOSTS": "127.0.0.1"}) as backend:
+    with BackendServer(
+        tmp_path_factory.mktemp("metrics"), env={"MOLMO_ALLOWED_HOSTS": "127.0.0.1"}
+    ) as backend:
         tasks = [
             {"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}},
             {"id": 2, "data": {"image": f"{image_url}/missing.png"}},

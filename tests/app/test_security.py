@@ -22,7 +22,7 @@ from requests.auth import HTTPBasicAuth
 
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply, Request
 from tests.support.net_guard import read_events
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 USER = "label-studio"
 PASSWORD = "pässwörd:S3CRET-basic"  # latin-1 characters and a colon, as a real password may have
@@ -106,7 +106,7 @@ def world(tmp_path_factory, demo_model_dir):
         "MOLMO_TEST_NET_LOG": str(tmp / "net.jsonl"),
     }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, ls, web, attacker, attacker2, issued, tmp / "net.jsonl")
     finally:
         for server in (ls, web, attacker, attacker2):

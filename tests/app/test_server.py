@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import KEYPOINT_CONFIG
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 FORCED = {
     "cat": '<points coords="1 1 250 500 2 750 100">cat</points>',  # Molmo2 format, 0-1000
@@ -36,14 +36,14 @@ def two_tasks(image_url):
 
 @pytest.fixture(scope="module")
 def forced(tmp_path_factory):
-    with run_backend(tmp_path_factory.mktemp("forced"), env=ENV, answers=FORCED) as backend:
+    with BackendServer(tmp_path_factory.mktemp("forced"), env=ENV, answers=FORCED) as backend:
         yield backend
 
 
 @pytest.fixture(scope="module")
 def unforced(tmp_path_factory):
     env = {**ENV, "MOLMO_MAX_NEW_TOKENS": "200"}
-    with run_backend(tmp_path_factory.mktemp("unforced"), env=env) as backend:
+    with BackendServer(tmp_path_factory.mktemp("unforced"), env=env) as backend:
         yield backend
 
 

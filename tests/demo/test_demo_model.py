@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 
 from molmo_backend.demo.models import SHIPPED_DEMO, demo_info
 from molmo_backend.demo.scenes import LABELS, Scene, label_config, make_scene
-from tests.support.processes import run_backend, serve_directory
+from tests.support.processes import BackendServer, serve_directory
 
 #: a keypoint "lands" when it is within this distance of the shape's true centre, in percent units
 #: of the displayed image's width and height (as Label Studio stores x and y)
@@ -96,7 +96,7 @@ def world(tmp_path_factory):
     env = {"MOLMO_DEMO": "1", "MOLMO_ALLOWED_HOSTS": "127.0.0.1", "MOLMO_DEVICE": "cpu"}
     with (
         serve_directory(directory) as url,
-        run_backend(tmp_path_factory.mktemp("demo-server"), env=env) as backend,
+        BackendServer(tmp_path_factory.mktemp("demo-server"), env=env) as backend,
     ):
         yield backend, url, cases, directory
 

@@ -22,7 +22,7 @@ from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.settings import Settings
 from tests.support.forced_backend import forced_engine_factory
 from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.processes import ROOT, run_backend, serve_directory
+from tests.support.processes import ROOT, BackendServer, serve_directory
 
 pytestmark = pytest.mark.e2e
 
@@ -170,7 +170,7 @@ def test_annotate_is_interrupted_resumes_and_dedupes_with_the_server(
     E2E_TIMINGS["annotate_resume_cli_s"] = time.monotonic() - t0
 
     # 3. the server reports the same version: LS's own dedupe skips every CLI-made prediction
-    with run_backend(
+    with BackendServer(
         tmp_path,
         answers=ANSWERS,
         env={

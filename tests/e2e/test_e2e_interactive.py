@@ -16,7 +16,7 @@ import pytest
 from molmo_backend.pointing.prompts import COUNT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE
 from molmo_backend.settings import DEFAULT_CAPTION_PROMPT
 from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.scripted import run_scored_backend
+from tests.support.processes import BackendServer
 
 pytestmark = pytest.mark.e2e
 
@@ -168,7 +168,7 @@ def test_interactive_pointing_confidence_counts_and_captions_through_label_studi
         "MOLMO_MIN_POINT_SCORE": "0.5",
         "MOLMO_MAX_NEW_TOKENS": "64",
     }
-    with run_scored_backend(tmp_path, SPECS, env=env) as backend:
+    with BackendServer(tmp_path, env=env, answers=SPECS) as backend:
         t_backend = time.monotonic()
         ml = ls.connect_ml(project["id"], backend.url, is_interactive=True)
         assert ml["state"] == "CO", ml

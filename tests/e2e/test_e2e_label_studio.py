@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.processes import run_backend, serve_directory
+from tests.support.processes import BackendServer, serve_directory
 
 pytestmark = pytest.mark.e2e
 
@@ -201,7 +201,7 @@ def test_backend_pre_annotates_through_label_studio(mode, request, png_factory, 
         }
         if mode == "legacy-setup-token":
             env["LABEL_STUDIO_API_KEY"] = ""  # empty = unset for the backend's settings
-        with run_backend(tmp_path, env=env, answers=FORCED_ANSWERS) as backend:
+        with BackendServer(tmp_path, env=env, answers=FORCED_ANSWERS) as backend:
             t_backend = time.monotonic()
             ml = ls.connect_ml(pid, backend.url)
             assert ml["state"] == "CO", ml
@@ -254,7 +254,7 @@ def test_try_it_the_demo_model_points_at_the_sample_shapes_in_label_studio(ls_pa
     names = sorted(truth)
     ids = ls.import_files(project["id"], [DEMO_DIR / name for name in names])
     env = {"MOLMO_DEMO": "1", "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat()}
-    with run_backend(tmp_path, env=env) as backend:
+    with BackendServer(tmp_path, env=env) as backend:
         assert "serving the tiny DEMO model (trained on synthetic shapes; not Molmo)" in backend.log
         ml = ls.connect_ml(project["id"], backend.url)
         assert ml["state"] == "CO", ml
@@ -295,7 +295,7 @@ def test_demo_model_served_by_the_cli(ls_pat, png_factory, tmp_path):
     uploads = [png_factory("a.png", 640, 480), png_factory("b.png", 300, 500)]
     ids = ls.import_files(project["id"], uploads)
     env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat()}
-    with run_backend(tmp_path, env=env) as backend:
+    with BackendServer(tmp_path, env=env) as backend:
         ml = ls.connect_ml(project["id"], backend.url)
         assert ml["state"] == "CO", ml
         for _ in range(2):

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from tests.support.labelstudio import E2E_TIMINGS, LabelStudio
-from tests.support.processes import run_backend, serve_directory
+from tests.support.processes import BackendServer, serve_directory
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -131,7 +131,7 @@ def test_a_retrieve_past_the_deadline_ends_with_one_prediction_per_task(
     ls = request.getfixturevalue("ls_pat" if mode.startswith("pat") else "ls_legacy")
     write_back = mode.endswith("write-back")
     pid, sizes = upload_project(ls, png_factory, 30, f"retrieve {mode}")
-    with run_backend(tmp_path, env=backend_env(ls, write_back, demo_model_dir), answers=ANSWERS) as backend:
+    with BackendServer(tmp_path, env=backend_env(ls, write_back, demo_model_dir), answers=ANSWERS) as backend:
         version = ls.connect_ml(pid, backend.url)["model_version"]
         started = time.monotonic()
         answer = ls.retrieve_predictions(pid)
@@ -189,7 +189,7 @@ def test_label_studio_hanging_up_keeps_bulk_work_and_drops_an_opened_task(
     ids = ls.import_files(pid, [png_factory(f"h{i}.png", *s) for i, s in enumerate(sizes_list)])
     sizes = dict(zip(ids, sizes_list))
     [opened] = ls.import_files(pid, [png_factory("open.png", 72, 50)])
-    with run_backend(tmp_path, env=env, answers=ANSWERS) as backend:
+    with BackendServer(tmp_path, env=env, answers=ANSWERS) as backend:
         version = ls.connect_ml(pid, backend.url)["model_version"]
         faults = backend.log.count("injected fault")
         ls.retrieve_predictions(pid, task_ids=ids)  # Label Studio gives up after 2 s
@@ -214,7 +214,7 @@ def test_a_changed_label_config_is_not_answered_with_results_of_the_old_one(
     dog), none of the kept cat-only results is served."""
     ls = ls_legacy
     pid, sizes = upload_project(ls, png_factory, 16, "config change")
-    with run_backend(tmp_path, env=backend_env(ls, False, demo_model_dir), answers=ANSWERS) as backend:
+    with BackendServer(tmp_path, env=backend_env(ls, False, demo_model_dir), answers=ANSWERS) as backend:
         version = ls.connect_ml(pid, backend.url)["model_version"]
         ls.retrieve_predictions(pid)
         first = {i for i, p in stored(ls, sizes).items() if p}
@@ -252,7 +252,7 @@ def test_label_studio_down_during_the_write_back(ls_pat, tmp_path, demo_model_di
                 LABEL_STUDIO_URL=proxy.url,
                 MOLMO_ALLOWED_HOSTS=web_url.split("//", 1)[1],
             )
-            with run_backend(tmp_path, env=env, answers=ANSWERS) as backend:
+            with BackendServer(tmp_path, env=env, answers=ANSWERS) as backend:
                 version = ls.connect_ml(pid, backend.url)["model_version"]
                 ls.retrieve_predictions(pid)
                 m = metrics(backend)
@@ -283,7 +283,7 @@ def test_a_restart_in_the_middle_keeps_what_was_written_and_predicts_the_rest(
     env = backend_env(ls, True, demo_model_dir)
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
-    with run_backend(tmp_path / "one", env=env, answers=ANSWERS) as backend:
+    with BackendServer(tmp_path / "one", env=env, answers=ANSWERS) as backend:
         ml = ls.connect_ml(pid, backend.url)
         version = ml["model_version"]
         ls.retrieve_predictions(pid)
@@ -291,7 +291,7 @@ def test_a_restart_in_the_middle_keeps_what_was_written_and_predicts_the_rest(
     before_restart = {i for i, p in stored(ls, sizes).items() if p}
     assert all(len(p) <= 1 for p in stored(ls, sizes).values())
     ls.api("DELETE", f"/api/ml/{ml['id']}", expect=(200, 204))
-    with run_backend(tmp_path / "two", env=env, answers=ANSWERS) as backend:
+    with BackendServer(tmp_path / "two", env=env, answers=ANSWERS) as backend:
         assert ls.connect_ml(pid, backend.url)["model_version"] == version
         retrieve_until_all_stored(ls, pid, sizes)
         after = metrics(backend)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply
 from tests.support.net_guard import read_events
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 CAT = '<points coords="1 1 250 500 2 750 100">cat</points>'
 CAT_POINTS = [(25.0, 50.0), (75.0, 10.0)]
@@ -259,7 +259,7 @@ def star(tmp_path_factory, demo_model_dir):
         "MOLMO_TEST_NET_LOG": str(net_log),
     }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, net_log, servers)
     finally:
         for server in servers.values():
@@ -505,7 +505,7 @@ def compose(tmp_path_factory, demo_model_dir):
         "MOLMO_TEST_NET_LOG": str(net_log),
     }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, net_log, servers)
     finally:
         for server in servers.values():

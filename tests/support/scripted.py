@@ -8,8 +8,6 @@ The ``make_backend`` fixture (tests/conftest.py) builds a real backend around th
   :class:`ScriptedStepEngine` gives the same answers as a step engine (continuous batching).
 - :func:`answer`: an Answer whose tokens and probabilities are spelled out per piece.
 - :func:`png_data_uri`: a task image the backend loads without any server.
-- :func:`run_scored_backend`: the real server (gunicorn) on the demo model with answers and token
-  probabilities forced (tests/support/forced_backend.py), for the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -19,13 +17,11 @@ import io
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from PIL import Image
 
 from molmo_backend.engine.base import Answer, Engine, PointQuery, StepEngine
 from molmo_backend.engine.scheduler import Priority, Scheduler
-from tests.support.processes import run_backend
 
 
 def answer(*pieces: str | tuple[str, float], score: float | None = None) -> Answer:
@@ -141,14 +137,6 @@ def keypoints(prediction: dict) -> list[tuple]:
     )
 
 
-def run_scored_backend(
-    tmp: Path, specs: Mapping[str, object], env: dict[str, str] | None = None, timeout: float = 120.0
-):
-    """tests/support/forced_backend.py serve under real gunicorn on a free port. ``specs``: prompt
-    text -> answer text, or {"text": ..., "probs": {char index: p}}."""
-    return run_backend(tmp, env, answers=dict(specs), timeout=timeout)
-
-
 __all__ = [
     "RecordingScheduler",
     "ScriptedEngine",
@@ -157,6 +145,5 @@ __all__ = [
     "by_type",
     "keypoints",
     "png_data_uri",
-    "run_scored_backend",
     "task",
 ]
