@@ -4,6 +4,10 @@
 ``Reply``; every request is recorded so tests can check what was sent (for instance that no
 ``Authorization`` header left for a foreign host). ``FakeLabelStudio`` adds the parts of Label
 Studio's protocol the backend relies on: token checks and the personal-access-token exchange.
+
+These are peers the backend talks to over HTTP (Label Studio, image hosts, attackers). The
+in-memory stand-in for label-studio-sdk's client object is tests/support/fake_label_studio.py;
+our own backend server is started by tests/support/processes.BackendServer.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 - :class:`BackendServer`: our backend under real gunicorn on a free port (a context manager:
   start, wait for /health, ``url``/``proc``/``log``, stop);
-- :func:`free_port`, :func:`wait_healthy`, :func:`stop_process_group`: the pieces it is made of,
-  also used by tests/support/labelstudio.py for Label Studio's process;
+- :func:`free_port`, :func:`wait_healthy`, :func:`stop_process_group`: the pieces it is made of
+  (tests/support/labelstudio.py starts Label Studio with free_port and stops it with
+  stop_process_group);
 - :func:`serve_directory`: static files from a folder, in a thread.
 
 Fake HTTP peers (Label Studio's auth, image hosts) are tests/support/http_fixtures.py.
