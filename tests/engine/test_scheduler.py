@@ -141,18 +141,26 @@ class SteppingEngine(EchoEngine):
 
 def test_several_engines_share_the_queue_and_answers_stay_in_order():
     engines = [SteppingEngine(max_batch=4), SteppingEngine(max_batch=4)]
-    engines[0].gate.clear()  # the first replica is busy with its first batch: the other takes the rest
+    # every idle replica may take the first batch: the one that starts first is held there (the
+    # other takes the rest). Both wait at their gates until then; entering is one shared event.
+    started = threading.Event()
+    for engine in engines:
+        engine.gate.clear()
+        engine.entered = started
     scheduler = Scheduler(engines)
     prompts = [f"q{i}" for i in range(40)]
     job = scheduler.submit_async(queries(*prompts))
-    assert engines[0].entered.wait(5)
+    assert started.wait(5)
+    held, free = engines if engines[0].log else engines[::-1]  # a replica logs before it signals
+    free.gate.set()
     assert job.wait(0) is False
     for _ in range(1000):  # the free replica drains the queue while the other is held
         if scheduler.pending() == 0:
             break
         threading.Event().wait(0.01)
     assert scheduler.pending() == 0
-    engines[0].gate.set()
+    assert held.log == [held.log[0]], "the held replica is still in its first batch"
+    held.gate.set()
     assert job.wait(10)
     assert [a.text for a in job.answers] == prompts
     assert all(engine.log for engine in engines), "both replicas must have worked"
