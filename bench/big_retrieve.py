@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.labelstudio import LabelStudio  # noqa: E402
-from tests.support.processes import run_backend, serve_directory  # noqa: E402
+from tests.support.processes import BackendServer, serve_directory  # noqa: E402
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -122,7 +122,7 @@ def main() -> int:
                 "MOLMO_WRITE_BACK": "auto" if args.mode == "write-back" else "0",
             }
             (tmp / "backend").mkdir()
-            with run_backend(tmp / "backend", env=env) as backend:
+            with BackendServer(tmp / "backend", env=env) as backend:
                 version = ls.connect_ml(pid, backend.url)["model_version"]
                 report["model_version"] = version
                 started = time.monotonic()

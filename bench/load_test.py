@@ -4,7 +4,7 @@ bulk requests, every result checked, /health timed throughout.
     .venv/bin/python bench/load_test.py --clients 8 --duration 120 --out bench/load-2min
 
 It starts everything itself and stops by itself: a static image server and the backend (real
-gunicorn, the tiny demo Molmo2 with answers forced per label, tests/support/forced_server.py),
+gunicorn, the tiny demo Molmo2 with answers forced per label, tests/support/forced_backend.py),
 both on 127.0.0.1 only. Each task shows an image of its own size, so a result that belongs to
 another task (reordered) or is missing (lost) is caught; about one bulk task in ten points at a
 missing image and must come back empty, in its place. It writes OUT.json and OUT.md and prints
@@ -34,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.processes import run_backend  # noqa: E402
+from tests.support.processes import BackendServer  # noqa: E402
 
 MAX_CLIENTS, MAX_DURATION = 64, 600.0
 N_IMAGES = 48
@@ -296,7 +296,7 @@ def run(
     tally = Tally()
     load_before = os.getloadavg()
     try:
-        with run_backend(tmp, env=env, answers=FORCED) as backend:
+        with BackendServer(tmp, env=env, answers=FORCED) as backend:
             assert backend.url.startswith("http://127.0.0.1:") and images.url.startswith("http://127.0.0.1:")
             stop = threading.Event()
             started = time.monotonic()

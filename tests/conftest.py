@@ -20,9 +20,13 @@ KEYPOINT_CONFIG = """<View>
 
 
 def pytest_addoption(parser):
-    parser.addoption("--fuzz-examples", type=int, default=2000,
-                     help="generated inputs per parser in tests/labelstudio/test_fuzz_parsers.py (default "
-                          "2000; docs/security.md records a run of 100000)")
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=2000,
+        help="generated inputs per parser in tests/labelstudio/test_fuzz_parsers.py (default "
+        "2000; docs/security.md records a run of 100000)",
+    )
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -79,8 +83,9 @@ def make_backend():
         scheduler = RecordingScheduler(engine)
         made.append(scheduler)
         config = Settings(**settings)
-        backend = MolmoBackend(config, scheduler, ImageLoader(config), "scripted@r1",
-                               prompt_template=DEFAULT_PROMPT_TEMPLATE)
+        backend = MolmoBackend(
+            config, scheduler, ImageLoader(config), "scripted@r1", prompt_template=DEFAULT_PROMPT_TEMPLATE
+        )
         return backend, engine
 
     yield make

@@ -12,17 +12,20 @@ from molmo_backend.redaction import describe_url, error_reason
 
 def test_credentials_query_and_fragment_are_dropped():
     assert describe_url("https://user:secret@ls.example:8080/data/upload/1/a.png?X-Amz-Signature=s#f") == (
-        "https://ls.example:8080/data/upload/1/a.png")
+        "https://ls.example:8080/data/upload/1/a.png"
+    )
     assert describe_url("http://key@vllm:8000/v1") == "http://vllm:8000/v1"
 
 
 def test_a_local_files_path_keeps_its_query():
     assert describe_url("http://ls:8080/data/local-files/?d=images/cat.png") == (
-        "http://ls:8080/data/local-files/?d=images/cat.png")
+        "http://ls:8080/data/local-files/?d=images/cat.png"
+    )
     assert describe_url("http://ls/data/upload/a.png?d=x") == "http://ls/data/upload/a.png"
     # Label Studio also writes the path without the slash before the query
     assert describe_url("http://ls/data/local-files?d=images/cat.png") == (
-        "http://ls/data/local-files?d=images/cat.png")
+        "http://ls/data/local-files?d=images/cat.png"
+    )
     assert describe_url("http://ls/data/local-filesX?d=secret") == "http://ls/data/local-filesX"
 
 
@@ -46,8 +49,10 @@ def raised(outer: BaseException, inner: BaseException) -> BaseException:
 
 
 def test_the_reason_is_the_root_cause_without_the_url():
-    refused = raised(requests.ConnectionError("http://user:secret@host/ failed"),
-                     ConnectionRefusedError(111, "Connection refused"))
+    refused = raised(
+        requests.ConnectionError("http://user:secret@host/ failed"),
+        ConnectionRefusedError(111, "Connection refused"),
+    )
     assert error_reason(refused) == "Connection refused"
     dns = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     retries = raised(urllib3.exceptions.MaxRetryError(None, "/", dns), dns)
@@ -56,7 +61,9 @@ def test_the_reason_is_the_root_cause_without_the_url():
 
 def test_a_known_phrase_else_the_type_name():
     assert error_reason(requests.ConnectTimeout("Connection to host timed out. (connect timeout=1)")) == (
-        "timed out")
+        "timed out"
+    )
     assert error_reason(requests.ConnectionError("RemoteDisconnected('Remote end closed')")) == (
-        "RemoteDisconnected")
+        "RemoteDisconnected"
+    )
     assert error_reason(requests.TooManyRedirects("http://user:secret@host/")) == "TooManyRedirects"

@@ -3,7 +3,7 @@
     .venv/bin/python docs/img/make_cli_overlay.py
 
 The scene is drawn here (two cartoon cats and a dog); the answers are FORCED through the demo
-model's real generate() (tests/support/forced_cli.py), so the picture shows exactly what
+model's real generate() (tests/support/forced_backend.py cli), so the picture shows exactly what
 ``molmo-backend predict --out`` draws for those points, not what a real Molmo would answer.
 """
 
@@ -37,11 +37,17 @@ def scene() -> Image.Image:
 
     def cat(cx, cy, r, fur):
         d.ellipse([cx - r * 1.3, cy + r * 0.6, cx + r * 1.3, cy + r * 3.0], fill=fur)  # body
-        d.polygon([(cx - r, cy - r * 0.4), (cx - r * 0.8, cy - r * 1.5), (cx - r * 0.2, cy - r * 0.9)], fill=fur)
-        d.polygon([(cx + r, cy - r * 0.4), (cx + r * 0.8, cy - r * 1.5), (cx + r * 0.2, cy - r * 0.9)], fill=fur)
+        d.polygon(
+            [(cx - r, cy - r * 0.4), (cx - r * 0.8, cy - r * 1.5), (cx - r * 0.2, cy - r * 0.9)], fill=fur
+        )
+        d.polygon(
+            [(cx + r, cy - r * 0.4), (cx + r * 0.8, cy - r * 1.5), (cx + r * 0.2, cy - r * 0.9)], fill=fur
+        )
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fur)  # head
         for ex in (-0.4, 0.4):
-            d.ellipse([cx + ex * r - 4, cy - r * 0.3 - 4, cx + ex * r + 4, cy - r * 0.3 + 4], fill=(30, 30, 30))
+            d.ellipse(
+                [cx + ex * r - 4, cy - r * 0.3 - 4, cx + ex * r + 4, cy - r * 0.3 + 4], fill=(30, 30, 30)
+            )
         d.ellipse([cx - 4, cy + r * 0.3 - 3, cx + 4, cy + r * 0.3 + 3], fill=(230, 120, 140))  # nose
 
     cat(110, 130, 30, (235, 150, 60))
@@ -63,10 +69,28 @@ def main() -> int:
         answers = Path(tmp) / "answers.json"
         answers.write_text(json.dumps(ANSWERS))
         out = subprocess.run(
-            [sys.executable, str(ROOT / "tests/support/forced_cli.py"), "--answers", str(answers), "--",
-             "predict", str(scene_path), "--label", "cat", "--label", "dog", "--label", "bird",
-             "--out", tmp],
-            cwd=ROOT, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                str(ROOT / "tests/support/forced_backend.py"),
+                "cli",
+                "--answers",
+                str(answers),
+                "--",
+                "predict",
+                str(scene_path),
+                "--label",
+                "cat",
+                "--label",
+                "dog",
+                "--label",
+                "bird",
+                "--out",
+                tmp,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         overlay = Path(tmp) / "cli-scene.molmo.png"
         Image.open(overlay).save(HERE / "cli-overlay.png", optimize=True)

@@ -1,7 +1,7 @@
 """Bad inputs through the real HTTP server (gunicorn on 127.0.0.1, the tiny demo Molmo2).
 
 One server for the whole module, with Molmo's answers forced per label through the real
-``generate()`` (tests/support/forced_server.py), so every case can assert its exact outcome:
+``generate()`` (tests/support/forced_backend.py), so every case can assert its exact outcome:
 
 - a request that cannot be served at all gets a 4xx with a message that says why;
 - otherwise every task gets exactly one result, in order: the bad task an empty one (and the
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
@@ -28,7 +28,7 @@ from PIL import Image
 
 from molmo_backend.pointing.points import parse_points
 from tests.support.http_fixtures import HttpServer, Reply
-from tests.support.processes import free_port, run_backend
+from tests.support.processes import BackendServer, free_port
 
 FETCH_TIMEOUT = 2.0
 MAX_IMAGE_BYTES = 2_000_000
@@ -37,15 +37,18 @@ MAX_NEW_TOKENS = 48
 
 CAT = '<points coords="1 1 250 500 2 750 100">cat</points>'  # -> (25, 50), (75, 10)
 CAT_POINTS = [(25.0, 50.0), (75.0, 10.0)]
-LONG = "<points coords=\"1 " + " ".join(f"{i} {100 + 10 * i} {100 + 5 * i}" for i in range(1, 41)) \
+LONG = (
+    '<points coords="1 '
+    + " ".join(f"{i} {100 + 10 * i} {100 + 5 * i}" for i in range(1, 41))
     + '">longlist</points>'
+)
 
 #: label -> the answer Molmo is forced to give. No key may occur in the prompt template itself.
 ANSWERS = {
     "cat": CAT,
     "dog": '<point x="12.5" y="80.0" alt="dog">dog</point>',
     # malformed
-    "gibberish": 'lorem <points coords= ipsum >>> <point x= y=> </points',
+    "gibberish": "lorem <points coords= ipsum >>> <point x= y=> </points",
     "badcoords": '<points coords="one two 3 4">badcoords</points><point x="abc" y="5">b</point>',
     "halftriple": '<points coords="1 1 250 500 2 750">halftriple</points>',
     "hugenumber": '<points coords="1 1 99999999999999999999999 5 2 1e308 5">h</points>',
@@ -78,18 +81,26 @@ A_SIZE, B_SIZE = (64, 48), (30, 50)
 
 
 def config(*labels: str, extra: str = "") -> str:
-    children = "".join(f"<Label {label}/>" if label.startswith(("value=", "alias=")) else
-                       f'<Label value="{label}"/>' for label in labels)
-    return (f'<View><Image name="image" value="$image"/>'
-            f'<KeyPointLabels name="kp" toName="image">{children}</KeyPointLabels>{extra}</View>')
+    children = "".join(
+        f"<Label {label}/>" if label.startswith(("value=", "alias=")) else f'<Label value="{label}"/>'
+        for label in labels
+    )
+    return (
+        f'<View><Image name="image" value="$image"/>'
+        f'<KeyPointLabels name="kp" toName="image">{children}</KeyPointLabels>{extra}</View>'
+    )
 
 
 CAT_CONFIG = config("cat")
 
 
 def body(tasks, label_config: Any = CAT_CONFIG, **extra) -> dict:
-    out = {"tasks": tasks, "project": "1.1700000000", "label_config": label_config,
-           "params": {"login": None, "password": None, "context": None}}
+    out = {
+        "tasks": tasks,
+        "project": "1.1700000000",
+        "label_config": label_config,
+        "params": {"login": None, "password": None, "context": None},
+    }
     out.update(extra)
     return out
 
@@ -102,11 +113,17 @@ def encode(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
 
 def png_header_claiming(width: int, height: int) -> bytes:
     """A small PNG whose header claims ``width`` x ``height`` pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def quadrants(w: int, h: int) -> Image.Image:
@@ -117,9 +134,14 @@ def quadrants(w: int, h: int) -> Image.Image:
 
 
 STORED_FROM_DISPLAYED = {  # EXIF orientation n: how to store an image so n turns it upright
-    1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270,
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
 }
 
 
@@ -153,14 +175,23 @@ IMAGE_FILES: dict[str, tuple[bytes, tuple[int, int] | None, str]] = {
     "truncated png": (_good_png[: len(_good_png) // 2], None, "could not be decoded"),
     "truncated jpeg": (_good_jpeg[: len(_good_jpeg) * 2 // 3], None, "could not be decoded"),
     "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', None, "not an image"),
-    "eps (Ghostscript)": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", None,
-                          "not an image"),
+    "eps (Ghostscript)": (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        None,
+        "not an image",
+    ),
     "pdf": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n", None, "not an image"),
-    "header claims 10000x10000": (png_header_claiming(10000, 10000), None,
-                                  f"10000x10000 pixels, more than MOLMO_MAX_IMAGE_PIXELS={MAX_PIXELS}"),
+    "header claims 10000x10000": (
+        png_header_claiming(10000, 10000),
+        None,
+        f"10000x10000 pixels, more than MOLMO_MAX_IMAGE_PIXELS={MAX_PIXELS}",
+    ),
     "header claims 60000x60000 (bomb)": (png_header_claiming(60000, 60000), None, "decompression bomb"),
-    "2100x2000 over the pixel cap": (encode(Image.new("RGB", (2100, 2000), (9, 9, 9))), None,
-                                     f"2100x2000 pixels, more than MOLMO_MAX_IMAGE_PIXELS={MAX_PIXELS}"),
+    "2100x2000 over the pixel cap": (
+        encode(Image.new("RGB", (2100, 2000), (9, 9, 9))),
+        None,
+        f"2100x2000 pixels, more than MOLMO_MAX_IMAGE_PIXELS={MAX_PIXELS}",
+    ),
     "2000x2000 at the pixel cap": (encode(Image.new("RGB", (2000, 2000), (9, 9, 9))), (2000, 2000), ""),
     "1x1 png": (encode(Image.new("RGB", (1, 1), (1, 2, 3))), (1, 1), ""),
     "1x1 gif": (encode(Image.new("P", (1, 1)), "GIF"), (1, 1), ""),
@@ -178,13 +209,19 @@ IMAGE_FILES: dict[str, tuple[bytes, tuple[int, int] | None, str]] = {
     "animated gif": (animated("GIF"), (40, 30), ""),
     "animated webp": (animated("WEBP"), (40, 30), ""),
     "webp lossy": (encode(quadrants(48, 32), "WEBP", quality=80), (48, 32), ""),
-    "webp lossless with alpha": (encode(Image.new("RGBA", (48, 32), (0, 0, 0, 0)), "WEBP",
-                                        lossless=True), (48, 32), ""),
+    "webp lossless with alpha": (
+        encode(Image.new("RGBA", (48, 32), (0, 0, 0, 0)), "WEBP", lossless=True),
+        (48, 32),
+        "",
+    ),
     "bmp": (encode(quadrants(36, 24), "BMP"), (36, 24), ""),
     "tiff": (encode(quadrants(36, 24), "TIFF"), (36, 24), ""),
     "ico": (encode(Image.new("RGBA", (32, 32), (5, 5, 5, 255)), "ICO", sizes=[(32, 32)]), (32, 32), ""),
-    "jpeg with garbage exif": (encode(quadrants(60, 40), "JPEG", exif=b"Exif\0\0garbagegarbage"),
-                               (60, 40), ""),
+    "jpeg with garbage exif": (
+        encode(quadrants(60, 40), "JPEG", exif=b"Exif\0\0garbagegarbage"),
+        (60, 40),
+        "",
+    ),
     "exif orientation 0 (invalid)": (exif_jpeg(0), (60, 40), ""),
     "exif orientation 9 (invalid)": (exif_jpeg(9), (60, 40), ""),
     **{f"exif orientation {n}": (exif_jpeg(n), (60, 40), "") for n in range(1, 9)},
@@ -217,7 +254,7 @@ class World:
     def new_log(self) -> list[dict]:
         """The server's JSON log lines written since the last call."""
         text = self.backend.log
-        fresh, self.log_seen = text[self.log_seen:], len(text)
+        fresh, self.log_seen = text[self.log_seen :], len(text)
         lines = []
         for line in fresh.splitlines():
             try:
@@ -240,12 +277,17 @@ def world(tmp_path_factory, demo_model_dir):
     for i, (data, _, _) in enumerate(IMAGE_FILES.values()):
         web.route(f"/file/{i}", Reply(200, data, {"Content-Type": "application/octet-stream"}))
     other.route("/a.png", Reply(200, _good_png))
-    env = {"MOLMO_ALLOWED_HOSTS": "127.0.0.1", "MOLMO_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
-           "MOLMO_FETCH_TIMEOUT": str(FETCH_TIMEOUT), "MOLMO_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
-           "MOLMO_MAX_IMAGE_PIXELS": str(MAX_PIXELS), "LOCAL_FILES_DOCUMENT_ROOT": str(files),
-           "MOLMO_CACHE_DIR": str(demo_model_dir.parent)}  # the session's demo build
+    env = {
+        "MOLMO_ALLOWED_HOSTS": "127.0.0.1",
+        "MOLMO_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS),
+        "MOLMO_FETCH_TIMEOUT": str(FETCH_TIMEOUT),
+        "MOLMO_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+        "MOLMO_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
+        "LOCAL_FILES_DOCUMENT_ROOT": str(files),
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+    }  # the session's demo build
     try:
-        with run_backend(tmp, env=env, answers=ANSWERS) as backend:
+        with BackendServer(tmp, env=env, answers=ANSWERS) as backend:
             version = requests.get(f"{backend.url}/health", timeout=5).json()["model_version"]
             yield World(backend, web, other, free_port(), files, version, demo_model_dir.parent)
     finally:
@@ -269,8 +311,17 @@ def regions_of(result: dict) -> list[tuple]:
     for r in result["result"]:
         assert r["type"] == "keypointlabels" and r["value"]["width"] == 0.75 and r["score"] == 1.0
         assert len(r["value"]["keypointlabels"]) == 1
-        out.append((r["from_name"], r["to_name"], r["value"]["keypointlabels"][0], r["value"]["x"],
-                    r["value"]["y"], r["original_width"], r["original_height"]))
+        out.append(
+            (
+                r["from_name"],
+                r["to_name"],
+                r["value"]["keypointlabels"][0],
+                r["value"]["x"],
+                r["value"]["y"],
+                r["original_width"],
+                r["original_height"],
+            )
+        )
     return out
 
 
@@ -294,9 +345,11 @@ def check_results(world: World, response: requests.Response, expected: list[list
 
 def logged_reason(world: World, task_id, reason: str) -> None:
     """The server logged why ``task_id`` got no image, with ``reason`` in it."""
-    reasons = [line.get("reason", "") for line in world.new_log()
-               if line.get("msg") in ("image unavailable", "image loading failed")
-               and line.get("task") == task_id]
+    reasons = [
+        line.get("reason", "")
+        for line in world.new_log()
+        if line.get("msg") in ("image unavailable", "image loading failed") and line.get("task") == task_id
+    ]
     assert any(reason in r for r in reasons), (reason, reasons)
 
 
@@ -331,8 +384,10 @@ class RequestCase:
     path: str = "/predict"
 
 
-NO_KEYPOINTS = ('<View><Image name="image" value="$image"/><RectangleLabels name="r" toName="image">'
-                '<Label value="cat"/></RectangleLabels></View>')
+NO_KEYPOINTS = (
+    '<View><Image name="image" value="$image"/><RectangleLabels name="r" toName="image">'
+    '<Label value="cat"/></RectangleLabels></View>'
+)
 REQUEST_CASES = [
     RequestCase("malformed JSON", 400, "must be a JSON object", raw=b'{"tasks": [{"id": 1,'),
     RequestCase("JSON array", 400, "must be a JSON object", raw=b"[]"),
@@ -340,11 +395,20 @@ REQUEST_CASES = [
     RequestCase("JSON null", 400, "must be a JSON object", raw=b"null"),
     RequestCase("empty body", 400, "must be a JSON object", raw=b""),
     RequestCase("not UTF-8", 400, "must be a JSON object", raw=b'\xff\xfe{"tasks": []}'),
-    RequestCase("JSON sent as text/plain", 400, "Content-Type: application/json",
-                raw=b'{"tasks": []}', headers={"Content-Type": "text/plain"}),
+    RequestCase(
+        "JSON sent as text/plain",
+        400,
+        "Content-Type: application/json",
+        raw=b'{"tasks": []}',
+        headers={"Content-Type": "text/plain"},
+    ),
     RequestCase("JSON nested 100000 deep", 400, "nested too deeply", raw=b"[" * 100_000),
-    RequestCase("task data nested 100000 deep", 400, "nested too deeply",
-                raw=b'{"tasks": [{"id": 1, "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}"),
+    RequestCase(
+        "task data nested 100000 deep",
+        400,
+        "nested too deeply",
+        raw=b'{"tasks": [{"id": 1, "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}",
+    ),
     RequestCase("no tasks field", 400, "'tasks' must be a list", {"label_config": CAT_CONFIG}),
     RequestCase("tasks null", 400, "'tasks' must be a list", body(None)),
     RequestCase("tasks an object", 400, "'tasks' must be a list", body({"id": 1})),
@@ -352,32 +416,73 @@ REQUEST_CASES = [
     RequestCase("tasks a number", 400, "'tasks' must be a list", body(2)),
     RequestCase("label_config a number", 400, "'label_config' must be", body(GOOD_TASKS, 5)),
     RequestCase("label_config a list", 400, "'label_config' must be", body(GOOD_TASKS, ["<View/>"])),
-    RequestCase("no label_config (and no /setup)", 400, "no label config",
-                {"tasks": GOOD_TASKS, "project": "1.1"}),
+    RequestCase(
+        "no label_config (and no /setup)", 400, "no label config", {"tasks": GOOD_TASKS, "project": "1.1"}
+    ),
     RequestCase("empty label_config (and no /setup)", 400, "no label config", body(GOOD_TASKS, "")),
     RequestCase("config without KeyPointLabels", 400, "KeyPointLabels", body(GOOD_TASKS, NO_KEYPOINTS)),
-    RequestCase("KeyPointLabels without labels", 400, "has no <Label", body(
-        GOOD_TASKS, '<View><Image name="image" value="$image"/>'
-                    '<KeyPointLabels name="kp" toName="image"></KeyPointLabels></View>')),
+    RequestCase(
+        "KeyPointLabels without labels",
+        400,
+        "has no <Label",
+        body(
+            GOOD_TASKS,
+            '<View><Image name="image" value="$image"/>'
+            '<KeyPointLabels name="kp" toName="image"></KeyPointLabels></View>',
+        ),
+    ),
     RequestCase("only blank labels", 400, "has no <Label", body(GOOD_TASKS, config(" "))),
-    RequestCase("KeyPointLabels on a Text", 400, "not an <Image>", body(
-        GOOD_TASKS, '<View><Text name="t" value="$text"/><KeyPointLabels name="kp" toName="t">'
-                    '<Label value="cat"/></KeyPointLabels></View>')),
-    RequestCase("KeyPointLabels on a missing tag", 400, "not in the config", body(
-        GOOD_TASKS, '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" '
-                    'toName="nowhere"><Label value="cat"/></KeyPointLabels></View>')),
-    RequestCase("Image value not a $field", 400, "is not a task field", body(
-        GOOD_TASKS, '<View><Image name="image" value="http://127.0.0.1/x.png"/>'
-                    '<KeyPointLabels name="kp" toName="image"><Label value="cat"/></KeyPointLabels>'
-                    '</View>')),
+    RequestCase(
+        "KeyPointLabels on a Text",
+        400,
+        "not an <Image>",
+        body(
+            GOOD_TASKS,
+            '<View><Text name="t" value="$text"/><KeyPointLabels name="kp" toName="t">'
+            '<Label value="cat"/></KeyPointLabels></View>',
+        ),
+    ),
+    RequestCase(
+        "KeyPointLabels on a missing tag",
+        400,
+        "not in the config",
+        body(
+            GOOD_TASKS,
+            '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" '
+            'toName="nowhere"><Label value="cat"/></KeyPointLabels></View>',
+        ),
+    ),
+    RequestCase(
+        "Image value not a $field",
+        400,
+        "is not a task field",
+        body(
+            GOOD_TASKS,
+            '<View><Image name="image" value="http://127.0.0.1/x.png"/>'
+            '<KeyPointLabels name="kp" toName="image"><Label value="cat"/></KeyPointLabels>'
+            "</View>",
+        ),
+    ),
     RequestCase("config not XML", 400, "not valid XML", body(GOOD_TASKS, "<View><Image")),
-    RequestCase("config with an entity bomb", 400, "<!ENTITY", body(
-        GOOD_TASKS, '<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaaaaaaaa">'
-                    '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>' + config("&b;"))),
+    RequestCase(
+        "config with an entity bomb",
+        400,
+        "<!ENTITY",
+        body(
+            GOOD_TASKS,
+            '<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaaaaaaaa">'
+            '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>' + config("&b;"),
+        ),
+    ),
     RequestCase("/setup with malformed JSON", 400, "must be a JSON object", raw=b"{", path="/setup"),
     RequestCase("/setup with a number schema", 400, "'schema' must be", {"schema": 5}, path="/setup"),
-    RequestCase("/setup with a config without KeyPointLabels", 400, "KeyPointLabels",
-                {"schema": NO_KEYPOINTS}, path="/setup"),
+    RequestCase(
+        "/setup with a config without KeyPointLabels",
+        400,
+        "KeyPointLabels",
+        {"schema": NO_KEYPOINTS},
+        path="/setup",
+    ),
     RequestCase("GET /predict", 405, "not allowed", method="GET"),
     RequestCase("unknown route", 404, "not found", {}, path="/predictions"),
 ]
@@ -393,8 +498,9 @@ def test_request_that_cannot_be_served_gets_a_clear_4xx(world, case):
         data = json.dumps(payload).encode()
     else:
         data = None
-    response = requests.request(case.method, f"{world.backend.url}{case.path}", data=data,
-                                headers=case.headers, timeout=30)
+    response = requests.request(
+        case.method, f"{world.backend.url}{case.path}", data=data, headers=case.headers, timeout=30
+    )
     assert response.status_code == case.status, response.text
     assert response.headers["Content-Type"] == "application/json"
     assert case.message in response.json()["error"], response.json()
@@ -408,10 +514,16 @@ def test_bad_requests_are_logged_as_warnings_without_tracebacks(world):
     assert not any("exc" in line for line in lines)
 
 
-@pytest.mark.parametrize("extra", [
-    {"params": "not an object"}, {"params": {"context": "not an object"}}, {"params": None},
-    {"project": None, "unknown": [1, 2, 3]},
-], ids=["params a string", "context a string", "params null", "unknown fields"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"params": "not an object"},
+        {"params": {"context": "not an object"}},
+        {"params": None},
+        {"project": None, "unknown": [1, 2, 3]},
+    ],
+    ids=["params a string", "context a string", "params null", "unknown fields"],
+)
 def test_odd_but_harmless_fields_are_ignored(world, extra):
     response = world.predict(body([world.good(1, "a"), world.good(2, "b")], **extra))
     check_results(world, response, [expect_cat(A_SIZE), expect_cat(B_SIZE)])
@@ -430,8 +542,11 @@ TASK_SHAPES = [
     ("image a number", {"id": 22, "data": {"image": 123}}, "no string 'image'"),
     ("image a bool", {"id": 23, "data": {"image": True}}, "no string 'image'"),
     ("image a list", {"id": 24, "data": {"image": ["http://127.0.0.1/a.png"]}}, "no string 'image'"),
-    ("image an object", {"id": 25, "data": {"image": {"url": "http://127.0.0.1/a.png"}}},
-     "no string 'image'"),
+    (
+        "image an object",
+        {"id": 25, "data": {"image": {"url": "http://127.0.0.1/a.png"}}},
+        "no string 'image'",
+    ),
     ("image empty", {"id": 26, "data": {"image": ""}}, "no string 'image'"),
     ("image blank", {"id": 27, "data": {"image": "  \t "}}, "no string 'image'"),
     ("data a string", {"id": 28, "data": "http://127.0.0.1/a.png"}, "no 'data' object"),
@@ -501,89 +616,183 @@ def _route(path, reply):
 
 
 URL_CASES = [
-    UrlCase("connection refused", lambda w: f"http://127.0.0.1:{w.closed_port}/a.png", None,
-            "Connection refused"),
+    UrlCase(
+        "connection refused", lambda w: f"http://127.0.0.1:{w.closed_port}/a.png", None, "Connection refused"
+    ),
     UrlCase("404", lambda w: f"{w.web.url}/missing.png?sig=SECRET", None, "HTTP 404"),
     UrlCase("500", lambda w: f"{w.web.url}/boom", None, "HTTP 500", _route("/boom", Reply(500, b"x"))),
-    UrlCase("401 from a foreign host", lambda w: f"{w.web.url}/private", None, "HTTP 401",
-            _route("/private", Reply(401, b"x"))),
+    UrlCase(
+        "401 from a foreign host",
+        lambda w: f"{w.web.url}/private",
+        None,
+        "HTTP 401",
+        _route("/private", Reply(401, b"x")),
+    ),
     # "within" is well under the server's own 10 s but leaves a loaded machine seconds of slack:
     # the request itself (client, gunicorn, the fetch threads) can take that long when CPUs are busy
-    UrlCase("slow server (no headers for 10 s)", lambda w: f"{w.web.url}/slow", None,
-            f"MOLMO_FETCH_TIMEOUT={FETCH_TIMEOUT}", _route("/slow", Reply(200, _good_png, delay=10.0)),
-            within=FETCH_TIMEOUT + 6.0),
-    UrlCase("trickling body (10 s)", lambda w: f"{w.web.url}/trickle", None,
-            f"MOLMO_FETCH_TIMEOUT={FETCH_TIMEOUT}",
-            _route("/trickle", Reply(200, [_good_jpeg[i:i + 100] for i in range(0, 2000, 100)], delay=0.5)),
-            within=FETCH_TIMEOUT + 6.0),
-    UrlCase("endless chunked body", lambda w: f"{w.web.url}/endless", None,
-            f"more than MOLMO_MAX_IMAGE_BYTES={MAX_IMAGE_BYTES}",
-            _route("/endless", lambda r: Reply(200, _endless(), chunked=True))),
-    UrlCase("Content-Length over the cap", lambda w: f"{w.web.url}/big", None,
-            f"more than MOLMO_MAX_IMAGE_BYTES={MAX_IMAGE_BYTES}",
-            _route("/big", Reply(200, b"\0" * 10, length=MAX_IMAGE_BYTES + 1))),
-    UrlCase("body cut short of its Content-Length", lambda w: f"{w.web.url}/short", None,
-            "broke off", _route("/short", Reply(200, _good_jpeg[:100], length=len(_good_jpeg)))),
-    UrlCase("redirect loop", lambda w: f"{w.web.url}/loop", None, "more than 5 redirects",
-            _route("/loop", Reply(302, headers={"Location": "/loop"}))),
-    UrlCase("redirect without Location", lambda w: f"{w.web.url}/nowhere", None, "without a Location",
-            _route("/nowhere", Reply(302))),
-    UrlCase("three redirects to an image", lambda w: f"{w.web.url}/r1", A_SIZE, "",
-            lambda w: [w.web.route("/r1", Reply(301, headers={"Location": "/r2"})),
-                       w.web.route("/r2", Reply(307, headers={"Location": f"{w.web.url}/r3"})),
-                       w.web.route("/r3", Reply(308, headers={"Location": "/a.png"}))]),
-    UrlCase("redirect to a host not allowed", lambda w: f"{w.web.url}/away", None, "is not allowed",
-            lambda w: w.web.route("/away", Reply(302, headers={"Location": f"{w.other.url}/a.png"}))),
-    UrlCase("redirect to file://", lambda w: f"{w.web.url}/tofile", None, "only http and https",
-            _route("/tofile", Reply(302, headers={"Location": "file:///etc/passwd"}))),
-    UrlCase("redirect to ftp://", lambda w: f"{w.web.url}/toftp", None, "only http and https",
-            _route("/toftp", Reply(302, headers={"Location": "ftp://127.0.0.1/a.png"}))),
+    UrlCase(
+        "slow server (no headers for 10 s)",
+        lambda w: f"{w.web.url}/slow",
+        None,
+        f"MOLMO_FETCH_TIMEOUT={FETCH_TIMEOUT}",
+        _route("/slow", Reply(200, _good_png, delay=10.0)),
+        within=FETCH_TIMEOUT + 6.0,
+    ),
+    UrlCase(
+        "trickling body (10 s)",
+        lambda w: f"{w.web.url}/trickle",
+        None,
+        f"MOLMO_FETCH_TIMEOUT={FETCH_TIMEOUT}",
+        _route("/trickle", Reply(200, [_good_jpeg[i : i + 100] for i in range(0, 2000, 100)], delay=0.5)),
+        within=FETCH_TIMEOUT + 6.0,
+    ),
+    UrlCase(
+        "endless chunked body",
+        lambda w: f"{w.web.url}/endless",
+        None,
+        f"more than MOLMO_MAX_IMAGE_BYTES={MAX_IMAGE_BYTES}",
+        _route("/endless", lambda r: Reply(200, _endless(), chunked=True)),
+    ),
+    UrlCase(
+        "Content-Length over the cap",
+        lambda w: f"{w.web.url}/big",
+        None,
+        f"more than MOLMO_MAX_IMAGE_BYTES={MAX_IMAGE_BYTES}",
+        _route("/big", Reply(200, b"\0" * 10, length=MAX_IMAGE_BYTES + 1)),
+    ),
+    UrlCase(
+        "body cut short of its Content-Length",
+        lambda w: f"{w.web.url}/short",
+        None,
+        "broke off",
+        _route("/short", Reply(200, _good_jpeg[:100], length=len(_good_jpeg))),
+    ),
+    UrlCase(
+        "redirect loop",
+        lambda w: f"{w.web.url}/loop",
+        None,
+        "more than 5 redirects",
+        _route("/loop", Reply(302, headers={"Location": "/loop"})),
+    ),
+    UrlCase(
+        "redirect without Location",
+        lambda w: f"{w.web.url}/nowhere",
+        None,
+        "without a Location",
+        _route("/nowhere", Reply(302)),
+    ),
+    UrlCase(
+        "three redirects to an image",
+        lambda w: f"{w.web.url}/r1",
+        A_SIZE,
+        "",
+        lambda w: [
+            w.web.route("/r1", Reply(301, headers={"Location": "/r2"})),
+            w.web.route("/r2", Reply(307, headers={"Location": f"{w.web.url}/r3"})),
+            w.web.route("/r3", Reply(308, headers={"Location": "/a.png"})),
+        ],
+    ),
+    UrlCase(
+        "redirect to a host not allowed",
+        lambda w: f"{w.web.url}/away",
+        None,
+        "is not allowed",
+        lambda w: w.web.route("/away", Reply(302, headers={"Location": f"{w.other.url}/a.png"})),
+    ),
+    UrlCase(
+        "redirect to file://",
+        lambda w: f"{w.web.url}/tofile",
+        None,
+        "only http and https",
+        _route("/tofile", Reply(302, headers={"Location": "file:///etc/passwd"})),
+    ),
+    UrlCase(
+        "redirect to ftp://",
+        lambda w: f"{w.web.url}/toftp",
+        None,
+        "only http and https",
+        _route("/toftp", Reply(302, headers={"Location": "ftp://127.0.0.1/a.png"})),
+    ),
     UrlCase("host not allowed (127.0.0.2)", lambda w: f"{w.other.url}/a.png", None, "is not allowed"),
-    UrlCase("localhost is not 127.0.0.1", lambda w: f"http://localhost:{w.web.port}/a.png", None,
-            "is not allowed"),
-    UrlCase("hostname not allowed", lambda w: "http://images.example.invalid/a.png", None,
-            "is not allowed"),
-    UrlCase("decimal IP for 127.0.0.1", lambda w: f"http://2130706433:{w.web.port}/a.png", None,
-            "is not allowed"),
+    UrlCase(
+        "localhost is not 127.0.0.1", lambda w: f"http://localhost:{w.web.port}/a.png", None, "is not allowed"
+    ),
+    UrlCase("hostname not allowed", lambda w: "http://images.example.invalid/a.png", None, "is not allowed"),
+    UrlCase(
+        "decimal IP for 127.0.0.1", lambda w: f"http://2130706433:{w.web.port}/a.png", None, "is not allowed"
+    ),
     UrlCase("short IP 127.1", lambda w: f"http://127.1:{w.web.port}/a.png", None, "is not allowed"),
     UrlCase("hex IP", lambda w: f"http://0x7f000001:{w.web.port}/a.png", None, "is not allowed"),
     UrlCase("IPv6 loopback", lambda w: f"http://[::1]:{w.web.port}/a.png", None, "is not allowed"),
-    UrlCase("userinfo before another host", lambda w: f"http://127.0.0.1@127.0.0.2:{w.other.port}/a.png",
-            None, "is not allowed"),
+    UrlCase(
+        "userinfo before another host",
+        lambda w: f"http://127.0.0.1@127.0.0.2:{w.other.port}/a.png",
+        None,
+        "is not allowed",
+    ),
     UrlCase("invalid port", lambda w: "http://127.0.0.1:99999/a.png", None, "invalid URL"),
     UrlCase("file://", lambda w: "file:///etc/passwd", None, "unsupported URL scheme 'file'"),
     UrlCase("FILE:// upper case", lambda w: "FILE:///etc/passwd", None, "unsupported URL scheme 'file'"),
     UrlCase("ftp://", lambda w: "ftp://127.0.0.1/a.png", None, "unsupported URL scheme 'ftp'"),
-    UrlCase("gopher://", lambda w: f"gopher://127.0.0.1:{w.web.port}/_GET", None,
-            "unsupported URL scheme 'gopher'"),
+    UrlCase(
+        "gopher://",
+        lambda w: f"gopher://127.0.0.1:{w.web.port}/_GET",
+        None,
+        "unsupported URL scheme 'gopher'",
+    ),
     UrlCase("javascript:", lambda w: "javascript:alert(1)", None, "unsupported URL scheme 'javascript'"),
     UrlCase("windows path", lambda w: "C:\\images\\a.png", None, "unsupported URL scheme 'c'"),
     UrlCase("absolute local path", lambda w: "/etc/passwd", None, "Label Studio's URL is unknown"),
     UrlCase("relative path", lambda w: "../../etc/passwd", None, "unsupported image reference"),
-    UrlCase("upload path without Label Studio", lambda w: "/data/upload/1/a.png", None,
-            "Label Studio's URL is unknown"),
-    UrlCase("cloud URI without Label Studio", lambda w: "s3://bucket/a.png", None,
-            "whose URL is unknown"),
+    UrlCase(
+        "upload path without Label Studio",
+        lambda w: "/data/upload/1/a.png",
+        None,
+        "Label Studio's URL is unknown",
+    ),
+    UrlCase("cloud URI without Label Studio", lambda w: "s3://bucket/a.png", None, "whose URL is unknown"),
     UrlCase("local file under the root", lambda w: "/data/local-files/?d=sub/ok.png", (60, 40)),
-    UrlCase("local file ../ escape", lambda w: "/data/local-files/?d=../../../etc/passwd", None,
-            "outside LOCAL_FILES_DOCUMENT_ROOT"),
-    UrlCase("local file absolute path", lambda w: "/data/local-files/?d=/etc/passwd", None,
-            "not found under LOCAL_FILES_DOCUMENT_ROOT"),
-    UrlCase("local file symlink out of the root", lambda w: "/data/local-files/?d=escape.png", None,
-            "outside LOCAL_FILES_DOCUMENT_ROOT"),
-    UrlCase("local file that is a folder", lambda w: "/data/local-files/?d=sub", None,
-            "not found under LOCAL_FILES_DOCUMENT_ROOT"),
+    UrlCase(
+        "local file ../ escape",
+        lambda w: "/data/local-files/?d=../../../etc/passwd",
+        None,
+        "outside LOCAL_FILES_DOCUMENT_ROOT",
+    ),
+    UrlCase(
+        "local file absolute path",
+        lambda w: "/data/local-files/?d=/etc/passwd",
+        None,
+        "not found under LOCAL_FILES_DOCUMENT_ROOT",
+    ),
+    UrlCase(
+        "local file symlink out of the root",
+        lambda w: "/data/local-files/?d=escape.png",
+        None,
+        "outside LOCAL_FILES_DOCUMENT_ROOT",
+    ),
+    UrlCase(
+        "local file that is a folder",
+        lambda w: "/data/local-files/?d=sub",
+        None,
+        "not found under LOCAL_FILES_DOCUMENT_ROOT",
+    ),
     UrlCase("local file without ?d=", lambda w: "/data/local-files/", None, "without a ?d= path"),
-    UrlCase("local file with a NUL byte", lambda w: "/data/local-files/?d=sub/ok.png%00.jpg", None,
-            "cannot read local file"),
-    UrlCase("data URI image", lambda w: "data:image/png;base64," + __import__("base64").b64encode(
-        _good_png).decode(), (60, 40)),
-    UrlCase("data URI of HTML", lambda w: "data:text/html;base64,PGgxPg==", None,
-            "only base64 data:image"),
-    UrlCase("data URI of non-image bytes", lambda w: "data:image/png;base64,aGVsbG8=", None,
-            "not an image"),
-    UrlCase("data URI not base64", lambda w: "data:image/png;base64,!!!notbase64!!!", None,
-            "not valid base64"),
+    UrlCase(
+        "local file with a NUL byte",
+        lambda w: "/data/local-files/?d=sub/ok.png%00.jpg",
+        None,
+        "cannot read local file",
+    ),
+    UrlCase(
+        "data URI image",
+        lambda w: "data:image/png;base64," + __import__("base64").b64encode(_good_png).decode(),
+        (60, 40),
+    ),
+    UrlCase("data URI of HTML", lambda w: "data:text/html;base64,PGgxPg==", None, "only base64 data:image"),
+    UrlCase("data URI of non-image bytes", lambda w: "data:image/png;base64,aGVsbG8=", None, "not an image"),
+    UrlCase(
+        "data URI not base64", lambda w: "data:image/png;base64,!!!notbase64!!!", None, "not valid base64"
+    ),
 ]
 
 
@@ -606,8 +815,12 @@ def test_reasons_never_carry_a_query_string(world):
 
 
 def test_several_bad_tasks_between_good_ones_keep_order(world):
-    bad = [{"id": 10 + i, "data": {"image": v}} for i, v in enumerate(
-        ["file:///etc/passwd", f"{world.other.url}/a.png", "", f"{world.web.url}/file/0"])]
+    bad = [
+        {"id": 10 + i, "data": {"image": v}}
+        for i, v in enumerate(
+            ["file:///etc/passwd", f"{world.other.url}/a.png", "", f"{world.web.url}/file/0"]
+        )
+    ]
     tasks = [world.good(1, "a"), bad[0], bad[1], world.good(2, "b"), bad[2], world.good(3, "a"), bad[3]]
     want = [expect_cat(A_SIZE), None, None, expect_cat(B_SIZE), None, expect_cat(A_SIZE), None]
     check_results(world, world.predict(body(tasks)), want)
@@ -621,38 +834,62 @@ def _region(label, x, y, size, from_name="kp", to_name="image"):
 
 
 def test_labels_with_spaces_quotes_unicode_entities_and_braces(world):
-    labels = ["red car", 'value="say &quot;hi&quot;"', "it's", "café", "猫",
-              'value="fish &amp; chips"', 'value="&lt;b&gt;"', "{label}"]
+    labels = [
+        "red car",
+        'value="say &quot;hi&quot;"',
+        "it's",
+        "café",
+        "猫",
+        'value="fish &amp; chips"',
+        'value="&lt;b&gt;"',
+        "{label}",
+    ]
     stored = ["red car", 'say "hi"', "it's", "café", "猫", "fish & chips", "<b>", "{label}"]
-    points = [(10.0, 20.0), (11.0, 21.0), (12.0, 22.0), (13.0, 23.0), (14.0, 24.0), (15.0, 25.0),
-              (16.0, 26.0), (17.0, 27.0)]
+    points = [
+        (10.0, 20.0),
+        (11.0, 21.0),
+        (12.0, 22.0),
+        (13.0, 23.0),
+        (14.0, 24.0),
+        (15.0, 25.0),
+        (16.0, 26.0),
+        (17.0, 27.0),
+    ]
     tasks = [world.good(1, "a"), {"id": 2, "data": {"image": "file:///x"}}, world.good(3, "b")]
     response = world.predict(body(tasks, config("cat", *labels)))
-    want = [expect_cat(size) + [_region(lab, x, y, size) for lab, (x, y) in zip(stored, points)]
-            for size in (A_SIZE, B_SIZE)]
+    want = [
+        expect_cat(size) + [_region(lab, x, y, size) for lab, (x, y) in zip(stored, points)]
+        for size in (A_SIZE, B_SIZE)
+    ]
     check_results(world, response, [want[0], None, want[1]])
 
 
 def test_label_alias_is_what_gets_stored(world):
-    response = world.predict(body([world.good(1, "a"), world.good(2, "b")],
-                                  config("cat", 'value="Kitten" alias="k"')))
-    check_results(world, response, [
-        expect_cat(size) + [_region("k", 18.0, 28.0, size)] for size in (A_SIZE, B_SIZE)])
+    response = world.predict(
+        body([world.good(1, "a"), world.good(2, "b")], config("cat", 'value="Kitten" alias="k"'))
+    )
+    check_results(
+        world, response, [expect_cat(size) + [_region("k", 18.0, 28.0, size)] for size in (A_SIZE, B_SIZE)]
+    )
 
 
 def test_two_keypoint_tags_on_one_image(world):
-    cfg = ('<View><Image name="image" value="$image"/>'
-           '<KeyPointLabels name="kp1" toName="image"><Label value="cat"/></KeyPointLabels>'
-           '<KeyPointLabels name="kp2" toName="image"><Label value="dog"/></KeyPointLabels></View>')
+    cfg = (
+        '<View><Image name="image" value="$image"/>'
+        '<KeyPointLabels name="kp1" toName="image"><Label value="cat"/></KeyPointLabels>'
+        '<KeyPointLabels name="kp2" toName="image"><Label value="dog"/></KeyPointLabels></View>'
+    )
     tasks = [world.good(1, "a"), {"id": 2, "data": {"image": 5}}, world.good(3, "b")]
     want = [expect_cat(size, "kp1") + [_region("dog", 12.5, 80.0, size, "kp2")] for size in (A_SIZE, B_SIZE)]
     check_results(world, world.predict(body(tasks, cfg)), [want[0], None, want[1]])
 
 
 def test_two_keypoint_tags_on_two_images(world):
-    cfg = ('<View><Image name="image" value="$image"/><Image name="side" value="$side"/>'
-           '<KeyPointLabels name="kp1" toName="image"><Label value="cat"/></KeyPointLabels>'
-           '<KeyPointLabels name="kp2" toName="side"><Label value="dog"/></KeyPointLabels></View>')
+    cfg = (
+        '<View><Image name="image" value="$image"/><Image name="side" value="$side"/>'
+        '<KeyPointLabels name="kp1" toName="image"><Label value="cat"/></KeyPointLabels>'
+        '<KeyPointLabels name="kp2" toName="side"><Label value="dog"/></KeyPointLabels></View>'
+    )
     a, b = f"{world.web.url}/a.png", f"{world.web.url}/b.png"
     tasks = [
         {"id": 1, "data": {"image": a, "side": b}},
@@ -686,8 +923,11 @@ def _tokenizer(world: World):
 def test_forced_answers_fit_the_token_limit_except_longlist(world):
     """Else a case would test the token limit instead of what it claims to."""
     tokenizer = _tokenizer(world)
-    too_long = [label for label, answer in ANSWERS.items()
-                if len(tokenizer(answer, add_special_tokens=False).input_ids) >= MAX_NEW_TOKENS]
+    too_long = [
+        label
+        for label, answer in ANSWERS.items()
+        if len(tokenizer(answer, add_special_tokens=False).input_ids) >= MAX_NEW_TOKENS
+    ]
     assert too_long == ["longlist"]
 
 

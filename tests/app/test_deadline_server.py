@@ -3,7 +3,7 @@ answers): a bulk /predict answers at MOLMO_PREDICT_DEADLINE with the unfinished 
 lists and keeps their work; a client that hangs up leaves bulk work running for the next retrieve
 and gets an opened task's queued query dropped (issue #12, point 4).
 
-The engine is slowed with tests/support/forced_server.py's MOLMO_TEST_FAULTS ``sleep`` rule: a
+The engine is slowed with tests/support/forced_backend.py's MOLMO_TEST_FAULTS ``sleep`` rule: a
 batch that holds a SLOW-sized image sleeps SLEEP_S before it runs (so it holds the GPU worker
 that long). MOLMO_MAX_BATCH=1: every task is a batch of its own. Real Label Studio:
 tests/e2e/test_e2e_retrieve.py.
@@ -23,11 +23,13 @@ import requests
 from PIL import Image
 
 from molmo_backend.app.connection import client_gone_probe
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 CAT = '<points coords="1 1 250 500">cat</points>'
-CONFIG = ('<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
-          '<Label value="cat"/></KeyPointLabels></View>')
+CONFIG = (
+    '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
+    '<Label value="cat"/></KeyPointLabels></View>'
+)
 FAST, SLOW = (40, 30), (77, 55)
 SLEEP_S = 4.0
 DEADLINE_S = 2.0
@@ -45,8 +47,9 @@ def task(task_id: int, size) -> dict:
 
 
 def body(tasks) -> bytes:
-    return json.dumps({"tasks": tasks, "project": "3.1700000000", "label_config": CONFIG,
-                       "params": {"context": None}}).encode()
+    return json.dumps(
+        {"tasks": tasks, "project": "3.1700000000", "label_config": CONFIG, "params": {"context": None}}
+    ).encode()
 
 
 class Server:
@@ -55,8 +58,12 @@ class Server:
         self.port = int(backend.url.rsplit(":", 1)[1])
 
     def predict(self, tasks) -> list:
-        r = requests.post(f"{self.url}/predict", data=body(tasks), timeout=WAIT_S,
-                          headers={"Content-Type": "application/json"})
+        r = requests.post(
+            f"{self.url}/predict",
+            data=body(tasks),
+            timeout=WAIT_S,
+            headers={"Content-Type": "application/json"},
+        )
         assert r.status_code == 200, r.text
         return r.json()["results"]
 
@@ -67,8 +74,10 @@ class Server:
     def send_and_hang_up(self, tasks) -> None:
         """A whole /predict, then the connection closed at once (Label Studio giving up)."""
         payload = body(tasks)
-        head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: "
-                f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
             sock.sendall(head + payload)
 
@@ -84,16 +93,21 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_model_dir):
-    env = {"MOLMO_MAX_BATCH": "1", "MOLMO_MAX_NEW_TOKENS": "32",
-           "MOLMO_PREDICT_DEADLINE": str(DEADLINE_S), "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
-           "MOLMO_TEST_FAULTS": json.dumps([{"image_size": list(SLOW), "sleep": SLEEP_S}])}
-    with run_backend(tmp_path_factory.mktemp("deadline"), env=env, answers={"cat": CAT}) as backend:
+    env = {
+        "MOLMO_MAX_BATCH": "1",
+        "MOLMO_MAX_NEW_TOKENS": "32",
+        "MOLMO_PREDICT_DEADLINE": str(DEADLINE_S),
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+        "MOLMO_TEST_FAULTS": json.dumps([{"image_size": list(SLOW), "sleep": SLEEP_S}]),
+    }
+    with BackendServer(tmp_path_factory.mktemp("deadline"), env=env, answers={"cat": CAT}) as backend:
         yield Server(backend)
 
 
 def is_cat(result, size) -> bool:
-    return isinstance(result, dict) and [(r["value"]["keypointlabels"], r["value"]["x"], r["original_width"])
-                                         for r in result["result"]] == [(["cat"], 25.0, size[0])]
+    return isinstance(result, dict) and [
+        (r["value"]["keypointlabels"], r["value"]["x"], r["original_width"]) for r in result["result"]
+    ] == [(["cat"], 25.0, size[0])]
 
 
 def test_the_deadline_answers_what_is_finished_and_the_rest_comes_from_memory(server):
@@ -106,8 +120,10 @@ def test_the_deadline_answers_what_is_finished_and_the_rest_comes_from_memory(se
     assert first[1] == []  # the slow one cannot be done by then
     assert all(r == [] or is_cat(r, s) for r, s in zip(first, sizes))
     late = [i for i, r in enumerate(first) if r == []]
-    after = server.until(lambda m: m["completed_later"] - before["completed_later"] == len(late),
-                         "the deferred tasks to finish")
+    after = server.until(
+        lambda m: m["completed_later"] - before["completed_later"] == len(late),
+        "the deferred tasks to finish",
+    )
     assert after["deadlines_hit"] - before["deadlines_hit"] == 1
     assert after["deferred"] - before["deferred"] == len(late)
 
@@ -123,8 +139,9 @@ def test_bulk_work_of_a_client_that_hung_up_is_kept_for_the_next_retrieve(server
     tasks = [task(11, SLOW), task(12, FAST)]
     server.send_and_hang_up(tasks)
     server.until(lambda m: m["clients_gone"] - before["clients_gone"] == 1, "the hang-up to be seen")
-    after = server.until(lambda m: m["completed_later"] - before["completed_later"] == 2,
-                         "the abandoned work to finish")
+    after = server.until(
+        lambda m: m["completed_later"] - before["completed_later"] == 2, "the abandoned work to finish"
+    )
     assert after["cancelled_gone"] == before["cancelled_gone"]  # bulk work is not cancelled
     results = server.predict(tasks)
     assert is_cat(results[0], SLOW) and is_cat(results[1], FAST)
@@ -142,10 +159,13 @@ def test_an_opened_task_whose_client_hung_up_is_dropped_from_the_queue(server):
             assert time.monotonic() < deadline, "the slow batch never started"
             time.sleep(0.05)
         server.send_and_hang_up([task(23, FAST)])  # an opened task; Label Studio gives up on it
-        server.until(lambda m: m["cancelled_gone"] - before["cancelled_gone"] == 1,
-                     "the opened task to be cancelled")
-        after = server.until(lambda m: m["s.cancelled"] - before["s.cancelled"] == 1
-                             and m["s.pending"] == 0, "its query to be dropped")
+        server.until(
+            lambda m: m["cancelled_gone"] - before["cancelled_gone"] == 1, "the opened task to be cancelled"
+        )
+        after = server.until(
+            lambda m: m["s.cancelled"] - before["s.cancelled"] == 1 and m["s.pending"] == 0,
+            "its query to be dropped",
+        )
     finally:
         bulk.join(WAIT_S)
     # the two slow bulk tasks were computed, the opened task's query never was

@@ -1,7 +1,7 @@
 """Faults through the real HTTP server: Label Studio going away, access tokens expiring or revoked
 mid-run, an exception or GPU out-of-memory inside one batch, clients that hang up mid-request.
 
-One forced-answer server (tests/support/forced_server.py) for the module. Its engine fails on
+One forced-answer server (tests/support/forced_backend.py) for the module. Its engine fails on
 purpose through MOLMO_TEST_FAULTS: any batch holding a 77x55 image raises RuntimeError, a 78x56
 image raises torch.cuda.OutOfMemoryError, any batch of more than 6 queries raises
 OutOfMemoryError (as a real GPU does for too big a batch), and a prompt about "slowpoke" takes 3 s.
@@ -23,12 +23,14 @@ import requests
 from PIL import Image
 
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply, Request
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 CAT = '<points coords="1 1 250 500 2 750 100">cat</points>'
 CAT_POINTS = [(25.0, 50.0), (75.0, 10.0)]
-CONFIG = ('<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
-          '<Label value="cat"/></KeyPointLabels></View>')
+CONFIG = (
+    '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
+    '<Label value="cat"/></KeyPointLabels></View>'
+)
 SLOW_CONFIG = CONFIG.replace('<Label value="cat"/>', '<Label value="slowpoke"/>')
 A_SIZE, B_SIZE = (64, 48), (30, 50)
 RUNTIME_POISON, OOM_POISON = (77, 55), (78, 56)
@@ -84,7 +86,7 @@ class ExpiringLabelStudio(FakeLabelStudio):
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer "):
             return True  # a legacy token
-        payload = auth[len("Bearer "):].split(".")[1]
+        payload = auth[len("Bearer ") :].split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         return claims["exp"] > time.time()
 
@@ -103,8 +105,11 @@ class World:
         self.url = backend.url
 
     def predict(self, tasks, config=CONFIG, timeout=60) -> requests.Response:
-        return requests.post(f"{self.url}/predict", timeout=timeout, json={
-            "tasks": tasks, "project": "1.1", "label_config": config, "params": {"context": None}})
+        return requests.post(
+            f"{self.url}/predict",
+            timeout=timeout,
+            json={"tasks": tasks, "project": "1.1", "label_config": config, "params": {"context": None}},
+        )
 
     def metrics(self) -> dict:
         return requests.get(f"{self.url}/metrics?format=json", timeout=5).json()
@@ -125,12 +130,17 @@ def world(tmp_path_factory, demo_model_dir):
     web = HttpServer()
     for size in (A_SIZE, B_SIZE, RUNTIME_POISON, OOM_POISON):
         web.route(f"/{size[0]}x{size[1]}.png", Reply(200, png(size)))
-    env = {"MOLMO_ALLOWED_HOSTS": "127.0.0.1", "MOLMO_MAX_NEW_TOKENS": "32",
-           "MOLMO_FETCH_TIMEOUT": str(FETCH_TIMEOUT), "LABEL_STUDIO_URL": ls.url,
-           "LABEL_STUDIO_API_KEY": ls.pat, "MOLMO_TEST_FAULTS": json.dumps(FAULTS),
-           "MOLMO_CACHE_DIR": str(demo_model_dir.parent)}
+    env = {
+        "MOLMO_ALLOWED_HOSTS": "127.0.0.1",
+        "MOLMO_MAX_NEW_TOKENS": "32",
+        "MOLMO_FETCH_TIMEOUT": str(FETCH_TIMEOUT),
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.pat,
+        "MOLMO_TEST_FAULTS": json.dumps(FAULTS),
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+    }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT, "slowpoke": CAT}) as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT, "slowpoke": CAT}) as backend:
             yield World(backend, ls, web)
     finally:
         ls.close()
@@ -264,8 +274,11 @@ def test_label_studio_unreachable_then_back(world):
     finally:
         world.ls.restart()
     world.ls.revoke_access_tokens()  # also make the backend notice that LS lost its tokens
-    assert sizes_of(world.predict([upload(1), web(world, 2, A_SIZE), upload(3, "b")])) == \
-        [A_SIZE, A_SIZE, B_SIZE]
+    assert sizes_of(world.predict([upload(1), web(world, 2, A_SIZE), upload(3, "b")])) == [
+        A_SIZE,
+        A_SIZE,
+        B_SIZE,
+    ]
 
 
 def test_label_studio_hanging_costs_one_fetch_timeout_not_one_per_task(world):
@@ -292,8 +305,12 @@ def test_label_studio_hanging_costs_one_fetch_timeout_not_one_per_task(world):
 
 def test_runtime_error_in_a_batch_costs_only_the_bad_task(world):
     before = world.metrics()["scheduler"]
-    tasks = [web(world, 1, A_SIZE), web(world, 2, RUNTIME_POISON), web(world, 3, B_SIZE),
-             web(world, 4, A_SIZE)]
+    tasks = [
+        web(world, 1, A_SIZE),
+        web(world, 2, RUNTIME_POISON),
+        web(world, 3, B_SIZE),
+        web(world, 4, A_SIZE),
+    ]
     assert sizes_of(world.predict(tasks)) == [A_SIZE, None, B_SIZE, A_SIZE]
     after = world.metrics()["scheduler"]
     assert after["failed_queries"] - before["failed_queries"] == 1
@@ -339,12 +356,15 @@ def test_all_faults_in_one_bulk_request(world):
 # -- clients that hang up ------------------------------------------------------------------------
 
 
-def raw_request(world: World, body: bytes, path: str = "/predict", send_body_bytes: int | None = None,
-                read: bool = False) -> bytes:
+def raw_request(
+    world: World, body: bytes, path: str = "/predict", send_body_bytes: int | None = None, read: bool = False
+) -> bytes:
     """Send (part of) a POST by hand; returns what was read (nothing unless ``read``)."""
     port = int(world.url.rsplit(":", 1)[1])
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(head + body[:send_body_bytes])
         if not read:
@@ -397,8 +417,10 @@ def test_clients_that_stall_mid_body_do_not_block_the_others(world):
     """Three clients send half a body and wait; /health and predictions go on meanwhile."""
     port = int(world.url.rsplit(":", 1)[1])
     body = predict_bytes(world, [web(world, 1, A_SIZE)])
-    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
     try:
         for sock in stalled:

@@ -22,8 +22,14 @@ def test_four_clients_for_twenty_seconds_lose_and_reorder_nothing(tmp_path, demo
     load = load_module()
     # smaller bulk requests than the full run, so that those still in flight at the deadline
     # end soon on a busy 2-CPU CI machine
-    summary = load.run(clients=4, duration=20, threads=8, bulk_tasks=(4, 12), workdir=tmp_path,
-                       env={"MOLMO_CACHE_DIR": str(demo_model_dir.parent)})
+    summary = load.run(
+        clients=4,
+        duration=20,
+        threads=8,
+        bulk_tasks=(4, 12),
+        workdir=tmp_path,
+        env={"MOLMO_CACHE_DIR": str(demo_model_dir.parent)},
+    )
     print(load.markdown(summary))  # shown by pytest -rA or on failure
     tasks, requests, health = summary["tasks"], summary["requests"], summary["health"]
     assert requests["open"] >= 4 and requests["bulk"] >= 2, requests  # both kinds really ran

@@ -8,24 +8,35 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEYPOINT_CONFIG
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 #: the families operators build dashboards on (docs/metrics.md)
 EXPECTED = {
-    "molmo_state": "gauge", "molmo_server_events": "counter", "molmo_request_seconds": "histogram",
-    "molmo_queue_depth": "gauge", "molmo_rows_running": "gauge", "molmo_pairs_per_second": "gauge",
-    "molmo_pair_latency_seconds": "histogram", "molmo_scheduler_truncated": "counter",
-    "molmo_scheduler_queries": "counter", "molmo_fetch_failures": "counter",
-    "molmo_retrieve_deadlines_hit": "counter", "molmo_retrieve_deferred": "counter",
+    "molmo_state": "gauge",
+    "molmo_server_events": "counter",
+    "molmo_request_seconds": "histogram",
+    "molmo_queue_depth": "gauge",
+    "molmo_rows_running": "gauge",
+    "molmo_pairs_per_second": "gauge",
+    "molmo_pair_latency_seconds": "histogram",
+    "molmo_scheduler_truncated": "counter",
+    "molmo_scheduler_queries": "counter",
+    "molmo_fetch_failures": "counter",
+    "molmo_retrieve_deadlines_hit": "counter",
+    "molmo_retrieve_deferred": "counter",
 }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, image_url):
-    with run_backend(tmp_path_factory.mktemp("metrics"), env={"MOLMO_ALLOWED_HOSTS": "127.0.0.1"}) as backend:
-        tasks = [{"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}},
-                 {"id": 2, "data": {"image": f"{image_url}/missing.png"}},
-                 {"id": 3, "data": {"image": "ftp://example.invalid/x.png"}}]
+    with BackendServer(
+        tmp_path_factory.mktemp("metrics"), env={"MOLMO_ALLOWED_HOSTS": "127.0.0.1"}
+    ) as backend:
+        tasks = [
+            {"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}},
+            {"id": 2, "data": {"image": f"{image_url}/missing.png"}},
+            {"id": 3, "data": {"image": "ftp://example.invalid/x.png"}},
+        ]
         body = {"tasks": tasks, "label_config": KEYPOINT_CONFIG}
         assert requests.post(f"{backend.url}/predict", json=body, timeout=120).status_code == 200
         yield backend
@@ -50,7 +61,9 @@ def test_the_figures_follow_what_the_server_did(server):
     samples = [sample for family in families.values() for sample in family.samples]
 
     def value(name, **labels):
-        found = [s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        found = [
+            s for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
         assert found, (name, labels)
         return found[0].value
 

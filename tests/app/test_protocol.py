@@ -25,10 +25,15 @@ def test_bad_request_is_a_400_bad_input_and_a_value_error():
 
 def test_predict_reads_tasks_config_context_and_project():
     tasks = [{"id": 1, "data": {"image": "x"}}]
-    body = {"tasks": tasks, "label_config": "<View/>", "project": "3.1700000000",
-            "params": {"login": None, "password": None, "context": {"result": []}}}
-    assert parse_predict(body) == PredictRequest(tasks=tasks, label_config="<View/>",
-                                                 context={"result": []}, project="3.1700000000")
+    body = {
+        "tasks": tasks,
+        "label_config": "<View/>",
+        "project": "3.1700000000",
+        "params": {"login": None, "password": None, "context": {"result": []}},
+    }
+    assert parse_predict(body) == PredictRequest(
+        tasks=tasks, label_config="<View/>", context={"result": []}, project="3.1700000000"
+    )
     assert parse_predict({"tasks": []}) == PredictRequest(tasks=[])
 
 
@@ -37,11 +42,14 @@ def test_predict_without_a_context_object_is_a_bulk_request(params):
     assert parse_predict({"tasks": [], "params": params}).context is None
 
 
-@pytest.mark.parametrize("body, message", [
-    ({}, "'tasks' must be a list of Label Studio tasks"),
-    ({"tasks": {"id": 1}}, "'tasks' must be a list of Label Studio tasks"),
-    ({"tasks": [], "label_config": ["<View/>"]}, "'label_config' must be the label config XML string"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({}, "'tasks' must be a list of Label Studio tasks"),
+        ({"tasks": {"id": 1}}, "'tasks' must be a list of Label Studio tasks"),
+        ({"tasks": [], "label_config": ["<View/>"]}, "'label_config' must be the label config XML string"),
+    ],
+)
 def test_predict_refuses_wrong_shapes(body, message):
     with pytest.raises(BadRequest) as info:
         parse_predict(body)
@@ -49,16 +57,18 @@ def test_predict_refuses_wrong_shapes(body, message):
 
 
 def test_setup_reads_schema_and_how_to_reach_label_studio():
-    assert parse_setup({"schema": "<View/>", "hostname": "http://ls:8080", "access_token": "k",
-                        "project": "3.1"}) == SetupRequest("<View/>", "http://ls:8080", "k")
+    assert parse_setup(
+        {"schema": "<View/>", "hostname": "http://ls:8080", "access_token": "k", "project": "3.1"}
+    ) == SetupRequest("<View/>", "http://ls:8080", "k")
     assert parse_setup({"hostname": "", "access_token": 5}) == SetupRequest()
     with pytest.raises(BadRequest, match="^'schema' must be the label config XML string$"):
         parse_setup({"schema": 1})
 
 
 def test_webhook_acknowledges_anything():
-    assert parse_webhook({"action": "ANNOTATION_CREATED", "x": 1}) == \
-        WebhookEvent("ANNOTATION_CREATED", {"action": "ANNOTATION_CREATED", "x": 1})
+    assert parse_webhook({"action": "ANNOTATION_CREATED", "x": 1}) == WebhookEvent(
+        "ANNOTATION_CREATED", {"action": "ANNOTATION_CREATED", "x": 1}
+    )
     assert parse_webhook({"event": "PROJECT_UPDATED"}).event == "PROJECT_UPDATED"
     assert parse_webhook(None) == WebhookEvent("unknown", {})
     assert parse_webhook([1, 2]) == WebhookEvent("unknown", {})

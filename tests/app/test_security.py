@@ -4,8 +4,8 @@ cap, the fetch allow-list by default, and no secret in the server's log.
 One server for the module, with basic auth on, a personal access token for Label Studio
 (tests/support/http_fixtures.FakeLabelStudio on 127.0.0.1), no MOLMO_ALLOWED_HOSTS (the default: only
 Label Studio's host) and LOG_LEVEL=DEBUG, so that even debug lines are searched for secrets. It
-runs under tests/support/guarded_server.py: a connect to anything but loopback would be refused
-and recorded (the last test reads the record). Address checks: tests/images/test_fetch_security.py.
+runs under ``tests/support/forced_backend.py serve --net-guard``: a connect to anything but
+loopback would be refused and recorded (the last test reads the record). Address checks: tests/images/test_fetch_security.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from requests.auth import HTTPBasicAuth
 
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply, Request
 from tests.support.net_guard import read_events
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 USER = "label-studio"
 PASSWORD = "pässwörd:S3CRET-basic"  # latin-1 characters and a colon, as a real password may have
@@ -30,8 +30,10 @@ WRONG_PASSWORD = "wrong-S3CRET-attempt"
 SETUP_TOKEN = "feedface" * 5  # a legacy token, as Label Studio's /setup sends it
 MAX_REQUEST_BYTES = 300_000
 CAT = '<points coords="1 1 250 500 2 750 100">cat</points>'
-CONFIG = ('<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
-          '<Label value="cat"/></KeyPointLabels></View>')
+CONFIG = (
+    '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
+    '<Label value="cat"/></KeyPointLabels></View>'
+)
 A_SIZE = (64, 48)
 LS_AUTH = HTTPBasicAuth(USER, PASSWORD)  # exactly what Label Studio 1.23 uses (ml/api_connector.py)
 
@@ -53,12 +55,21 @@ class World:
         self.url = backend.url
 
     def predict(self, tasks, **kw) -> requests.Response:
-        return requests.post(f"{self.url}/predict", auth=LS_AUTH, timeout=60, json={
-            "tasks": tasks, "project": "1.1", "label_config": CONFIG, "params": {"context": None}}, **kw)
+        return requests.post(
+            f"{self.url}/predict",
+            auth=LS_AUTH,
+            timeout=60,
+            json={"tasks": tasks, "project": "1.1", "label_config": CONFIG, "params": {"context": None}},
+            **kw,
+        )
 
     def setup(self, hostname: str) -> requests.Response:
-        return requests.post(f"{self.url}/setup", auth=LS_AUTH, timeout=10, json={
-            "project": "1.1", "schema": CONFIG, "hostname": hostname, "access_token": SETUP_TOKEN})
+        return requests.post(
+            f"{self.url}/setup",
+            auth=LS_AUTH,
+            timeout=10,
+            json={"project": "1.1", "schema": CONFIG, "hostname": hostname, "access_token": SETUP_TOKEN},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +93,20 @@ def world(tmp_path_factory, demo_model_dir):
     for server in (attacker, attacker2):
         server.route("/a.png", Reply(200, png(A_SIZE)))
         server.route("/data/upload/1/a.png", Reply(200, png(A_SIZE)))
-    env = {"BASIC_AUTH_USER": USER, "BASIC_AUTH_PASS": PASSWORD, "LABEL_STUDIO_URL": ls.url,
-           "LABEL_STUDIO_API_KEY": ls.pat, "MOLMO_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
-           "LOG_LEVEL": "DEBUG", "MOLMO_MAX_NEW_TOKENS": "32", "MOLMO_ALLOWED_HOSTS": "",
-           "MOLMO_CACHE_DIR": str(demo_model_dir.parent), "MOLMO_TEST_NET_LOG": str(tmp / "net.jsonl")}
+    env = {
+        "BASIC_AUTH_USER": USER,
+        "BASIC_AUTH_PASS": PASSWORD,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.pat,
+        "MOLMO_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+        "LOG_LEVEL": "DEBUG",
+        "MOLMO_MAX_NEW_TOKENS": "32",
+        "MOLMO_ALLOWED_HOSTS": "",
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+        "MOLMO_TEST_NET_LOG": str(tmp / "net.jsonl"),
+    }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT},
-                         server="tests/support/guarded_server.py") as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, ls, web, attacker, attacker2, issued, tmp / "net.jsonl")
     finally:
         for server in (ls, web, attacker, attacker2):
@@ -107,8 +125,13 @@ def sizes_of(response: requests.Response) -> list:
 
 # -- basic auth ------------------------------------------------------------------------------
 
-PROTECTED = [("POST", "/predict"), ("POST", "/setup"), ("POST", "/webhook"), ("GET", "/versions"),
-             ("GET", "/metrics")]
+PROTECTED = [
+    ("POST", "/predict"),
+    ("POST", "/setup"),
+    ("POST", "/webhook"),
+    ("GET", "/versions"),
+    ("GET", "/metrics"),
+]
 BAD_CREDENTIALS = {
     "none": None,
     "wrong password": basic(USER, WRONG_PASSWORD),
@@ -129,8 +152,13 @@ BAD_CREDENTIALS = {
 def test_protected_routes_refuse_missing_or_wrong_credentials(world, method, path, credentials):
     header = BAD_CREDENTIALS[credentials]
     headers = {"Authorization": header} if header is not None else {}
-    response = requests.request(method, f"{world.url}{path}", headers=headers, timeout=10,
-                                json={"tasks": [], "label_config": CONFIG, "schema": CONFIG})
+    response = requests.request(
+        method,
+        f"{world.url}{path}",
+        headers=headers,
+        timeout=10,
+        json={"tasks": [], "label_config": CONFIG, "schema": CONFIG},
+    )
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == 'Basic realm="molmo-backend"'
     assert response.json() == {"error": "authentication required"}
@@ -142,8 +170,9 @@ def test_health_stays_open_for_container_health_checks(world, path):
     assert response.status_code == 200 and response.json()["status"] == "UP"
 
 
-@pytest.mark.parametrize("how", ["requests HTTPBasicAuth (Label Studio)", "latin-1 header", "UTF-8 header",
-                                 "lower-case scheme"])
+@pytest.mark.parametrize(
+    "how", ["requests HTTPBasicAuth (Label Studio)", "latin-1 header", "UTF-8 header", "lower-case scheme"]
+)
 def test_label_studio_credentials_are_accepted_on_every_route(world, how):
     """Label Studio 1.23 sends ``HTTPBasicAuth(user, pass)`` from requests, which encodes latin-1;
     curl and browsers send UTF-8. Both must pass for a password such as 'pässwörd'."""
@@ -152,16 +181,25 @@ def test_label_studio_credentials_are_accepted_on_every_route(world, how):
     else:
         header = basic(USER, PASSWORD, "latin-1" if how.startswith("latin") else "utf-8")
         if how.startswith("lower"):
-            header = "basic" + header[len("Basic"):]
+            header = "basic" + header[len("Basic") :]
         kw = {"headers": {"Authorization": header}}
-    setup = requests.post(f"{world.url}/setup", json={"schema": CONFIG, "hostname": world.ls.url},
-                          timeout=10, **kw)
+    setup = requests.post(
+        f"{world.url}/setup", json={"schema": CONFIG, "hostname": world.ls.url}, timeout=10, **kw
+    )
     assert setup.status_code == 200 and setup.json()["model_version"]
-    predict = requests.post(f"{world.url}/predict", timeout=60, **kw, json={
-        "tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}], "label_config": CONFIG})
+    predict = requests.post(
+        f"{world.url}/predict",
+        timeout=60,
+        **kw,
+        json={"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}], "label_config": CONFIG},
+    )
     assert sizes_of(predict) == [A_SIZE]
-    assert requests.post(f"{world.url}/webhook", json={"action": "PROJECT_UPDATED"}, timeout=10,
-                         **kw).status_code == 200
+    assert (
+        requests.post(
+            f"{world.url}/webhook", json={"action": "PROJECT_UPDATED"}, timeout=10, **kw
+        ).status_code
+        == 200
+    )
     for path in ("/versions", "/metrics"):
         assert requests.get(f"{world.url}{path}", timeout=10, **kw).status_code == 200
 
@@ -180,8 +218,9 @@ def test_body_over_the_cap_gets_413_json(world):
     tasks = [{"id": 1, "data": {"image": "/data/upload/1/a.png", "pad": "x" * MAX_REQUEST_BYTES}}]
     response = world.predict(tasks)
     assert response.status_code == 413
-    assert response.json() == {"error": f"the request body is larger than MOLMO_MAX_REQUEST_BYTES="
-                                        f"{MAX_REQUEST_BYTES} bytes"}
+    assert response.json() == {
+        "error": f"the request body is larger than MOLMO_MAX_REQUEST_BYTES={MAX_REQUEST_BYTES} bytes"
+    }
 
 
 def test_body_just_under_the_cap_is_served(world):
@@ -196,16 +235,25 @@ def test_chunked_body_over_the_cap_gets_413(world):
             yield b"x" * 10_000
         yield b'"}'
 
-    response = requests.post(f"{world.url}/predict", data=chunks(), auth=LS_AUTH, timeout=30,
-                             headers={"Content-Type": "application/json"})
+    response = requests.post(
+        f"{world.url}/predict",
+        data=chunks(),
+        auth=LS_AUTH,
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == 413 and "MOLMO_MAX_REQUEST_BYTES" in response.json()["error"]
 
 
 def test_a_lying_content_length_is_refused_without_waiting_for_the_body(world):
     port = int(world.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {basic(USER, PASSWORD)}\r\n"
-                      "Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{").encode())
+        sock.sendall(
+            (
+                f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {basic(USER, PASSWORD)}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{"
+            ).encode()
+        )
         answer = b""
         while b"MOLMO_MAX_REQUEST_BYTES" not in answer and len(answer) < 65536:
             chunk = sock.recv(65536)  # headers and body may come in separate segments
@@ -218,8 +266,12 @@ def test_a_lying_content_length_is_refused_without_waiting_for_the_body(world):
 
 
 def test_unauthenticated_big_body_gets_401_not_read(world):
-    response = requests.post(f"{world.url}/predict", data=b"x" * (MAX_REQUEST_BYTES * 2), timeout=30,
-                             headers={"Content-Type": "application/json"})
+    response = requests.post(
+        f"{world.url}/predict",
+        data=b"x" * (MAX_REQUEST_BYTES * 2),
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == 401
 
 
@@ -229,14 +281,18 @@ def test_unauthenticated_big_body_gets_401_not_read(world):
 def test_by_default_only_label_studio_host_is_fetched_from(world):
     assert world.setup(world.ls.url).status_code == 200
     before = len(world.attacker.requests)
-    tasks = [{"id": 1, "data": {"image": "/data/upload/1/a.png"}},
-             {"id": 2, "data": {"image": f"{world.web.url}/a.png"}},  # Label Studio's host, other port
-             {"id": 3, "data": {"image": f"{world.attacker.url}/a.png"}}]  # another host
+    tasks = [
+        {"id": 1, "data": {"image": "/data/upload/1/a.png"}},
+        {"id": 2, "data": {"image": f"{world.web.url}/a.png"}},  # Label Studio's host, other port
+        {"id": 3, "data": {"image": f"{world.attacker.url}/a.png"}},
+    ]  # another host
     assert sizes_of(world.predict(tasks)) == [A_SIZE, A_SIZE, None]
     assert len(world.attacker.requests) == before
     assert all("authorization" not in r.headers for r in world.web.requests)  # the token stays at LS
-    assert all(r.headers.get("authorization", "").startswith("Bearer ")
-               for r in world.ls.hits("/data/upload/1/a.png"))
+    assert all(
+        r.headers.get("authorization", "").startswith("Bearer ")
+        for r in world.ls.hits("/data/upload/1/a.png")
+    )
 
 
 def test_setup_cannot_widen_the_allow_list_nor_attract_the_token(world):
@@ -245,9 +301,11 @@ def test_setup_cannot_widen_the_allow_list_nor_attract_the_token(world):
     try:
         assert world.setup(world.attacker.url).status_code == 200
         before = len(world.attacker.requests) + len(world.attacker2.requests)
-        tasks = [{"id": 1, "data": {"image": f"{world.attacker.url}/data/upload/1/a.png"}},
-                 {"id": 2, "data": {"image": f"{world.attacker2.url}/a.png"}},
-                 {"id": 3, "data": {"image": "/data/upload/1/a.png"}}]
+        tasks = [
+            {"id": 1, "data": {"image": f"{world.attacker.url}/data/upload/1/a.png"}},
+            {"id": 2, "data": {"image": f"{world.attacker2.url}/a.png"}},
+            {"id": 3, "data": {"image": "/data/upload/1/a.png"}},
+        ]
         assert sizes_of(world.predict(tasks)) == [A_SIZE, None, A_SIZE]
         assert len(world.attacker.requests) + len(world.attacker2.requests) == before
     finally:
@@ -257,10 +315,12 @@ def test_setup_cannot_widen_the_allow_list_nor_attract_the_token(world):
 def test_secrets_in_urls_do_not_reach_the_log(world):
     world.web.route("/signed.png", Reply(200, png(A_SIZE)))
     world.web.route("/moved", Reply(302, headers={"Location": "/gone.png?token=REDIRECTSECRET"}))
-    tasks = [{"id": 1, "data": {"image": f"{world.web.url}/signed.png?X-Amz-Signature=SIGSECRET"}},
-             {"id": 2, "data": {"image": f"{world.web.url}/missing.png?X-Amz-Signature=SIGSECRET"}},
-             {"id": 3, "data": {"image": f"http://user:USERINFOSECRET@127.0.0.2:{world.attacker.port}/a.png"}},
-             {"id": 4, "data": {"image": f"{world.web.url}/moved"}}]
+    tasks = [
+        {"id": 1, "data": {"image": f"{world.web.url}/signed.png?X-Amz-Signature=SIGSECRET"}},
+        {"id": 2, "data": {"image": f"{world.web.url}/missing.png?X-Amz-Signature=SIGSECRET"}},
+        {"id": 3, "data": {"image": f"http://user:USERINFOSECRET@127.0.0.2:{world.attacker.port}/a.png"}},
+        {"id": 4, "data": {"image": f"{world.web.url}/moved"}},
+    ]
     assert sizes_of(world.predict(tasks)) == [A_SIZE, None, None, None]
 
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import KEYPOINT_CONFIG
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 FORCED = {
     "cat": '<points coords="1 1 250 500 2 750 100">cat</points>',  # Molmo2 format, 0-1000
@@ -19,31 +19,44 @@ ENV = {"MOLMO_ALLOWED_HOSTS": "127.0.0.1", "MOLMO_MAX_NEW_TOKENS": "48"}
 
 
 def predict_body(tasks, config=KEYPOINT_CONFIG):
-    return {"tasks": tasks, "project": "1.1700000000", "label_config": config,
-            "params": {"login": None, "password": None, "context": None}}
+    return {
+        "tasks": tasks,
+        "project": "1.1700000000",
+        "label_config": config,
+        "params": {"login": None, "password": None, "context": None},
+    }
 
 
 def two_tasks(image_url):
-    return [{"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}},
-            {"id": 2, "data": {"image": f"{image_url}/green-300x500.jpg"}}]
+    return [
+        {"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}},
+        {"id": 2, "data": {"image": f"{image_url}/green-300x500.jpg"}},
+    ]
 
 
 @pytest.fixture(scope="module")
 def forced(tmp_path_factory):
-    with run_backend(tmp_path_factory.mktemp("forced"), env=ENV, answers=FORCED) as backend:
+    with BackendServer(tmp_path_factory.mktemp("forced"), env=ENV, answers=FORCED) as backend:
         yield backend
 
 
 @pytest.fixture(scope="module")
 def unforced(tmp_path_factory):
     env = {**ENV, "MOLMO_MAX_NEW_TOKENS": "200"}
-    with run_backend(tmp_path_factory.mktemp("unforced"), env=env) as backend:
+    with BackendServer(tmp_path_factory.mktemp("unforced"), env=env) as backend:
         yield backend
 
 
 def test_forced_answers_become_exactly_the_expected_keypoints(forced, image_url):
-    setup = requests.post(f"{forced.url}/setup", json={"project": "1.1700000000", "schema": KEYPOINT_CONFIG,
-                                                       "hostname": "http://localhost:8080", "access_token": "x"})
+    setup = requests.post(
+        f"{forced.url}/setup",
+        json={
+            "project": "1.1700000000",
+            "schema": KEYPOINT_CONFIG,
+            "hostname": "http://localhost:8080",
+            "access_token": "x",
+        },
+    )
     assert setup.status_code == 200
     version = setup.json()["model_version"]
     assert version.startswith("molmo2-demo@")
@@ -55,8 +68,16 @@ def test_forced_answers_become_exactly_the_expected_keypoints(forced, image_url)
     for result, (width, height) in zip(results, [(640, 480), (300, 500)]):
         assert result["model_version"] == version
         got = sorted(
-            (r["value"]["keypointlabels"][0], r["value"]["x"], r["value"]["y"], r["original_width"],
-             r["original_height"], r["from_name"], r["to_name"], r["type"])
+            (
+                r["value"]["keypointlabels"][0],
+                r["value"]["x"],
+                r["value"]["y"],
+                r["original_width"],
+                r["original_height"],
+                r["from_name"],
+                r["to_name"],
+                r["type"],
+            )
             for r in result["result"]
         )
         assert got == [

@@ -26,14 +26,14 @@ from PIL import Image
 from molmo_backend.commands import cli
 from molmo_backend.commands.annotate import AnnotateError, annotate_project, parse_task_ids
 from molmo_backend.commands.interrupts import Interrupts
+from molmo_backend.commands.overlay import PALETTE, RING
 from molmo_backend.commands.predict import keypoint_config
-from molmo_backend.labelstudio.model import make_model_version
 from molmo_backend.engine.base import Answer, Engine
+from molmo_backend.errors import Unavailable
 from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.labelstudio.config import LabelConfigError
-from molmo_backend.commands.overlay import PALETTE, RING
+from molmo_backend.labelstudio.model import make_model_version
 from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
-from molmo_backend.errors import Unavailable
 from molmo_backend.settings import Settings, SettingsError
 from tests.support import fake_label_studio
 from tests.support.fake_label_studio import StatusError
@@ -62,8 +62,10 @@ class LabelEngine(Engine):
     def generate(self, queries):
         self.batches += 1
         self.on_batch(self.batches)
-        return [Answer(text=next((a for label, a in ANSWERS.items() if label in q.prompt), ""), score=0.5)
-                for q in queries]
+        return [
+            Answer(text=next((a for label, a in ANSWERS.items() if label in q.prompt), ""), score=0.5)
+            for q in queries
+        ]
 
 
 class FakeLabelStudio(fake_label_studio.FakeLabelStudio):
@@ -80,8 +82,9 @@ def settings() -> Settings:
 def run(ls: FakeLabelStudio, engine: LabelEngine | None = None, **kwargs):
     engine = engine or LabelEngine()
     kwargs.setdefault("progress", "off")
-    return annotate_project(settings(), 7, engine_factory=lambda s: engine,
-                            project=LabelStudioProject(7, client=ls), **kwargs)
+    return annotate_project(
+        settings(), 7, engine_factory=lambda s: engine, project=LabelStudioProject(7, client=ls), **kwargs
+    )
 
 
 def tasks(n: int) -> dict[int, dict]:
@@ -213,8 +216,13 @@ def test_config_and_argument_errors_come_before_the_model_loads():
     with pytest.raises(AnnotateError, match="chunk-size"):
         annotate_project(settings(), 7, engine_factory=no_engine, project=ok, chunk_size=501)
     with pytest.raises(AnnotateError, match="cannot be combined"):
-        annotate_project(settings(), 7, engine_factory=no_engine, project=ok,
-                         task_filter=TaskFilter(view=3, query={"filters": {}}))
+        annotate_project(
+            settings(),
+            7,
+            engine_factory=no_engine,
+            project=ok,
+            task_filter=TaskFilter(view=3, query={"filters": {}}),
+        )
 
 
 def test_label_studio_errors_say_what_to_fix():
@@ -256,10 +264,11 @@ def test_every_command_has_help(command, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: molmo-backend")
-    for word in {"annotate": ["--project", "--tasks", "--view", "--chunk-size", "resume",
-                              "LABEL_STUDIO_API_KEY"],
-                 "predict": ["IMAGE", "--label", "--out", "x_percent"],
-                 "serve": ["--port"]}.get(command[0] if command else "", ["serve", "annotate", "predict"]):
+    for word in {
+        "annotate": ["--project", "--tasks", "--view", "--chunk-size", "resume", "LABEL_STUDIO_API_KEY"],
+        "predict": ["IMAGE", "--label", "--out", "x_percent"],
+        "serve": ["--port"],
+    }.get(command[0] if command else "", ["serve", "annotate", "predict"]):
         assert word in out, word
 
 
@@ -269,8 +278,12 @@ def test_annotate_without_label_studio_settings_is_a_usage_error(capsys, monkeyp
         monkeypatch.delenv(var, raising=False)
     assert cli.main(["annotate", "--project", "3"]) == 2
     assert "LABEL_STUDIO_URL" in capsys.readouterr().err
-    assert cli.main(["annotate", "--project", "3", "--url", "http://127.0.0.1:9", "--api-key", "k",
-                     "--tasks", "1-x"]) == 2
+    assert (
+        cli.main(
+            ["annotate", "--project", "3", "--url", "http://127.0.0.1:9", "--api-key", "k", "--tasks", "1-x"]
+        )
+        == 2
+    )
     assert "bad task id" in capsys.readouterr().err
 
 
@@ -281,16 +294,43 @@ def test_predict_prints_points_and_writes_an_overlay_with_dots_at_them(tmp_path,
     Image.new("RGB", (400, 200), background).save(tmp_path / "wide.png")
     Image.new("RGB", (120, 300), background).save(tmp_path / "tall.jpg", quality=100)
     answers = tmp_path / "answers.json"
-    answers.write_text(json.dumps({"cat": '<points coords="1 1 250 500 2 750 100">cat</points>',
-                                   "dog": '<points coords="1 1 500 900">dog</points>',
-                                   "bird": "There are none."}))
+    answers.write_text(
+        json.dumps(
+            {
+                "cat": '<points coords="1 1 250 500 2 750 100">cat</points>',
+                "dog": '<points coords="1 1 500 900">dog</points>',
+                "bird": "There are none.",
+            }
+        )
+    )
     env = {**os.environ, "MOLMO_CACHE_DIR": str(demo_model_dir.parent), "MOLMO_MAX_NEW_TOKENS": "48"}
     out_dir = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests/support/forced_cli.py"), "--answers", str(answers), "--",
-         "predict", str(tmp_path / "wide.png"), str(tmp_path / "tall.jpg"), "--label", "cat",
-         "--label", "dog", "--label", "bird", "--out", str(out_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "tests/support/forced_backend.py"),
+            "cli",
+            "--answers",
+            str(answers),
+            "--",
+            "predict",
+            str(tmp_path / "wide.png"),
+            str(tmp_path / "tall.jpg"),
+            "--label",
+            "cat",
+            "--label",
+            "dog",
+            "--label",
+            "bird",
+            "--out",
+            str(out_dir),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["model_version"].startswith("molmo2-demo@") and result["labels"] == ["cat", "dog", "bird"]
@@ -310,8 +350,10 @@ def test_predict_prints_points_and_writes_an_overlay_with_dots_at_them(tmp_path,
         for label, points in (("cat", labels["cat"]), ("dog", labels["dog"])):
             for p in points:
                 assert overlay.getpixel((int(p["x"]), int(p["y"]))) == colors[label]
-        assert RING in {overlay.getpixel((int(labels["dog"][0]["x"]) - dx, int(labels["dog"][0]["y"])))
-                        for dx in range(3, 12)}
+        assert RING in {
+            overlay.getpixel((int(labels["dog"][0]["x"]) - dx, int(labels["dog"][0]["y"])))
+            for dx in range(3, 12)
+        }
         far = (2, h // 2 + 20) if w > h else (w - 3, 5)
         original = Image.open(tmp_path / ("wide.png" if w > h else "tall.jpg")).convert("RGB")
         assert overlay.getpixel(far) == original.getpixel(far)
@@ -325,8 +367,10 @@ def test_predict_refuses_unreadable_files_before_loading_a_model(tmp_path, capsy
     def no_engine(settings):
         raise AssertionError("the model must not load")
 
-    code = cli.main(["predict", str(tmp_path / "text.png"), str(tmp_path / "missing.png"),
-                     "--label", "cat"], engine_factory=no_engine)
+    code = cli.main(
+        ["predict", str(tmp_path / "text.png"), str(tmp_path / "missing.png"), "--label", "cat"],
+        engine_factory=no_engine,
+    )
     err = capsys.readouterr().err
     assert code == 2 and "text.png" in err and "missing.png" in err and "No such file" in err
 
@@ -344,8 +388,10 @@ def test_the_backends_errors_exit_with_their_code_and_say_what_kind(tmp_path, ca
     assert capsys.readouterr().err.endswith("molmo-backend: the engine server is not there\n")
     monkeypatch.setattr("molmo_backend.commands.predict.keypoint_config", lambda labels: "<View/>")
     assert cli.main(["predict", image, "--label", "cat"], engine_factory=unavailable) == 2
-    assert "molmo-backend: the project's label config cannot be used: The label config" in \
-        capsys.readouterr().err
+    assert (
+        "molmo-backend: the project's label config cannot be used: The label config"
+        in capsys.readouterr().err
+    )
     monkeypatch.setenv("MOLMO_DEMO", "sometimes")
     assert cli.main(["predict", image, "--label", "cat"], engine_factory=unavailable) == 2
     assert "molmo-backend: configuration error: MOLMO_DEMO must be" in capsys.readouterr().err

@@ -11,7 +11,11 @@ BACKGROUND = (17, 34, 51)
 
 def test_each_point_gets_a_dot_of_its_labels_colour_and_far_pixels_stay():
     image = Image.new("RGB", (400, 300), BACKGROUND)
-    points = [OverlayPoint("cat", 100, 150), OverlayPoint("dog", 300.6, 60.2), OverlayPoint("cat", 399.9, 299.9)]
+    points = [
+        OverlayPoint("cat", 100, 150),
+        OverlayPoint("dog", 300.6, 60.2),
+        OverlayPoint("cat", 399.9, 299.9),
+    ]
     out = draw_overlay(image, points)
     colors = label_colors(["cat", "dog"])
     assert colors == {"cat": PALETTE[0], "dog": PALETTE[1]}
@@ -42,7 +46,8 @@ def test_labels_get_distinct_colours_in_order_and_grey_or_rgba_input_works():
     labels = [f"l{i}" for i in range(len(PALETTE))]
     assert len(set(label_colors(labels).values())) == len(PALETTE)
     grey = Image.new("LA", (50, 50), (128, 255))
-    out = draw_overlay(grey, [OverlayPoint("x", 25, 25)], colors={"x": (1, 2, 3)}, radius=4,
-                       show_labels=False)
+    out = draw_overlay(
+        grey, [OverlayPoint("x", 25, 25)], colors={"x": (1, 2, 3)}, radius=4, show_labels=False
+    )
     assert out.mode == "RGB" and out.getpixel((25, 25)) == (1, 2, 3)
     assert out.getpixel((25 + 4 + 3, 25)) == (128, 128, 128)  # just outside dot and ring

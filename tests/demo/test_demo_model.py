@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 
 from molmo_backend.demo.models import SHIPPED_DEMO, demo_info
 from molmo_backend.demo.scenes import LABELS, Scene, label_config, make_scene
-from tests.support.processes import run_backend, serve_directory
+from tests.support.processes import BackendServer, serve_directory
 
 #: a keypoint "lands" when it is within this distance of the shape's true centre, in percent units
 #: of the displayed image's width and height (as Label Studio stores x and y)
@@ -40,8 +40,10 @@ SCENES_PER_CASE = 4
 MIN_HIT_RATE = 0.15
 #: over all kinds
 MIN_OVERALL_HIT_RATE = 0.2
-MEASURED = ("hits within 6%: plain PNG 3/11, EXIF-rotated 4/12, 1000x300 2/11, 64x64 3/8, 12 MP 3/13 "
-            "(15/55 = 27%); median distance 22-44%; absent labels left without a point: 0/185")
+MEASURED = (
+    "hits within 6%: plain PNG 3/11, EXIF-rotated 4/12, 1000x300 2/11, 64x64 3/8, 12 MP 3/13 "
+    "(15/55 = 27%); median distance 22-44%; absent labels left without a point: 0/185"
+)
 CONFIG = label_config()
 
 
@@ -55,7 +57,9 @@ class Case:
 def _write_sideways(scene: Scene, path: Path, orientation: int) -> None:
     """Stored turned, tagged so that viewers (and the backend) turn it back: orientation 6 means
     "rotate 90 degrees clockwise to display", 8 counter-clockwise."""
-    stored = scene.image.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+    stored = scene.image.transpose(
+        Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270
+    )
     exif = Image.Exif()
     exif[0x0112] = orientation
     stored.save(path, "JPEG", quality=92, exif=exif)
@@ -64,8 +68,12 @@ def _write_sideways(scene: Scene, path: Path, orientation: int) -> None:
 def _cases(directory: Path) -> list[Case]:
     kinds = [
         ("plain PNG 640x480", (640, 480), lambda sc, p, i: sc.image.save(p), "png"),
-        ("EXIF-rotated JPEG, 480x640 as displayed", (480, 640),
-         lambda sc, p, i: _write_sideways(sc, p, 6 if i % 2 == 0 else 8), "jpg"),
+        (
+            "EXIF-rotated JPEG, 480x640 as displayed",
+            (480, 640),
+            lambda sc, p, i: _write_sideways(sc, p, 6 if i % 2 == 0 else 8),
+            "jpg",
+        ),
         ("non-square PNG 1000x300", (1000, 300), lambda sc, p, i: sc.image.save(p), "png"),
         ("tiny PNG 64x64", (64, 64), lambda sc, p, i: sc.image.save(p), "png"),
         ("12 MP JPEG 4000x3000", (4000, 3000), lambda sc, p, i: sc.image.save(p, "JPEG", quality=90), "jpg"),
@@ -86,14 +94,21 @@ def world(tmp_path_factory):
     directory = tmp_path_factory.mktemp("demo-scenes")
     cases = _cases(directory)
     env = {"MOLMO_DEMO": "1", "MOLMO_ALLOWED_HOSTS": "127.0.0.1", "MOLMO_DEVICE": "cpu"}
-    with serve_directory(directory) as url, run_backend(tmp_path_factory.mktemp("demo-server"), env=env) as backend:
+    with (
+        serve_directory(directory) as url,
+        BackendServer(tmp_path_factory.mktemp("demo-server"), env=env) as backend,
+    ):
         yield backend, url, cases, directory
 
 
 def _predict(backend, url: str, cases: list[Case], config: str = CONFIG) -> list[dict]:
     tasks = [{"id": i + 1, "data": {"image": f"{url}/{c.file}"}} for i, c in enumerate(cases)]
-    body = {"tasks": tasks, "project": "1.1700000000", "label_config": config,
-            "params": {"login": None, "password": None, "context": None}}
+    body = {
+        "tasks": tasks,
+        "project": "1.1700000000",
+        "label_config": config,
+        "params": {"login": None, "password": None, "context": None},
+    }
     response = requests.post(f"{backend.url}/predict", json=body, timeout=600)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
@@ -133,7 +148,9 @@ def score(cases: list[Case], results: list[dict]) -> dict:
             points = by_label.get(shape.label, [])
             row["shapes"] += 1
             if len(points) == 1:
-                distance = math.hypot(points[0]["x"] - 100 * shape.x / width, points[0]["y"] - 100 * shape.y / height)
+                distance = math.hypot(
+                    points[0]["x"] - 100 * shape.x / width, points[0]["y"] - 100 * shape.y / height
+                )
                 row["distances"].append(round(distance, 1))
                 row["hits"] += distance <= TOLERANCE_PERCENT
         present = {s.label for s in case.scene.shapes}
@@ -165,8 +182,12 @@ def test_a_predict_of_three_labels_is_quick_on_cpu(world):
     machine; the bound is loose because test machines are shared."""
     backend, url, cases, _ = world
     config = label_config(LABELS[:3])
-    body = {"tasks": [{"id": 1, "data": {"image": f"{url}/{cases[0].file}"}}], "project": "1.1700000000",
-            "label_config": config, "params": {"login": None, "password": None, "context": None}}
+    body = {
+        "tasks": [{"id": 1, "data": {"image": f"{url}/{cases[0].file}"}}],
+        "project": "1.1700000000",
+        "label_config": config,
+        "params": {"login": None, "password": None, "context": None},
+    }
     requests.post(f"{backend.url}/predict", json=body, timeout=60).raise_for_status()  # warm
     started = time.monotonic()
     response = requests.post(f"{backend.url}/predict", json=body, timeout=60)
@@ -192,11 +213,21 @@ def test_the_engine_answers_like_generate_on_the_shipped_demo():
     from molmo_backend.pointing.prompts import build_prompt
 
     fast = TransformersEngine.load(str(SHIPPED_DEMO), max_new_tokens=40, max_batch=16)
-    plain = TransformersEngine(fast.model, fast.processor, model_id=fast.model_id, revision=fast.revision,
-                               max_new_tokens=40, max_batch=16, decoder="generate", demo=True)
+    plain = TransformersEngine(
+        fast.model,
+        fast.processor,
+        model_id=fast.model_id,
+        revision=fast.revision,
+        max_new_tokens=40,
+        max_batch=16,
+        decoder="generate",
+        demo=True,
+    )
     rng = random.Random("engine-vs-generate")
     queries = []
     for n in range(4):
         scene = make_scene(rng)
-        queries += [PointQuery(scene.image, build_prompt(label), image_key=n) for label in rng.sample(LABELS, 3)]
+        queries += [
+            PointQuery(scene.image, build_prompt(label), image_key=n) for label in rng.sample(LABELS, 3)
+        ]
     assert [a.text for a in fast.generate(queries)] == [a.text for a in plain.generate(queries)]

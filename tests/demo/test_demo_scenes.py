@@ -8,8 +8,16 @@ import random
 from pathlib import Path
 
 from molmo_backend.demo.scenes import (
-    COLOURS, LABELS, NONE_ANSWER, SAMPLES, answer_for, label_config, make_scene, pick_question,
-    sample_scene, write_samples,
+    COLOURS,
+    LABELS,
+    NONE_ANSWER,
+    SAMPLES,
+    answer_for,
+    label_config,
+    make_scene,
+    pick_question,
+    sample_scene,
+    write_samples,
 )
 from molmo_backend.labelstudio.config import parse_label_config
 from molmo_backend.pointing.points import parse_points
@@ -45,7 +53,7 @@ def test_scenes_are_reproducible_and_shapes_are_inside_and_apart():
         assert len({s.label for s in scene.shapes}) == len(scene.shapes)
         for i, s in enumerate(scene.shapes):
             assert s.radius <= s.x <= width - s.radius and s.radius <= s.y <= height - s.radius
-            for t in scene.shapes[i + 1:]:
+            for t in scene.shapes[i + 1 :]:
                 assert math.hypot(s.x - t.x, s.y - t.y) > s.radius + t.radius
 
 
@@ -76,7 +84,9 @@ def test_the_sample_files_are_what_the_generator_writes(tmp_path):
     assert (docs / "label_config.xml").read_text() == (tmp_path / "label_config.xml").read_text()
     truth = json.loads((docs / "shapes.json").read_text())
     for name, seed, width, height in SAMPLES:
-        assert [s["label"] for s in truth[name]] == [s.label for s in sample_scene(seed, width, height).shapes]
+        assert [s["label"] for s in truth[name]] == [
+            s.label for s in sample_scene(seed, width, height).shapes
+        ]
         from PIL import Image
 
         with Image.open(docs / name) as image:

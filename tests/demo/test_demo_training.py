@@ -28,15 +28,20 @@ def _train(out):
 def test_training_writes_a_loadable_reproducible_demo_checkpoint(tmp_path, capsys):
     first = _train(tmp_path / "a")
     record = json.loads(capsys.readouterr().out)
-    assert record["steps"] == 3 and record["finished"] and record["held_out"]["present"] + record["held_out"]["absent"] == 2
+    assert (
+        record["steps"] == 3
+        and record["finished"]
+        and record["held_out"]["present"] + record["held_out"]["absent"] == 2
+    )
     assert _train(tmp_path / "b") == first  # same seed, same weights
     info = demo_info(tmp_path / "a")
     assert info["kind"] == "shapes" and info["training"]["steps"] == 3
     assert demo_name(tmp_path / "a") == "molmo2-demo-shapes"
 
     choice = choose_model(Settings(model=str(tmp_path / "a"), demo="0"))  # as the server picks and names it
-    engine = TransformersEngine.load(choice.path, model_id=choice.model_id, demo=choice.demo, max_new_tokens=8,
-                                     max_batch=4)
+    engine = TransformersEngine.load(
+        choice.path, model_id=choice.model_id, demo=choice.demo, max_new_tokens=8, max_batch=4
+    )
     assert engine.model_id == "molmo2-demo-shapes" and engine.demo
     scene = make_scene(random.Random(0))
     answers = engine.generate([PointQuery(scene.image, "Point to red circle")])
@@ -58,7 +63,9 @@ def test_batches_depend_only_on_seed_and_step():
 def test_only_answer_tokens_are_scored_and_patch_labels_match_the_image_tokens():
     from molmo_backend.demo.models import new_model
 
-    model, processor = new_model(SHAPES_RECIPE, 0, __import__("pathlib").Path(__import__("tempfile").mkdtemp()))
+    model, processor = new_model(
+        SHAPES_RECIPE, 0, __import__("pathlib").Path(__import__("tempfile").mkdtemp())
+    )
     examples = [draw_example(random.Random(i)) for i in range(3)]
     batch = encode(processor, examples)
     tokenizer = processor.tokenizer

@@ -26,13 +26,16 @@ import requests
 from PIL import Image
 
 from tests.support.docker_stack import ComposeStack, seconds_to_healthy, wait_http, write_ci_compose
-from tests.support.labelstudio import LabelStudio, free_port
+from tests.support.labelstudio import LabelStudio
+from tests.support.processes import free_port
 
 pytestmark = [
     pytest.mark.docker,
-    pytest.mark.skipif(os.environ.get("MOLMO_DOCKER_STAGE") != "1",
-                       reason="Docker stage: .ci/docker.sh starts the engine, builds the images "
-                              "and runs these (scripts/test runs it in a full run, as root)"),
+    pytest.mark.skipif(
+        os.environ.get("MOLMO_DOCKER_STAGE") != "1",
+        reason="Docker stage: .ci/docker.sh starts the engine, builds the images "
+        "and runs these (scripts/test runs it in a full run, as root)",
+    ),
 ]
 
 PROFILE = "molmo2"  # the stack's backend: the demo model is a Molmo2
@@ -61,8 +64,7 @@ def _report_docker_time(request):
 
 
 def _docker(*args: str) -> str:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=300,
-                          check=True).stdout
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=300, check=True).stdout
 
 
 @pytest.mark.parametrize("profile, transformers_major", [("molmo2", "5"), ("molmo1", "4")])
@@ -70,9 +72,11 @@ def test_profile_image_holds_its_pinned_stack(profile, transformers_major):
     """Each profile's image (built by the stage) runs the CLI and carries its transformers major;
     both were built from the same torch layer (one copy of torch's 5.5 GB on disk)."""
     image = f"molmo-backend:{profile}"
-    code = ("import transformers, torch, molmo_backend, os; "
-            "print(transformers.__version__, torch.__version__, open('/app/PROFILE').read().strip(), "
-            "os.environ['MOLMO_PROFILE'], os.getuid())")
+    code = (
+        "import transformers, torch, molmo_backend, os; "
+        "print(transformers.__version__, torch.__version__, open('/app/PROFILE').read().strip(), "
+        "os.environ['MOLMO_PROFILE'], os.getuid())"
+    )
     out = _docker("run", "--rm", "--entrypoint", "python", image, "-c", code).split()
     assert out[0].split(".")[0] == transformers_major, out
     assert out[2] == out[3] == profile and out[4] != "0", out
@@ -107,8 +111,11 @@ def _check_predictions(ls: LabelStudio, sizes: dict[int, tuple[int, int]], model
         [pred] = preds
         assert pred["model_version"] == model_version
         for region in pred["result"]:
-            assert (region["from_name"], region["to_name"], region["type"]) == \
-                ("kp", "image", "keypointlabels")
+            assert (region["from_name"], region["to_name"], region["type"]) == (
+                "kp",
+                "image",
+                "keypointlabels",
+            )
             assert (region["original_width"], region["original_height"]) == size, task_id
             [label] = region["value"]["keypointlabels"]
             assert label in LABELS
@@ -127,8 +134,11 @@ def test_compose_stack_end_to_end(mode, tmp_path):
     images_dir.chmod(0o755)  # the images service reads it as the image's unprivileged user
     for name, size, color in [("web.png", (320, 200), (10, 120, 200)), ("odd.png", (123, 77), (90, 90, 10))]:
         _write_png(images_dir / name, size, color).chmod(0o644)
-    compose_file = write_ci_compose(tmp_path / "docker-compose.ci.yml", images_dir=images_dir,
-                                    ls_image=os.environ.get("MOLMO_DOCKER_LS_IMAGE"))
+    compose_file = write_ci_compose(
+        tmp_path / "docker-compose.ci.yml",
+        images_dir=images_dir,
+        ls_image=os.environ.get("MOLMO_DOCKER_LS_IMAGE"),
+    )
     ls_port, backend_port = free_port(), free_port()
     env = {
         "LABEL_STUDIO_USERNAME": "ci@example.com",
@@ -148,10 +158,13 @@ def test_compose_stack_end_to_end(mode, tmp_path):
         else:
             stack.up("label-studio", "images")
         DOCKER_TIMINGS[f"{mode}_ls_healthy_s"] = wait_http(f"{ls_url}/health", timeout=300)
-        ls = LabelStudio.attach(ls_url, username=env["LABEL_STUDIO_USERNAME"],
-                                password=env["LABEL_STUDIO_PASSWORD"],
-                                user_token=env["LABEL_STUDIO_USER_TOKEN"],
-                                legacy_tokens=mode == "legacy")
+        ls = LabelStudio.attach(
+            ls_url,
+            username=env["LABEL_STUDIO_USERNAME"],
+            password=env["LABEL_STUDIO_PASSWORD"],
+            user_token=env["LABEL_STUDIO_USER_TOKEN"],
+            legacy_tokens=mode == "legacy",
+        )
         if mode == "pat":
             stack.env["LABEL_STUDIO_API_KEY"] = ls.pat()
             backend_up = stack.up("molmo-backend")
@@ -160,13 +173,19 @@ def test_compose_stack_end_to_end(mode, tmp_path):
 
         project = ls.create_project(CONFIG, title=f"docker {mode}")
         pid = project["id"]
-        uploads = [_write_png(tmp_path / "red.png", (640, 480), (200, 30, 30)),
-                   _write_png(tmp_path / "tall.png", (300, 500), (30, 200, 30))]
+        uploads = [
+            _write_png(tmp_path / "red.png", (640, 480), (200, 30, 30)),
+            _write_png(tmp_path / "tall.png", (300, 500), (30, 200, 30)),
+        ]
         sizes = dict(zip(ls.import_files(pid, uploads), [(640, 480), (300, 500)]))
         urls = [f"http://images:8000/{n}" for n in ("web.png", "odd.png")]
         sizes.update(zip(ls.import_urls(pid, urls), [(320, 200), (123, 77)]))
-        assert [t["data"]["image"].startswith("/data/upload/") for t in ls.tasks(pid)] == \
-            [True, True, False, False]
+        assert [t["data"]["image"].startswith("/data/upload/") for t in ls.tasks(pid)] == [
+            True,
+            True,
+            False,
+            False,
+        ]
 
         # Settings > Model > Connect Model, by the service name on the compose network
         ml = ls.connect_ml(pid, "http://molmo-backend:9090")

@@ -28,8 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.docker_stack import (ci_compose, compose_client, docker_time, seconds_to_healthy,
-                                write_ci_compose)
+from tests.support.docker_stack import (
+    ci_compose,
+    compose_client,
+    docker_time,
+    seconds_to_healthy,
+    write_ci_compose,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -41,6 +46,7 @@ yaml = pytest.importorskip("yaml")
 
 
 # -- Dockerfile -----------------------------------------------------------------------------------
+
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs: continuations joined, comments dropped (as Docker does)."""
@@ -104,11 +110,15 @@ def test_hf_cache_on_a_volume(instructions):
     assert re.search(r"\bHF_HOME=/data/hf\b", env)
     # torch.compile's kernels (MOLMO_COMPILE) persist on the volume too: restarts reuse them
     assert re.search(r"\bTORCHINDUCTOR_CACHE_DIR=/data/hf/\S+", env)
-    volumes = [v for args in _all(instructions, "VOLUME") for v in
-               (json.loads(args) if args.startswith("[") else args.split())]
+    volumes = [
+        v
+        for args in _all(instructions, "VOLUME")
+        for v in (json.loads(args) if args.startswith("[") else args.split())
+    ]
     assert "/data/hf" in volumes
-    assert any("chown" in r and "/data/hf" in r for r in _all(instructions, "RUN")), \
+    assert any("chown" in r and "/data/hf" in r for r in _all(instructions, "RUN")), (
         "the volume must belong to the runtime user (named volumes copy this ownership)"
+    )
 
 
 def test_entry_is_the_cli_serving_with_gunicorn(instructions):
@@ -164,8 +174,9 @@ def test_healthcheck_program_runs(instructions, status, healthy):
     thread.start()
     try:
         env = {**os.environ, "PORT": str(server.server_address[1])}
-        rc = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
-                            timeout=30).returncode
+        rc = subprocess.run(
+            [sys.executable, "-c", program], env=env, capture_output=True, timeout=30
+        ).returncode
     finally:
         server.shutdown()
         server.server_close()
@@ -178,8 +189,12 @@ def test_healthcheck_program_fails_when_nothing_listens(instructions):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connection refused
-        rc = subprocess.run([sys.executable, "-c", program], env={**os.environ, "PORT": str(port)},
-                            capture_output=True, timeout=30).returncode
+        rc = subprocess.run(
+            [sys.executable, "-c", program],
+            env={**os.environ, "PORT": str(port)},
+            capture_output=True,
+            timeout=30,
+        ).returncode
     assert rc == 1
 
 
@@ -207,8 +222,9 @@ def test_profiles_install_their_pinned_requirements(instructions, tmp_path):
     def run(profile: str):
         record = tmp_path / f"record-{profile}"
         env = {"PATH": f"{bindir}:{os.environ['PATH']}", "PROFILE": profile, "RECORD": str(record)}
-        proc = subprocess.run(["/bin/sh", "-c", script], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["/bin/sh", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=30
+        )
         return proc, record.read_text() if record.exists() else ""
 
     proc, record = run("molmo2")
@@ -229,8 +245,9 @@ def test_profiles_share_the_torch_layer(instructions, tmp_path):
     words = [w for w, _ in instructions]
     runs = [(i, args) for i, (w, args) in enumerate(instructions) if w == "RUN"]
     [(torch_at, torch_run)] = [(i, r) for i, r in runs if "torch" in r]
-    profile_arg = next(i for i, (w, args) in enumerate(instructions)
-                       if w == "ARG" and args.startswith("PROFILE"))
+    profile_arg = next(
+        i for i, (w, args) in enumerate(instructions) if w == "ARG" and args.startswith("PROFILE")
+    )
     assert torch_at < profile_arg and "PROFILE" not in torch_run
     assert words.index("COPY") < torch_at  # the requirement files are there
 
@@ -249,9 +266,14 @@ def test_profiles_share_the_torch_layer(instructions, tmp_path):
     shutil.copy(ROOT / "requirements.txt", tmp_path / "requirements.txt")
     record = tmp_path / "record"
     script = torch_run.replace("/tmp/torch.txt", str(tmp_path / "torch.txt"))
-    proc = subprocess.run(["/bin/sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PATH": f"{bindir}:{os.environ['PATH']}", "RECORD": str(record)},
-                          timeout=30)
+    proc = subprocess.run(
+        ["/bin/sh", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{bindir}:{os.environ['PATH']}", "RECORD": str(record)},
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     installed = dict(line.split("==") for line in record.read_text().split())
     assert installed == pins("requirements.txt")
@@ -269,6 +291,7 @@ def test_requirement_files_are_pinned():
 
 
 # -- .dockerignore and the build context ----------------------------------------------------------
+
 
 def _ignore_regex(pattern: str) -> re.Pattern:
     out = ""
@@ -288,7 +311,7 @@ def _ignore_regex(pattern: str) -> re.Pattern:
             i += 1
         elif pattern[i] == "[":
             j = pattern.index("]", i)
-            out += pattern[i:j + 1]
+            out += pattern[i : j + 1]
             i = j + 1
         else:
             out += re.escape(pattern[i])
@@ -318,15 +341,18 @@ def build_context(root: Path = ROOT) -> list[str]:
         return keep
 
     def may_reinclude(rel_dir: str) -> bool:
-        return any(negate and (pattern.startswith(rel_dir + "/") or pattern[:1] in "*?[")
-                   for negate, pattern, _ in rules)
+        return any(
+            negate and (pattern.startswith(rel_dir + "/") or pattern[:1] in "*?[")
+            for negate, pattern, _ in rules
+        )
 
     kept = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = [d for d in dirnames if d != ".git" and
-                       (included(rel_dir + d) or may_reinclude(rel_dir + d))]
+        dirnames[:] = [
+            d for d in dirnames if d != ".git" and (included(rel_dir + d) or may_reinclude(rel_dir + d))
+        ]
         kept += [rel_dir + f for f in filenames if included(rel_dir + f)]
     return sorted(kept)
 
@@ -353,8 +379,11 @@ def test_copy_sources_are_in_the_context(instructions, context_files):
         for source in parts[:-1]:
             if source.startswith("--"):
                 continue
-            matched = [f for f in context_files
-                       if fnmatch.fnmatch(f, source) or f.startswith(source.rstrip("/") + "/")]
+            matched = [
+                f
+                for f in context_files
+                if fnmatch.fnmatch(f, source) or f.startswith(source.rstrip("/") + "/")
+            ]
             if "*" not in source:
                 assert matched, f"COPY {source}: not in the build context"
             elif source.startswith("requirements"):
@@ -393,10 +422,14 @@ def test_package_builds_from_the_context_alone(context_files, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "molmo_backend/commands/cli.py" in names and "molmo_backend/app/routes.py" in names
     [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
-    assert "molmo-backend = molmo_backend.commands.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "molmo-backend = molmo_backend.commands.cli:main"
+        in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
 
 # -- compose files --------------------------------------------------------------------------------
+
 
 def _load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
@@ -426,8 +459,9 @@ def _check_backend_service(svc: dict, dockerfile_instructions_: list) -> dict[st
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert device.get("count") or device.get("device_ids")
     hf_home = env.get("HF_HOME", "/data/hf")
-    assert any(v.split(":")[1] == hf_home and not v.split(":")[0].startswith((".", "/"))
-               for v in svc["volumes"]), "HF cache must be a named volume at HF_HOME"
+    assert any(
+        v.split(":")[1] == hf_home and not v.split(":")[0].startswith((".", "/")) for v in svc["volumes"]
+    ), "HF cache must be a named volume at HF_HOME"
     assert "${LABEL_STUDIO_API_KEY" in env["LABEL_STUDIO_API_KEY"]
     assert any(p.endswith(":9090") for p in svc.get("ports", [])) or svc.get("expose")
     # every variable handed to the backend is one it reads
@@ -470,23 +504,38 @@ def test_compose_for_an_existing_label_studio(instructions):
     assert "host.docker.internal:host-gateway" in backend.get("extra_hosts", [])
 
 
-@pytest.mark.parametrize("path, env", [
-    (COMPOSE, {"LABEL_STUDIO_PASSWORD": "pw"}),
-    (COMPOSE_EXISTING, {"LABEL_STUDIO_URL": "http://ls.example:8080"}),
-])
+@pytest.mark.parametrize(
+    "path, env",
+    [
+        (COMPOSE, {"LABEL_STUDIO_PASSWORD": "pw"}),
+        (COMPOSE_EXISTING, {"LABEL_STUDIO_URL": "http://ls.example:8080"}),
+    ],
+)
 def test_compose_client_accepts_the_files(path, env, tmp_path):
     client = compose_client()
     if client is None:
         pytest.skip("no compose client (docker compose / docker-compose) installed")
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("LABEL_STUDIO_", "MOLMO_", "COMPOSE_"))}
-    ok = subprocess.run(client + ["-f", str(path), "config", "-q"], cwd=ROOT,
-                        env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MOLMO_", "COMPOSE_"))}
+    ok = subprocess.run(
+        client + ["-f", str(path), "config", "-q"],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
-    missing = subprocess.run(client + ["-f", str(path), "config", "-q"], cwd=ROOT, env=clean,
-                             capture_output=True, text=True, timeout=60)
-    assert missing.returncode != 0 and any(k in missing.stderr for k in env), \
+    missing = subprocess.run(
+        client + ["-f", str(path), "config", "-q"],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode != 0 and any(k in missing.stderr for k in env), (
         "a required variable must be asked for"
+    )
 
 
 def test_ci_copy_drops_only_the_gpu_reservation_and_binds_loopback(tmp_path):
@@ -502,8 +551,9 @@ def test_ci_copy_drops_only_the_gpu_reservation_and_binds_loopback(tmp_path):
         assert "deploy" not in ci
         assert ci["ports"] == [f"127.0.0.1:{p}" for p in svc["ports"]]
         changed = {"deploy", "ports", "build"} | ({"image"} if name == "label-studio" else set())
-        assert {k: v for k, v in ci.items() if k not in changed} == \
-            {k: v for k, v in svc.items() if k not in changed}
+        assert {k: v for k, v in ci.items() if k not in changed} == {
+            k: v for k, v in svc.items() if k not in changed
+        }
     assert copy["services"]["label-studio"]["image"] == "local/ls:1"
     assert Path(copy["services"]["molmo-backend"]["build"]["context"]) == ROOT
     images = copy["services"]["images"]
@@ -518,22 +568,35 @@ def test_compose_client_accepts_the_ci_copy(tmp_path):
     if client is None:
         pytest.skip("no compose client (docker compose / docker-compose) installed")
     path = write_ci_compose(tmp_path / "ci.yml", images_dir=tmp_path)
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("LABEL_STUDIO_", "MOLMO_", "COMPOSE_"))}
-    out = subprocess.run(client + ["-f", str(path), "config"], cwd=tmp_path, capture_output=True,
-                         env={**clean, "LABEL_STUDIO_PASSWORD": "pw"}, text=True, timeout=60)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MOLMO_", "COMPOSE_"))}
+    out = subprocess.run(
+        client + ["-f", str(path), "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        env={**clean, "LABEL_STUDIO_PASSWORD": "pw"},
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)
     assert "deploy" not in resolved["services"]["molmo-backend"]
-    assert resolved["services"]["molmo-backend"]["environment"]["LABEL_STUDIO_URL"] == \
-        "http://label-studio:8080"
+    assert (
+        resolved["services"]["molmo-backend"]["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    )
 
 
 def test_seconds_to_healthy_reads_dockers_own_timestamps():
-    state = {"StartedAt": "2026-12-02T06:17:06.123456789Z", "Health": {"Status": "healthy", "Log": [
-        {"Start": "2026-12-02T06:17:36.2Z", "End": "2026-12-02T06:17:36.3Z", "ExitCode": 1},
-        {"Start": "2026-12-02T06:18:06.2Z", "End": "2026-12-02T06:18:06.623456Z", "ExitCode": 0},
-        {"Start": "2026-12-02T06:18:36.2Z", "End": "2026-12-02T06:18:36.3Z", "ExitCode": 0}]}}
+    state = {
+        "StartedAt": "2026-12-02T06:17:06.123456789Z",
+        "Health": {
+            "Status": "healthy",
+            "Log": [
+                {"Start": "2026-12-02T06:17:36.2Z", "End": "2026-12-02T06:17:36.3Z", "ExitCode": 1},
+                {"Start": "2026-12-02T06:18:06.2Z", "End": "2026-12-02T06:18:06.623456Z", "ExitCode": 0},
+                {"Start": "2026-12-02T06:18:36.2Z", "End": "2026-12-02T06:18:36.3Z", "ExitCode": 0},
+            ],
+        },
+    }
     assert seconds_to_healthy(state) == pytest.approx(60.5)
     assert seconds_to_healthy({"StartedAt": state["StartedAt"], "Health": {"Log": []}}) is None
     assert docker_time("2026-12-02T07:00:00+01:00") == docker_time("2026-12-02T06:00:00Z")
@@ -547,8 +610,9 @@ DOCKER_STAGE = ROOT / ".ci" / "docker.sh"
 
 
 def _stage(env: dict[str, str], as_nobody: bool = False) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("CI", "MOLMO_REQUIRE_DOCKER", "MOLMO_SKIP_DOCKER")}
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("CI", "MOLMO_REQUIRE_DOCKER", "MOLMO_SKIP_DOCKER")
+    }
     with tempfile.TemporaryDirectory() as tmp:
         script = DOCKER_STAGE
         cmd = [str(script)]
@@ -561,8 +625,7 @@ def _stage(env: dict[str, str], as_nobody: bool = False) -> subprocess.Completed
             shutil.copy(DOCKER_STAGE, script)
             script.chmod(0o755)
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(script)]
-        return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True,
-                              timeout=60, cwd=tmp)
+        return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=60, cwd=tmp)
 
 
 @pytest.mark.parametrize("required", [{}, {"CI": "true"}, {"MOLMO_REQUIRE_DOCKER": "1"}])

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.labelstudio import E2E_TIMINGS, LabelStudio, free_port
+from tests.support.labelstudio import E2E_TIMINGS, LabelStudio
+from tests.support.processes import free_port
 
 
 def _start(legacy: bool) -> LabelStudio:
@@ -42,8 +43,10 @@ def _running(request, legacy: bool):
         if request.session.testsfailed:  # LS's log goes with its temp dir: show it first
             capman = request.config.pluginmanager.getplugin("capturemanager")
             with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-                print(f"\n--- Label Studio log (legacy tokens {legacy}), last lines ---\n"
-                      f"{ls.log_tail(6000)}", file=sys.stderr)
+                print(
+                    f"\n--- Label Studio log (legacy tokens {legacy}), last lines ---\n{ls.log_tail(6000)}",
+                    file=sys.stderr,
+                )
         ls.stop()
 
 
@@ -72,8 +75,7 @@ def png_factory(tmp_path):
 
     def make(name: str = "img.png", width: int = 64, height: int = 48, color=(200, 30, 30)) -> Path:
         img = Image.new("RGB", (width, height), (240, 240, 240))
-        ImageDraw.Draw(img).ellipse([width // 4, height // 4, width * 3 // 4, height * 3 // 4],
-                                    fill=color)
+        ImageDraw.Draw(img).ellipse([width // 4, height // 4, width * 3 // 4, height * 3 // 4], fill=color)
         path = tmp_path / name
         img.save(path, format="PNG")
         return path
@@ -122,8 +124,12 @@ def capture_backend():
         rec.requests.append(("/predict", body))
         results = []
         for _task in body.get("tasks", []):
-            region = {"from_name": "kp", "to_name": "image", "type": "keypointlabels",
-                      "value": {"x": 50.0, "y": 50.0, "width": 1.0, "keypointlabels": ["cat"]}}
+            region = {
+                "from_name": "kp",
+                "to_name": "image",
+                "type": "keypointlabels",
+                "value": {"x": 50.0, "y": 50.0, "width": 1.0, "keypointlabels": ["cat"]},
+            }
             results.append({"result": [region], "score": 0.5, "model_version": rec.model_version})
         return jsonify(results=results)
 

@@ -1,6 +1,6 @@
 """``molmo-backend annotate`` against a real Label Studio 1.23.2 (tests/support/labelstudio.py).
 
-The demo model with forced answers (tests/support/forced_cli.py) writes known points, so every
+The demo model with forced answers (tests/support/forced_backend.py cli) writes known points, so every
 stored prediction can be checked exactly. Select with ``pytest -m e2e``.
 """
 
@@ -20,9 +20,9 @@ from PIL import Image
 from molmo_backend.commands.annotate import annotate_project
 from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.settings import Settings
+from tests.support.forced_backend import forced_engine_factory
 from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.forced_cli import forced_engine_factory
-from tests.support.processes import ROOT, run_backend, serve_directory
+from tests.support.processes import ROOT, BackendServer, serve_directory
 
 pytestmark = pytest.mark.e2e
 
@@ -41,8 +41,10 @@ EXPECTED = sorted([("cat", 25.0, 50.0), ("cat", 75.0, 50.0), ("dog", 10.0, 20.0)
 
 
 def _points(pred: dict) -> list[tuple[str, float, float]]:
-    return sorted((r["value"]["keypointlabels"][0], round(r["value"]["x"], 3), round(r["value"]["y"], 3))
-                  for r in pred["result"])
+    return sorted(
+        (r["value"]["keypointlabels"][0], round(r["value"]["x"], 3), round(r["value"]["y"], 3))
+        for r in pred["result"]
+    )
 
 
 def _ours(ls, task_id: int, version: str) -> list[dict]:
@@ -63,9 +65,23 @@ def _check_all(ls, sizes: dict[int, tuple[int, int]], version: str) -> None:
 
 
 def _annotate_cmd(project: int, answers_file: Path, delay: float, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "tests/support/forced_cli.py"), "--answers", str(answers_file),
-            "--delay", str(delay), "--", "annotate", "--project", str(project), "--json",
-            "--progress", "log", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "tests/support/forced_backend.py"),
+        "cli",
+        "--answers",
+        str(answers_file),
+        "--delay",
+        str(delay),
+        "--",
+        "annotate",
+        "--project",
+        str(project),
+        "--json",
+        "--progress",
+        "log",
+        *extra,
+    ]
 
 
 def _report(stdout: str) -> dict:
@@ -73,8 +89,9 @@ def _report(stdout: str) -> dict:
     return json.loads(line)
 
 
-def test_annotate_is_interrupted_resumes_and_dedupes_with_the_server(ls_pat, png_factory, tmp_path,
-                                                                     demo_model_dir):
+def test_annotate_is_interrupted_resumes_and_dedupes_with_the_server(
+    ls_pat, png_factory, tmp_path, demo_model_dir
+):
     """PAT mode (LS 1.23's default). 12 uploaded tasks in chunks of 2, the engine slowed down.
     SIGINT once the first chunk is stored: the run writes the chunks in flight and exits 130 with
     whole chunks stored. The same command again writes exactly the rest. Then our server, connected
@@ -88,15 +105,26 @@ def test_annotate_is_interrupted_resumes_and_dedupes_with_the_server(ls_pat, png
     sizes = dict(zip(ids, sizes_list))
     answers_file = tmp_path / "answers.json"
     answers_file.write_text(json.dumps(ANSWERS))
-    env = {**os.environ, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat(),
-           "MOLMO_CACHE_DIR": str(demo_model_dir.parent), "PYTHONUNBUFFERED": "1",
-           "MOLMO_MAX_NEW_TOKENS": "48"}
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.pat(),
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+        "PYTHONUNBUFFERED": "1",
+        "MOLMO_MAX_NEW_TOKENS": "48",
+    }
 
     # 1. interrupted after the first stored chunk
     log1 = tmp_path / "run1.log"
     with open(log1, "wb") as err:
-        proc = subprocess.Popen(_annotate_cmd(pid, answers_file, 1.0, "--chunk-size", "2"), cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            _annotate_cmd(pid, answers_file, 1.0, "--chunk-size", "2"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 90
         while not any(ls.predictions(i) for i in ids):
@@ -126,8 +154,13 @@ def test_annotate_is_interrupted_resumes_and_dedupes_with_the_server(ls_pat, png
             assert _points(preds[0]) == EXPECTED
 
     # 2. the same command resumes: exactly the rest
-    done = subprocess.run(_annotate_cmd(pid, answers_file, 0.0, "--chunk-size", "2"), cwd=ROOT,
-                          env=env, capture_output=True, timeout=120)
+    done = subprocess.run(
+        _annotate_cmd(pid, answers_file, 0.0, "--chunk-size", "2"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     second = _report(done.stdout.decode())
     assert second["model_version"] == version
@@ -137,9 +170,15 @@ def test_annotate_is_interrupted_resumes_and_dedupes_with_the_server(ls_pat, png
     E2E_TIMINGS["annotate_resume_cli_s"] = time.monotonic() - t0
 
     # 3. the server reports the same version: LS's own dedupe skips every CLI-made prediction
-    with run_backend(tmp_path, answers=ANSWERS,
-                     env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat(),
-                          "MOLMO_CACHE_DIR": str(demo_model_dir.parent)}) as backend:
+    with BackendServer(
+        tmp_path,
+        answers=ANSWERS,
+        env={
+            "LABEL_STUDIO_URL": ls.url,
+            "LABEL_STUDIO_API_KEY": ls.pat(),
+            "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+        },
+    ) as backend:
         ml = ls.connect_ml(pid, backend.url)
         assert ml["model_version"] == version
         ls.retrieve_predictions(pid)
@@ -147,8 +186,9 @@ def test_annotate_is_interrupted_resumes_and_dedupes_with_the_server(ls_pat, png
     E2E_TIMINGS["annotate_resume_total_s"] = time.monotonic() - t0
 
 
-def test_annotate_filters_failures_and_reruns_with_a_legacy_token(ls_legacy, png_factory, tmp_path,
-                                                                   demo_model_dir):
+def test_annotate_filters_failures_and_reruns_with_a_legacy_token(
+    ls_legacy, png_factory, tmp_path, demo_model_dir
+):
     """Legacy-token mode, in-process (annotate_project, the SDK client with a legacy token):
     --tasks picks tasks; a view picks its tab's tasks; an image that cannot be loaded gets no
     prediction (left for the next run); a task predicted elsewhere meanwhile is not written
@@ -164,16 +204,22 @@ def test_annotate_filters_failures_and_reruns_with_a_legacy_token(ls_legacy, png
         up_ids = ls.import_files(pid, uploads)
         [web_id, missing_id] = ls.import_urls(pid, [f"{web_url}/web.png", f"{web_url}/gone.png"])
         sizes = {**{i: (50 + k, 40 + k) for k, i in enumerate(up_ids)}, web_id: (90, 60)}
-        settings = Settings.from_env({}, label_studio_url=ls.url, label_studio_api_key=ls.user_token,
-                                     demo="random", cache_dir=demo_model_dir.parent,
-                                     allowed_hosts=(web_url.split("//", 1)[1].split(":")[0],),
-                                     max_new_tokens=48)
+        settings = Settings.from_env(
+            {},
+            label_studio_url=ls.url,
+            label_studio_api_key=ls.user_token,
+            demo="random",
+            cache_dir=demo_model_dir.parent,
+            allowed_hosts=(web_url.split("//", 1)[1].split(":")[0],),
+            max_new_tokens=48,
+        )
         factory = forced_engine_factory(ANSWERS)
         project = LabelStudioProject(pid, ls.url, ls.user_token)
 
         def run(**kwargs):
-            return annotate_project(settings, pid, engine_factory=factory, project=project,
-                                    progress="off", chunk_size=3, **kwargs)
+            return annotate_project(
+                settings, pid, engine_factory=factory, project=project, progress="off", chunk_size=3, **kwargs
+            )
 
         # --tasks: two of them
         r1 = run(task_filter=TaskFilter(task_ids=(up_ids[0], up_ids[3])))
@@ -182,16 +228,36 @@ def test_annotate_filters_failures_and_reruns_with_a_legacy_token(ls_legacy, png
         version = r1.model_version
 
         # a Data Manager tab with one task (id filter): --view
-        view = ls.api("POST", "/api/dm/views", json={"project": pid, "data": {"filters": {
-            "conjunction": "and", "items": [{"filter": "filter:tasks:id", "operator": "equal",
-                                             "type": "Number", "value": up_ids[1]}]}}}).json()
+        view = ls.api(
+            "POST",
+            "/api/dm/views",
+            json={
+                "project": pid,
+                "data": {
+                    "filters": {
+                        "conjunction": "and",
+                        "items": [
+                            {
+                                "filter": "filter:tasks:id",
+                                "operator": "equal",
+                                "type": "Number",
+                                "value": up_ids[1],
+                            }
+                        ],
+                    }
+                },
+            },
+        ).json()
         r2 = run(task_filter=TaskFilter(view=view["id"]))
         assert (r2.listed, r2.written) == (1, 1)
         assert len(ls.predictions(up_ids[1])) == 1
 
         # someone else predicts a task with our version while it waits: not written twice
-        ls.api("POST", "/api/predictions", json={"task": up_ids[2], "result": [], "score": 0.0,
-                                                 "model_version": version})
+        ls.api(
+            "POST",
+            "/api/predictions",
+            json={"task": up_ids[2], "result": [], "score": 0.0, "model_version": version},
+        )
         original = project.tasks
 
         def stale_listing(*args, **kwargs):  # the listing was made before that prediction

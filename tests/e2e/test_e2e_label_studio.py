@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.processes import run_backend, serve_directory
+from tests.support.processes import BackendServer, serve_directory
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +37,7 @@ def _report_e2e_time(request):
             print("\n" + line)
     else:
         print(line)
+
 
 KEYPOINT_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -64,12 +65,10 @@ def test_uploaded_image_is_served_behind_a_token(ls, png_factory):
     r = requests.get(ls.url + path, headers=bearer, timeout=30)
     assert r.status_code == 200 and r.content == png.read_bytes()
 
-    raw_pat = requests.get(ls.url + path, headers={"Authorization": f"Bearer {ls.pat()}"},
-                           timeout=30)
+    raw_pat = requests.get(ls.url + path, headers={"Authorization": f"Bearer {ls.pat()}"}, timeout=30)
     assert raw_pat.status_code == 401
 
-    legacy = requests.get(ls.url + path, headers={"Authorization": f"Token {ls.user_token}"},
-                          timeout=30)
+    legacy = requests.get(ls.url + path, headers={"Authorization": f"Token {ls.user_token}"}, timeout=30)
     if ls.legacy_tokens:
         assert legacy.status_code == 200 and legacy.content == png.read_bytes()
     else:
@@ -96,8 +95,7 @@ def test_label_attributes_reach_the_backend(ls_legacy, capture_backend, png_fact
     assert stored["label_config"] == LABEL_ATTRS_CONFIG
     parsed = stored["parsed_label_config"]["kp"]
     assert parsed["labels"] == ["c", "dog", "bird"]
-    assert parsed["labels_attrs"]["c"] == {"value": "cat", "prompt": "black cats", "hint": "x",
-                                           "alias": "c"}
+    assert parsed["labels_attrs"]["c"] == {"value": "cat", "prompt": "black cats", "hint": "x", "alias": "c"}
 
     [task_id] = ls.import_files(project["id"], [png_factory("attrs.png", 32, 32)])
     ls.connect_ml(project["id"], capture_backend.url)
@@ -136,13 +134,13 @@ FORCED_ANSWERS = {
     "fish": "There are none.",
 }
 # (label as stored, x %, y %) that those answers must become on every image
-EXPECTED_POINTS = sorted([("cat", 25.0, 50.0), ("cat", 75.0, 50.0), ("dog", 10.0, 20.0),
-                          ("b", 99.9, 0.1)])
+EXPECTED_POINTS = sorted([("cat", 25.0, 50.0), ("cat", 75.0, 50.0), ("dog", 10.0, 20.0), ("b", 99.9, 0.1)])
 LABELS = {"cat", "dog", "b", "fish"}
 
 
-def _check_prediction(ls, task_id: int, size: tuple[int, int], model_version: str,
-                      expected_points=EXPECTED_POINTS) -> dict:
+def _check_prediction(
+    ls, task_id: int, size: tuple[int, int], model_version: str, expected_points=EXPECTED_POINTS
+) -> dict:
     """Exactly one stored prediction of ours, keypoints of the config in range, sized like the
     image; with ``expected_points`` the forced answers' points exactly."""
     preds = ls.predictions(task_id)
@@ -185,17 +183,25 @@ def test_backend_pre_annotates_through_label_studio(mode, request, png_factory, 
         pid = project["id"]
         for task_id, path in zip(ls.import_files(pid, uploads), uploads):
             sizes[task_id] = Image.open(path).size
-        for task_id, name in zip(ls.import_urls(pid, [f"{web_url}/web.jpg", f"{web_url}/odd.png"]),
-                                 ["web.jpg", "odd.png"]):
+        for task_id, name in zip(
+            ls.import_urls(pid, [f"{web_url}/web.jpg", f"{web_url}/odd.png"]), ["web.jpg", "odd.png"]
+        ):
             sizes[task_id] = Image.open(web_dir / name).size
-        assert [t["data"]["image"].startswith("/data/upload/") for t in ls.tasks(pid)] == \
-            [True, True, False, False]
+        assert [t["data"]["image"].startswith("/data/upload/") for t in ls.tasks(pid)] == [
+            True,
+            True,
+            False,
+            False,
+        ]
 
-        env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.backend_api_key,
-               "MOLMO_ALLOWED_HOSTS": web_url.split("//", 1)[1]}
+        env = {
+            "LABEL_STUDIO_URL": ls.url,
+            "LABEL_STUDIO_API_KEY": ls.backend_api_key,
+            "MOLMO_ALLOWED_HOSTS": web_url.split("//", 1)[1],
+        }
         if mode == "legacy-setup-token":
             env["LABEL_STUDIO_API_KEY"] = ""  # empty = unset for the backend's settings
-        with run_backend(tmp_path, env=env, answers=FORCED_ANSWERS) as backend:
+        with BackendServer(tmp_path, env=env, answers=FORCED_ANSWERS) as backend:
             t_backend = time.monotonic()
             ml = ls.connect_ml(pid, backend.url)
             assert ml["state"] == "CO", ml
@@ -248,7 +254,7 @@ def test_try_it_the_demo_model_points_at_the_sample_shapes_in_label_studio(ls_pa
     names = sorted(truth)
     ids = ls.import_files(project["id"], [DEMO_DIR / name for name in names])
     env = {"MOLMO_DEMO": "1", "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat()}
-    with run_backend(tmp_path, env=env) as backend:
+    with BackendServer(tmp_path, env=env) as backend:
         assert "serving the tiny DEMO model (trained on synthetic shapes; not Molmo)" in backend.log
         ml = ls.connect_ml(project["id"], backend.url)
         assert ml["state"] == "CO", ml
@@ -263,14 +269,20 @@ def test_try_it_the_demo_model_points_at_the_sample_shapes_in_label_studio(ls_pa
         found = {}
         for region in prediction["result"]:
             [label] = region["value"]["keypointlabels"]
-            assert f'value="{label}"' in config and 0 <= region["value"]["x"] <= 100 and 0 <= region["value"]["y"] <= 100
+            assert (
+                f'value="{label}"' in config
+                and 0 <= region["value"]["x"] <= 100
+                and 0 <= region["value"]["y"] <= 100
+            )
             found.setdefault(label, []).append((region["value"]["x"], region["value"]["y"]))
         assert found, name
         for shape in truth[name]:
             shapes += 1
             points = found.get(shape["label"], [])
-            hits += any(math.hypot(x - 100 * shape["x"] / width, y - 100 * shape["y"] / height) <= TOLERANCE_PERCENT
-                        for x, y in points)
+            hits += any(
+                math.hypot(x - 100 * shape["x"] / width, y - 100 * shape["y"] / height) <= TOLERANCE_PERCENT
+                for x, y in points
+            )
     print(f"\ntry-it demo: {hits} of {shapes} shapes got a keypoint within {TOLERANCE_PERCENT}%")
     assert hits >= DEMO_MIN_HITS, (hits, shapes)
 
@@ -283,7 +295,7 @@ def test_demo_model_served_by_the_cli(ls_pat, png_factory, tmp_path):
     uploads = [png_factory("a.png", 640, 480), png_factory("b.png", 300, 500)]
     ids = ls.import_files(project["id"], uploads)
     env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat()}
-    with run_backend(tmp_path, env=env) as backend:
+    with BackendServer(tmp_path, env=env) as backend:
         ml = ls.connect_ml(project["id"], backend.url)
         assert ml["state"] == "CO", ml
         for _ in range(2):

@@ -1,7 +1,7 @@
-""""Retrieve predictions" over more tasks than fit in the backend's deadline, against a real Label
+""" "Retrieve predictions" over more tasks than fit in the backend's deadline, against a real Label
 Studio 1.23.2 and the real server (issue #14; issue #12 point 4 for hang-ups).
 
-The engine is slowed with tests/support/forced_server.py's MOLMO_TEST_FAULTS ``sleep`` rule (a
+The engine is slowed with tests/support/forced_backend.py's MOLMO_TEST_FAULTS ``sleep`` rule (a
 batch that matches sleeps that long before it runs) and MOLMO_MAX_BATCH=2, so a few seconds of
 deadline hold only part of the tasks. What every test ends with: each task holds exactly one
 prediction of this model_version, with the forced points: nothing lost, nothing duplicated.
@@ -17,9 +17,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.labelstudio import LabelStudio
-from tests.support.processes import run_backend, serve_directory
+from tests.support.labelstudio import E2E_TIMINGS, LabelStudio
+from tests.support.processes import BackendServer, serve_directory
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -30,26 +29,37 @@ CONFIG = """<View>
     <Label value="cat" background="red"/>
   </KeyPointLabels>
 </View>"""
-CONFIG_WITH_DOG = CONFIG.replace('<Label value="cat" background="red"/>',
-                                 '<Label value="cat" background="red"/><Label value="dog"/>')
-ANSWERS = {"cat": '<points coords="1 1 250 500">cat</points>',
-           "dog": '<points coords="1 1 500 900">dog</points>'}
+CONFIG_WITH_DOG = CONFIG.replace(
+    '<Label value="cat" background="red"/>', '<Label value="cat" background="red"/><Label value="dog"/>'
+)
+ANSWERS = {
+    "cat": '<points coords="1 1 250 500">cat</points>',
+    "dog": '<points coords="1 1 500 900">dog</points>',
+}
 CAT, DOG = ("cat", 25.0, 50.0), ("dog", 50.0, 90.0)
 DEADLINE_S = 3
 #: every batch (it asks about "cat") sleeps this long: 2 tasks per batch, so N tasks take at
 #: least N / 2 * SLEEP_S seconds, several times the deadline
 SLEEP_S = 0.6
-SLOW_ENV = {"MOLMO_PREDICT_DEADLINE": str(DEADLINE_S), "MOLMO_MAX_BATCH": "2",
-            "MOLMO_MAX_NEW_TOKENS": "32",
-            "MOLMO_TEST_FAULTS": json.dumps([{"prompt": "cat", "sleep": SLEEP_S}])}
+SLOW_ENV = {
+    "MOLMO_PREDICT_DEADLINE": str(DEADLINE_S),
+    "MOLMO_MAX_BATCH": "2",
+    "MOLMO_MAX_NEW_TOKENS": "32",
+    "MOLMO_TEST_FAULTS": json.dumps([{"prompt": "cat", "sleep": SLEEP_S}]),
+}
 WAIT_S = 180
 MAX_RETRIEVES = 40
 
 
 def backend_env(ls: LabelStudio, write_back: bool, demo_model_dir, **extra) -> dict:
-    return {**SLOW_ENV, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.backend_api_key,
-            "MOLMO_WRITE_BACK": "auto" if write_back else "0",
-            "MOLMO_CACHE_DIR": str(demo_model_dir.parent), **extra}
+    return {
+        **SLOW_ENV,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.backend_api_key,
+        "MOLMO_WRITE_BACK": "auto" if write_back else "0",
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+        **extra,
+    }
 
 
 def metrics(backend) -> dict:
@@ -61,16 +71,19 @@ def scheduler_queries(backend) -> int:
 
 
 def points(pred: dict) -> list[tuple]:
-    return sorted((r["value"]["keypointlabels"][0], round(r["value"]["x"], 3), round(r["value"]["y"], 3))
-                  for r in pred["result"])
+    return sorted(
+        (r["value"]["keypointlabels"][0], round(r["value"]["x"], 3), round(r["value"]["y"], 3))
+        for r in pred["result"]
+    )
 
 
 def stored(ls: LabelStudio, ids) -> dict[int, list[dict]]:
     return {i: ls.predictions(i) for i in ids}
 
 
-def check_one_each(ls: LabelStudio, sizes: dict[int, tuple[int, int]], version: str,
-                   expected=lambda task_id: [CAT]) -> None:
+def check_one_each(
+    ls: LabelStudio, sizes: dict[int, tuple[int, int]], version: str, expected=lambda task_id: [CAT]
+) -> None:
     """Every task: exactly one prediction, of ``version``, the forced points, sized right."""
     for task_id, size in sizes.items():
         preds = ls.predictions(task_id)
@@ -107,8 +120,9 @@ def retrieve_until_all_stored(ls: LabelStudio, pid: int, ids) -> int:
 
 
 @pytest.mark.parametrize("mode", ["legacy", "pat", "legacy-write-back", "pat-write-back"])
-def test_a_retrieve_past_the_deadline_ends_with_one_prediction_per_task(mode, request, png_factory,
-                                                                        tmp_path, demo_model_dir):
+def test_a_retrieve_past_the_deadline_ends_with_one_prediction_per_task(
+    mode, request, png_factory, tmp_path, demo_model_dir
+):
     """30 uploaded tasks, 3 s of deadline, a slowed engine. The first retrieve stores only
     finished tasks, one prediction each. Then either repeated retrieves (the rest come from the
     backend's memory, or are waited for) or, with LABEL_STUDIO_URL + API key, the backend's own
@@ -117,8 +131,7 @@ def test_a_retrieve_past_the_deadline_ends_with_one_prediction_per_task(mode, re
     ls = request.getfixturevalue("ls_pat" if mode.startswith("pat") else "ls_legacy")
     write_back = mode.endswith("write-back")
     pid, sizes = upload_project(ls, png_factory, 30, f"retrieve {mode}")
-    with run_backend(tmp_path, env=backend_env(ls, write_back, demo_model_dir),
-                     answers=ANSWERS) as backend:
+    with BackendServer(tmp_path, env=backend_env(ls, write_back, demo_model_dir), answers=ANSWERS) as backend:
         version = ls.connect_ml(pid, backend.url)["model_version"]
         started = time.monotonic()
         answer = ls.retrieve_predictions(pid)
@@ -154,22 +167,29 @@ def impatient_ls():
         yield ls
 
 
-def test_label_studio_hanging_up_keeps_bulk_work_and_drops_an_opened_task(impatient_ls, png_factory,
-                                                                          tmp_path, demo_model_dir):
+def test_label_studio_hanging_up_keeps_bulk_work_and_drops_an_opened_task(
+    impatient_ls, png_factory, tmp_path, demo_model_dir
+):
     """Label Studio gives up on a retrieve after 2 s (the backend's deadline is 60 s): it stores
     nothing; the backend sees the hang-up and its bulk work goes on, kept for the next retrieve.
     An opened task queued behind a slow batch, given up on too, is dropped from the queue and
     never computed. Retrieves then end with one prediction per task."""
     ls = impatient_ls
     slow = (91, 61)  # a batch holding this image sleeps 8 s: it holds the GPU worker that long
-    env = backend_env(ls, False, demo_model_dir, MOLMO_PREDICT_DEADLINE="60", MOLMO_MAX_BATCH="1",
-                      MOLMO_TEST_FAULTS=json.dumps([{"image_size": list(slow), "sleep": 8}]))
+    env = backend_env(
+        ls,
+        False,
+        demo_model_dir,
+        MOLMO_PREDICT_DEADLINE="60",
+        MOLMO_MAX_BATCH="1",
+        MOLMO_TEST_FAULTS=json.dumps([{"image_size": list(slow), "sleep": 8}]),
+    )
     pid = ls.create_project(CONFIG, title="hang-ups")["id"]
     sizes_list = [slow, (70, 50), (71, 50)]
     ids = ls.import_files(pid, [png_factory(f"h{i}.png", *s) for i, s in enumerate(sizes_list)])
     sizes = dict(zip(ids, sizes_list))
     [opened] = ls.import_files(pid, [png_factory("open.png", 72, 50)])
-    with run_backend(tmp_path, env=env, answers=ANSWERS) as backend:
+    with BackendServer(tmp_path, env=env, answers=ANSWERS) as backend:
         version = ls.connect_ml(pid, backend.url)["model_version"]
         faults = backend.log.count("injected fault")
         ls.retrieve_predictions(pid, task_ids=ids)  # Label Studio gives up after 2 s
@@ -186,14 +206,15 @@ def test_label_studio_hanging_up_keeps_bulk_work_and_drops_an_opened_task(impati
         check_one_each(ls, {**sizes, opened: (72, 50)}, version)
 
 
-def test_a_changed_label_config_is_not_answered_with_results_of_the_old_one(ls_legacy, png_factory,
-                                                                            tmp_path, demo_model_dir):
+def test_a_changed_label_config_is_not_answered_with_results_of_the_old_one(
+    ls_legacy, png_factory, tmp_path, demo_model_dir
+):
     """Retrieve 16 tasks past the deadline; the deferred ones finish and are kept. The user adds
     a label to the config: the next retrieves predict those tasks for the new config (cat and
     dog), none of the kept cat-only results is served."""
     ls = ls_legacy
     pid, sizes = upload_project(ls, png_factory, 16, "config change")
-    with run_backend(tmp_path, env=backend_env(ls, False, demo_model_dir), answers=ANSWERS) as backend:
+    with BackendServer(tmp_path, env=backend_env(ls, False, demo_model_dir), answers=ANSWERS) as backend:
         version = ls.connect_ml(pid, backend.url)["model_version"]
         ls.retrieve_predictions(pid)
         first = {i for i, p in stored(ls, sizes).items() if p}
@@ -224,16 +245,22 @@ def test_label_studio_down_during_the_write_back(ls_pat, tmp_path, demo_model_di
             pid = ls.create_project(CONFIG, title="write-back down")["id"]
             ids = ls.import_urls(pid, [f"{web_url}/w{i}.png" for i in range(20)])
             sizes = dict(zip(ids, sizes_list))
-            env = backend_env(ls, True, demo_model_dir, LABEL_STUDIO_URL=proxy.url,
-                              MOLMO_ALLOWED_HOSTS=web_url.split("//", 1)[1])
-            with run_backend(tmp_path, env=env, answers=ANSWERS) as backend:
+            env = backend_env(
+                ls,
+                True,
+                demo_model_dir,
+                LABEL_STUDIO_URL=proxy.url,
+                MOLMO_ALLOWED_HOSTS=web_url.split("//", 1)[1],
+            )
+            with BackendServer(tmp_path, env=env, answers=ANSWERS) as backend:
                 version = ls.connect_ml(pid, backend.url)["model_version"]
                 ls.retrieve_predictions(pid)
                 m = metrics(backend)
                 deferred = m["deferred"]
                 assert deferred > 0
-                until(lambda: metrics(backend)["write_back_failures"] == deferred,
-                      "the write-back to give up")
+                until(
+                    lambda: metrics(backend)["write_back_failures"] == deferred, "the write-back to give up"
+                )
                 assert "write-back to Label Studio failed" in backend.log
                 assert metrics(backend)["kept"] == deferred
                 assert sum(len(p) for p in stored(ls, ids).values()) == m["answered_in_time"]
@@ -245,8 +272,9 @@ def test_label_studio_down_during_the_write_back(ls_pat, tmp_path, demo_model_di
         proxy.down()
 
 
-def test_a_restart_in_the_middle_keeps_what_was_written_and_predicts_the_rest(ls_pat, png_factory,
-                                                                              tmp_path, demo_model_dir):
+def test_a_restart_in_the_middle_keeps_what_was_written_and_predicts_the_rest(
+    ls_pat, png_factory, tmp_path, demo_model_dir
+):
     """Write-back on; the backend is stopped after the first retrieve while its deferred work is
     being written. A new backend (nothing in memory) and repeated retrieves: every task ends with
     one prediction; what was written before the restart is not written again."""
@@ -255,7 +283,7 @@ def test_a_restart_in_the_middle_keeps_what_was_written_and_predicts_the_rest(ls
     env = backend_env(ls, True, demo_model_dir)
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
-    with run_backend(tmp_path / "one", env=env, answers=ANSWERS) as backend:
+    with BackendServer(tmp_path / "one", env=env, answers=ANSWERS) as backend:
         ml = ls.connect_ml(pid, backend.url)
         version = ml["model_version"]
         ls.retrieve_predictions(pid)
@@ -263,7 +291,7 @@ def test_a_restart_in_the_middle_keeps_what_was_written_and_predicts_the_rest(ls
     before_restart = {i for i, p in stored(ls, sizes).items() if p}
     assert all(len(p) <= 1 for p in stored(ls, sizes).values())
     ls.api("DELETE", f"/api/ml/{ml['id']}", expect=(200, 204))
-    with run_backend(tmp_path / "two", env=env, answers=ANSWERS) as backend:
+    with BackendServer(tmp_path / "two", env=env, answers=ANSWERS) as backend:
         assert ls.connect_ml(pid, backend.url)["model_version"] == version
         retrieve_until_all_stored(ls, pid, sizes)
         after = metrics(backend)

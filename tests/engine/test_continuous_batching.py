@@ -89,8 +89,16 @@ def test_a_row_that_ends_leaves_at_once_and_a_waiting_row_takes_its_slot():
     answers = scheduler.submit(queries("a:1", "b:6", "c:2", "d:1"))
     assert [a.text for a in answers] == ["a", "b", "c", "d"]
     # a ends with its first token (at prefill): c takes its slot while b decodes, then d c's
-    assert engine.log == [("prefill", ["a", "b"]), ("decode", ["b"]), ("prefill", ["c"]), ("decode", ["b", "c"]),
-                          ("prefill", ["d"]), ("decode", ["b"]), ("decode", ["b"]), ("decode", ["b"])]
+    assert engine.log == [
+        ("prefill", ["a", "b"]),
+        ("decode", ["b"]),
+        ("prefill", ["c"]),
+        ("decode", ["b", "c"]),
+        ("prefill", ["d"]),
+        ("decode", ["b"]),
+        ("decode", ["b"]),
+        ("decode", ["b"]),
+    ]
     assert engine.free == {False: 2, True: 2}
     scheduler.close()
 
@@ -110,7 +118,7 @@ def test_an_opened_task_joins_at_the_next_step_and_bulk_rows_wait_while_it_decod
     assert [a.text for a in bulk] == ["b1", "b2"]
     decodes = steps_of(engine, "decode")
     joined = engine.log.index(("prefill", ["open"]))
-    after = [names for event, names in engine.log[joined + 1:] if event == "decode"]
+    after = [names for event, names in engine.log[joined + 1 :] if event == "decode"]
     assert after[:2] == [["open"], ["open"]], "bulk rows wait in their slots while the opened task decodes"
     assert after[2] == ["b1", "b2"]  # then the bulk rows go on where they were
     assert decodes[:2] == [["b1", "b2"], ["b1", "b2"]]
@@ -166,8 +174,10 @@ def test_labels_of_one_image_are_prefilled_together_and_several_engines_share_th
         engine.gate.clear()
     scheduler = Scheduler(engines)
     image = Image.new("RGB", (8, 8))
-    jobs = [scheduler.submit_async([PointQuery(image, f"t{t}l{label}:3", image_key=t) for label in range(3)])
-            for t in range(6)]
+    jobs = [
+        scheduler.submit_async([PointQuery(image, f"t{t}l{label}:3", image_key=t) for label in range(3)])
+        for t in range(6)
+    ]
     assert all(engine.entered.wait(5) for engine in engines), "both replicas must take work"
     for engine in engines:
         engine.gate.set()

@@ -22,8 +22,9 @@ GREEN = Image.new("RGB", (300, 500), (30, 200, 30))
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
     choice = choose_model(Settings(model=str(demo_model_dir), demo="0"))  # as the server picks and names it
-    return TransformersEngine.load(choice.path, model_id=choice.model_id, demo=choice.demo, max_new_tokens=24,
-                                   max_batch=8)
+    return TransformersEngine.load(
+        choice.path, model_id=choice.model_id, demo=choice.demo, max_new_tokens=24, max_batch=8
+    )
 
 
 def test_loads_through_the_auto_classes_and_reports_what_it_is(engine):
@@ -59,11 +60,20 @@ def test_batched_answers_equal_one_at_a_time_answers(engine):
 
 
 MIXED = [RED, Image.new("RGB", (300, 900), (10, 200, 10)), Image.effect_noise((500, 500), 60).convert("RGB")]
-PROMPTS = ["Point to cat", "Point to the big brown dog", "Point to a", "Point to every window", "x", "Point to cat"]
+PROMPTS = [
+    "Point to cat",
+    "Point to the big brown dog",
+    "Point to a",
+    "Point to every window",
+    "x",
+    "Point to cat",
+]
 
 
 @pytest.mark.parametrize("max_batch,interactive", [(8, False), (2, False), (8, True)])
-def test_fast_decoder_equals_plain_generate_with_mixed_rows_everywhere(demo_model_dir, max_batch, interactive):
+def test_fast_decoder_equals_plain_generate_with_mixed_rows_everywhere(
+    demo_model_dir, max_batch, interactive
+):
     """Images with different token counts, prompts of different lengths, labels sharing images,
     rows admitted all at once or two at a time as slots free up, in the bulk or the opened
     tasks' slots: the slot decoder gives generate()'s tokens and scores."""
@@ -88,7 +98,9 @@ def test_rows_of_different_lengths_leave_when_they_end_and_others_take_their_slo
     answer is what the query gives alone, with exactly the forced number of tokens."""
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=2)
     lengths = [20, 2, 2, 7, 1]
-    queries = [PointQuery(MIXED[i % 3], f"Point to thing {i}", answer_tokens=n) for i, n in enumerate(lengths)]
+    queries = [
+        PointQuery(MIXED[i % 3], f"Point to thing {i}", answer_tokens=n) for i, n in enumerate(lengths)
+    ]
     admitted = []
     prefill = engine.prefill
 
@@ -109,15 +121,18 @@ def test_rows_of_different_lengths_leave_when_they_end_and_others_take_their_slo
 
 def test_an_answer_stopped_by_the_cap_says_it_was_cut(demo_model_dir):
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=5, max_batch=4)
-    capped, = engine.generate([PointQuery(RED, "Point to cat")])
+    (capped,) = engine.generate([PointQuery(RED, "Point to cat")])
     assert len(capped.token_logprobs) == 5 and capped.truncated
-    forced, = engine.generate([PointQuery(RED, "Point to cat", answer_tokens=3)])
+    (forced,) = engine.generate([PointQuery(RED, "Point to cat", answer_tokens=3)])
     assert len(forced.token_logprobs) == 3 and not forced.truncated  # the seam is not the cap
 
 
 def test_fast_decoder_answers_each_query_like_it_was_alone(demo_model_dir):
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8)
-    queries = [PointQuery(img, f"Point to item number {i}" + " please" * i) for i, img in enumerate([RED, GREEN, RED])]
+    queries = [
+        PointQuery(img, f"Point to item number {i}" + " please" * i)
+        for i, img in enumerate([RED, GREEN, RED])
+    ]
     together = engine.generate(queries)
     alone = [engine.generate([q])[0] for q in queries]
     assert [a.text for a in together] == [a.text for a in alone]
@@ -129,9 +144,13 @@ def test_demo_auto_falls_back_only_without_gpu_and_local_weights(tmp_path, demo_
     path, demo = resolve_model(Settings(model="allenai/not-downloaded", demo="random", cache_dir=tmp_path))
     assert demo and demo_info(path)["kind"] == "random" and path.startswith(str(tmp_path))
     assert resolve_model(Settings(model="allenai/not-downloaded", demo="0", cache_dir=tmp_path)) == (
-        "allenai/not-downloaded", False)
+        "allenai/not-downloaded",
+        False,
+    )
     assert resolve_model(Settings(model=str(demo_model_dir), demo="auto", cache_dir=tmp_path)) == (
-        str(demo_model_dir), True)
+        str(demo_model_dir),
+        True,
+    )
 
 
 def _compiling_engine(demo_model_dir):
@@ -147,7 +166,9 @@ def test_compiled_decode_step_gives_generates_answers_for_every_batch_size(demo_
     """MOLMO_COMPILE: torch.compile (inductor, dynamic shapes) of the opened tasks' decode step.
     One compile at warm-up serves 1-3 rows and other cache lengths, with generate()'s answers."""
     engine = _compiling_engine(demo_model_dir)
-    reference = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=8, decoder="generate")
+    reference = TransformersEngine.load(
+        str(demo_model_dir), max_new_tokens=24, max_batch=8, decoder="generate"
+    )
     counters = __import__("torch")._dynamo.utils.counters
     engine.warm_up()
     assert engine.decoder._compiled is not None and engine.decoder.compile_step
@@ -155,8 +176,11 @@ def test_compiled_decode_step_gives_generates_answers_for_every_batch_size(demo_
     assert compiled_at_warm_up >= 1
     tall = Image.new("RGB", (300, 900), (10, 200, 10))
     batches = [
-        [PointQuery(RED, "Point to cat", 1), PointQuery(RED, "Point to the dog on the left", 1),
-         PointQuery(RED, "Point to x", 1)],
+        [
+            PointQuery(RED, "Point to cat", 1),
+            PointQuery(RED, "Point to the dog on the left", 1),
+            PointQuery(RED, "Point to x", 1),
+        ],
         [PointQuery(GREEN, "Point to a very long description of something " * 3, 2)],
         [PointQuery(tall, "Point to cat", 3), PointQuery(GREEN, "Point to cat", 4)],
         [PointQuery(RED, "Point to the " + "very " * 40 + "red cat", 5)],  # a longer cache read
@@ -179,7 +203,9 @@ def test_decode_step_that_fails_to_compile_runs_eagerly_and_says_so(demo_model_d
 
     engine = _compiling_engine(demo_model_dir)
     queries = [PointQuery(RED, "Point to cat"), PointQuery(GREEN, "Point to dog")]
-    expected = [a.text for a in TransformersEngine.load(str(demo_model_dir), max_new_tokens=24).generate(queries)]
+    expected = [
+        a.text for a in TransformersEngine.load(str(demo_model_dir), max_new_tokens=24).generate(queries)
+    ]
 
     def fails(*args):
         raise torch._dynamo.exc.Unsupported("injected: this model cannot be compiled")
@@ -189,7 +215,9 @@ def test_decode_step_that_fails_to_compile_runs_eagerly_and_says_so(demo_model_d
         assert [a.text for a in engine.generate(queries, interactive=True)] == expected
     assert "torch.compile of the decode step failed" in caplog.text and "injected" in caplog.text
     assert not engine.decoder.compile_step
-    assert [a.text for a in engine.generate(queries, interactive=True)] == expected  # and stays eager, quietly
+    assert [
+        a.text for a in engine.generate(queries, interactive=True)
+    ] == expected  # and stays eager, quietly
 
 
 def test_compile_is_off_by_default_and_the_setting_reaches_server_and_commands(monkeypatch, demo_model_dir):
@@ -206,8 +234,9 @@ def test_compile_is_off_by_default_and_the_setting_reaches_server_and_commands(m
     monkeypatch.setenv("MOLMO_COMPILE", "1")
     assert cli._command_settings(args).compile_step == "1"
     # on the CPU the setting is accepted and nothing is compiled (no CUDA graphs to capture)
-    engine = TransformersEngine.from_settings(Settings(model=str(demo_model_dir), compile_step="1"),
-                                              device=__import__("torch").device("cpu"))
+    engine = TransformersEngine.from_settings(
+        Settings(model=str(demo_model_dir), compile_step="1"), device=__import__("torch").device("cpu")
+    )
     assert not engine.decoder.compile_step
 
 

@@ -36,12 +36,23 @@ def images():
 
 @pytest.mark.parametrize("decoder,max_batch", [("fast", 4), ("fast", 24), ("generate", 24)])
 def test_opened_tasks_mid_bulk_leave_every_answer_as_it_is_alone(demo_model_dir, images, decoder, max_batch):
-    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=12, max_batch=max_batch, decoder=decoder)
+    engine = TransformersEngine.load(
+        str(demo_model_dir), max_new_tokens=12, max_batch=max_batch, decoder=decoder
+    )
     engine.processor.image_processor.max_crops = 4
-    trials = run_trials(engine, images, TRIALS, seed_base=1000 * max_batch + 100 * (decoder == "generate"),
-                        tolerance=LOGPROB_TOLERANCE)
+    trials = run_trials(
+        engine,
+        images,
+        TRIALS,
+        seed_base=1000 * max_batch + 100 * (decoder == "generate"),
+        tolerance=LOGPROB_TOLERANCE,
+    )
     for trial in trials:
-        print(trial["seed"], trial["bulk"], trial["opened"], trial["arrived_mid_bulk"], len(trial["mismatches"]))
-        assert not trial["mismatches"], f"seed {trial['seed']}: answers differ from alone: {trial['mismatches'][:3]}"
+        print(
+            trial["seed"], trial["bulk"], trial["opened"], trial["arrived_mid_bulk"], len(trial["mismatches"])
+        )
+        assert not trial["mismatches"], (
+            f"seed {trial['seed']}: answers differ from alone: {trial['mismatches'][:3]}"
+        )
     mid_bulk = sum(trial["arrived_mid_bulk"] for trial in trials)
     assert mid_bulk >= TRIALS // 2, f"only {mid_bulk} of {TRIALS} trials had an opened task arrive mid-bulk"

@@ -72,7 +72,8 @@ def test_v1_prompts_use_v1_trained_phrasing():
     assert default_prompt_template("molmo") == V1_TEMPLATE
     assert default_prompt_template("molmo2") != V1_TEMPLATE  # Molmo2 says 'There are none.'
     assert build_prompt("cat", default_prompt_template("molmo")) == (
-        "Point to cat\nPlease say 'This isn't in the image.' if it is not in the image.")
+        "Point to cat\nPlease say 'This isn't in the image.' if it is not in the image."
+    )
     # the template is part of model_version: v1 and Molmo2 predictions never share a version
     assert prompt_fingerprint(V1_TEMPLATE) != prompt_fingerprint(default_prompt_template("molmo2"))
 
@@ -220,20 +221,22 @@ def test_left_padding_would_change_answers(engine):
     from transformers import GenerationConfig
 
     stop = engine.processor.tokenizer.convert_tokens_to_ids(EOS)
-    short = engine.build_batch([PointQuery(SMALL, "Point to x"),
-                                PointQuery(RED, "Point to a much longer thing")])
+    short = engine.build_batch(
+        [PointQuery(SMALL, "Point to x"), PointQuery(RED, "Point to a much longer thing")]
+    )
     left = dict(short)
     ids = short["input_ids"][0]
     n = int((ids != -1).sum())
     left["input_ids"] = short["input_ids"].clone()
     left["input_ids"][0] = torch.cat([ids[n:], ids[:n]])  # same row, padded on the left
     left["image_input_idx"] = short["image_input_idx"].clone()
-    left["image_input_idx"][0] = torch.where(short["image_input_idx"][0] >= 0,
-                                             short["image_input_idx"][0] + (len(ids) - n), -1)
+    left["image_input_idx"][0] = torch.where(
+        short["image_input_idx"][0] >= 0, short["image_input_idx"][0] + (len(ids) - n), -1
+    )
     config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=[stop], pad_token_id=stop)
     banned = LogitsProcessorList([NoStop(stop)])
-    right_out = engine.model.generate_from_batch(short, config, logits_processor=banned)[0, len(ids):]
-    left_out = engine.model.generate_from_batch(left, config, logits_processor=banned)[0, len(ids):]
+    right_out = engine.model.generate_from_batch(short, config, logits_processor=banned)[0, len(ids) :]
+    left_out = engine.model.generate_from_batch(left, config, logits_processor=banned)[0, len(ids) :]
     assert not torch.equal(right_out, left_out)
 
 
@@ -271,9 +274,8 @@ def test_forced_v1_answers_come_back_as_percent_points(engine):
 
 @needs_v1_profile
 def test_profile_dispatches_v1_and_refuses_molmo2_and_the_demo(v1_dir, tmp_path):
-    from molmo_backend.engine.molmo1 import Molmo1Engine
-
     from molmo_backend.app.model_choice import load_engine
+    from molmo_backend.engine.molmo1 import Molmo1Engine
 
     settings = Settings(model=str(v1_dir), demo="auto", device="cpu", max_new_tokens=8, max_batch=3)
     loaded = load_engine(settings)
@@ -293,15 +295,18 @@ def test_backend_predicts_v1_keypoints_end_to_end(engine, image_url):
     from molmo_backend.app.service import build_backend
     from tests.conftest import KEYPOINT_CONFIG
 
-    answers = {"cat": '<point x="25.0" y="50.0" alt="cat">cat</point>',
-               "dog": '<points x1="75.0" y1="12.5" x2="10.0" y2="90.0" alt="dog">dog</points>'}
+    answers = {
+        "cat": '<point x="25.0" y="50.0" alt="cat">cat</point>',
+        "dog": '<points x1="75.0" y1="12.5" x2="10.0" y2="90.0" alt="dog">dog</points>',
+    }
     forcer = ForceV1Answers(engine.processor.tokenizer, answers)
     engine.logits_processors.append(forcer)
     settings = Settings(model="allenai/Molmo-7B-D-0924", allowed_hosts=("127.0.0.1",), point_width=0.75)
     backend = build_backend(settings, engine)
     try:
-        predictions = backend.predict([{"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}}],
-                                      label_config=KEYPOINT_CONFIG)
+        predictions = backend.predict(
+            [{"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}}], label_config=KEYPOINT_CONFIG
+        )
     finally:
         backend.scheduler.close()
         engine.logits_processors.clear()

@@ -104,13 +104,24 @@ class FakeEngineServer:
                 if isinstance(action, int):
                     return self._send(action, {"error": {"message": f"injected {action}"}})
                 text = fake.answers.get(prompt, CAT)
-                choice = {"index": 0, "finish_reason": "stop",
-                          "message": {"role": "assistant", "content": text}}
+                choice = {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
                 if fake.logprobs is not None and request.get("logprobs"):
-                    choice["logprobs"] = {"content": [{"token": "t", "logprob": lp, "top_logprobs": []}
-                                                      for lp in fake.logprobs]}
-                self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": fake.served,
-                                 "choices": [choice]})
+                    choice["logprobs"] = {
+                        "content": [{"token": "t", "logprob": lp, "top_logprobs": []} for lp in fake.logprobs]
+                    }
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "model": fake.served,
+                        "choices": [choice],
+                    },
+                )
 
             def _send(self, status, payload, headers=None):
                 self._send_raw(status, json.dumps(payload).encode(), headers)
@@ -149,7 +160,7 @@ class FakeEngineServer:
             url = image_part["image_url"]["url"]
             prefix = "data:image/jpeg;base64,"
             assert url.startswith(prefix)
-            image = Image.open(io.BytesIO(base64.b64decode(url[len(prefix):], validate=True)))
+            image = Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :], validate=True)))
             assert image.format == "JPEG"
             return None, text_part["text"], image.size
         except Exception as exc:  # noqa: BLE001
@@ -181,7 +192,9 @@ def make_engine(server, **kwargs) -> OpenAIEngine:
 def test_answers_come_back_in_order_from_checked_requests(server, monkeypatch):
     encoded = []
     real_encode = remote.encode_image
-    monkeypatch.setattr(remote, "encode_image", lambda image: encoded.append(image.size) or real_encode(image))
+    monkeypatch.setattr(
+        remote, "encode_image", lambda image: encoded.append(image.size) or real_encode(image)
+    )
     server.answers = {"Point to cat": CAT, "Point to dog": "There are none.", "Point to tail": "no points"}
     queries = [
         PointQuery(RED, "Point to cat", image_key="red"),
@@ -203,8 +216,12 @@ def test_answers_come_back_in_order_from_checked_requests(server, monkeypatch):
     # the next batch reuses an image still alive under the same key; a new image under a reused
     # key (keys may be id()s) is encoded again rather than mistaken for the old one
     other = Image.new("RGB", (320, 240), (1, 2, 3))
-    out = engine.generate([PointQuery(RED, "Point to cat", image_key="red"),
-                           PointQuery(other, "Point to dog", image_key="green")])
+    out = engine.generate(
+        [
+            PointQuery(RED, "Point to cat", image_key="red"),
+            PointQuery(other, "Point to dog", image_key="green"),
+        ]
+    )
     assert [a.text for a in out] == [CAT, "There are none."]
     assert sorted(encoded) == [(300, 500), (320, 240), (640, 480)]
     assert server.seen[-1]["size"] == (320, 240) or server.seen[-2]["size"] == (320, 240)
@@ -282,17 +299,30 @@ def test_an_unreachable_server_gives_error_answers_not_an_exception(server):
 
 
 def test_from_settings_asks_the_server_which_model_it_runs(server):
-    settings = Settings(engine="openai", engine_url=server.url + "/", engine_api_key=KEY,
-                        engine_concurrency=3, engine_timeout=7.0, max_new_tokens=99)
+    settings = Settings(
+        engine="openai",
+        engine_url=server.url + "/",
+        engine_api_key=KEY,
+        engine_concurrency=3,
+        engine_timeout=7.0,
+        max_new_tokens=99,
+    )
     engine = OpenAIEngine.from_settings(settings, startup_wait=2)
     # MOLMO_MODEL (allenai/Molmo2-4B) is not served: the served name is used, the root is reported
     assert (engine.request_model, engine.model_id, engine.family) == ("molmo", "allenai/Molmo2-8B", "molmo2")
-    assert (engine.max_batch, engine.timeout, engine.max_new_tokens, engine.revision) == (3, 7.0, 99, "remote")
+    assert (engine.max_batch, engine.timeout, engine.max_new_tokens, engine.revision) == (
+        3,
+        7.0,
+        99,
+        "remote",
+    )
     assert engine.generate([PointQuery(RED, "Point to cat")])[0].text == CAT  # "molmo" accepted
 
     server.served, server.root = "allenai/Molmo-7B-D-0924", None
-    v1 = OpenAIEngine.from_settings(Settings(engine="openai", engine_url=server.url, engine_api_key=KEY,
-                                             model="allenai/Molmo-7B-D-0924"), startup_wait=2)
+    v1 = OpenAIEngine.from_settings(
+        Settings(engine="openai", engine_url=server.url, engine_api_key=KEY, model="allenai/Molmo-7B-D-0924"),
+        startup_wait=2,
+    )
     assert (v1.request_model, v1.model_id, v1.family) == ("allenai/Molmo-7B-D-0924",) * 2 + ("molmo",)
 
 
@@ -304,14 +334,16 @@ def test_from_settings_fails_clearly_on_a_wrong_key_or_a_dead_server(server, cap
         OpenAIEngine.from_settings(wrong, startup_wait=30)
     assert time.monotonic() - started < 2  # a refused key is not waited on
     with pytest.raises(EngineUnavailable, match="404.*/v1"):
-        OpenAIEngine.from_settings(Settings(engine="openai", engine_url=server.url[:-3], engine_api_key=KEY),
-                                   startup_wait=2)
+        OpenAIEngine.from_settings(
+            Settings(engine="openai", engine_url=server.url[:-3], engine_api_key=KEY), startup_wait=2
+        )
     server.httpd.shutdown()
     server.httpd.server_close()
     started = time.monotonic()
     with pytest.raises(EngineUnavailable, match="did not come up within 0.6 s"):
-        OpenAIEngine.from_settings(Settings(engine="openai", engine_url=server.url, engine_api_key=KEY),
-                                   startup_wait=0.6)
+        OpenAIEngine.from_settings(
+            Settings(engine="openai", engine_url=server.url, engine_api_key=KEY), startup_wait=0.6
+        )
     assert time.monotonic() - started < 2
     assert "sk-wrong-key-999" not in caplog.text
 
@@ -336,13 +368,21 @@ def test_backend_predict_end_to_end_gives_exact_keypoints(server, image_url):
         template.replace("{label}", "dog"): '<points coords="1 1 100 900">dog</points>',
     }
     server.scripts = {template.replace("{label}", "dog"): [503, "ok"]}  # a retry on the way
-    settings = Settings(engine="openai", engine_url=server.url, engine_api_key=KEY, engine_concurrency=4,
-                        allowed_hosts=("127.0.0.1",), point_width=0.75)
+    settings = Settings(
+        engine="openai",
+        engine_url=server.url,
+        engine_api_key=KEY,
+        engine_concurrency=4,
+        allowed_hosts=("127.0.0.1",),
+        point_width=0.75,
+    )
     engine = OpenAIEngine.from_settings(settings, startup_wait=2, backoff=0.01)
     backend = build_backend(settings, engine)
     try:
-        tasks = [{"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}},
-                 {"id": 2, "data": {"image": f"{image_url}/missing.png"}}]
+        tasks = [
+            {"id": 1, "data": {"image": f"{image_url}/red-640x480.png"}},
+            {"id": 2, "data": {"image": f"{image_url}/missing.png"}},
+        ]
         predictions = backend.predict(tasks, label_config=KEYPOINT_CONFIG)
     finally:
         backend.scheduler.close()
@@ -351,13 +391,22 @@ def test_backend_predict_end_to_end_gives_exact_keypoints(server, image_url):
     assert len(predictions) == 2
     assert predictions[1] == {"result": [], "score": 0.0, "model_version": backend.model_version}
     regions = [
-        {key: r[key] for key in ("from_name", "to_name", "type", "original_width", "original_height", "value")}
+        {
+            key: r[key]
+            for key in ("from_name", "to_name", "type", "original_width", "original_height", "value")
+        }
         for r in predictions[0]["result"]
     ]
 
     def point(x, y, label):
-        return {"from_name": "kp", "to_name": "image", "type": "keypointlabels", "original_width": 640,
-                "original_height": 480, "value": {"x": x, "y": y, "width": 0.75, "keypointlabels": [label]}}
+        return {
+            "from_name": "kp",
+            "to_name": "image",
+            "type": "keypointlabels",
+            "original_width": 640,
+            "original_height": 480,
+            "value": {"x": x, "y": y, "width": 0.75, "keypointlabels": [label]},
+        }
 
     assert regions == [point(25.0, 50.0, "cat"), point(75.0, 12.5, "cat"), point(10.0, 90.0, "dog")]
     assert all(r["score"] == pytest.approx(0.8, abs=1e-4) for r in predictions[0]["result"])

@@ -68,7 +68,7 @@ def test_one_batch_carries_queries_of_several_concurrent_requests():
         threading.Event().wait(0.01)
     engine.gate.set()
     blocker.join(5)
-    for thread, out in threads:
+    for thread, _out in threads:
         thread.join(5)
     assert engine.batches[1] and len(engine.batches[1]) == 6  # all three requests in one batch
     for r, (_, out) in enumerate(threads):
@@ -112,7 +112,9 @@ def test_out_of_memory_splits_the_batch_until_it_fits():
     class OutOfMemory(RuntimeError):
         pass
 
-    engine = EchoEngine(max_batch=8, fail_if=lambda ps: OutOfMemory("CUDA out of memory") if len(ps) > 2 else None)
+    engine = EchoEngine(
+        max_batch=8, fail_if=lambda ps: OutOfMemory("CUDA out of memory") if len(ps) > 2 else None
+    )
     scheduler = Scheduler(engine)
     prompts = [f"q{i}" for i in range(8)]
     answers = scheduler.submit(queries(*prompts))

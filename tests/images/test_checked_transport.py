@@ -33,8 +33,9 @@ def png(size=(20, 10)) -> bytes:
 
 
 def loader(*entries: str, resolver=None, session=None, **kw) -> ImageLoader:
-    return ImageLoader(Settings(allowed_hosts=entries, fetch_timeout=5.0, **kw), session=session,
-                       resolver=resolver)
+    return ImageLoader(
+        Settings(allowed_hosts=entries, fetch_timeout=5.0, **kw), session=session, resolver=resolver
+    )
 
 
 def error_of(image_loader: ImageLoader, value: str) -> str:
@@ -60,8 +61,16 @@ class CountingResolver:
     def __call__(self, host, port, family=0, kind=0):
         self.calls += 1
         answer = self.answers[min(self.calls, len(self.answers)) - 1]
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "",
-                 (a, port, 0, 0) if ":" in a else (a, port)) for a in answer]
+        return [
+            (
+                socket.AF_INET6 if ":" in a else socket.AF_INET,
+                socket.SOCK_STREAM,
+                6,
+                "",
+                (a, port, 0, 0) if ":" in a else (a, port),
+            )
+            for a in answer
+        ]
 
 
 def test_one_lookup_per_connection_and_the_connect_goes_to_the_address_checked(web, net_guard):
@@ -149,7 +158,8 @@ def test_guard_stops_a_connect_the_code_should_not_have_tried(net_guard):
     message = error_of(loader("*", "0.0.0.0/0"), "http://internal.test:8080/a.png")
     assert "could not fetch" in message
     assert net_guard.non_loopback_connects() == [
-        {"event": "connect", "address": "10.1.2.3", "port": 8080, "blocked": True}]
+        {"event": "connect", "address": "10.1.2.3", "port": 8080, "blocked": True}
+    ]
     with pytest.raises(PermissionError):
         socket.create_connection(("10.255.255.1", 9), timeout=1)
     with socket.socket() as sock, pytest.raises(PermissionError):

@@ -1,6 +1,6 @@
 """Where the real server may connect, shown through it (gunicorn on 127.0.0.1, the demo Molmo2
-with forced answers) with tests/support/guarded_server.py: inside the server process, names
-resolve from a test table (to loopback addresses, or to the refused ranges themselves), and every
+with forced answers) under ``tests/support/forced_backend.py serve --net-guard``: inside the
+server process, names resolve from a test table (to loopback addresses, or to the refused ranges themselves), and every
 connect to anything but loopback is refused by the guard before it happens and recorded. The
 guard's record (one JSON line per lookup and connect) is read after each request.
 
@@ -29,32 +29,53 @@ from PIL import Image
 
 from tests.support.http_fixtures import FakeLabelStudio, HttpServer, Reply
 from tests.support.net_guard import read_events
-from tests.support.processes import run_backend
+from tests.support.processes import BackendServer
 
 CAT = '<points coords="1 1 250 500 2 750 100">cat</points>'
 CAT_POINTS = [(25.0, 50.0), (75.0, 10.0)]
-CONFIG = ('<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
-          '<Label value="cat"/></KeyPointLabels></View>')
+CONFIG = (
+    '<View><Image name="image" value="$image"/><KeyPointLabels name="kp" toName="image">'
+    '<Label value="cat"/></KeyPointLabels></View>'
+)
 A_SIZE, B_SIZE, BAIT_SIZE = (64, 48), (30, 50), (11, 7)
 LEGACY = "c0ffee00" * 5
-GUARDED_SERVER = "tests/support/guarded_server.py"
 
-IMAGES_IP, LS_LISTED_IP, CIDR_IP, COMPOSE_LS_IP, MINIO_IP = ("127.0.0.3", "127.0.0.4", "127.0.0.70",
-                                                             "127.0.0.6", "127.0.0.5")
+IMAGES_IP, LS_LISTED_IP, CIDR_IP, COMPOSE_LS_IP, MINIO_IP = (
+    "127.0.0.3",
+    "127.0.0.4",
+    "127.0.0.70",
+    "127.0.0.6",
+    "127.0.0.5",
+)
 
 #: names -> what the test resolver answers, inside the server process
 NAMES = {
-    "images.test": [IMAGES_IP], "ls.test": [LS_LISTED_IP], "cidr.test": [CIDR_IP],
-    "label-studio.test": [COMPOSE_LS_IP], "minio.test": [MINIO_IP],
-    "loop.test": ["127.0.0.1"], "loop6.test": ["::1"],
-    "private10.test": ["10.0.0.5"], "private172.test": ["172.16.5.4"],
-    "private192.test": ["192.168.1.20"], "ula.test": ["fd00::5"],
-    "metadata.test": ["169.254.169.254"], "linklocal6.test": ["fe80::1"],
-    "cgnat.test": ["100.64.0.7"], "multicast.test": ["224.0.0.251"], "multicast6.test": ["ff02::fb"],
-    "unspecified.test": ["0.0.0.0"], "unspecified6.test": ["::"], "reserved.test": ["240.0.0.1"],
-    "broadcast.test": ["255.255.255.255"], "doc.test": ["192.0.2.10"], "doc6.test": ["2001:db8::10"],
-    "mapped.test": ["::ffff:127.0.0.1"], "mapped10.test": ["::ffff:10.0.0.5"],
-    "mappedmeta.test": ["::ffff:169.254.169.254"], "nat64meta.test": ["64:ff9b::a9fe:a9fe"],
+    "images.test": [IMAGES_IP],
+    "ls.test": [LS_LISTED_IP],
+    "cidr.test": [CIDR_IP],
+    "label-studio.test": [COMPOSE_LS_IP],
+    "minio.test": [MINIO_IP],
+    "loop.test": ["127.0.0.1"],
+    "loop6.test": ["::1"],
+    "private10.test": ["10.0.0.5"],
+    "private172.test": ["172.16.5.4"],
+    "private192.test": ["192.168.1.20"],
+    "ula.test": ["fd00::5"],
+    "metadata.test": ["169.254.169.254"],
+    "linklocal6.test": ["fe80::1"],
+    "cgnat.test": ["100.64.0.7"],
+    "multicast.test": ["224.0.0.251"],
+    "multicast6.test": ["ff02::fb"],
+    "unspecified.test": ["0.0.0.0"],
+    "unspecified6.test": ["::"],
+    "reserved.test": ["240.0.0.1"],
+    "broadcast.test": ["255.255.255.255"],
+    "doc.test": ["192.0.2.10"],
+    "doc6.test": ["2001:db8::10"],
+    "mapped.test": ["::ffff:127.0.0.1"],
+    "mapped10.test": ["::ffff:10.0.0.5"],
+    "mappedmeta.test": ["::ffff:169.254.169.254"],
+    "nat64meta.test": ["64:ff9b::a9fe:a9fe"],
     "twobad.test": ["10.0.0.5", "169.254.169.254"],
     "listed-meta.test": ["169.254.169.254"],  # a listed name that points at the metadata service
     "rebind.test": [[IMAGES_IP], ["169.254.169.254"]],  # listed; its second answer changes
@@ -99,26 +120,32 @@ class World:
         raise AttributeError(name)
 
     def predict(self, tasks) -> list:
-        response = requests.post(f"{self.url}/predict", timeout=60, json={
-            "tasks": tasks, "label_config": CONFIG, "params": {"context": None}})
+        response = requests.post(
+            f"{self.url}/predict",
+            timeout=60,
+            json={"tasks": tasks, "label_config": CONFIG, "params": {"context": None}},
+        )
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert len(results) == len(tasks)
         return results
 
     def setup(self, hostname: str) -> None:
-        response = requests.post(f"{self.url}/setup", timeout=10, json={
-            "schema": CONFIG, "hostname": hostname, "access_token": LEGACY})
+        response = requests.post(
+            f"{self.url}/setup",
+            timeout=10,
+            json={"schema": CONFIG, "hostname": hostname, "access_token": LEGACY},
+        )
         assert response.status_code == 200, response.text
 
     def new_events(self) -> list[dict]:
         events = read_events(self.net_log)
-        fresh, self.seen_events = events[self.seen_events:], len(events)
+        fresh, self.seen_events = events[self.seen_events :], len(events)
         return fresh
 
     def reasons(self, task_id: int) -> list[str]:
         text = self.backend.log
-        fresh, self.log_seen = text[self.log_seen:], len(text)
+        fresh, self.log_seen = text[self.log_seen :], len(text)
         out = []
         for line in fresh.splitlines():
             try:
@@ -146,8 +173,9 @@ def sizes(results) -> list:
     return out
 
 
-def refused(world: World, value: str, reason: str, may_connect: frozenset = frozenset({IMAGES_IP})
-            ) -> list[str]:
+def refused(
+    world: World, value: str, reason: str, may_connect: frozenset = frozenset({IMAGES_IP})
+) -> list[str]:
     """[good, value, good]: the middle task empty with ``reason`` logged, nothing connected but
     the good tasks' address (and ``may_connect``), no bait reached. Returns the reasons logged."""
     world.new_events()
@@ -155,9 +183,13 @@ def refused(world: World, value: str, reason: str, may_connect: frozenset = froz
     baits = world.bait_hits()
     task_id = world.task_ids()
     good = f"http://images.test:{world.images.port}"
-    results = world.predict([{"id": 1, "data": {"image": f"{good}/a.png"}},
-                             {"id": task_id, "data": {"image": value}},
-                             {"id": 3, "data": {"image": f"{good}/b.png"}}])
+    results = world.predict(
+        [
+            {"id": 1, "data": {"image": f"{good}/a.png"}},
+            {"id": task_id, "data": {"image": value}},
+            {"id": 3, "data": {"image": f"{good}/b.png"}},
+        ]
+    )
     assert sizes(results) == [A_SIZE, None, B_SIZE]
     reasons = world.reasons(task_id)
     assert any(reason in r for r in reasons), (reason, reasons)
@@ -197,17 +229,37 @@ def star(tmp_path_factory, demo_model_dir):
     ls_listed.serve_file("/data/upload/1/a.png", png(A_SIZE))
     ls_loop = FakeLabelStudio(legacy_token=LEGACY)  # Label Studio on 127.0.0.1, not listed
     ls_loop.serve_file("/data/upload/1/a.png", png(BAIT_SIZE))
-    servers = {"images": images, "images2": images2, "cidr": cidr, "v6": v6, "ls_listed": ls_listed,
-               "bait_loop": bait("127.0.0.1"), "bait_loop2": bait("127.0.0.2"), "bait_v6": bait("::1"),
-               "bait_ls": ls_loop}
-    entries = ["*", "images.test", "ls.test", "rebind.test", "listed-meta.test", "127.0.0.64/26",
-               f"[::1]:{v6.port}"]
+    servers = {
+        "images": images,
+        "images2": images2,
+        "cidr": cidr,
+        "v6": v6,
+        "ls_listed": ls_listed,
+        "bait_loop": bait("127.0.0.1"),
+        "bait_loop2": bait("127.0.0.2"),
+        "bait_v6": bait("::1"),
+        "bait_ls": ls_loop,
+    }
+    entries = [
+        "*",
+        "images.test",
+        "ls.test",
+        "rebind.test",
+        "listed-meta.test",
+        "127.0.0.64/26",
+        f"[::1]:{v6.port}",
+    ]
     net_log = tmp / "net.jsonl"
-    env = {"MOLMO_ALLOWED_HOSTS": ",".join(entries), "MOLMO_FETCH_TIMEOUT": "3",
-           "MOLMO_MAX_NEW_TOKENS": "32", "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
-           "MOLMO_TEST_NET_NAMES": json.dumps(NAMES), "MOLMO_TEST_NET_LOG": str(net_log)}
+    env = {
+        "MOLMO_ALLOWED_HOSTS": ",".join(entries),
+        "MOLMO_FETCH_TIMEOUT": "3",
+        "MOLMO_MAX_NEW_TOKENS": "32",
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+        "MOLMO_TEST_NET_NAMES": json.dumps(NAMES),
+        "MOLMO_TEST_NET_LOG": str(net_log),
+    }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}, server=GUARDED_SERVER) as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, net_log, servers)
     finally:
         for server in servers.values():
@@ -220,8 +272,12 @@ def test_allowed_fetches_connect_only_to_the_checked_addresses(star):
     fetched(star, f"http://{CIDR_IP}:{star.cidr.port}/a.png", A_SIZE, {CIDR_IP})  # ... or its IP
     fetched(star, f"http://[::1]:{star.v6.port}/a.png", A_SIZE, {"::1"})  # [::1]:port listed
     # userinfo is not the host: this is images.test, whatever "127.0.0.1:..." says before the @
-    fetched(star, f"http://127.0.0.1:{star.bait_loop.port}@images.test:{star.images.port}/a.png",
-            A_SIZE, {IMAGES_IP})
+    fetched(
+        star,
+        f"http://127.0.0.1:{star.bait_loop.port}@images.test:{star.images.port}/a.png",
+        A_SIZE,
+        {IMAGES_IP},
+    )
     assert star.bait_hits() == 0
 
 
@@ -230,8 +286,10 @@ def test_the_guard_sees_the_server_s_connects(star):
     star.new_events()
     fetched(star, f"http://images.test:{star.images2.port}/a.png", A_SIZE, {IMAGES_IP})
     events = read_events(star.net_log)
-    assert any(e["event"] == "connect" and e["address"] == IMAGES_IP and e["port"] == star.images2.port
-               for e in events)
+    assert any(
+        e["event"] == "connect" and e["address"] == IMAGES_IP and e["port"] == star.images2.port
+        for e in events
+    )
     assert any(e["event"] == "lookup" and e["host"] == "images.test" for e in events)
 
 
@@ -308,8 +366,12 @@ LITERAL_CASES = {  # URL (BAIT: the port of a bait server on that address) -> re
 
 
 def _fill(world: World, url: str) -> str:
-    return (url.replace("BAIT2", str(world.bait_loop2.port)).replace("BAIT6", str(world.bait_v6.port))
-            .replace("BAIT", str(world.bait_loop.port)).replace("IMAGES", str(world.images.port)))
+    return (
+        url.replace("BAIT2", str(world.bait_loop2.port))
+        .replace("BAIT6", str(world.bait_v6.port))
+        .replace("BAIT", str(world.bait_loop.port))
+        .replace("IMAGES", str(world.images.port))
+    )
 
 
 @pytest.mark.parametrize("url", list(LITERAL_CASES))
@@ -340,10 +402,16 @@ def test_redirects_are_checked_on_every_hop(star, location):
 
 def test_a_refused_hop_later_in_a_chain(star):
     """images.test -> cidr.test (allowed) -> 127.0.0.1 (refused at the third hop)."""
-    star.cidr.route("/onward", Reply(302, headers={"Location": f"http://127.0.0.1:{star.bait_loop.port}/a.png"}))
+    star.cidr.route(
+        "/onward", Reply(302, headers={"Location": f"http://127.0.0.1:{star.bait_loop.port}/a.png"})
+    )
     star.images.route("/chain", Reply(302, headers={"Location": f"http://cidr.test:{star.cidr.port}/onward"}))
-    refused(star, f"http://images.test:{star.images.port}/chain", "127.0.0.1 is a loopback address",
-            may_connect=frozenset({IMAGES_IP, CIDR_IP}))
+    refused(
+        star,
+        f"http://images.test:{star.images.port}/chain",
+        "127.0.0.1 is a loopback address",
+        may_connect=frozenset({IMAGES_IP, CIDR_IP}),
+    )
     star.images.route("/ok", Reply(302, headers={"Location": f"http://cidr.test:{star.cidr.port}/a.png"}))
     fetched(star, f"http://images.test:{star.images.port}/ok", A_SIZE, {IMAGES_IP, CIDR_IP})
 
@@ -353,8 +421,11 @@ def test_dns_rebinding_gets_no_second_answer(star):
     connection made on the first answer is the one used; a new connection (another port) asks
     again and is refused: no lookup's answer is ever used unchecked."""
     fetched(star, f"http://rebind.test:{star.images.port}/a.png", A_SIZE, {IMAGES_IP})
-    refused(star, f"http://rebind.test:{star.images2.port}/a.png",
-            "rebind.test resolves to 169.254.169.254, a link-local address")
+    refused(
+        star,
+        f"http://rebind.test:{star.images2.port}/a.png",
+        "rebind.test resolves to 169.254.169.254, a link-local address",
+    )
 
 
 def test_setup_hostname_opens_no_address(star):
@@ -383,8 +454,9 @@ def test_setup_hostname_opens_no_address(star):
         fetched(star, upload, A_SIZE, {IMAGES_IP, LS_LISTED_IP})
         assert star.ls_listed.hits(upload)[-1].headers["authorization"] == f"Token {LEGACY}"
         # a URL whose userinfo names LS, at another host, is that other host: refused, no token
-        refused(star, f"http://ls.test@127.0.0.1:{star.bait_ls.port}{upload}",
-                "127.0.0.1 is a loopback address")
+        refused(
+            star, f"http://ls.test@127.0.0.1:{star.bait_ls.port}{upload}", "127.0.0.1 is a loopback address"
+        )
         assert star.bait_ls.requests == []
     finally:
         star.setup("http://internal-ls.test:8080")
@@ -422,12 +494,18 @@ def compose(tmp_path_factory, demo_model_dir):
     minio = bait(MINIO_IP)
     servers = {"ls": ls, "images": images, "bait_minio": minio, "bait_loop": bait("127.0.0.1")}
     net_log = tmp / "net.jsonl"
-    env = {"LABEL_STUDIO_URL": f"http://label-studio.test:{ls.port}", "MOLMO_ALLOWED_HOSTS": "images.test",
-           "LOCAL_FILES_DOCUMENT_ROOT": str(files), "MOLMO_FETCH_TIMEOUT": "3",
-           "MOLMO_MAX_NEW_TOKENS": "32", "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
-           "MOLMO_TEST_NET_NAMES": json.dumps(NAMES), "MOLMO_TEST_NET_LOG": str(net_log)}
+    env = {
+        "LABEL_STUDIO_URL": f"http://label-studio.test:{ls.port}",
+        "MOLMO_ALLOWED_HOSTS": "images.test",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(files),
+        "MOLMO_FETCH_TIMEOUT": "3",
+        "MOLMO_MAX_NEW_TOKENS": "32",
+        "MOLMO_CACHE_DIR": str(demo_model_dir.parent),
+        "MOLMO_TEST_NET_NAMES": json.dumps(NAMES),
+        "MOLMO_TEST_NET_LOG": str(net_log),
+    }
     try:
-        with run_backend(tmp, env=env, answers={"cat": CAT}, server=GUARDED_SERVER) as backend:
+        with BackendServer(tmp, env=env, answers={"cat": CAT}, net_guard=True) as backend:
             yield World(backend, net_log, servers)
     finally:
         for server in servers.values():
@@ -447,14 +525,19 @@ def test_compose_label_studio_on_a_private_network_keeps_working(compose):
 def test_compose_setup_naming_another_address_only_aliases_label_studio(compose):
     compose.setup("http://169.254.169.254")
     fetched(compose, "http://169.254.169.254/data/upload/1/a.png", A_SIZE, {COMPOSE_LS_IP})
-    refused(compose, "http://169.254.169.254/latest/meta-data/", "HTTP 404",  # LS's 404, not AWS
-            may_connect=frozenset({IMAGES_IP, COMPOSE_LS_IP}))
+    refused(
+        compose,
+        "http://169.254.169.254/latest/meta-data/",
+        "HTTP 404",  # LS's 404, not AWS
+        may_connect=frozenset({IMAGES_IP, COMPOSE_LS_IP}),
+    )
     compose.setup("http://localhost:8080")
 
 
 def test_compose_label_studio_redirect_to_an_unlisted_private_storage_is_refused(compose):
     """LS's presign redirect may name any host, but its address is checked: a MinIO on the
     private network needs its name (or IP, or CIDR) in MOLMO_ALLOWED_HOSTS."""
+
     def presign(request):
         return Reply(303, headers={"Location": f"http://minio.test:{compose.bait_minio.port}/a.png?sig=x"})
 
@@ -488,14 +571,24 @@ def test_compose_server_never_attempted_a_non_loopback_connect(compose):
 # -- the start-up warning -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host, auth, warns", [
-    ("0.0.0.0", False, True), ("::", False, True), ("", False, True), ("192.168.1.5", False, True),
-    ("backend.example.com", False, True), ("127.0.0.1", False, False), ("127.0.0.2", False, False),
-    ("localhost", False, False), ("::1", False, False), ("0.0.0.0", True, False),
-])
+@pytest.mark.parametrize(
+    "host, auth, warns",
+    [
+        ("0.0.0.0", False, True),
+        ("::", False, True),
+        ("", False, True),
+        ("192.168.1.5", False, True),
+        ("backend.example.com", False, True),
+        ("127.0.0.1", False, False),
+        ("127.0.0.2", False, False),
+        ("localhost", False, False),
+        ("::1", False, False),
+        ("0.0.0.0", True, False),
+    ],
+)
 def test_warning_when_listening_beyond_loopback_without_basic_auth(host, auth, warns):
-    from molmo_backend.settings import Settings
     from molmo_backend.app.wsgi import startup_warnings
+    from molmo_backend.settings import Settings
 
     creds = {"basic_auth_user": "u", "basic_auth_pass": "p"} if auth else {}
     found = [w for w in startup_warnings(Settings(host=host, **creds)) if "without basic auth" in w]
@@ -510,13 +603,22 @@ def test_the_warning_is_logged_when_the_app_is_built():
     import subprocess
     import sys
 
-    code = ("from molmo_backend.app.wsgi import create_app_from_env\n"
-            "from molmo_backend.settings import Settings\n"
-            "def no_model(settings): raise RuntimeError('no model in this test')\n"
-            "create_app_from_env(Settings(host='0.0.0.0', port=9090), engine_factory=no_model)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
-    warnings = [json.loads(line) for line in out.stderr.splitlines()
-                if line.startswith("{") and '"WARNING"' in line]
-    assert any("listens on 0.0.0.0:9090" in w["msg"] and "without basic auth" in w["msg"]
-               for w in warnings), out.stderr[-2000:]
+    code = (
+        "from molmo_backend.app.wsgi import create_app_from_env\n"
+        "from molmo_backend.settings import Settings\n"
+        "def no_model(settings): raise RuntimeError('no model in this test')\n"
+        "create_app_from_env(Settings(host='0.0.0.0', port=9090), engine_factory=no_model)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    warnings = [
+        json.loads(line) for line in out.stderr.splitlines() if line.startswith("{") and '"WARNING"' in line
+    ]
+    assert any(
+        "listens on 0.0.0.0:9090" in w["msg"] and "without basic auth" in w["msg"] for w in warnings
+    ), out.stderr[-2000:]

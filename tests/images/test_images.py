@@ -52,8 +52,10 @@ def quadrants(w: int = 60, h: int = 40) -> Image.Image:
 
 def quadrant_colors(img: Image.Image) -> list[tuple[int, int, int]]:
     w, h = img.size
-    return [img.getpixel(p) for p in ((w // 4, h // 4), (3 * w // 4, h // 4),
-                                      (w // 4, 3 * h // 4), (3 * w // 4, 3 * h // 4))]
+    return [
+        img.getpixel(p)
+        for p in ((w // 4, h // 4), (3 * w // 4, h // 4), (w // 4, 3 * h // 4), (3 * w // 4, 3 * h // 4))
+    ]
 
 
 def close(a, b, tol: int = 40) -> bool:
@@ -124,11 +126,14 @@ def test_http_error_status(server):
     assert "SECRET" not in message  # queries may hold signatures
 
 
-@pytest.mark.parametrize("body, why", [
-    (b"<html>hello</html>", "not an image"),
-    (b"", "empty"),
-    (PNG[: len(PNG) // 2], "could not be decoded"),
-])
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (b"<html>hello</html>", "not an image"),
+        (b"", "empty"),
+        (PNG[: len(PNG) // 2], "could not be decoded"),
+    ],
+)
 def test_bad_bodies(server, body, why):
     server.route("/x", Reply(200, body))
     assert why in error_of(loader_for(server), f"{server.url}/x")
@@ -222,8 +227,7 @@ def test_redirect_to_disallowed_scheme(server, target):
     assert "only http and https" in error_of(loader_for(server), f"{server.url}/go")
 
 
-@pytest.mark.parametrize("value", ["file:///etc/passwd", "ftp://127.0.0.1/x.png",
-                                   "gopher://127.0.0.1/x"])
+@pytest.mark.parametrize("value", ["file:///etc/passwd", "ftp://127.0.0.1/x.png", "gopher://127.0.0.1/x"])
 def test_disallowed_schemes(value):
     message = error_of(ImageLoader(settings(allowed_hosts=("*",))), value)
     assert "only over http or https" in message
@@ -242,10 +246,12 @@ def test_star_and_host_port_entries_allow(server):
         assert ImageLoader(settings(allowed_hosts=allowed)).load(f"{server.url}/a.png").width == 60
     # '*' alone is any *public* address: loopback needs an entry of its own
     assert "127.0.0.1 is a loopback address" in error_of(
-        ImageLoader(settings(allowed_hosts=("*",))), f"{server.url}/a.png")
+        ImageLoader(settings(allowed_hosts=("*",))), f"{server.url}/a.png"
+    )
     assert len(server.hits("/a.png")) == 3  # the refused one never connected
-    assert "not allowed" in error_of(ImageLoader(settings(allowed_hosts=("127.0.0.1:1",))),
-                                     f"{server.url}/a.png")
+    assert "not allowed" in error_of(
+        ImageLoader(settings(allowed_hosts=("127.0.0.1:1",))), f"{server.url}/a.png"
+    )
 
 
 @pytest.mark.parametrize("value", ["", "   ", "images/cat.png", "C:\\images\\cat.png"])
@@ -433,8 +439,7 @@ def test_auth_kinds():
     assert LabelStudioAuth("http://ls", None, session).header() == {}
     assert LabelStudioAuth("http://ls", "abc", session).header() == {"Authorization": "Token abc"}
     access = make_jwt({"token_type": "access", "exp": 4_000_000_000})
-    assert LabelStudioAuth("http://ls", access, session).header() == {
-        "Authorization": f"Bearer {access}"}
+    assert LabelStudioAuth("http://ls", access, session).header() == {"Authorization": f"Bearer {access}"}
     assert LabelStudioAuth("http://ls", make_jwt({"token_type": "refresh"}), session).can_refresh
 
 
@@ -461,12 +466,14 @@ def test_cloud_uri_signed_by_label_studio(ls, other_host, guarded):
         if request.headers.get("authorization") != f"Token {LEGACY}":
             return Reply(401)
         uri = base64.urlsafe_b64decode(request.query["fileuri"][0]).decode()
-        return Reply(303, headers={"Location": f"{bucket}/bucket/{uri.rsplit('/', 1)[1]}"
-                                               "?X-Amz-Signature=SECRET"})
+        return Reply(
+            303, headers={"Location": f"{bucket}/bucket/{uri.rsplit('/', 1)[1]}?X-Amz-Signature=SECRET"}
+        )
 
     ls.route("/tasks/7/presign/", presign)
-    loader = ImageLoader(settings(label_studio_url=ls.url, label_studio_api_key=LEGACY,
-                                  allowed_hosts=("127.0.0.2",)))
+    loader = ImageLoader(
+        settings(label_studio_url=ls.url, label_studio_api_key=LEGACY, allowed_hosts=("127.0.0.2",))
+    )
     assert loader.load("s3://my-bucket/dir/cat.png", task_id=7).width == 60
     signed = other_host.hits("/bucket/cat.png")
     assert len(signed) == 1 and "authorization" not in signed[0].headers
@@ -516,8 +523,7 @@ def test_local_files_escape_attempts(tmp_path):
 def test_local_files_symlink_inside_root_is_fine(tmp_path):
     (tmp_path / "a.png").write_bytes(PNG)
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
-    assert ImageLoader(settings(local_files_root=tmp_path)).load(
-        "/data/local-files/?d=b.png").width == 60
+    assert ImageLoader(settings(local_files_root=tmp_path)).load("/data/local-files/?d=b.png").width == 60
 
 
 def test_local_files_size_cap(tmp_path):
@@ -570,8 +576,12 @@ def test_modes_are_converted_to_rgb():
     cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # red in ink
     gray16 = Image.new("I;16", (8, 8), 40000)
     one = Image.new("1", (8, 8), 1)
-    for img, fmt, want in [(cmyk, "JPEG", RED), (gray16, "PNG", (156, 156, 156)),
-                           (one, "PNG", WHITE), (Image.new("L", (8, 8), 77), "PNG", (77,) * 3)]:
+    for img, fmt, want in [
+        (cmyk, "JPEG", RED),
+        (gray16, "PNG", (156, 156, 156)),
+        (one, "PNG", WHITE),
+        (Image.new("L", (8, 8), 77), "PNG", (77,) * 3),
+    ]:
         loaded = decode_image(encode(img, fmt), 10**8).image
         assert loaded.mode == "RGB"
         assert close(loaded.getpixel((4, 4)), want, tol=3), (img.mode, loaded.getpixel((4, 4)))
@@ -620,32 +630,37 @@ def test_pixel_cap():
 
 def png_header_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge size: Pillow's own bomb guard must stop it at open."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data)
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) \
-        + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_header():
-    message = str(pytest.raises(ImageLoadError, decode_image,
-                                png_header_claiming(60000, 60000), 10**12).value)
+    message = str(
+        pytest.raises(ImageLoadError, decode_image, png_header_claiming(60000, 60000), 10**12).value
+    )
     assert "decompression bomb" in message
 
 
 def test_loader_applies_pixel_cap(server):
     server.route("/a.png", Reply(200, PNG))
-    assert "MOLMO_MAX_IMAGE_PIXELS" in error_of(loader_for(server, max_image_pixels=1000),
-                                                f"{server.url}/a.png")
-
+    assert "MOLMO_MAX_IMAGE_PIXELS" in error_of(
+        loader_for(server, max_image_pixels=1000), f"{server.url}/a.png"
+    )
 
 
 def test_formats_outside_the_list_are_refused():
     # EPS would hand the data to Ghostscript; browsers cannot show it either
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     assert "not an image in a supported format" in str(
-        pytest.raises(ImageLoadError, decode_image, eps, 10**8).value)
+        pytest.raises(ImageLoadError, decode_image, eps, 10**8).value
+    )
 
 
 def test_image_errors_are_molmo_errors_named_for_metrics():

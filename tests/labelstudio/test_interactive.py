@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from molmo_backend.engine.scheduler import Priority
-from molmo_backend.labelstudio.interactive import MAX_PROMPT_CHARS, interactive_asks
 from molmo_backend.labelstudio.config import parse_label_config
+from molmo_backend.labelstudio.interactive import MAX_PROMPT_CHARS, interactive_asks
 from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE as TEMPLATE
 from tests.support.scripted import ScriptedStepEngine, by_type, keypoints, task
 
@@ -27,14 +27,28 @@ CONFIG = """<View>
 
 def typed(text, from_name="prompt", to_name="image"):
     """A TextArea result as Label Studio's UI serializes it into the context."""
-    return {"id": "t1", "from_name": from_name, "to_name": to_name, "type": "textarea",
-            "origin": "manual", "value": {"text": [text]}}
+    return {
+        "id": "t1",
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": "textarea",
+        "origin": "manual",
+        "value": {"text": [text]},
+    }
 
 
 def clicked(label, x=20.0, y=30.0, from_name="kp"):
-    return {"id": "k1", "from_name": from_name, "to_name": "image", "type": "keypointlabels",
-            "origin": "manual", "original_width": 64, "original_height": 48, "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": [label]}}
+    return {
+        "id": "k1",
+        "from_name": from_name,
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
+        "original_width": 64,
+        "original_height": 48,
+        "image_rotation": 0,
+        "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": [label]},
+    }
 
 
 def ask_for(context, config=CONFIG):
@@ -48,15 +62,18 @@ def pointing(text):
 
 def test_typed_text_points_under_the_first_label():
     assert ask_for({"result": [typed("every window of the left building")]}) == [
-        ("cat", pointing("every window of the left building"), ())]
+        ("cat", pointing("every window of the left building"), ())
+    ]
 
 
 def test_a_label_before_a_colon_chooses_the_label():
     assert ask_for({"result": [typed("Window:  every window of the\nleft building ")]}) == [
-        ("window", pointing("every window of the left building"), ())]
+        ("window", pointing("every window of the left building"), ())
+    ]
     # by value when the label is stored under an alias
     assert ask_for({"result": [typed("bird: the one on the roof")]}) == [
-        ("b", pointing("the one on the roof"), ())]
+        ("b", pointing("the one on the roof"), ())
+    ]
     # a colon that is not after a label is part of the prompt
     assert ask_for({"result": [typed("note: cats")]})[0][:2] == ("cat", pointing("note: cats"))
 
@@ -75,7 +92,8 @@ def test_a_keypoint_alone_asks_for_the_other_instances_of_its_label():
     context = {"result": [clicked("cat", 10, 10), clicked("cat", 80, 20), clicked("b", 5, 5)]}
     assert ask_for(context) == [("b", pointing("bird"), ((5.0, 5.0),))]
     assert ask_for({"result": [clicked("cat", 10, 10), clicked("cat", 80, 20)]}) == [
-        ("cat", pointing("black cats"), ((10.0, 10.0), (80.0, 20.0)))]
+        ("cat", pointing("black cats"), ((10.0, 10.0), (80.0, 20.0)))
+    ]
 
 
 def test_only_the_prompt_box_is_read_and_the_last_text_wins():
@@ -88,30 +106,39 @@ def test_only_the_prompt_box_is_read_and_the_last_text_wins():
 
 
 def test_smart_textarea_is_a_prompt_box_whatever_its_name():
-    config = CONFIG.replace('<TextArea name="prompt" toName="image"/>',
-                            '<TextArea name="ask" toName="image" smart="true"/>')
+    config = CONFIG.replace(
+        '<TextArea name="prompt" toName="image"/>', '<TextArea name="ask" toName="image" smart="true"/>'
+    )
     assert ask_for({"result": [typed("doors", from_name="ask")]}, config)[0][1] == pointing("doors")
     assert ask_for({"result": [typed("doors", from_name="prompt")]}, config) == []
     # smart="false" (keeps caption edits from calling the backend) leaves a TextArea a caption
-    config = CONFIG.replace('<TextArea name="caption" toName="image"/>',
-                            '<TextArea name="caption" toName="image" smart="false"/>')
+    config = CONFIG.replace(
+        '<TextArea name="caption" toName="image"/>', '<TextArea name="caption" toName="image" smart="false"/>'
+    )
     assert [t.from_name for t in parse_label_config(config).texts] == ["caption"]
     assert ask_for({"result": [typed("doors", from_name="caption")]}, config) == []
 
 
-@pytest.mark.parametrize("context", [
-    None, {}, {"result": None}, {"result": "every window"}, {"result": [None, 3, "x"]},
-    {"result": [{"type": "textarea"}]},
-    {"result": [typed("   ")]},
-    {"result": [{**typed("x"), "value": {"text": [None, 5]}}]},
-    {"result": [{**typed("x"), "value": "x"}]},
-    {"result": [typed("cats", to_name="other")]},
-    {"result": [clicked("dog")]},  # not a label of the config
-    {"result": [clicked("cat", from_name="other")]},
-    {"result": [{**clicked("cat"), "value": {"x": "1", "y": 2, "keypointlabels": ["cat"]}}]},
-    {"result": [{**clicked("cat"), "value": {"x": float("nan"), "y": 2, "keypointlabels": ["cat"]}}]},
-    {"result": [{**clicked("cat"), "value": {"x": 1, "y": 2, "keypointlabels": []}}]},
-])
+@pytest.mark.parametrize(
+    "context",
+    [
+        None,
+        {},
+        {"result": None},
+        {"result": "every window"},
+        {"result": [None, 3, "x"]},
+        {"result": [{"type": "textarea"}]},
+        {"result": [typed("   ")]},
+        {"result": [{**typed("x"), "value": {"text": [None, 5]}}]},
+        {"result": [{**typed("x"), "value": "x"}]},
+        {"result": [typed("cats", to_name="other")]},
+        {"result": [clicked("dog")]},  # not a label of the config
+        {"result": [clicked("cat", from_name="other")]},
+        {"result": [{**clicked("cat"), "value": {"x": "1", "y": 2, "keypointlabels": ["cat"]}}]},
+        {"result": [{**clicked("cat"), "value": {"x": float("nan"), "y": 2, "keypointlabels": ["cat"]}}]},
+        {"result": [{**clicked("cat"), "value": {"x": 1, "y": 2, "keypointlabels": []}}]},
+    ],
+)
 def test_contexts_without_a_usable_request_ask_nothing(context):
     assert ask_for(context) == []
 
@@ -133,7 +160,10 @@ def test_interactive_predict_asks_one_question_at_interactive_priority(make_back
     assert engine.prompts() == [pointing("every window of the left building")]
     assert backend.scheduler.priorities == [Priority.INTERACTIVE]
     assert [(lab, x, y) for lab, x, y, _ in keypoints(prediction)] == [
-        ("window", 10.0, 10.0), ("window", 20.5, 30.0), ("window", 50.0, 50.0)]
+        ("window", 10.0, 10.0),
+        ("window", 20.5, 30.0),
+        ("window", 50.0, 50.0),
+    ]
     assert by_type(prediction, "number") == [] and by_type(prediction, "textarea") == []
     region = prediction["result"][0]
     assert (region["from_name"], region["to_name"], region["original_width"]) == ("kp", "image", 64)
@@ -150,14 +180,16 @@ def test_points_on_top_of_the_annotators_own_are_dropped(make_backend):
 
 def test_unusable_context_gives_an_empty_prediction_without_asking(make_backend):
     backend, engine = make_backend({})
-    results = backend.predict([task(1), task(2)], context={"result": [typed("x", from_name="caption")]},
-                              label_config=CONFIG)
+    results = backend.predict(
+        [task(1), task(2)], context={"result": [typed("x", from_name="caption")]}, label_config=CONFIG
+    )
     assert [r["result"] for r in results] == [[], []] and engine.prompts() == []
 
 
 def test_without_context_the_same_task_gets_the_full_pre_annotation(make_backend):
-    backend, engine = make_backend({"black cats": '<points coords="1 1 100 100">c</points> shows a total of 7.',
-                                    "Describe": "A cat."})
+    backend, engine = make_backend(
+        {"black cats": '<points coords="1 1 100 100">c</points> shows a total of 7.', "Describe": "A cat."}
+    )
     [prediction] = backend.predict([task()], context=None, label_config=CONFIG)
     assert len(engine.prompts()) == 4  # cat (counted), window, bird, caption
     assert by_type(prediction, "number")[0]["value"] == {"number": 7}
@@ -171,12 +203,16 @@ def test_an_interactive_request_does_not_wait_for_a_running_bulk_batch(make_back
     engine = ScriptedStepEngine({"left building": WINDOWS})
     backend, _ = make_backend({}, engine=engine)
     bulk_done = {}
-    thread = threading.Thread(target=lambda: bulk_done.setdefault(
-        "results", backend.predict([task(i) for i in range(2)], label_config=CONFIG)))
+    thread = threading.Thread(
+        target=lambda: bulk_done.setdefault(
+            "results", backend.predict([task(i) for i in range(2)], label_config=CONFIG)
+        )
+    )
     thread.start()
     assert engine.bulk_decoding.wait(10), "the bulk rows never started decoding"
-    [prediction] = backend.predict([task(99)], context={"result": [typed("window: the left building")]},
-                                   label_config=CONFIG)
+    [prediction] = backend.predict(
+        [task(99)], context={"result": [typed("window: the left building")]}, label_config=CONFIG
+    )
     assert len(keypoints(prediction)) == 3
     assert thread.is_alive() and "results" not in bulk_done, "answered while the bulk request still runs"
     engine.release_bulk.set()

@@ -21,8 +21,11 @@ ONE_PAIR = """
 def test_one_pair():
     [target] = parse_label_config(ONE_PAIR).points
     assert target == PointTarget(
-        from_name="kp", to_name="image", data_key="image",
-        labels=("cat", "dog"), prompts={"dog": "the brown dog"},
+        from_name="kp",
+        to_name="image",
+        data_key="image",
+        labels=("cat", "dog"),
+        prompts={"dog": "the brown dog"},
     )
     assert PROMPT_ATTRIBUTE == "prompt"
 
@@ -74,7 +77,13 @@ def test_odd_label_strings_come_out_as_label_studio_shows_them():
     """
     [target] = parse_label_config(config).points
     assert target.labels == (
-        "left eye", "Tom & Jerry", 'say "hi"', "it's", "café ü 猫", "{label} {0}", "a <b>",
+        "left eye",
+        "Tom & Jerry",
+        'say "hi"',
+        "it's",
+        "café ü 猫",
+        "{label} {0}",
+        "a <b>",
     )
     assert target.prompts == {}
 
@@ -141,7 +150,9 @@ def test_one_control_with_two_images_gives_two_targets():
     </View>
     """
     assert [(t.to_name, t.data_key) for t in parse_label_config(config).points] == [
-        ("a", "left"), ("b", "right")]
+        ("a", "left"),
+        ("b", "right"),
+    ]
 
 
 def test_nested_views_work():
@@ -154,8 +165,9 @@ def test_nested_views_work():
     assert target.data_key == "img"
 
 
-@pytest.mark.parametrize("config", ["", "   ", None, "not xml at all", "<View><Image",
-                                    "<View><Image name='i' value='$i'/>"])
+@pytest.mark.parametrize(
+    "config", ["", "   ", None, "not xml at all", "<View><Image", "<View><Image name='i' value='$i'/>"]
+)
 def test_unparsable_config(config):
     with pytest.raises(LabelConfigError) as info:
         parse_label_config(config)
@@ -180,21 +192,35 @@ def test_error_is_a_value_error():
     assert issubclass(LabelConfigError, ValueError)
 
 
-@pytest.mark.parametrize("config, reason", [
-    ('<View><Image name="image" value="$image"/>'
-     '<KeyPointLabels name="kp" toName="image"></KeyPointLabels></View>', "has no <Label"),
-    ('<View><Text name="text" value="$text"/>'
-     '<KeyPointLabels name="kp" toName="text"><Label value="a"/></KeyPointLabels></View>',
-     "not an <Image>"),
-    ('<View><KeyPointLabels name="kp" toName="ghost"><Label value="a"/></KeyPointLabels></View>',
-     "not in the config"),
-    ('<View><Image name="image" value="https://example.com/a.png"/>'
-     '<KeyPointLabels name="kp" toName="image"><Label value="a"/></KeyPointLabels></View>',
-     "not a task field"),
-    ('<View><Image name="image" valueList="$images"/>'
-     '<KeyPointLabels name="kp" toName="image"><Label value="a"/></KeyPointLabels></View>',
-     "multi-image"),
-])
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (
+            '<View><Image name="image" value="$image"/>'
+            '<KeyPointLabels name="kp" toName="image"></KeyPointLabels></View>',
+            "has no <Label",
+        ),
+        (
+            '<View><Text name="text" value="$text"/>'
+            '<KeyPointLabels name="kp" toName="text"><Label value="a"/></KeyPointLabels></View>',
+            "not an <Image>",
+        ),
+        (
+            '<View><KeyPointLabels name="kp" toName="ghost"><Label value="a"/></KeyPointLabels></View>',
+            "not in the config",
+        ),
+        (
+            '<View><Image name="image" value="https://example.com/a.png"/>'
+            '<KeyPointLabels name="kp" toName="image"><Label value="a"/></KeyPointLabels></View>',
+            "not a task field",
+        ),
+        (
+            '<View><Image name="image" valueList="$images"/>'
+            '<KeyPointLabels name="kp" toName="image"><Label value="a"/></KeyPointLabels></View>',
+            "multi-image",
+        ),
+    ],
+)
 def test_unusable_pairs_are_explained(config, reason):
     with pytest.raises(LabelConfigError) as info:
         parse_label_config(config)
@@ -205,8 +231,10 @@ def test_unusable_pairs_are_explained(config, reason):
 def test_doctype_is_refused(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
-    config = (f'<!DOCTYPE View [<!ENTITY x SYSTEM "file://{secret}">]>'
-              '<View><Image name="image" value="$image"/>'
-              '<KeyPointLabels name="kp" toName="image"><Label value="&x;"/></KeyPointLabels></View>')
+    config = (
+        f'<!DOCTYPE View [<!ENTITY x SYSTEM "file://{secret}">]>'
+        '<View><Image name="image" value="$image"/>'
+        '<KeyPointLabels name="kp" toName="image"><Label value="&x;"/></KeyPointLabels></View>'
+    )
     with pytest.raises(LabelConfigError, match="DOCTYPE"):
         parse_label_config(config)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from molmo_backend.pointing.points import Point, parse_points
 from molmo_backend.labelstudio.regions import empty_prediction, keypoint_region, task_prediction
+from molmo_backend.pointing.points import Point, parse_points
 
-KW = dict(from_name="kp", to_name="image", label="cat", image_width=800, image_height=600,
-          point_width=0.75)
+KW = dict(from_name="kp", to_name="image", label="cat", image_width=800, image_height=600, point_width=0.75)
 
 
 def test_region_has_the_shape_label_studio_stores():
@@ -18,8 +17,13 @@ def test_region_has_the_shape_label_studio_stores():
     region_id = region.pop("id")
     assert isinstance(region_id, str) and 1 <= len(region_id) <= 16
     assert region == {
-        "from_name": "kp", "to_name": "image", "type": "keypointlabels",
-        "original_width": 800, "original_height": 600, "image_rotation": 0, "score": 0.9,
+        "from_name": "kp",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "original_width": 800,
+        "original_height": 600,
+        "image_rotation": 0,
+        "score": 0.9,
         "value": {"x": 20.0, "y": 30.0, "width": 0.75, "keypointlabels": ["cat"]},
     }
 
@@ -51,15 +55,29 @@ def test_edges_are_valid(x, y):
     assert isinstance(region["value"]["x"], float)
 
 
-@pytest.mark.parametrize("x, y", [(-0.01, 50), (50, -1), (100.01, 50), (50, 150),
-                                  (float("nan"), 50), (50, float("inf")), (float("-inf"), 1),
-                                  ("50", 50), (None, 50), (True, 50)])
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        (-0.01, 50),
+        (50, -1),
+        (100.01, 50),
+        (50, 150),
+        (float("nan"), 50),
+        (50, float("inf")),
+        (float("-inf"), 1),
+        ("50", 50),
+        (None, 50),
+        (True, 50),
+    ],
+)
 def test_invalid_points_give_none(x, y):
     assert keypoint_region(Point(x, y), **KW) is None
 
 
-@pytest.mark.parametrize("width, height", [(0, 600), (800, 0), (-1, 600), (800.5, 600),
-                                           (None, 600), (float("inf"), 600), (True, 600)])
+@pytest.mark.parametrize(
+    "width, height",
+    [(0, 600), (800, 0), (-1, 600), (800.5, 600), (None, 600), (float("inf"), 600), (True, 600)],
+)
 def test_invalid_image_size_gives_none(width, height):
     assert keypoint_region(Point(1, 2), **{**KW, "image_width": width, "image_height": height}) is None
 
@@ -73,7 +91,10 @@ def test_bad_point_width_is_a_setting_error(point_width):
 def test_task_prediction_with_score():
     regions = [keypoint_region(Point(1, 2), **KW)]
     assert task_prediction(regions, "molmo-v1", score=0.5) == {
-        "result": regions, "score": 0.5, "model_version": "molmo-v1"}
+        "result": regions,
+        "score": 0.5,
+        "model_version": "molmo-v1",
+    }
 
 
 def test_task_prediction_score_is_the_mean_of_region_scores():
@@ -104,20 +125,25 @@ def test_empty_prediction():
 
 
 def test_answer_to_prediction_is_valid_json_with_only_sane_points():
-    answer = ('<points coords="1 1 461 527 2 1500 521 3 0 1000">cat</points>'
-              '<point x="nan" y="3">cat</point>')
+    answer = '<points coords="1 1 461 527 2 1500 521 3 0 1000">cat</points><point x="nan" y="3">cat</point>'
     regions = [r for p in parse_points(answer) if (r := keypoint_region(p, **KW)) is not None]
     prediction = json.loads(json.dumps(task_prediction(regions, "v"), allow_nan=False))
-    assert [(r["value"]["x"], r["value"]["y"]) for r in prediction["result"]] == [
-        (46.1, 52.7), (0.0, 100.0)]
+    assert [(r["value"]["x"], r["value"]["y"]) for r in prediction["result"]] == [(46.1, 52.7), (0.0, 100.0)]
     for r in prediction["result"]:
         assert math.isfinite(r["value"]["x"])
 
 
 def test_pure_modules_import_no_heavy_libraries():
-    code = ("import sys, molmo_backend.pointing.points, molmo_backend.pointing.prompts, molmo_backend.labelstudio.regions, "
-            "molmo_backend.labelstudio.config; "
-            "print(sorted(m for m in ('torch', 'transformers', 'flask') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, molmo_backend.pointing.points, molmo_backend.pointing.prompts, molmo_backend.labelstudio.regions, "
+        "molmo_backend.labelstudio.config; "
+        "print(sorted(m for m in ('torch', 'transformers', 'flask') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert out.stdout.strip() == "[]"

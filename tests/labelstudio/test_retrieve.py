@@ -13,14 +13,14 @@ import time
 import pytest
 from PIL import Image
 
-from molmo_backend.labelstudio.model import MolmoBackend
+from molmo_backend.commands.predict import keypoint_config
 from molmo_backend.engine.base import Answer, Engine
 from molmo_backend.engine.scheduler import Priority, Scheduler
 from molmo_backend.images.loader import ImageLoader
-from molmo_backend.commands.predict import keypoint_config
+from molmo_backend.labelstudio.model import MolmoBackend
 from molmo_backend.labelstudio.results import NOT_YET, ResultStore
-from molmo_backend.settings import Settings
 from molmo_backend.labelstudio.writeback import WriteBack
+from molmo_backend.settings import Settings
 from tests.support.fake_label_studio import FakeLabelStudio, StatusError
 
 CONFIG = keypoint_config(["cat"])
@@ -93,8 +93,11 @@ def until(condition, what: str):
 
 def is_cat(result, size) -> bool:
     [region] = result["result"]
-    return (region["value"]["keypointlabels"], region["value"]["x"], region["original_width"]) == \
-        (["cat"], 25.0, size[0]) and result["model_version"] == VERSION
+    return (region["value"]["keypointlabels"], region["value"]["x"], region["original_width"]) == (
+        ["cat"],
+        25.0,
+        size[0],
+    ) and result["model_version"] == VERSION
 
 
 def test_past_the_deadline_unfinished_tasks_are_empty_then_answered_from_memory(made):
@@ -109,16 +112,16 @@ def test_past_the_deadline_unfinished_tasks_are_empty_then_answered_from_memory(
 
     # the next retrieve sends only those; the gated one is still running: waited for, not queued
     # again (bulk priority, as Label Studio's retrieve of several tasks)
-    second = backend.predict([tasks[-1]], label_config=CONFIG, priority=Priority.BULK,
-                             deadline=time.monotonic() + 0.5)
+    second = backend.predict(
+        [tasks[-1]], label_config=CONFIG, priority=Priority.BULK, deadline=time.monotonic() + 0.5
+    )
     assert second == [NOT_YET] and engine.times_asked(GATED) == 1
     assert backend.scheduler.pending() == 0
 
     engine.gate.set()
     until(lambda: backend.results.sizes()["in_flight"] == 0, "the deferred work to finish")
     asked = len(engine.asked)
-    third = backend.predict([tasks[i] for i in left], label_config=CONFIG,
-                            deadline=time.monotonic() + WAIT_S)
+    third = backend.predict([tasks[i] for i in left], label_config=CONFIG, deadline=time.monotonic() + WAIT_S)
     assert all(is_cat(r, sizes[i]) for r, i in zip(third, left))
     assert len(engine.asked) == asked  # all from memory: nothing computed again
     stats = backend.results.stats.snapshot()
@@ -126,10 +129,10 @@ def test_past_the_deadline_unfinished_tasks_are_empty_then_answered_from_memory(
     assert stats["answered_in_time"] == len(tasks) and stats["deadlines_hit"] == 2
 
     # a changed label config is another question: the kept results are not served for it
-    fourth = backend.predict([tasks[0], tasks[1]], label_config=OTHER_CONFIG,
-                             deadline=time.monotonic() + WAIT_S)
-    assert [[reg["value"]["keypointlabels"] for reg in r["result"]] for r in fourth] == \
-        [[["dog"]], [["dog"]]]
+    fourth = backend.predict(
+        [tasks[0], tasks[1]], label_config=OTHER_CONFIG, deadline=time.monotonic() + WAIT_S
+    )
+    assert [[reg["value"]["keypointlabels"] for reg in r["result"]] for r in fourth] == [[["dog"]], [["dog"]]]
     assert len(engine.asked) == asked + 2
 
 
@@ -143,14 +146,20 @@ def test_without_a_deadline_every_task_is_waited_for(made):
 
 def test_an_opened_task_whose_client_has_gone_is_dropped_from_the_queue(made):
     backend, engine = made()
-    busy = threading.Thread(target=backend.predict, args=([task(1, GATED), task(2)],),
-                            kwargs={"label_config": CONFIG, "deadline": time.monotonic() + WAIT_S})
+    busy = threading.Thread(
+        target=backend.predict,
+        args=([task(1, GATED), task(2)],),
+        kwargs={"label_config": CONFIG, "deadline": time.monotonic() + WAIT_S},
+    )
     busy.start()
     until(engine.held.is_set, "the bulk batch to hold the GPU worker")
     hung_up = threading.Event()
     out = {}
-    opened = threading.Thread(target=lambda: out.setdefault("r", backend.predict(
-        [task(3, (33, 33))], label_config=CONFIG, client_gone=hung_up.is_set)))
+    opened = threading.Thread(
+        target=lambda: out.setdefault(
+            "r", backend.predict([task(3, (33, 33))], label_config=CONFIG, client_gone=hung_up.is_set)
+        )
+    )
     opened.start()
     until(lambda: backend.scheduler.pending() == 1, "the opened task to be queued")
     hung_up.set()
@@ -170,8 +179,14 @@ def test_bulk_work_whose_client_has_gone_keeps_running_for_the_next_retrieve(mad
     tasks = [task(1, GATED), task(2, (41, 30))]
     hung_up = threading.Event()
     out = {}
-    request = threading.Thread(target=lambda: out.setdefault("r", backend.predict(
-        tasks, label_config=CONFIG, deadline=time.monotonic() + WAIT_S, client_gone=hung_up.is_set)))
+    request = threading.Thread(
+        target=lambda: out.setdefault(
+            "r",
+            backend.predict(
+                tasks, label_config=CONFIG, deadline=time.monotonic() + WAIT_S, client_gone=hung_up.is_set
+            ),
+        )
+    )
     request.start()
     until(engine.held.is_set, "the batch to start")
     hung_up.set()
@@ -188,8 +203,12 @@ def test_a_task_whose_image_cannot_be_loaded_is_not_kept(made):
     """Its empty prediction is no answer worth keeping: the next retrieve tries it again."""
     backend, engine = made()
     broken = {"id": 5, "data": {"image": "data:image/png;base64,AAAA"}}
-    backend.predict([broken, task(6, GATED)], label_config=CONFIG, client_gone=lambda: True,
-                    deadline=time.monotonic() + WAIT_S)
+    backend.predict(
+        [broken, task(6, GATED)],
+        label_config=CONFIG,
+        client_gone=lambda: True,
+        deadline=time.monotonic() + WAIT_S,
+    )
     engine.gate.set()
     until(lambda: backend.results.sizes()["in_flight"] == 0, "both to finish")
     assert backend.results.sizes()["kept"] == 1 and backend.results.stats["failed_later"] == 1
@@ -224,8 +243,16 @@ def writing_backend(made, ls: FakeLabelStudio):
     store = ResultStore(100)
     backend, engine = made(store)
     engine.hold_all = True  # so the requests below go before their tasks finish
-    writer = WriteBack(store, "http://127.0.0.1:9", "key", VERSION, backend.asks_fingerprint_for,
-                       client=ls, pause=lambda s: None, linger=0.0)
+    writer = WriteBack(
+        store,
+        "http://127.0.0.1:9",
+        "key",
+        VERSION,
+        backend.asks_fingerprint_for,
+        client=ls,
+        pause=lambda s: None,
+        linger=0.0,
+    )
     store.on_kept = writer.start().enqueue
     return backend, engine, writer
 
@@ -235,8 +262,7 @@ def test_deferred_predictions_are_written_once_and_tasks_already_predicted_are_s
     backend, engine, writer = writing_backend(made, ls)
     ls.store[2]["predictions"].append({"model_version": VERSION, "result": []})  # an opened task
     tasks = [task(i, (40 + i, 30)) for i in range(1, 5)]
-    backend.predict(tasks, label_config=CONFIG, client_gone=lambda: True,
-                    deadline=time.monotonic() + WAIT_S)
+    backend.predict(tasks, label_config=CONFIG, client_gone=lambda: True, deadline=time.monotonic() + WAIT_S)
     engine.gate.set()
     until(lambda: backend.results.stats["written_back"] == 3, "the write-back")
     stats = backend.results.stats.snapshot()
@@ -244,8 +270,10 @@ def test_deferred_predictions_are_written_once_and_tasks_already_predicted_are_s
     assert [len(ls.predictions(i)) for i in range(1, 5)] == [1, 1, 1, 1]
     assert all(is_cat(ls.predictions(i)[0], (40 + i, 30)) for i in (1, 3, 4))
     # a retrieve that still lists them (it raced the write) gets empty lists: no duplicate
-    assert backend.predict(tasks[:2], label_config=CONFIG, deadline=time.monotonic() + 1) == \
-        [NOT_YET, NOT_YET]
+    assert backend.predict(tasks[:2], label_config=CONFIG, deadline=time.monotonic() + 1) == [
+        NOT_YET,
+        NOT_YET,
+    ]
     writer.close()
 
 
@@ -254,8 +282,7 @@ def test_label_studio_down_during_the_write_back_leaves_them_for_the_next_retrie
     ls.down.set()
     backend, engine, writer = writing_backend(made, ls)
     tasks = [task(1, (41, 30)), task(2, (42, 30))]
-    backend.predict(tasks, label_config=CONFIG, client_gone=lambda: True,
-                    deadline=time.monotonic() + WAIT_S)
+    backend.predict(tasks, label_config=CONFIG, client_gone=lambda: True, deadline=time.monotonic() + WAIT_S)
     engine.gate.set()
     until(lambda: backend.results.stats["write_back_failures"] == 2, "the write-back to give up")
     assert ls.writes == [] and backend.results.sizes()["kept"] == 2
@@ -269,8 +296,9 @@ def test_label_studio_down_during_the_write_back_leaves_them_for_the_next_retrie
 def test_predictions_for_an_old_label_config_are_dropped_not_written(made):
     ls = FakeLabelStudio({1: {}}, OTHER_CONFIG)  # the user changed the config meanwhile
     backend, engine, writer = writing_backend(made, ls)
-    backend.predict([task(1), task(2)], label_config=CONFIG, client_gone=lambda: True,
-                    deadline=time.monotonic() + WAIT_S)
+    backend.predict(
+        [task(1), task(2)], label_config=CONFIG, client_gone=lambda: True, deadline=time.monotonic() + WAIT_S
+    )
     engine.gate.set()
     until(lambda: backend.results.stats["stale_dropped"] == 2, "the stale results to be dropped")
     assert ls.writes == [] and backend.results.sizes()["kept"] == 0
@@ -292,8 +320,9 @@ def test_a_label_studio_too_busy_to_answer_the_check_is_asked_again(made):
 
     ls.tasks.list = slow_then_fine
     backend, engine, writer = writing_backend(made, ls)
-    backend.predict([task(1), task(2)], label_config=CONFIG, client_gone=lambda: True,
-                    deadline=time.monotonic() + WAIT_S)
+    backend.predict(
+        [task(1), task(2)], label_config=CONFIG, client_gone=lambda: True, deadline=time.monotonic() + WAIT_S
+    )
     engine.gate.set()
     until(lambda: backend.results.stats["written_back"] == 2, "the write-back")
     assert len(calls) >= 2 and backend.results.stats["write_back_failures"] == 0

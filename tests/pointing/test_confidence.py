@@ -7,8 +7,8 @@ import math
 import pytest
 from PIL import Image
 
-from molmo_backend.pointing.confidence import point_scores, scored_points
 from molmo_backend.engine.base import Answer, PointQuery
+from molmo_backend.pointing.confidence import point_scores, scored_points
 from molmo_backend.pointing.points import parse_points
 from molmo_backend.settings import Settings, SettingsError
 from tests.conftest import KEYPOINT_CONFIG
@@ -16,8 +16,38 @@ from tests.support.scripted import answer, keypoints, task
 
 # Qwen-style tokens (one digit each): point 2 starts at the " " after 527 (going on rather than
 # closing the list with '">') and its id "2"
-TWO_POINTS = ['<', 'points', ' coords', '="', '1', ' ', '1', ' ', '4', '6', '1', ' ', '5', '2', '7',
-              ' ', '2', ' ', '4', '8', '1', ' ', '5', '2', '1', '">', 'cat', '</', 'points', '>']
+TWO_POINTS = [
+    "<",
+    "points",
+    " coords",
+    '="',
+    "1",
+    " ",
+    "1",
+    " ",
+    "4",
+    "6",
+    "1",
+    " ",
+    "5",
+    "2",
+    "7",
+    " ",
+    "2",
+    " ",
+    "4",
+    "8",
+    "1",
+    " ",
+    "5",
+    "2",
+    "1",
+    '">',
+    "cat",
+    "</",
+    "points",
+    ">",
+]
 
 
 def with_probs(pieces, probs: dict[int, float]):
@@ -45,23 +75,71 @@ def test_coordinate_digits_do_not_lower_the_score():
 
 
 def test_counting_answer_first_point_includes_the_sentence_before_the_list():
-    pieces = [("Counting", 0.7), " the", " <", "points", ' coords', '="', "1 1 250 750",
-              ' 2 500 500', '">', "dogs", "</", "points", ">", " shows a total of 2."]
+    pieces = [
+        ("Counting", 0.7),
+        " the",
+        " <",
+        "points",
+        " coords",
+        '="',
+        "1 1 250 750",
+        " 2 500 500",
+        '">',
+        "dogs",
+        "</",
+        "points",
+        ">",
+        " shows a total of 2.",
+    ]
     assert [s.score for s in scored_points(answer(*pieces))] == [0.7, 1.0]
 
 
 def test_multi_digit_tokens_and_v1_format_are_scored_the_same_way():
     # the demo tokenizer writes " 2" and " 481" as one token each (OLMo-style number tokens)
-    pieces = ['<', 'points', ' coords', '="', '1', ' 1', (' 461', 0.2), ' 527', (' 2', 0.45),
-              ' 481', ' 521', '">', 'cat', '</', 'points', '>']
+    pieces = [
+        "<",
+        "points",
+        " coords",
+        '="',
+        "1",
+        " 1",
+        (" 461", 0.2),
+        " 527",
+        (" 2", 0.45),
+        " 481",
+        " 521",
+        '">',
+        "cat",
+        "</",
+        "points",
+        ">",
+    ]
     assert [s.score for s in scored_points(answer(*pieces))] == [1.0, 0.45]
-    v1 = ['<', 'points', ' x', '1="', '10.0', '" y', '1="', '20.5', '"', (' x', 0.25), '2="',
-          '80.1', '" y', '2="', '55.3', '">', 'cats', '</points>']
+    v1 = [
+        "<",
+        "points",
+        " x",
+        '1="',
+        "10.0",
+        '" y',
+        '1="',
+        "20.5",
+        '"',
+        (" x", 0.25),
+        '2="',
+        "80.1",
+        '" y',
+        '2="',
+        "55.3",
+        '">',
+        "cats",
+        "</points>",
+    ]
     assert [s.score for s in scored_points(answer(*v1))] == [1.0, 0.25]
 
 
 def test_empty_special_tokens_count_for_nothing():
-    tokens = ["", "<points coords=\"1 1 100 100", ("", 0.01), " 2 200 200\">", "a", "</points>"]
+    tokens = ["", '<points coords="1 1 100 100', ("", 0.01), ' 2 200 200">', "a", "</points>"]
     assert [s.score for s in scored_points(answer(*tokens))] == [1.0, 1.0]
 
 
@@ -86,6 +164,7 @@ def test_point_scores_directly_on_offsets():
 
 # -- the engine attaches per-token data ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def engine(demo_model_dir):
     from molmo_backend.engine.molmo2 import TransformersEngine
@@ -94,7 +173,7 @@ def engine(demo_model_dir):
 
 
 def test_engine_answers_carry_token_texts_and_logprobs_that_give_forced_scores(engine):
-    from tests.support.scored_forcing import ForceScoredAnswers, at, by_substring
+    from tests.support.forcing import ForceScoredAnswers, at, by_substring
 
     cat = '<points coords="1 1 250 500 2 750 100">cat</points>'
     specs = {
@@ -122,7 +201,10 @@ def test_token_texts_add_up_to_the_decoded_text_even_when_a_character_is_split(e
     tokenizer = engine.processor.tokenizer
     splitter = TokenTexts(tokenizer)
     splitter._split_exact = None  # split characters are regrouped locally, never by prefixes
-    for text in ['<points coords="1 1 461 527">cat</points>', "Köpfe café ünïcödé <points coords=\"1 1 5 5\">ö</points>"]:
+    for text in [
+        '<points coords="1 1 461 527">cat</points>',
+        'Köpfe café ünïcödé <points coords="1 1 5 5">ö</points>',
+    ]:
         ids = tokenizer(text, add_special_tokens=False).input_ids
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
         pieces = splitter.split(ids, decoded)
@@ -157,7 +239,9 @@ def test_token_texts_fall_back_to_prefix_decoding_when_single_tokens_lose_their_
     logprobs = [0.0] * len(ids)
     logprobs[3] = math.log(0.7)  # '<points coords="1 1': the choice to point
     logprobs[4] = math.log(0.1)  # a digit: not counted
-    assert [p.score for p in scored_points(Answer(text=text, tokens=pieces, token_logprobs=tuple(logprobs)))] == [0.7]
+    assert [
+        p.score for p in scored_points(Answer(text=text, tokens=pieces, token_logprobs=tuple(logprobs)))
+    ] == [0.7]
 
 
 # -- the backend: region scores, task score, threshold -----------------------------------------
@@ -169,8 +253,11 @@ DOG = answer('<points coords="1 1 100 200">dog</points>', score=0.9)  # no per-t
 def test_regions_carry_point_scores_and_the_task_score_is_their_mean(make_backend):
     backend, _ = make_backend({"cat": answer(*CAT_PIECES), "dog": DOG})
     [prediction] = backend.predict([task()], label_config=KEYPOINT_CONFIG)
-    assert keypoints(prediction) == [("cat", 46.1, 52.7, 1.0), ("cat", 48.1, 52.1, 0.3),
-                                     ("dog", 10.0, 20.0, 1.0)]
+    assert keypoints(prediction) == [
+        ("cat", 46.1, 52.7, 1.0),
+        ("cat", 48.1, 52.1, 0.3),
+        ("dog", 10.0, 20.0, 1.0),
+    ]
     assert prediction["score"] == pytest.approx((1.0 + 0.3 + 1.0) / 3)
 
 

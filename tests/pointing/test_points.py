@@ -33,8 +33,7 @@ def test_molmo2_two_points():
 
 def test_molmo2_edges_of_the_image_are_kept():
     assert xy(parse_points(MOLMO2_ALT)) == [(10.0, 20.0), (30.0, 40.0), (99.9, 100.0)]
-    assert xy(parse_points('<points coords="1 1 0 0 2 1000 1000">a</points>')) == [
-        (0.0, 0.0), (100.0, 100.0)]
+    assert xy(parse_points('<points coords="1 1 0 0 2 1000 1000">a</points>')) == [(0.0, 0.0), (100.0, 100.0)]
 
 
 def test_molmo2_counting_sentence():
@@ -42,21 +41,24 @@ def test_molmo2_counting_sentence():
 
 
 def test_molmo2_several_images_split_by_tab_or_semicolon():
-    assert xy(parse_points(MOLMO2_IMAGES)) == [(10.0, 20.0), (30.0, 40.0), (50.0, 60.0),
-                                               (70.0, 80.0)]
+    assert xy(parse_points(MOLMO2_IMAGES)) == [(10.0, 20.0), (30.0, 40.0), (50.0, 60.0), (70.0, 80.0)]
 
 
 def test_molmo2_alt_is_the_label_when_the_text_is_empty():
-    assert parse_points('<points coords="1 1 500 500" alt="a cat"></points>') == [
-        Point(50.0, 50.0, "a cat")]
+    assert parse_points('<points coords="1 1 500 500" alt="a cat"></points>') == [Point(50.0, 50.0, "a cat")]
     assert parse_points('<points coords="1 1 500 500"></points>') == [Point(50.0, 50.0, None)]
 
 
 def test_several_tags_in_one_answer():
-    answer = ('I see <points coords="1 1 100 100">cat</points> and '
-              '<points coords="1 1 900 900 2 800 800">dogs</points>.')
-    assert parse_points(answer) == [Point(10.0, 10.0, "cat"), Point(90.0, 90.0, "dogs"),
-                                    Point(80.0, 80.0, "dogs")]
+    answer = (
+        'I see <points coords="1 1 100 100">cat</points> and '
+        '<points coords="1 1 900 900 2 800 800">dogs</points>.'
+    )
+    assert parse_points(answer) == [
+        Point(10.0, 10.0, "cat"),
+        Point(90.0, 90.0, "dogs"),
+        Point(80.0, 80.0, "dogs"),
+    ]
 
 
 def test_tracks_are_ignored():
@@ -89,12 +91,25 @@ def test_v1_single_quotes_and_upper_case():
 
 def test_label_entities_are_decoded():
     assert parse_points('<point x="1" y="2" alt="Tom &amp; Jerry">Tom &amp; Jerry</point>') == [
-        Point(1.0, 2.0, "Tom & Jerry")]
+        Point(1.0, 2.0, "Tom & Jerry")
+    ]
 
 
-@pytest.mark.parametrize("answer", [NONE, "", "   ", "Point to the cat.", "<points>cat</points>",
-                                    "<points coords=\"\">cat</points>", "<point>", "<", "<points",
-                                    '<pointer x="1" y="2">'])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        NONE,
+        "",
+        "   ",
+        "Point to the cat.",
+        "<points>cat</points>",
+        '<points coords="">cat</points>',
+        "<point>",
+        "<",
+        "<points",
+        '<pointer x="1" y="2">',
+    ],
+)
 def test_nothing_to_find(answer):
     assert parse_points(answer) == []
 
@@ -107,14 +122,12 @@ def test_non_strings_give_nothing(answer):
 def test_truncated_inside_coords_drops_the_possibly_cut_number():
     assert xy(parse_points('<points coords="1 1 461 527 2 481 52')) == [(46.1, 52.7)]
     assert xy(parse_points('<points coords="1 1 461 527 2 481 521')) == [(46.1, 52.7)]
-    assert xy(parse_points('<points coords="1 1 461 527 2 481 521 ')) == [(46.1, 52.7),
-                                                                          (48.1, 52.1)]
+    assert xy(parse_points('<points coords="1 1 461 527 2 481 521 ')) == [(46.1, 52.7), (48.1, 52.1)]
     assert parse_points('<points coords="1 1 461 5') == []
 
 
 def test_truncated_after_coords_keeps_all_points():
-    assert xy(parse_points('<points coords="1 1 461 527 2 481 521">la')) == [(46.1, 52.7),
-                                                                             (48.1, 52.1)]
+    assert xy(parse_points('<points coords="1 1 461 527 2 481 521">la')) == [(46.1, 52.7), (48.1, 52.1)]
     assert parse_points('<points coords="1 1 461 527"')[0].label is None
 
 
@@ -129,28 +142,32 @@ def test_v1_truncated_value_is_not_trusted():
 
 
 def test_non_numbers_stop_a_coords_group():
-    assert xy(parse_points('<points coords="1 1 100 100 2 abc 300 3 400 400">a</points>')) == [
-        (10.0, 10.0)]
+    assert xy(parse_points('<points coords="1 1 100 100 2 abc 300 3 400 400">a</points>')) == [(10.0, 10.0)]
     assert xy(parse_points('<points coords="1 1 1_0 100">a</points>')) == []
     assert xy(parse_points('<point x="nan" y="5">a</point><point x="1e3" y="5">a</point>')) == []
 
 
-@pytest.mark.parametrize("answer", [
-    '<points coords="1 1 1001 500">a</points>',
-    '<points coords="1 1 -5 500">a</points>',
-    '<point x="100.01" y="50">a</point>',
-    '<point x="50" y="-0.1">a</point>',
-    '<point x="inf" y="50">a</point>',
-    '<points coords="1 1 ' + "9" * 400 + ' 500">a</points>',
-    '<point x="' + "9" * 400 + '" y="5">a</point>',
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        '<points coords="1 1 1001 500">a</points>',
+        '<points coords="1 1 -5 500">a</points>',
+        '<point x="100.01" y="50">a</point>',
+        '<point x="50" y="-0.1">a</point>',
+        '<point x="inf" y="50">a</point>',
+        '<points coords="1 1 ' + "9" * 400 + ' 500">a</points>',
+        '<point x="' + "9" * 400 + '" y="5">a</point>',
+    ],
+)
 def test_points_outside_the_image_are_dropped(answer):
     assert parse_points(answer) == []
 
 
 def test_outside_points_do_not_drop_their_neighbours():
     assert xy(parse_points('<points coords="1 1 100 100 2 2000 100 3 200 200">a</points>')) == [
-        (10.0, 10.0), (20.0, 20.0)]
+        (10.0, 10.0),
+        (20.0, 20.0),
+    ]
 
 
 def test_huge_v1_indexes_are_ignored_not_raised():
@@ -179,9 +196,23 @@ def _assert_sane(points):
 
 def test_random_garbage_never_raises():
     rng = random.Random(1234)
-    alphabet = list('<>/"\'=;\t\n .-+0123456789eE') + ["<points", "<point", "coords=", "x1=",
-                                                     "y1=", "x=", "y=", "alt=", "</points>", "nan",
-                                                     "inf", "&amp;", "&#0;", "&#x110000;", "é猫"]
+    alphabet = list("<>/\"'=;\t\n .-+0123456789eE") + [
+        "<points",
+        "<point",
+        "coords=",
+        "x1=",
+        "y1=",
+        "x=",
+        "y=",
+        "alt=",
+        "</points>",
+        "nan",
+        "inf",
+        "&amp;",
+        "&#0;",
+        "&#x110000;",
+        "é猫",
+    ]
     for _ in range(3000):
         answer = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         _assert_sane(parse_points(answer))
@@ -197,15 +228,19 @@ def test_mutated_real_answers_never_raise():
             if op < 0.4:
                 del chars[i]
             elif op < 0.7:
-                chars.insert(i, rng.choice('<>"\'= ;\t9.-x'))
+                chars.insert(i, rng.choice("<>\"'= ;\t9.-x"))
             else:
                 chars[i], chars[-1 - i] = chars[-1 - i], chars[i]
         _assert_sane(parse_points("".join(chars)))
 
 
 def test_long_garbage_is_fast():
-    answers = ["<points " + "a" * 50_000 + " b", '<points coords="' + "1" * 50_000 + " x",
-               "<point " * 10_000, '<points coords="1 1 ' + "5 5 5 " * 10_000]
+    answers = [
+        "<points " + "a" * 50_000 + " b",
+        '<points coords="' + "1" * 50_000 + " x",
+        "<point " * 10_000,
+        '<points coords="1 1 ' + "5 5 5 " * 10_000,
+    ]
     start = time.perf_counter()
     for answer in answers:
         _assert_sane(parse_points(answer))

@@ -45,15 +45,15 @@ def compose_client() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def ci_compose(source: dict, *, images_dir: Path, ls_image: str | None = None,
-               root: Path = ROOT) -> dict:
+def ci_compose(source: dict, *, images_dir: Path, ls_image: str | None = None, root: Path = ROOT) -> dict:
     """The CPU-only CI copy of a parsed docker-compose.yml (see the module docstring)."""
     out = copy.deepcopy(source)
     services = out["services"]
     for svc in services.values():
         svc.pop("deploy", None)
-        svc["ports"] = [p if str(p).startswith("127.0.0.1:") else f"127.0.0.1:{p}"
-                        for p in svc.get("ports", [])]
+        svc["ports"] = [
+            p if str(p).startswith("127.0.0.1:") else f"127.0.0.1:{p}" for p in svc.get("ports", [])
+        ]
         if isinstance(svc.get("build"), dict):
             svc["build"]["context"] = str((root / svc["build"]["context"]).resolve())
     if ls_image:
@@ -70,9 +70,12 @@ def ci_compose(source: dict, *, images_dir: Path, ls_image: str | None = None,
 
 
 def write_ci_compose(path: Path, *, images_dir: Path, ls_image: str | None = None) -> Path:
-    path.write_text(yaml.safe_dump(ci_compose(yaml.safe_load(COMPOSE.read_text()),
-                                              images_dir=images_dir, ls_image=ls_image),
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            ci_compose(yaml.safe_load(COMPOSE.read_text()), images_dir=images_dir, ls_image=ls_image),
+            sort_keys=False,
+        )
+    )
     return path
 
 
@@ -89,16 +92,19 @@ class ComposeStack:
 
     def _env(self) -> dict[str, str]:
         # the host's own Label Studio / backend / compose variables must not leak into the stack
-        clean = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("LABEL_STUDIO_", "MOLMO_", "COMPOSE_"))}
+        clean = {
+            k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MOLMO_", "COMPOSE_"))
+        }
         return {**clean, **self.env}
 
     def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        out = subprocess.run(self.cmd + list(args), env=self._env(), capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(
+            self.cmd + list(args), env=self._env(), capture_output=True, text=True, timeout=timeout
+        )
         if check and out.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed ({out.returncode}):\n"
-                               f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(args[:2])} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            )
         return out
 
     def up(self, *services: str) -> float:
@@ -120,9 +126,14 @@ class ComposeStack:
 
     def state(self, service: str) -> dict:
         """``docker inspect``'s ``.State`` of the service's container (``Health``: its HEALTHCHECK)."""
-        out = subprocess.run(["docker", "inspect", "--format", "{{json .State}}",
-                              self.container(service)], capture_output=True, text=True, timeout=60,
-                             check=True, env=self._env())
+        out = subprocess.run(
+            ["docker", "inspect", "--format", "{{json .State}}", self.container(service)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            env=self._env(),
+        )
         return json.loads(out.stdout)
 
     def health(self, service: str) -> dict:

@@ -1,6 +1,11 @@
 """An in-memory stand-in for what the backend uses of label-studio-sdk's ``LabelStudio`` client
 (projects.get, projects.import_predictions, tasks.list), for annotate's and the write-back's
-unit tests. The real Label Studio runs in the e2e tests."""
+unit tests: no HTTP at all, the client object itself is replaced.
+
+Not to be confused with tests/support/http_fixtures.FakeLabelStudio, a real HTTP server that
+plays Label Studio's auth (tokens, the PAT exchange, protected files) for the backend's HTTP
+client; the two share a name, not a job. The real Label Studio runs in the e2e tests
+(tests/support/labelstudio.py)."""
 
 from __future__ import annotations
 

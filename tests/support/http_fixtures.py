@@ -4,6 +4,10 @@
 ``Reply``; every request is recorded so tests can check what was sent (for instance that no
 ``Authorization`` header left for a foreign host). ``FakeLabelStudio`` adds the parts of Label
 Studio's protocol the backend relies on: token checks and the personal-access-token exchange.
+
+These are peers the backend talks to over HTTP (Label Studio, image hosts, attackers). The
+in-memory stand-in for label-studio-sdk's client object is tests/support/fake_label_studio.py;
+our own backend server is started by tests/support/processes.BackendServer.
 """
 
 from __future__ import annotations
@@ -68,9 +72,13 @@ class HttpServer:
             def _serve(self, method: str) -> None:
                 parts = urlsplit(self.path)
                 size = int(self.headers.get("Content-Length") or 0)
-                request = Request(method, parts.path, parse_qs(parts.query),
-                                  {k.lower(): v for k, v in self.headers.items()},
-                                  self.rfile.read(size) if size else b"")
+                request = Request(
+                    method,
+                    parts.path,
+                    parse_qs(parts.query),
+                    {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(size) if size else b"",
+                )
                 server.requests.append(request)
                 route = server.routes.get(parts.path)
                 reply = route(request) if route else Reply(404, b"not found")
@@ -122,8 +130,7 @@ class HttpServer:
         self.port = self._httpd.server_address[1]
         netloc = f"[{host}]" if ":" in host else host
         self.url = f"{'https' if tls else 'http'}://{netloc}:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def route(self, path: str, reply: Reply | Route) -> None:
@@ -156,12 +163,18 @@ class FakeLabelStudio(HttpServer):
     valid ``Authorization`` header; anything else gets 401, as LS does.
     """
 
-    def __init__(self, legacy_token: str | None = None, access_lifetime: int = 300,
-                 exchange_delay: float = 0.0, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        legacy_token: str | None = None,
+        access_lifetime: int = 300,
+        exchange_delay: float = 0.0,
+        host: str = "127.0.0.1",
+    ):
         super().__init__(host)
         self.legacy_token = legacy_token
-        self.pat = make_jwt({"token_type": "refresh", "exp": int(time.time()) + 10**7,
-                             "jti": "pat-1", "user_id": 1})
+        self.pat = make_jwt(
+            {"token_type": "refresh", "exp": int(time.time()) + 10**7, "jti": "pat-1", "user_id": 1}
+        )
         self.access_lifetime = access_lifetime
         self.exchange_delay = exchange_delay
         self.valid_access: set[str] = set()
@@ -175,13 +188,14 @@ class FakeLabelStudio(HttpServer):
             if not self.authorized(request):
                 return Reply(401, b'{"detail": "Authentication credentials were not provided."}')
             return Reply(200, body, headers)
+
         self.route(path, answer)
 
     def authorized(self, request: Request) -> bool:
         auth = request.headers.get("authorization", "")
         if self.legacy_token and auth == f"Token {self.legacy_token}":
             return True
-        return auth.startswith("Bearer ") and auth[len("Bearer "):] in self.valid_access
+        return auth.startswith("Bearer ") and auth[len("Bearer ") :] in self.valid_access
 
     def revoke_access_tokens(self) -> None:
         """Make LS forget every access token, as if they had expired on its clock."""
@@ -198,8 +212,13 @@ class FakeLabelStudio(HttpServer):
         now = int(time.time())
         with self._lock:
             self.exchanges += 1
-            access = make_jwt({"token_type": "access", "iat": now,
-                               "exp": now + self.access_lifetime, "jti": f"a{next(self._ids)}"})
+            access = make_jwt(
+                {
+                    "token_type": "access",
+                    "iat": now,
+                    "exp": now + self.access_lifetime,
+                    "jti": f"a{next(self._ids)}",
+                }
+            )
             self.valid_access.add(access)
-        return Reply(200, json.dumps({"access": access}).encode(),
-                     {"Content-Type": "application/json"})
+        return Reply(200, json.dumps({"access": access}).encode(), {"Content-Type": "application/json"})

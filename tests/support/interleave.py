@@ -33,8 +33,12 @@ def make_job(rng: random.Random, images, size: int, tag: str) -> list[PointQuery
 
 
 def same(answer, alone, tolerance: float) -> bool:
-    return (answer.error is None and answer.text == alone.text and len(answer.token_logprobs) == len(alone.token_logprobs)
-            and all(abs(a - b) <= tolerance for a, b in zip(answer.token_logprobs, alone.token_logprobs)))
+    return (
+        answer.error is None
+        and answer.text == alone.text
+        and len(answer.token_logprobs) == len(alone.token_logprobs)
+        and all(abs(a - b) <= tolerance for a, b in zip(answer.token_logprobs, alone.token_logprobs))
+    )
 
 
 def interleave(scheduler: Scheduler, engine, bulk, opened, rng: random.Random) -> dict:
@@ -82,7 +86,11 @@ def interleave(scheduler: Scheduler, engine, bulk, opened, rng: random.Random) -
         jobs.append(scheduler.submit_async(opened[len(jobs)], Priority.INTERACTIVE))
     for job in jobs:
         assert job.wait(600), "an opened task never finished"
-    return {"bulk": bulk_job.answers, "opened": [job.answers for job in jobs], "arrived_mid_bulk": arrived.is_set()}
+    return {
+        "bulk": bulk_job.answers,
+        "opened": [job.answers for job in jobs],
+        "arrived_mid_bulk": arrived.is_set(),
+    }
 
 
 def run_trials(engine, images, trials: int, seed_base: int, tolerance: float) -> list[dict]:
@@ -103,10 +111,19 @@ def run_trials(engine, images, trials: int, seed_base: int, tolerance: float) ->
                     alone[key] = engine.generate([query])[0]
             answers = interleave(scheduler, engine, bulk, opened, rng)
             pairs = list(zip(bulk, answers["bulk"])) + [
-                pair for job, got in zip(opened, answers["opened"]) for pair in zip(job, got)]
+                pair for job, got in zip(opened, answers["opened"]) for pair in zip(job, got)
+            ]
             wrong = [q.prompt for q, a in pairs if not same(a, alone[(q.image_key, q.prompt)], tolerance)]
-            out.append({"seed": seed, "bulk": len(bulk), "opened": [len(job) for job in opened],
-                        "answers": len(pairs), "arrived_mid_bulk": answers["arrived_mid_bulk"], "mismatches": wrong})
+            out.append(
+                {
+                    "seed": seed,
+                    "bulk": len(bulk),
+                    "opened": [len(job) for job in opened],
+                    "answers": len(pairs),
+                    "arrived_mid_bulk": answers["arrived_mid_bulk"],
+                    "mismatches": wrong,
+                }
+            )
     finally:
         scheduler.close()
     return out

@@ -33,16 +33,16 @@ import fcntl
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import requests
+
+from tests.support.processes import free_port, stop_process_group
 
 LS_VERSION = "1.23.2"
 CACHE_ROOT = Path.home() / ".cache" / "molmo-backend"
@@ -67,17 +67,21 @@ def _venv_version(venv: Path) -> str | None:
         return None
     try:
         out = subprocess.run(
-            [str(python), "-c",
-             "import importlib.metadata as m, label_studio; print(m.version('label-studio'))"],
-            capture_output=True, text=True, timeout=120,
+            [
+                str(python),
+                "-c",
+                "import importlib.metadata as m, label_studio; print(m.version('label-studio'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def ensure_label_studio_venv(venv: Path | str | None = None, version: str = LS_VERSION,
-                             log=print) -> Path:
+def ensure_label_studio_venv(venv: Path | str | None = None, version: str = LS_VERSION, log=print) -> Path:
     """A venv with ``label-studio==version`` in it: the cached one, or a freshly built one.
 
     The venv is ``venv``, else ``$LS_VENV``, else ``~/.cache/molmo-backend/ls-<version>``. A venv that
@@ -102,18 +106,25 @@ def ensure_label_studio_venv(venv: Path | str | None = None, version: str = LS_V
         started = time.monotonic()
         log(f"installing label-studio=={version} into {venv} (about 1.5 min)")
         try:
-            subprocess.run([python, "-m", "venv", str(venv)], check=True,
-                           capture_output=True, text=True)
-            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                   "--no-input", "--progress-bar", "off"]
+            subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True, text=True)
+            pip = [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--progress-bar",
+                "off",
+            ]
             pip += os.environ.get("LS_PIP_ARGS", "").split()
-            subprocess.run(pip + [f"label-studio=={version}"], check=True,
-                           capture_output=True, text=True)
+            subprocess.run(pip + [f"label-studio=={version}"], check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as exc:
             shutil.rmtree(venv, ignore_errors=True)
             raise LabelStudioError(
                 f"installing label-studio=={version} failed ({exc.cmd[:4]}...):\n"
-                f"{(exc.stdout or '')[-3000:]}\n{(exc.stderr or '')[-3000:]}") from exc
+                f"{(exc.stdout or '')[-3000:]}\n{(exc.stderr or '')[-3000:]}"
+            ) from exc
         found = _venv_version(venv)
         if found != version:
             raise LabelStudioError(f"{venv} holds label-studio {found!r} after install, not {version}")
@@ -123,18 +134,23 @@ def ensure_label_studio_venv(venv: Path | str | None = None, version: str = LS_V
 
 def _ls_env(data_dir: Path) -> dict[str, str]:
     """The environment for running LS's own commands: no proxies, nothing phoning home."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LABEL_STUDIO_", "DJANGO_", "VIRTUAL_ENV", "PYTHON"))
-           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    env.update({
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-        "COLLECT_ANALYTICS": "false",
-        "SENTRY_DSN": "",
-        "FRONTEND_SENTRY_DSN": "",
-        "LATEST_VERSION_CHECK": "false",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LABEL_STUDIO_", "DJANGO_", "VIRTUAL_ENV", "PYTHON"))
+        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env.update(
+        {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+            "COLLECT_ANALYTICS": "false",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
+            "LATEST_VERSION_CHECK": "false",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+    )
     return env
 
 
@@ -159,40 +175,25 @@ def migrated_db_template(venv: Path, version: str = LS_VERSION, log=print) -> Pa
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="ls-migrate-") as tmp:
             data_dir = Path(tmp)
-            out = subprocess.run([str(venv / "bin" / "label-studio"), "version"],
-                                 env=_ls_env(data_dir), cwd=tmp, capture_output=True, text=True,
-                                 timeout=600, start_new_session=True)
+            out = subprocess.run(
+                [str(venv / "bin" / "label-studio"), "version"],
+                env=_ls_env(data_dir),
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                start_new_session=True,
+            )
             db = data_dir / DB_NAME
             if out.returncode != 0 or not db.exists():
-                raise LabelStudioError(f"migrating a template database failed:\n"
-                                       f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+                raise LabelStudioError(
+                    f"migrating a template database failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+                )
             partial = template.with_suffix(".partial")
             shutil.copyfile(db, partial)
             partial.replace(template)
         log(f"migrated LS database template in {time.monotonic() - started:.0f} s: {template}")
     return template
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group ``proc`` leads, then SIGKILL it if it lingers."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    # children may outlive a leader that exited: the group id is the leader's pid
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,10 +210,17 @@ class LabelStudio:
     (``Token`` or ``Bearer``) and raises :class:`LabelStudioError` on an unexpected status.
     """
 
-    def __init__(self, legacy_tokens: bool = True, *, venv: Path | str | None = None,
-                 port: int | None = None, data_dir: Path | str | None = None,
-                 extra_env: dict[str, str] | None = None, start_timeout: float = 240.0,
-                 log=print):
+    def __init__(
+        self,
+        legacy_tokens: bool = True,
+        *,
+        venv: Path | str | None = None,
+        port: int | None = None,
+        data_dir: Path | str | None = None,
+        extra_env: dict[str, str] | None = None,
+        start_timeout: float = 240.0,
+        log=print,
+    ):
         self.legacy_tokens = legacy_tokens
         self.venv = Path(venv) if venv else None
         self.port = port
@@ -233,8 +241,9 @@ class LabelStudio:
         self.timings: dict[str, float] = {}
 
     @classmethod
-    def attach(cls, url: str, *, username: str, password: str, user_token: str,
-               legacy_tokens: bool, log=print) -> "LabelStudio":
+    def attach(
+        cls, url: str, *, username: str, password: str, user_token: str, legacy_tokens: bool, log=print
+    ) -> LabelStudio:
         """A client for a Label Studio running elsewhere (a container): the same helpers, nothing
         started or stopped here. Checks that its token mode is ``legacy_tokens``."""
         ls = cls(legacy_tokens=legacy_tokens, log=log)
@@ -249,7 +258,7 @@ class LabelStudio:
     def url(self) -> str:
         return self._attached_url or f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LabelStudio":
+    def start(self) -> LabelStudio:
         if self.proc is not None:
             raise LabelStudioError("already started")
         t0 = time.monotonic()
@@ -268,29 +277,42 @@ class LabelStudio:
             shutil.copyfile(template, self.data_dir / DB_NAME)
         self.port = self.port or free_port()
         env = _ls_env(self.data_dir)
-        env.update({
-            "LABEL_STUDIO_USERNAME": self.username,
-            "LABEL_STUDIO_PASSWORD": self.password,
-            "LABEL_STUDIO_USER_TOKEN": self.user_token,
-            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true" if self.legacy_tokens else "false",
-            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-            # what /setup reports as "hostname", and where a backend fetches /data/upload/ from
-            "LABEL_STUDIO_HOST": self.url,
-            # let LS call a backend on 127.0.0.1 (FACTS §1: both flags, or 403)
-            "ML_BLOCK_LOCAL_IP": "false",
-            "SSRF_PROTECTION_ENABLED": "false",
-            "LOG_LEVEL": "WARNING",
-        })
+        env.update(
+            {
+                "LABEL_STUDIO_USERNAME": self.username,
+                "LABEL_STUDIO_PASSWORD": self.password,
+                "LABEL_STUDIO_USER_TOKEN": self.user_token,
+                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true" if self.legacy_tokens else "false",
+                "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+                # what /setup reports as "hostname", and where a backend fetches /data/upload/ from
+                "LABEL_STUDIO_HOST": self.url,
+                # let LS call a backend on 127.0.0.1 (FACTS §1: both flags, or 403)
+                "ML_BLOCK_LOCAL_IP": "false",
+                "SSRF_PROTECTION_ENABLED": "false",
+                "LOG_LEVEL": "WARNING",
+            }
+        )
         env.update(self.extra_env)
         self.log_path = self.data_dir / "label-studio.log"
         logf = open(self.log_path, "ab")
         t2 = time.monotonic()
         try:
             self.proc = subprocess.Popen(
-                [str(self.venv / "bin" / "label-studio"), "start", "--no-browser",
-                 "--internal-host", "127.0.0.1", "--port", str(self.port)],
-                env=env, cwd=self.data_dir, stdout=logf, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [
+                    str(self.venv / "bin" / "label-studio"),
+                    "start",
+                    "--no-browser",
+                    "--internal-host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                env=env,
+                cwd=self.data_dir,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         finally:
             logf.close()
@@ -301,16 +323,17 @@ class LabelStudio:
         except BaseException:
             self.stop()
             raise
-        self.log(f"Label Studio {LS_VERSION} up at {self.url} in {self.timings['start_s']:.1f} s "
-                 f"(legacy tokens {'on' if self.legacy_tokens else 'off'})")
+        self.log(
+            f"Label Studio {LS_VERSION} up at {self.url} in {self.timings['start_s']:.1f} s "
+            f"(legacy tokens {'on' if self.legacy_tokens else 'off'})"
+        )
         return self
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise LabelStudioError(f"label-studio exited with {self.proc.returncode}:\n"
-                                       f"{self.log_tail()}")
+                raise LabelStudioError(f"label-studio exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 r = requests.get(f"{self.url}/health", timeout=2)
                 if r.ok:
@@ -318,19 +341,22 @@ class LabelStudio:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise LabelStudioError(f"label-studio not healthy after {self.start_timeout:.0f} s:\n"
-                               f"{self.log_tail()}")
+        raise LabelStudioError(
+            f"label-studio not healthy after {self.start_timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     def _check_token_mode(self) -> None:
         """The legacy token works exactly when legacy tokens were asked for (the flag is read only
         when the organisation is created, so a reused data dir could disagree)."""
-        r = requests.get(f"{self.url}/api/current-user/whoami",
-                         headers={"Authorization": f"Token {self.user_token}"}, timeout=10)
+        r = requests.get(
+            f"{self.url}/api/current-user/whoami",
+            headers={"Authorization": f"Token {self.user_token}"},
+            timeout=10,
+        )
         if self.legacy_tokens and r.status_code != 200:
             raise LabelStudioError(f"legacy token refused ({r.status_code}): {r.text[:300]}")
         if not self.legacy_tokens and r.status_code != 401:
-            raise LabelStudioError(f"legacy token not refused ({r.status_code}) with legacy "
-                                   f"tokens off")
+            raise LabelStudioError(f"legacy token not refused ({r.status_code}) with legacy tokens off")
 
     def log_tail(self, chars: int = 4000) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -339,13 +365,13 @@ class LabelStudio:
 
     def stop(self) -> None:
         if self.proc is not None:
-            kill_process_group(self.proc)
+            stop_process_group(self.proc, timeout=10.0)
             self.proc = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> "LabelStudio":
+    def __enter__(self) -> LabelStudio:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -359,10 +385,13 @@ class LabelStudio:
         s.trust_env = False
         s.get(f"{self.url}/user/login/", timeout=30)
         csrf = s.cookies.get("csrftoken")
-        r = s.post(f"{self.url}/user/login/", timeout=30, allow_redirects=False,
-                   data={"email": self.username, "password": self.password,
-                         "csrfmiddlewaretoken": csrf},
-                   headers={"Referer": f"{self.url}/user/login/"})
+        r = s.post(
+            f"{self.url}/user/login/",
+            timeout=30,
+            allow_redirects=False,
+            data={"email": self.username, "password": self.password, "csrfmiddlewaretoken": csrf},
+            headers={"Referer": f"{self.url}/user/login/"},
+        )
         if r.status_code != 302:
             raise LabelStudioError(f"login failed ({r.status_code}): {r.text[:300]}")
         s.headers["X-CSRFToken"] = s.cookies.get("csrftoken", csrf)
@@ -386,8 +415,7 @@ class LabelStudio:
         """A JWT access token (about 5 min) from ``POST /api/token/refresh/ {"refresh": PAT}``."""
         if pat is None and not fresh and self._access and self._access[1] > time.monotonic():
             return self._access[0]
-        r = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": pat or self.pat()},
-                          timeout=30)
+        r = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": pat or self.pat()}, timeout=30)
         if r.status_code != 200:
             raise LabelStudioError(f"token refresh failed ({r.status_code}): {r.text[:300]}")
         access = r.json()["access"]
@@ -408,8 +436,16 @@ class LabelStudio:
 
     # -- REST --------------------------------------------------------------------------------------
 
-    def api(self, method: str, path: str, *, expect: int | Sequence[int] | None = (200, 201),
-            timeout: float = 180, headers: dict | None = None, **kwargs) -> requests.Response:
+    def api(
+        self,
+        method: str,
+        path: str,
+        *,
+        expect: int | Sequence[int] | None = (200, 201),
+        timeout: float = 180,
+        headers: dict | None = None,
+        **kwargs,
+    ) -> requests.Response:
         """An authenticated request to ``path`` (``/api/...``); raises unless the status is in
         ``expect`` (None: any status)."""
         hdrs = self.auth_headers()
@@ -438,12 +474,12 @@ class LabelStudio:
         paths = [Path(p) for p in paths]
         ids: list[int] = []
         for start in range(0, len(paths), 100):
-            chunk = paths[start:start + 100]
+            chunk = paths[start : start + 100]
             with contextlib.ExitStack() as stack:
-                files = {f"file{i}": (p.name, stack.enter_context(open(p, "rb")))
-                         for i, p in enumerate(chunk)}
-                r = self.api("POST", f"/api/projects/{project_id}/import?return_task_ids=true",
-                             files=files)
+                files = {
+                    f"file{i}": (p.name, stack.enter_context(open(p, "rb"))) for i, p in enumerate(chunk)
+                }
+                r = self.api("POST", f"/api/projects/{project_id}/import?return_task_ids=true", files=files)
             ids += self._import_ids(r, len(chunk))
         return ids
 
@@ -469,8 +505,12 @@ class LabelStudio:
         out: list[dict] = []
         page = 1
         while True:
-            r = self.api("GET", "/api/tasks", params={"project": project_id, "page": page,
-                                                      "page_size": 100}, expect=(200, 404))
+            r = self.api(
+                "GET",
+                "/api/tasks",
+                params={"project": project_id, "page": page, "page_size": 100},
+                expect=(200, 404),
+            )
             if r.status_code == 404:
                 break
             body = r.json()
@@ -481,11 +521,17 @@ class LabelStudio:
             page += 1
         return out
 
-    def connect_ml(self, project_id: int, url: str, title: str = "Molmo",
-                   is_interactive: bool = False, expect=(200, 201), **fields) -> dict:
+    def connect_ml(
+        self,
+        project_id: int,
+        url: str,
+        title: str = "Molmo",
+        is_interactive: bool = False,
+        expect=(200, 201),
+        **fields,
+    ) -> dict:
         """Settings -> Model -> Connect Model. LS calls the backend's /health and /setup on the way."""
-        body = {"url": url, "project": project_id, "title": title,
-                "is_interactive": is_interactive, **fields}
+        body = {"url": url, "project": project_id, "title": title, "is_interactive": is_interactive, **fields}
         return self.api("POST", "/api/ml", json=body, expect=expect).json()
 
     def ml_backends(self, project_id: int) -> list[dict]:
@@ -498,9 +544,12 @@ class LabelStudio:
             selected = {"all": True, "excluded": []}
         else:
             selected = {"all": False, "included": list(task_ids)}
-        return self.api("POST", "/api/dm/actions",
-                        params={"id": "retrieve_tasks_predictions", "project": project_id},
-                        json={"selectedItems": selected}).json()
+        return self.api(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project_id},
+            json={"selectedItems": selected},
+        ).json()
 
     def open_task(self, task_id: int) -> dict:
         """Opening a task in the labeling UI: ``GET /api/tasks/ID`` (predicts it when it has none)."""

@@ -47,7 +47,8 @@ MAX_POSITIONS = 512
 
 _CORPUS = [
     " User: Point to cat\nPlease say 'This isn't in the image.' if it is not in the image. Assistant:",
-    " User: Point to dog Assistant:", " User: Point to the left eye Assistant:",
+    " User: Point to dog Assistant:",
+    " User: Point to the left eye Assistant:",
     ' <point x="61.5" y="40.6" alt="cat">cat</point>',
     ' <points x1="10.0" y1="20.5" x2="80.1" y2="55.3" alt="cats">cats</points>',
     " There are none. This isn't in the image.",
@@ -374,20 +375,31 @@ def _param_shapes() -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
         "wte.weight": (EMBEDDING_SIZE, HIDDEN),
         "wpe.weight": (MAX_POSITIONS, HIDDEN),
-        "patch_embed.weight": (HIDDEN, PATCH * PATCH * 3), "patch_embed.bias": (HIDDEN,),
-        "image_projector.weight": (HIDDEN, HIDDEN), "image_projector.bias": (HIDDEN,),
-        "ln_f.weight": (HIDDEN,), "ln_f.bias": (HIDDEN,),
+        "patch_embed.weight": (HIDDEN, PATCH * PATCH * 3),
+        "patch_embed.bias": (HIDDEN,),
+        "image_projector.weight": (HIDDEN, HIDDEN),
+        "image_projector.bias": (HIDDEN,),
+        "ln_f.weight": (HIDDEN,),
+        "ln_f.bias": (HIDDEN,),
         "lm_head.weight": (EMBEDDING_SIZE, HIDDEN),
     }
     for i in range(LAYERS):
-        shapes.update({
-            f"blocks.{i}.attn_norm.weight": (HIDDEN,), f"blocks.{i}.attn_norm.bias": (HIDDEN,),
-            f"blocks.{i}.att_proj.weight": (3 * HIDDEN, HIDDEN), f"blocks.{i}.att_proj.bias": (3 * HIDDEN,),
-            f"blocks.{i}.attn_out.weight": (HIDDEN, HIDDEN), f"blocks.{i}.attn_out.bias": (HIDDEN,),
-            f"blocks.{i}.ff_norm.weight": (HIDDEN,), f"blocks.{i}.ff_norm.bias": (HIDDEN,),
-            f"blocks.{i}.ff_proj.weight": (MLP, HIDDEN), f"blocks.{i}.ff_proj.bias": (MLP,),
-            f"blocks.{i}.ff_out.weight": (HIDDEN, MLP), f"blocks.{i}.ff_out.bias": (HIDDEN,),
-        })
+        shapes.update(
+            {
+                f"blocks.{i}.attn_norm.weight": (HIDDEN,),
+                f"blocks.{i}.attn_norm.bias": (HIDDEN,),
+                f"blocks.{i}.att_proj.weight": (3 * HIDDEN, HIDDEN),
+                f"blocks.{i}.att_proj.bias": (3 * HIDDEN,),
+                f"blocks.{i}.attn_out.weight": (HIDDEN, HIDDEN),
+                f"blocks.{i}.attn_out.bias": (HIDDEN,),
+                f"blocks.{i}.ff_norm.weight": (HIDDEN,),
+                f"blocks.{i}.ff_norm.bias": (HIDDEN,),
+                f"blocks.{i}.ff_proj.weight": (MLP, HIDDEN),
+                f"blocks.{i}.ff_proj.bias": (MLP,),
+                f"blocks.{i}.ff_out.weight": (HIDDEN, MLP),
+                f"blocks.{i}.ff_out.bias": (HIDDEN,),
+            }
+        )
     return shapes
 
 
@@ -414,8 +426,10 @@ def _write_tokenizer(out: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TEXT_VOCAB - 32, special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=TEXT_VOCAB - 32,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     tok.add_tokens([f"<|filler_{i}|>" for i in range(TEXT_VOCAB - tok.get_vocab_size())])
@@ -425,11 +439,21 @@ def _write_tokenizer(out: Path) -> None:
         assert tok.token_to_id(token) == TEXT_VOCAB + i, token
     tok.save(str(out / "tokenizer.json"))
     # Qwen2's conventions, as in Molmo-7B-D: no bos (the processor prepends eos), eos = pad
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": EOS, "pad_token": EOS,
-        "unk_token": None, "model_max_length": 4096, "clean_up_tokenization_spaces": False,
-        "auto_map": {"AutoProcessor": "preprocessing_molmo.MolmoProcessor"},
-    }, indent=1))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "bos_token": None,
+                "eos_token": EOS,
+                "pad_token": EOS,
+                "unk_token": None,
+                "model_max_length": 4096,
+                "clean_up_tokenization_spaces": False,
+                "auto_map": {"AutoProcessor": "preprocessing_molmo.MolmoProcessor"},
+            },
+            indent=1,
+        )
+    )
     (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS, "pad_token": EOS}))
 
 
@@ -439,31 +463,66 @@ def write_molmo1_checkpoint(out: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(out)
     _write_weights(out, seed)
-    for name, source in [("config_molmo.py", CONFIG_PY), ("modeling_molmo.py", MODELING_PY),
-                         ("preprocessing_molmo.py", PREPROCESSING_PY),
-                         ("image_preprocessing_molmo.py", IMAGE_PREPROCESSING_PY)]:
+    for name, source in [
+        ("config_molmo.py", CONFIG_PY),
+        ("modeling_molmo.py", MODELING_PY),
+        ("preprocessing_molmo.py", PREPROCESSING_PY),
+        ("image_preprocessing_molmo.py", IMAGE_PREPROCESSING_PY),
+    ]:
         (out / name).write_text(source)
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["MolmoForCausalLM"],
-        "auto_map": {"AutoConfig": "config_molmo.MolmoConfig",
-                     "AutoModelForCausalLM": "modeling_molmo.MolmoForCausalLM"},
-        "model_type": "molmo", "vocab_size": EMBEDDING_SIZE, "embedding_size": EMBEDDING_SIZE,
-        "hidden_size": HIDDEN, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
-        "intermediate_size": MLP, "max_position_embeddings": MAX_POSITIONS,
-        "patch_pixels": PATCH * PATCH * 3, "use_position_ids": True, "torch_dtype": "float32",
-        "use_cache": True, "tie_word_embeddings": False,
-    }, indent=1))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["MolmoForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "config_molmo.MolmoConfig",
+                    "AutoModelForCausalLM": "modeling_molmo.MolmoForCausalLM",
+                },
+                "model_type": "molmo",
+                "vocab_size": EMBEDDING_SIZE,
+                "embedding_size": EMBEDDING_SIZE,
+                "hidden_size": HIDDEN,
+                "num_attention_heads": HEADS,
+                "num_hidden_layers": LAYERS,
+                "intermediate_size": MLP,
+                "max_position_embeddings": MAX_POSITIONS,
+                "patch_pixels": PATCH * PATCH * 3,
+                "use_position_ids": True,
+                "torch_dtype": "float32",
+                "use_cache": True,
+                "tie_word_embeddings": False,
+            },
+            indent=1,
+        )
+    )
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True}))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "auto_map": {"AutoImageProcessor": "image_preprocessing_molmo.MolmoImageProcessor",
-                     "AutoProcessor": "preprocessing_molmo.MolmoProcessor"},
-        "image_processor_type": "MolmoImageProcessor", "processor_class": "MolmoProcessor",
-        "max_crops": MAX_CROPS, "tile_pixels": TILE_PIXELS, "base_image_input_size": [CROP, CROP],
-        "image_patch_size": PATCH, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        "image_padding_mask": True,
-    }, indent=1))
-    (out / "processor_config.json").write_text(json.dumps({
-        "auto_map": {"AutoProcessor": "preprocessing_molmo.MolmoProcessor"},
-        "processor_class": "MolmoProcessor",
-    }, indent=1))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "auto_map": {
+                    "AutoImageProcessor": "image_preprocessing_molmo.MolmoImageProcessor",
+                    "AutoProcessor": "preprocessing_molmo.MolmoProcessor",
+                },
+                "image_processor_type": "MolmoImageProcessor",
+                "processor_class": "MolmoProcessor",
+                "max_crops": MAX_CROPS,
+                "tile_pixels": TILE_PIXELS,
+                "base_image_input_size": [CROP, CROP],
+                "image_patch_size": PATCH,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "image_padding_mask": True,
+            },
+            indent=1,
+        )
+    )
+    (out / "processor_config.json").write_text(
+        json.dumps(
+            {
+                "auto_map": {"AutoProcessor": "preprocessing_molmo.MolmoProcessor"},
+                "processor_class": "MolmoProcessor",
+            },
+            indent=1,
+        )
+    )
     return out

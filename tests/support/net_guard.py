@@ -17,7 +17,7 @@ A table entry's answer is a list of addresses, or a list of such lists: one per 
 last one repeats), to play a name whose answer changes (DNS rebinding).
 
 Installed in a test process by the :func:`net_guard` fixture; in a server process by
-tests/support/guarded_server.py from ``MOLMO_TEST_NET_NAMES`` / ``MOLMO_TEST_NET_LOG``.
+tests/support/forced_backend.py serve --net-guard from ``MOLMO_TEST_NET_NAMES`` / ``MOLMO_TEST_NET_LOG``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import ipaddress
 import json
 import socket
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import pytest
 
@@ -88,10 +88,10 @@ class NetGuard:
             return _real["getaddrinfo"](host, port, family, type, proto, flags)
         name = host.lower().rstrip(".")
         try:  # numeric, spelled any way the C library reads it: no lookup leaves the process
-            answer = _real["getaddrinfo"](host, port, family, type, proto,
-                                          flags | socket.AI_NUMERICHOST)
-            self._record({"event": "lookup", "host": host, "numeric": True,
-                          "answer": [a[4][0] for a in answer]})
+            answer = _real["getaddrinfo"](host, port, family, type, proto, flags | socket.AI_NUMERICHOST)
+            self._record(
+                {"event": "lookup", "host": host, "numeric": True, "answer": [a[4][0] for a in answer]}
+            )
             return answer
         except socket.gaierror:
             pass
@@ -130,12 +130,13 @@ class NetGuard:
         blocked = not is_loopback(host)
         self._record({"event": "connect", "address": host, "port": port, "blocked": blocked})
         if blocked:
-            raise PermissionError(f"test guard: connect to {host!r} port {port} blocked "
-                                  "(tests stay on loopback)")
+            raise PermissionError(
+                f"test guard: connect to {host!r} port {port} blocked (tests stay on loopback)"
+            )
 
     # -- installing -------------------------------------------------------------------------
 
-    def install(self) -> "NetGuard":
+    def install(self) -> NetGuard:
         guard = self
 
         def connect(sock, address):

@@ -8,8 +8,6 @@ The ``make_backend`` fixture (tests/conftest.py) builds a real backend around th
   :class:`ScriptedStepEngine` gives the same answers as a step engine (continuous batching).
 - :func:`answer`: an Answer whose tokens and probabilities are spelled out per piece.
 - :func:`png_data_uri`: a task image the backend loads without any server.
-- :func:`run_scored_backend`: the real server (gunicorn) on the demo model with answers and token
-  probabilities forced (tests/support/scored_server.py), for the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -18,20 +16,12 @@ import base64
 import io
 import math
 import threading
-import time
-from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-import pytest
 from PIL import Image
 
-from molmo_backend.labelstudio.model import MolmoBackend
 from molmo_backend.engine.base import Answer, Engine, PointQuery, StepEngine
 from molmo_backend.engine.scheduler import Priority, Scheduler
-from molmo_backend.images.loader import ImageLoader
-from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
-from molmo_backend.settings import Settings
-from tests.support.processes import run_backend
 
 
 def answer(*pieces: str | tuple[str, float], score: float | None = None) -> Answer:
@@ -41,8 +31,9 @@ def answer(*pieces: str | tuple[str, float], score: float | None = None) -> Answ
     logprobs = tuple(math.log(p) for p in probs)
     text = "".join(tokens)
     mean = sum(probs) / len(probs) if probs else None
-    return Answer(text=text.strip(), score=mean if score is None else score, tokens=tokens,
-                  token_logprobs=logprobs)
+    return Answer(
+        text=text.strip(), score=mean if score is None else score, tokens=tokens, token_logprobs=logprobs
+    )
 
 
 class ScriptedEngine(Engine):
@@ -124,8 +115,6 @@ class RecordingScheduler(Scheduler):
         return super().submit_async(queries, priority=priority, on_answer=on_answer)
 
 
-
-
 def png_data_uri(width: int = 64, height: int = 48, color=(200, 30, 30)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buf, format="PNG")
@@ -142,16 +131,19 @@ def by_type(prediction: dict, kind: str) -> list[dict]:
 
 def keypoints(prediction: dict) -> list[tuple]:
     """(label, x, y, score) of each keypoint region, sorted."""
-    return sorted((r["value"]["keypointlabels"][0], r["value"]["x"], r["value"]["y"], r.get("score"))
-                  for r in by_type(prediction, "keypointlabels"))
+    return sorted(
+        (r["value"]["keypointlabels"][0], r["value"]["x"], r["value"]["y"], r.get("score"))
+        for r in by_type(prediction, "keypointlabels")
+    )
 
 
-def run_scored_backend(tmp: Path, specs: Mapping[str, object], env: dict[str, str] | None = None,
-                       timeout: float = 120.0):
-    """tests/support/scored_server.py under real gunicorn on a free port. ``specs``: prompt text
-    -> answer text, or {"text": ..., "probs": {char index: p}}."""
-    return run_backend(tmp, env, answers=dict(specs), timeout=timeout, server="tests/support/scored_server.py")
-
-
-__all__ = ["RecordingScheduler", "ScriptedEngine", "ScriptedStepEngine", "answer", "by_type", "keypoints", "make_backend",
-           "png_data_uri", "run_scored_backend", "task"]
+__all__ = [
+    "RecordingScheduler",
+    "ScriptedEngine",
+    "ScriptedStepEngine",
+    "answer",
+    "by_type",
+    "keypoints",
+    "png_data_uri",
+    "task",
+]

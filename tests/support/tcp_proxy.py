@@ -23,7 +23,7 @@ class TcpProxy:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def up(self) -> "TcpProxy":
+    def up(self) -> TcpProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, self.port or 0))
