@@ -286,7 +286,8 @@ class LabelStudio:
                 "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
                 # what /setup reports as "hostname", and where a backend fetches /data/upload/ from
                 "LABEL_STUDIO_HOST": self.url,
-                # let LS call a backend on 127.0.0.1 (FACTS §1: both flags, or 403)
+                # let LS call a backend on 127.0.0.1: Label Studio 1.23 refuses a private ML backend URL
+                # with 403 unless both of these are off
                 "ML_BLOCK_LOCAL_IP": "false",
                 "SSRF_PROTECTION_ENABLED": "false",
                 "LOG_LEVEL": "WARNING",
