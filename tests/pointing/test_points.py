@@ -241,7 +241,9 @@ def test_long_garbage_is_fast():
         "<point " * 10_000,
         '<points coords="1 1 ' + "5 5 5 " * 10_000,
     ]
-    start = time.perf_counter()
+    # CPU seconds of this thread, not wall time: a busy machine must not fail it. The parse takes
+    # about 0.13 s here; a backtracking pattern on these 50,000-character answers takes minutes.
+    start = time.thread_time()
     for answer in answers:
         _assert_sane(parse_points(answer))
-    assert time.perf_counter() - start < 0.5
+    assert time.thread_time() - start < 1.0
