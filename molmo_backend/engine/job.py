@@ -1,8 +1,9 @@
-"""A caller's queries in the scheduler (:class:`Job`), and what a caller can be answered instead.
+"""A caller's queries in the scheduler (:class:`Job`), and the two ways work ends unanswered.
 
 A Job is the one object an HTTP thread and a GPU worker share: the worker fills ``answers`` in as
 queries finish and sets ``finished`` when the last one does; the caller waits on it, or cancels it
-when nobody waits any more (Label Studio gave up, the client hung up).
+when nobody waits any more (Label Studio gave up, the client hung up): each such query is answered
+``CANCELLED``. Work that reaches a closed scheduler is refused with :class:`SchedulerClosed`.
 """
 
 from __future__ import annotations
