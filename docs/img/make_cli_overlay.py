@@ -19,6 +19,10 @@ from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's tests/ package is not installed
+
+from tests.support.processes import forced_cli_command  # noqa: E402
+
 W, H = 480, 300
 
 # Molmo2 answers (x, y on a 0-1000 scale), one per label: where the cats' and the dog's noses are
@@ -69,24 +73,13 @@ def main() -> int:
         answers = Path(tmp) / "answers.json"
         answers.write_text(json.dumps(ANSWERS))
         out = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "tests/support/forced_backend.py"),
-                "cli",
-                "--answers",
-                str(answers),
-                "--",
+            forced_cli_command(
+                answers,
                 "predict",
                 str(scene_path),
-                "--label",
-                "cat",
-                "--label",
-                "dog",
-                "--label",
-                "bird",
-                "--out",
-                tmp,
-            ],
+                *("--label", "cat", "--label", "dog", "--label", "bird"),
+                *("--out", tmp),
+            ),
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from molmo_backend.pointing.prompts import DEFAULT_PROMPT_TEMPLATE
 from molmo_backend.settings import Settings, SettingsError
 from tests.support import fake_label_studio
 from tests.support.fake_label_studio import StatusError
-from tests.support.processes import ROOT
+from tests.support.processes import ROOT, forced_cli_command
 
 CONFIG = keypoint_config(["cat", "dog"])
 ANSWERS = {"cat": '<points coords="1 1 250 500">cat</points>', "dog": "There are none."}
@@ -306,25 +305,14 @@ def test_predict_prints_points_and_writes_an_overlay_with_dots_at_them(tmp_path,
     env = {**os.environ, "MOLMO_CACHE_DIR": str(demo_model_dir.parent), "MOLMO_MAX_NEW_TOKENS": "48"}
     out_dir = tmp_path / "out"
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests/support/forced_backend.py"),
-            "cli",
-            "--answers",
-            str(answers),
-            "--",
+        forced_cli_command(
+            answers,
             "predict",
             str(tmp_path / "wide.png"),
             str(tmp_path / "tall.jpg"),
-            "--label",
-            "cat",
-            "--label",
-            "dog",
-            "--label",
-            "bird",
-            "--out",
-            str(out_dir),
-        ],
+            *("--label", "cat", "--label", "dog", "--label", "bird"),
+            *("--out", str(out_dir)),
+        ),
         cwd=ROOT,
         env=env,
         capture_output=True,

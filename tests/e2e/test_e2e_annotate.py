@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from molmo_backend.labelstudio.api import LabelStudioProject, TaskFilter
 from molmo_backend.settings import Settings
 from tests.support.forced_backend import forced_engine_factory
 from tests.support.labelstudio import E2E_TIMINGS
-from tests.support.processes import ROOT, BackendServer, serve_directory
+from tests.support.processes import ROOT, BackendServer, forced_cli_command, serve_directory
 
 pytestmark = pytest.mark.e2e
 
@@ -65,15 +64,8 @@ def _check_all(ls, sizes: dict[int, tuple[int, int]], version: str) -> None:
 
 
 def _annotate_cmd(project: int, answers_file: Path, delay: float, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "tests/support/forced_backend.py"),
-        "cli",
-        "--answers",
-        str(answers_file),
-        "--delay",
-        str(delay),
-        "--",
+    return forced_cli_command(
+        answers_file,
         "annotate",
         "--project",
         str(project),
@@ -81,7 +73,8 @@ def _annotate_cmd(project: int, answers_file: Path, delay: float, *extra: str) -
         "--progress",
         "log",
         *extra,
-    ]
+        delay=delay,
+    )
 
 
 def _report(stdout: str) -> dict:

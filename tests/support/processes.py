@@ -2,6 +2,7 @@
 
 - :class:`BackendServer`: our backend under real gunicorn on a free port (a context manager:
   start, wait for /health, ``url``/``proc``/``log``, stop);
+- :func:`forced_cli_command`: our command line with forced answers, to run as a process;
 - :func:`free_port`, :func:`wait_healthy`, :func:`stop_process_group`: the pieces it is made of
   (tests/support/labelstudio.py starts Label Studio with free_port and stops it with
   stop_process_group);
@@ -53,6 +54,16 @@ def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} not healthy after {timeout} s")
+
+
+def forced_cli_command(answers_file: Path, *argv: str, delay: float = 0.0) -> list[str]:
+    """The ``molmo-backend`` command line ``argv`` (e.g. ``"predict", "a.png", "--label", "cat"``)
+    run by forced_backend.py ``cli`` with the answers in ``answers_file`` (JSON: prompt text ->
+    answer) and ``delay`` seconds before every prefill."""
+    command = [sys.executable, str(ROOT / FORCED_BACKEND), "cli", "--answers", str(answers_file)]
+    if delay:
+        command += ["--delay", str(delay)]
+    return [*command, "--", *argv]
 
 
 class BackendServer:
