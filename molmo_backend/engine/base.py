@@ -135,9 +135,10 @@ class StepEngine(Engine):
     """An engine whose rows live in cache slots and advance one token per :meth:`decode`.
 
     The scheduler calls, from one thread per engine: :meth:`free_slots` to see room,
-    :meth:`prefill` to admit rows (their image prefix once per distinct image, then each prompt
-    suffix, which yields each row's first token), :meth:`decode` for one token of the rows it
-    chooses, :meth:`answer` for a finished row, and :meth:`release` to free its slot.
+    :meth:`step` to admit rows (their image prefix once per distinct image, then each prompt
+    suffix, which yields each row's first token) while the running rows it chooses take their
+    next token, :meth:`decode` for one token of the rows it chooses when none is admitted,
+    :meth:`answer` for a finished row, and :meth:`release` to free its slot.
     ``generate`` (answer a batch from start to end) is built from the same calls, so both paths
     give the same answers."""
 
@@ -182,6 +183,15 @@ class StepEngine(Engine):
     def prefill(self, rows: Sequence[Row]) -> None:
         """Admit ``rows`` into free slots of their class and compute each one's first token.
         Raises if anything fails; then none of ``rows`` holds a slot."""
+
+    def step(self, admit: Sequence[Row], decode: Sequence[Row]) -> None:
+        """Admit ``admit`` (as :meth:`prefill`) and advance ``decode`` (running rows) by one token.
+        An engine that can do both in one forward overrides this, so decoding rows ride along
+        with a prefill instead of waiting for it. Raises if anything fails; then none of
+        ``admit`` holds a slot and ``decode`` has not advanced."""
+        self.prefill(admit)
+        if decode:
+            self.decode(decode)
 
     @abstractmethod
     def decode(self, rows: Sequence[Row]) -> None:

@@ -5,18 +5,18 @@ from its admission to its end, at its own positions 0..length-1: its image prefi
 suffix, then its answer. Rows of different lengths, images and ages share a decode step; a row that ends frees
 its slot at once and the next waiting row takes it.
 
-- **Prefill** (:meth:`SlotDecoder.prefill`): each distinct image of the admitted rows goes through
-  the model's own forward once (vision tower, adapter, the image tokens' bidirectional mask),
-  images of equal token count together, so mixed sizes cost no padding. Its keys/values are
-  copied into the slot of every row that asks about it; then the rows' prompt suffixes are
-  prefilled against their slots, which gives each row its first token.
+- **Packed steps** (:meth:`SlotDecoder.step`, :meth:`SlotDecoder.prefill`): the admitted rows'
+  image prefixes (each distinct image once, its vision features computed once), their prompt
+  suffixes and, optionally, one decode token of each running row, in one forward without padding
+  (:mod:`.packed`); each image's keys/values go straight into the slot of every row that shows
+  it. The new rows get their first token, the running rows their next.
 - **Decode** (:meth:`SlotDecoder.decode`): one token for a contiguous range of slots: the opened
   tasks' region, or the bulk region. Attention reads only the first ``bucket`` positions, the
   longest live row rounded up. On CUDA the step is captured as a graph per (range, bucket) and
   replayed; optionally (``compile_step``) the opened tasks' step is compiled first.
 
 Slots 0..interactive-1 belong to opened tasks, the next ``bulk`` slots to bulk work, and one
-scratch slot takes the padding rows of a captured prefill. Numerics are those of greedy
+spare slot that no row holds. Numerics are those of greedy
 ``generate()`` on the same inputs (a test checks equal answers).
 """
 
@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from molmo_backend.engine import slot_attention
+from molmo_backend.engine import packed, slot_attention
+from molmo_backend.engine.packed import PlanBuilder
 from molmo_backend.engine.phases import PhaseTimer
-from molmo_backend.engine.prefill import PreparedImage, prefill_groups, stack_images
+from molmo_backend.engine.prefill import PreparedImage, image_features
 from molmo_backend.engine.slots import (
     INTERACTIVE_SLOTS,
     LENGTH_STEP,
@@ -114,7 +114,8 @@ class SlotDecoder:
         }
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
-        groups = self.lm.config.num_attention_heads // self.kv_heads
+        groups = self.kv_groups = self.lm.config.num_attention_heads // self.kv_heads
+        self.image_token_id = model.config.image_token_id
         #: decode attention reads each row's own keys (CUDA's variable-length kernel, checked
         #: against SDPA here first); else SDPA reads every row up to the step's read length
         self.varlen = slot_attention.available(self.device, self.dtype, self.kv_heads, self.head_dim, groups)
@@ -136,7 +137,7 @@ class SlotDecoder:
         interactive = slot < self.interactive_slots
         self._free[interactive].append(slot)
 
-    # -- prefill -------------------------------------------------------------------------------
+    # -- packed steps: prefill, with decode rows riding along -----------------------------------
     @torch.inference_mode()
     def prefill(
         self,
@@ -148,87 +149,69 @@ class SlotDecoder:
     ) -> tuple[list[SlotRow], list[int], list[float]]:
         """Prefill rows (row i shows ``images[image_of[i]]`` in slot ``slots[i]`` and asks
         ``suffixes[i]``); returns each row's state and its first token and log-probability."""
+        rows, tokens, logprobs, _, _ = self.step(images, image_of, slots, suffixes, (), (), logits_processors)
+        return rows, tokens, logprobs
+
+    @torch.inference_mode()
+    def step(
+        self,
+        images: Sequence[PreparedImage],
+        image_of: Sequence[int],
+        slots: Sequence[int],
+        suffixes: Sequence[list[int]],
+        decoding: Sequence[SlotRow] = (),
+        generated: Sequence[Sequence[int]] = (),
+        logits_processors=(),
+    ) -> tuple[list[SlotRow], list[int], list[float], list[int], list[float]]:
+        """One packed forward (:mod:`.packed`): the new rows' prefill as in :meth:`prefill`, and one
+        token for each of ``decoding`` (running rows; ``generated``, their tokens so far, is read
+        only by logits processors). Returns the new rows' states, first tokens and
+        log-probabilities, then the decode rows' tokens and log-probabilities."""
         with self._on_device():
             timer = PhaseTimer(self.profile, self.device)
-            rows = [SlotRow(slot, [], 0) for slot in slots]
-            for members in prefill_groups([image.length for image in images]):
-                self._prefill_images(images, members, image_of, rows)
-            timer.lap("prefix")
-            for i, row in enumerate(rows):
-                row.prompt_ids = images[image_of[i]].inputs["input_ids"][0].tolist() + list(suffixes[i])
-            tokens, logprobs = self._prefill_suffixes(rows, suffixes, logits_processors)
-            timer.lap("suffix")
-            return rows, tokens, logprobs
-
-    def _prefill_images(self, images, members: list[int], image_of, rows: list[SlotRow]) -> None:
-        """One forward for these images (left-padded to the longest); copies each image's K/V
-        into the slots of the rows that show it, at positions 0..its length-1."""
-        inputs = stack_images([images[i] for i in members], self.device, self.dtype, self.pad_id)
-        mask = inputs["attention_mask"].bool()
-        width = mask.shape[1]
-        cache = DynamicCache(config=self.model.config.get_text_config())
-        self.model.model(
-            **inputs,
-            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        local = {image: k for k, image in enumerate(members)}
-        by_length: dict[int, list[int]] = {}
-        for i, image in enumerate(image_of):
-            if image in local:
-                by_length.setdefault(images[image].length, []).append(i)
-        for length, targets in by_length.items():
-            slots = torch.tensor([rows[i].slot for i in targets], device=self.device)
-            sources = torch.tensor([local[image_of[i]] for i in targets], device=self.device)
-            for layer in range(self.num_layers):
-                keys = cache.layers[layer].keys[sources, :, width - length :].transpose(1, 2)
-                values = cache.layers[layer].values[sources, :, width - length :].transpose(1, 2)
-                self.cache.keys[layer][:, :length].index_copy_(0, slots, keys)
-                self.cache.values[layer][:, :length].index_copy_(0, slots, values)
-            for i in targets:
-                rows[i].length = length
-
-    def _prefill_suffixes(
-        self, rows: list[SlotRow], suffixes, logits_processors
-    ) -> tuple[list[int], list[float]]:
-        """The prompt suffixes behind their prefixes, right-padded; each row's first pick."""
-        device = self.device
-        count, width = len(rows), max(len(s) for s in suffixes)
-        ids = torch.full((count, width), self.pad_id, dtype=torch.long)
-        for i, suffix in enumerate(suffixes):
-            ids[i, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-        starts = torch.tensor([row.length for row in rows])
-        ends = torch.tensor([row.length + len(s) for row, s in zip(rows, suffixes)])
-        read_length = min(round_up(int(ends.max()), LENGTH_STEP), self.slot_length)
-        positions = starts[:, None] + torch.arange(width)[None, :]
-        slots = torch.tensor([row.slot for row in rows])
-        visible = torch.arange(read_length)[None, None, :] <= positions[:, :, None]
-        mask = torch.where(visible, 0.0, self.neg).to(self.dtype)[:, None]
-        ids, positions, slots, mask = (t.to(device, non_blocking=True) for t in (ids, positions, slots, mask))
-        self.cache.view = CacheView(
-            slots[:, None].expand(count, width),
-            positions.clamp(max=self.slot_length - 1),
-            self.positions[:read_length],
-            gather=slots,
-        )
-        hidden = self.lm(
-            inputs_embeds=self.embed(ids),
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-        ).last_hidden_state
-        last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
-        logits = self.lm_head(hidden[torch.arange(count, device=device), last]).float()
-        if logits_processors:
-            logits = self._process(logits, [row.prompt_ids for row in rows], logits_processors)
-        logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
-        for row, suffix in zip(rows, suffixes):
-            row.length += len(suffix)
-        self.last_token.index_copy_(0, slots, token)
-        self.lengths.index_copy_(0, slots, ends.to(device))
-        return token.tolist(), logprob.tolist()
+            plan = PlanBuilder(self.slot_length, self.image_token_id)
+            for image, prepared in enumerate(images):
+                plan.add_prefix(
+                    prepared.inputs["input_ids"][0].tolist(),
+                    [slot for slot, shown in zip(slots, image_of) if shown == image],
+                )
+            decode_logits = [plan.add_decode(row.slot, row.length) for row in decoding]
+            rows = []
+            for slot, image, suffix in zip(slots, image_of, suffixes):
+                prompt = images[image].inputs["input_ids"][0].tolist() + list(suffix)
+                rows.append(SlotRow(slot, prompt, len(prompt)))
+            new_logits = [
+                plan.add_suffix(suffix, slot, images[image].length)
+                for slot, image, suffix in zip(slots, image_of, suffixes)
+            ]
+            step = plan.build(self.device, self.last_token, self.kv_groups)
+            if images:
+                step.features = image_features(self.model, images, self.dtype)
+            timer.lap("plan")
+            logits = packed.forward(self.model, step, self.cache.keys, self.cache.values, self.varlen)
+            if logits_processors:
+                histories = [list(row.prompt_ids) + list(done) for row, done in zip(decoding, generated)]
+                histories += [row.prompt_ids for row in rows]
+                logits = self._process(logits, histories, logits_processors)
+            logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
+            stepped = [row.slot for row in decoding] + list(slots)
+            ends = [row.length + 1 for row in decoding] + [row.length for row in rows]
+            index = torch.tensor(stepped, device=self.device)
+            self.last_token.index_copy_(0, index, token)
+            self.lengths.index_copy_(0, index, torch.tensor(ends, device=self.device))
+            tokens, logprobs = token.tolist(), logprob.tolist()
+            for row in decoding:
+                row.length += 1
+            timer.lap("packed")
+            timer.count("packed_steps", 1)
+            timer.count("packed_tokens", int(step.ids.shape[0]))
+            return (
+                rows,
+                [tokens[i] for i in new_logits],
+                [logprobs[i] for i in new_logits],
+                [tokens[i] for i in decode_logits],
+                [logprobs[i] for i in decode_logits],
+            )
 
     # -- decode --------------------------------------------------------------------------------
     @torch.inference_mode()

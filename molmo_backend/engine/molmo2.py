@@ -319,7 +319,47 @@ class TransformersEngine(StepEngine):
         return prepared
 
     def prefill(self, rows: Sequence[Row]) -> None:
+        self.step(rows, ())
+
+    def step(self, admit: Sequence[Row], decode: Sequence[Row]) -> None:
+        """Admit ``admit`` and advance ``decode`` by one token in one packed forward."""
         started = time.perf_counter()
+        images, image_of = self._prepared_images(admit)
+        suffixes = [list(self._suffix_ids(row.query.prompt)) for row in admit]
+        for suffix, image in zip(suffixes, image_of):
+            if images[image].length + len(suffix) + 2 > self.decoder.slot_length:
+                raise ValueError(f"the prompt is too long: {len(suffix)} tokens after the image")
+        if self.decoder.profile is not None:
+            self.decoder.profile["prepare"] = (
+                self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
+            )
+        with self._lock:
+            slots = []
+            try:
+                for row in admit:
+                    slots.append(self.decoder.take_slot(row.interactive))
+                states, tokens, logprobs, next_tokens, next_logprobs = self.decoder.step(
+                    images,
+                    image_of,
+                    slots,
+                    suffixes,
+                    [row.state for row in decode],
+                    [row.tokens for row in decode],
+                    self.logits_processors,
+                )
+            except BaseException:
+                for slot in slots:
+                    self.decoder.release(slot)
+                raise
+        for row, state, token, logprob in zip(admit, states, tokens, logprobs):
+            row.slot, row.state = state.slot, state
+            self._record(row, token, logprob)
+        for row, token, logprob in zip(decode, next_tokens, next_logprobs):
+            self._record(row, token, logprob)
+
+    def _prepared_images(self, rows: Sequence[Row]) -> tuple[list[PreparedImage], list[int]]:
+        """Each distinct image of ``rows`` prepared once (ahead on a CPU thread where the scheduler
+        started it), and which of them each row shows."""
         images: list[PreparedImage] = []
         index_of: dict = {}
         image_of = []
@@ -335,29 +375,7 @@ class TransformersEngine(StepEngine):
                     )
                 )
             image_of.append(index_of[key])
-        suffixes = [list(self._suffix_ids(row.query.prompt)) for row in rows]
-        for _row, suffix, image in zip(rows, suffixes, image_of):
-            if images[image].length + len(suffix) + 2 > self.decoder.slot_length:
-                raise ValueError(f"the prompt is too long: {len(suffix)} tokens after the image")
-        if self.decoder.profile is not None:
-            self.decoder.profile["prepare"] = (
-                self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
-            )
-        with self._lock:
-            slots = []
-            try:
-                for row in rows:
-                    slots.append(self.decoder.take_slot(row.interactive))
-                states, tokens, logprobs = self.decoder.prefill(
-                    images, image_of, slots, suffixes, self.logits_processors
-                )
-            except BaseException:
-                for slot in slots:
-                    self.decoder.release(slot)
-                raise
-        for row, state, token, logprob in zip(rows, states, tokens, logprobs):
-            row.slot, row.state = state.slot, state
-            self._record(row, token, logprob)
+        return images, image_of
 
     def decode(self, rows: Sequence[Row]) -> None:
         with self._lock:

@@ -1,9 +1,9 @@
-"""The image prefixes of the fast decoder's prefill: the processor's work per image, and which
-images share one forward.
+"""The image prefixes of the fast decoder's prefill: the processor's work per image, and the
+vision features of the images admitted together.
 
-Each distinct image of the admitted rows goes through the model's own forward once;
-:func:`prefill_groups` decides which images pad up to share a forward, :func:`stack_images` lays
-them out as the processor would batch them. :mod:`.decoding` runs the forwards.
+Each distinct image of the admitted rows is prepared once (:func:`prepare_image`, ahead on a CPU
+thread) and its features computed once (:func:`image_features`) for all the labels asked of it;
+:mod:`.packed` lays its tokens into the step's one forward.
 """
 
 from __future__ import annotations
@@ -13,16 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-#: the fixed cost of one prefill forward, in image tokens: on an H200 with Molmo2-8B one
-#: 1280x960 image (1004 tokens) took 150 ms, four 314 ms, eight 522 ms (2026-12-02): ~95 ms per
-#: forward plus ~54 ms per image, so padding up to ~1500 tokens is cheaper than a second forward
-FORWARD_OVERHEAD_TOKENS = 1500
-
-
 @dataclass
 class PreparedImage:
-    """One image as the processor lays it out, ready to be stacked with others of the same
-    token count."""
+    """One image as the processor lays it out (a batch of one)."""
 
     inputs: dict  # processor outputs for this image alone (batch of one)
     length: int  # prefix tokens (bos + image tokens)
@@ -43,57 +36,23 @@ def prepare_image(processor, image, device: torch.device | None = None) -> Prepa
     )
 
 
-def stack_images(
-    images: Sequence[PreparedImage], device: torch.device, dtype: torch.dtype, pad_id: int
-) -> dict:
-    """Model inputs for several images, as the processor would batch them: token rows
-    left-padded to the longest, crops concatenated, pooling indices shifted by the patches
-    before them."""
+def image_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) -> torch.Tensor:
+    """The pooled vision features of ``images``, in order, ``[image tokens of all, hidden]``: every
+    crop of every image through the vision tower at once (crops have one size whatever the
+    image's), then Molmo2's adapter pools them per image token."""
     pooling, offset = [], 0
     for image in images:
         idx = image.inputs["image_token_pooling"]
         pooling.append(torch.where(idx >= 0, idx + offset, idx))
         offset += image.crops * image.patches
-    if device.type == "cuda":  # prepared on another thread's stream: keep their memory until read here
-        stream = torch.cuda.current_stream(device)
+    if pooling[0].is_cuda:  # prepared on another thread's stream: keep their memory until read here
+        stream = torch.cuda.current_stream(pooling[0].device)
         for image in images:
             for value in image.inputs.values():
                 if value.is_cuda:
                     value.record_stream(stream)
-    width = max(image.length for image in images)
-    text = {"input_ids": pad_id, "attention_mask": 0}
-    if "mm_token_type_ids" in images[0].inputs:
-        text["mm_token_type_ids"] = 0
-    batch = {
-        name: torch.cat(
-            [torch.nn.functional.pad(im.inputs[name], (width - im.length, 0), value=fill) for im in images]
-        )
-        for name, fill in text.items()
-    }
-    for name in ("pixel_values", "image_grids", "image_num_crops"):
-        batch[name] = torch.cat([im.inputs[name] for im in images])
-    batch["image_token_pooling"] = torch.cat(pooling)
-    out = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    out["pixel_values"] = out["pixel_values"].to(dtype)
-    return out
-
-
-def prefill_groups(lengths: Sequence[int], overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Images (by index) per prefill forward: longest first, each forward padded to its
-    longest image. A forward's fixed cost is worth ``overhead`` tokens, so images of mixed
-    sizes share one when padding costs less than another forward would (an exact partition of
-    the sorted lengths, by dynamic programming)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted images
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):  # images i..j-1 in one forward, padded to the longest, order[i]
-            cost = best[i] + (j - i) * lengths[order[i]] + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append([order[k] for k in range(cut[j], j)])
-        j = cut[j]
-    return groups[::-1]
+    device = model.device
+    pixels = torch.cat([image.inputs["pixel_values"] for image in images]).to(device, dtype)
+    grids = torch.cat([image.inputs["image_grids"] for image in images]).to(device)
+    features = model.model.get_image_features(pixels, torch.cat(pooling).to(device), grids).pooler_output
+    return torch.cat(features)

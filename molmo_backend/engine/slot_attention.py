@@ -13,6 +13,11 @@ without repeating keys).
 this only while :func:`planned` is active for a decode step (the slot decoder sets it); every
 other call goes to ``sdpa`` unchanged. :func:`available` checks the kernel against SDPA once on
 the device and the decoder falls back to SDPA if it is missing or disagrees.
+
+The packed steps of :mod:`.packed` read slots the same way, with many query tokens per sequence
+(an image prefix's tokens all see the whole prefix): :class:`Sequences` and
+:func:`varlen_attention`. Their causal prompt suffixes, and everything on the CPU, go through
+:func:`dense_attention`: SDPA over the gathered slot keys with a per-token mask (:class:`Dense`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def planned(plan: Plan):
         _PLAN.reset(token)
 
 
-def varlen_attention(
+def decode_varlen(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Plan, scaling: float | None
 ) -> torch.Tensor:
     """One query token per row ``[rows, heads, 1, dim]`` against each row's own keys; returns
@@ -83,7 +88,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if plan is None or query.shape[2] != 1:
         return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = module.layer_idx
-    return varlen_attention(query, plan.keys[layer], plan.values[layer], plan, scaling), None
+    return decode_varlen(query, plan.keys[layer], plan.values[layer], plan, scaling), None
 
 
 def install() -> None:
@@ -118,7 +123,7 @@ def available(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim:
             lengths,
             length,
         )
-        got = varlen_attention(query, keys, values, plan, head_dim**-0.5)
+        got = decode_varlen(query, keys, values, plan, head_dim**-0.5)
         k = keys[first : first + rows].transpose(1, 2).repeat_interleave(groups, dim=1)
         v = values[first : first + rows].transpose(1, 2).repeat_interleave(groups, dim=1)
         visible = torch.arange(length, device=device)[None, :] < lengths[:, None]
@@ -130,9 +135,158 @@ def available(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim:
                 "variable-length decode attention disagrees with SDPA: using SDPA", extra={"error": error}
             )
             return False
+        error = _packed_error(keys, values, groups, head_dim**-0.5)
+        if error > 2e-2:
+            log.warning(
+                "variable-length prefix attention disagrees with SDPA: using SDPA", extra={"error": error}
+            )
+            return False
         return True
     except Exception as exc:  # noqa: BLE001 - a missing or failing kernel: the masked path works
         log.info(
             "variable-length decode attention unavailable: using SDPA", extra={"reason": repr(exc)[:200]}
         )
         return False
+
+
+@dataclass
+class Dense:
+    """Sequences of query tokens laid out for SDPA over their gathered slot keys: ``index``
+    ``[sequences, most tokens]`` gives each place's token (pads repeat a real one), ``limit`` the
+    last key position it may see, ``pick`` the flat places of tokens ``start``, ``start+1``, ..."""
+
+    start: int
+    index: torch.Tensor
+    slots: torch.Tensor
+    limit: torch.Tensor
+    pick: torch.Tensor
+    read: int  # key positions gathered per slot
+
+    @classmethod
+    def of(cls, sequences, device) -> Dense:
+        """``sequences``: (start, slot, each token's last visible key position), in token order,
+        covering tokens start.. without a gap."""
+        width = max(len(limits) for _, _, limits in sequences)
+        index, limit, pick = [], [], []
+        for row, (start, _, limits) in enumerate(sequences):
+            count = len(limits)
+            index.append([start + min(i, count - 1) for i in range(width)])
+            limit.append(list(limits) + [0] * (width - count))
+            pick.extend(row * width + i for i in range(count))
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+        return cls(
+            start=sequences[0][0],
+            index=tensor(index),
+            slots=tensor([slot for _, slot, _ in sequences]),
+            limit=tensor(limit),
+            pick=tensor(pick),
+            read=max(max(limits) for _, _, limits in sequences) + 1,
+        )
+
+    @classmethod
+    def causal(cls, suffixes, device) -> Dense:
+        """Prompt suffixes ``(start, count, slot, first position)``: each token sees its slot up to itself."""
+        return cls.of(
+            [(start, slot, range(first, first + count)) for start, count, slot, first in suffixes], device
+        )
+
+
+@dataclass
+class Sequences:
+    """Sequences of query tokens 0..tokens-1 that each read one slot from its start: the layout of
+    CUDA's variable-length kernel (query heads folded into tokens, as in :func:`decode_varlen`),
+    and the same as :class:`Dense` for the SDPA path."""
+
+    tokens: int
+    seqstart_q: torch.Tensor  # int32 [n + 1], in folded query rows (tokens x head groups)
+    seqstart_k: torch.Tensor  # int32 [n + 1], flat cache index of each sequence's slot
+    seqlen_k: torch.Tensor  # int32 [n], keys each sequence reads
+    max_q: int
+    max_k: int
+    dense: Dense
+
+    @classmethod
+    def of(cls, entries, slot_length: int, groups: int, device) -> Sequences:
+        """``entries``: (start, count, slot, keys read, the first token's last visible key) in token
+        order from token 0; tokens after the first see every key read."""
+        starts = [start for start, *_ in entries]
+        end = entries[-1][0] + entries[-1][1]
+
+        def int32(values):
+            return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+        dense = Dense.of(
+            [
+                (start, slot, [first] + [keys - 1] * (count - 1))
+                for start, count, slot, keys, first in entries
+            ],
+            device,
+        )
+        return cls(
+            tokens=end,
+            seqstart_q=int32([s * groups for s in starts] + [end * groups]),
+            seqstart_k=int32([slot * slot_length for _, _, slot, _, _ in entries] + [0]),
+            seqlen_k=int32([keys for *_, keys, _ in entries]),
+            max_q=max(count for _, count, *_ in entries) * groups,
+            max_k=max(keys for *_, keys, _ in entries),
+            dense=dense,
+        )
+
+
+def varlen_attention(
+    query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor, seqs: Sequences, scaling
+) -> torch.Tensor:
+    """Query tokens ``[n, heads, dim]`` against their slots' keys (``[slots x length, kv_heads,
+    dim]``), every token of a sequence seeing all ``seqlen_k`` keys; returns ``[n, heads, dim]``."""
+    count, heads, dim = query.shape
+    kv = flat_keys.shape[1]
+    groups = heads // kv
+    q = query.reshape(count, kv, groups, dim).transpose(1, 2).reshape(1, count * groups, kv, dim)
+    out = torch.ops.aten._efficient_attention_forward(
+        q,
+        flat_keys[None],
+        flat_values[None],
+        None,
+        seqs.seqstart_q,
+        seqs.seqstart_k,
+        seqs.max_q,
+        seqs.max_k,
+        0.0,
+        0,
+        False,
+        scale=scaling,
+        seqlen_k=seqs.seqlen_k,
+    )[0]
+    return out.reshape(count, groups, kv, dim).transpose(1, 2).reshape(count, heads, dim)
+
+
+def dense_attention(query, keys, values, dense: Dense, scaling) -> torch.Tensor:
+    """SDPA of ``dense``'s tokens over their gathered slot keys (``keys``: ``[slots, length,
+    kv_heads, dim]``), each token masked past its limit; returns ``[tokens, heads, dim]``."""
+    heads, dim = query.shape[1:]
+    groups = heads // keys.shape[2]
+    q = query[dense.index].transpose(1, 2)  # [sequences, heads, width, dim]
+    k = keys[dense.slots, : dense.read].transpose(1, 2).repeat_interleave(groups, dim=1)
+    v = values[dense.slots, : dense.read].transpose(1, 2).repeat_interleave(groups, dim=1)
+    positions = torch.arange(dense.read, device=query.device)
+    mask = (positions[None, None, :] <= dense.limit[:, :, None])[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).reshape(-1, heads, dim)[dense.pick]
+
+
+def _packed_error(keys, values, groups: int, scaling: float) -> float:
+    """Largest difference of :func:`varlen_attention` from :func:`dense_attention` on sequences
+    of several query tokens (an image prefix with its bos token, a decode token, another
+    prefix), on ``keys``/``values`` ``[slots, length, kv_heads, dim]``."""
+    slots, length, kv, dim = keys.shape
+    entries = [(0, 5, 1, 300, 0), (5, 1, 3, 200, 199), (6, 40, 4, 512, 0)]
+    seqs = Sequences.of(entries, length, groups, keys.device)
+    gen = torch.Generator(device=keys.device).manual_seed(1)
+    query = torch.randn(seqs.tokens, kv * groups, dim, device=keys.device, dtype=keys.dtype, generator=gen)
+    got = varlen_attention(query, keys.view(-1, kv, dim), values.view(-1, kv, dim), seqs, scaling)
+    want = dense_attention(query, keys, values, seqs.dense, scaling)
+    not_bos = [t for t in range(seqs.tokens) if t not in (0, 6)]  # bos rows are the caller's (own value)
+    return (got[not_bos].float() - want[not_bos].float()).abs().max().item()

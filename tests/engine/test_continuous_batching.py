@@ -88,11 +88,12 @@ def test_a_row_that_ends_leaves_at_once_and_a_waiting_row_takes_its_slot():
     scheduler = Scheduler(engine)
     answers = scheduler.submit(queries("a:1", "b:6", "c:2", "d:1"))
     assert [a.text for a in answers] == ["a", "b", "c", "d"]
-    # a ends with its first token (at prefill): c takes its slot while b decodes, then d c's
+    # a ends with its first token (at prefill): c takes its slot in a step where b decodes (one
+    # packed step: StepEngine.step's default logs it as a prefill, then a decode), then d c's
     assert engine.log == [
         ("prefill", ["a", "b"]),
-        ("decode", ["b"]),
         ("prefill", ["c"]),
+        ("decode", ["b"]),
         ("decode", ["b", "c"]),
         ("prefill", ["d"]),
         ("decode", ["b"]),
@@ -122,7 +123,8 @@ def test_an_opened_task_joins_at_the_next_step_and_bulk_rows_wait_while_it_decod
     assert after[:2] == [["open"], ["open"]], "bulk rows wait in their slots while the opened task decodes"
     assert after[2] == ["b1", "b2"]  # then the bulk rows go on where they were
     assert decodes[:2] == [["b1", "b2"], ["b1", "b2"]]
-    assert scheduler.stats["bulk_paused_steps"] == 2
+    # the opened task's join (its prefill, bulk rows not stepping) and its two decode steps
+    assert scheduler.stats["bulk_paused_steps"] == 3
     scheduler.close()
 
 

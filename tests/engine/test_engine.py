@@ -5,11 +5,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from PIL import Image
 
 from molmo_backend.app.model_choice import choose_model, resolve_model
 from molmo_backend.demo.models import SHIPPED_DEMO, demo_info
-from molmo_backend.engine.base import PointQuery
+from molmo_backend.engine.base import PointQuery, Row
 from molmo_backend.engine.molmo2 import TransformersEngine
 from molmo_backend.engine.slots import INTERACTIVE_SLOTS
 from molmo_backend.settings import Settings
@@ -267,11 +268,71 @@ def test_kv_token_budget_is_the_free_memory_share_over_bytes_per_token(engine):
     assert kv_token_budget(0, 147456) == 0
 
 
-def test_images_of_mixed_sizes_share_a_prefill_forward_when_padding_costs_less_than_another():
-    from molmo_backend.engine.prefill import prefill_groups
+def test_a_packed_step_lays_each_image_once_and_writes_it_into_every_row_that_shows_it():
+    """The layout of one packed step: an image prefix (bos first) written into the slot of each
+    row that shows it, decode tokens at their rows' next position, suffixes causal behind their
+    prefix; what each token may see."""
+    from molmo_backend.engine.packed import PlanBuilder
 
-    lengths = [753, 1190, 411, 983]  # 640x480, 1920x1080, 300x200, 1280x960 in Molmo2's geometry
-    assert prefill_groups(lengths, overhead=1500) == [[1, 3, 0, 2]]  # one padded forward, longest first
-    assert prefill_groups(lengths, overhead=0) == [[1], [3], [0], [2]]  # no fixed cost: no padding
-    assert prefill_groups([1000] * 5 + [100] * 5, overhead=1500) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-    assert prefill_groups([]) == []
+    plan = PlanBuilder(slot_length=100, image_token_id=7)
+    plan.add_prefix([1, 7, 7, 9], slots=[3, 5])  # bos, two image tokens, an image end token
+    assert plan.add_decode(slot=2, length=40) == 0
+    assert plan.add_suffix([20, 21], slot=3, first_position=4) == 1
+    assert plan.add_suffix([22], slot=5, first_position=4) == 2
+    assert plan.ids == [1, 7, 7, 9, 0, 20, 21, 22]
+    assert plan.positions == [0, 1, 2, 3, 40, 4, 5, 4]
+    # the prefix goes into slots 3 and 5 (flat index slot x 100 + position), each other token once
+    assert list(zip(plan.write_src, plan.write_dst)) == [
+        (0, 300), (1, 301), (2, 302), (3, 303),
+        (0, 500), (1, 501), (2, 502), (3, 503),
+        (4, 240), (5, 304), (6, 305), (7, 504),
+    ]  # fmt: skip
+    assert plan.feature_at == [1, 2] and plan.bos == [0]
+    assert plan.logits_at == [4, 6, 7]  # the decode token, each suffix's last token
+    built = plan.build(torch.device("cpu"), last_token=torch.arange(10) * 11, kv_groups=2)
+    assert built.ids.tolist() == [1, 7, 7, 9, 22, 20, 21, 22]  # slot 2's last token, read on the device
+    full, causal = built.full.dense, built.causal
+    # the prefix reads slot 3 (bos: only itself; the rest: the whole prefix); the decode token slot 2
+    assert full.slots.tolist() == [3, 2] and full.limit.tolist() == [[0, 3, 3, 3], [40, 0, 0, 0]]
+    assert full.pick.tolist() == [0, 1, 2, 3, 4] and built.full.tokens == 5
+    assert built.full.seqlen_k.tolist() == [4, 41] and built.full.seqstart_q.tolist() == [0, 8, 10]
+    # suffixes see their slot up to themselves
+    assert causal.start == 5 and causal.slots.tolist() == [3, 5]
+    assert causal.limit.tolist() == [[4, 5], [4, 0]] and causal.pick.tolist() == [0, 1, 2]
+
+
+def test_decoding_rows_ride_along_with_a_prefill_and_answer_as_if_alone(demo_model_dir):
+    """A packed step that admits new rows while running rows take their next token: every row
+    answers what it answers alone, with the same token log-probabilities."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=12, max_batch=8)
+    engine.processor.image_processor.max_crops = 4
+    shown = [0, 1, 2, 2, 0]  # the last three rows ask about two images, one of them twice
+    prompts = ["Point to cat", "Point to a", "Point to every window", "x", "Point to cat"]
+    queries = [
+        PointQuery(MIXED[image], prompt, image_key=image, answer_tokens=12)
+        for image, prompt in zip(shown, prompts)
+    ]
+    alone = [engine.generate([q])[0] for q in queries]
+    first, later = [Row(q, False) for q in queries[:2]], [Row(q, False) for q in queries[2:]]
+    engine.prefill(first)
+    engine.decode(first)
+    steps = []
+    real_step = engine.decoder.step
+
+    def recording_step(images, image_of, slots, suffixes, decoding=(), *args):
+        steps.append((len(images), len(slots), len(decoding)))
+        return real_step(images, image_of, slots, suffixes, decoding, *args)
+
+    engine.decoder.step = recording_step
+    engine.step(later, first)  # three rows (two images) join while the first two decode
+    engine.decoder.step = real_step
+    assert steps == [(2, 3, 2)], "one forward: two new images, three new rows, two decoding rows"
+    running = first + later
+    while not all(row.finished for row in running):
+        engine.decode([row for row in running if not row.finished])
+    together = [engine.answer(row) for row in running]
+    engine.release(running)
+    assert [a.text for a in together] == [a.text for a in alone]
+    for a, b in zip(together, alone):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+    assert engine.free_slots(False) == engine.max_batch
