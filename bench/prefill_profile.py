@@ -29,7 +29,16 @@ from workloads import build, noise_image  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.prefill import prepare_image, stack_images  # noqa: E402
 
-MIXED = [(640, 480), (1280, 960), (4032, 3024), (1920, 1080), (800, 600), (300, 200), (1024, 1024), (1280, 960)]
+MIXED = [
+    (640, 480),
+    (1280, 960),
+    (4032, 3024),
+    (1920, 1080),
+    (800, 600),
+    (300, 200),
+    (1024, 1024),
+    (1280, 960),
+]
 
 
 def timer(device):
@@ -49,7 +58,9 @@ def timer(device):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tables", type=Path)
@@ -60,11 +71,17 @@ def main() -> int:
     engine = TransformersEngine(model, processor, model_id="random", revision="random", max_batch=128)
     decoder = engine.decoder
     ms = timer(device)
-    out: dict = {"date": datetime.date.today().isoformat(), "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu")}
+    out: dict = {
+        "date": datetime.date.today().isoformat(),
+        "device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+    }
     tables = []
 
     def prepared(sizes, seed=0):
-        return [prepare_image(processor, noise_image(s, seed + i), device if device.type == "cuda" else None) for i, s in enumerate(sizes)]
+        return [
+            prepare_image(processor, noise_image(s, seed + i), device if device.type == "cuda" else None)
+            for i, s in enumerate(sizes)
+        ]
 
     from molmo_backend.engine.slots import SlotCache  # noqa: F401
 
@@ -80,7 +97,12 @@ def main() -> int:
 
         return run
 
-    for name, sizes in (("1x1280", [(1280, 960)]), ("4x1280", [(1280, 960)] * 4), ("8x1280", [(1280, 960)] * 8), ("8mixed", MIXED)):
+    for name, sizes in (
+        ("1x1280", [(1280, 960)]),
+        ("4x1280", [(1280, 960)] * 4),
+        ("8x1280", [(1280, 960)] * 8),
+        ("8mixed", MIXED),
+    ):
         images = prepared(sizes)
         out[f"prefix_forward_{name}_ms"] = ms(prefix_forward(images))
         out[f"prefix_forward_{name}_tokens"] = sum(im.length for im in images)
@@ -90,10 +112,20 @@ def main() -> int:
     inputs = stack_images(images, device, dtype, engine._pad_id)
     inner = model.model
     with torch.inference_mode():
-        out["vision_adapter_4x1280_ms"] = ms(lambda: inner.get_image_features(inputs["pixel_values"], inputs["image_token_pooling"], inputs["image_grids"]))
-        feats = torch.cat(inner.get_image_features(inputs["pixel_values"], inputs["image_token_pooling"], inputs["image_grids"]).pooler_output)
+        out["vision_adapter_4x1280_ms"] = ms(
+            lambda: inner.get_image_features(
+                inputs["pixel_values"], inputs["image_token_pooling"], inputs["image_grids"]
+            )
+        )
+        feats = torch.cat(
+            inner.get_image_features(
+                inputs["pixel_values"], inputs["image_token_pooling"], inputs["image_grids"]
+            ).pooler_output
+        )
         embeds = inner.get_input_embeddings()(inputs["input_ids"])
-        out["lm_causal_no_mask_4x1280_ms"] = ms(lambda: inner.language_model(inputs_embeds=embeds, use_cache=False))
+        out["lm_causal_no_mask_4x1280_ms"] = ms(
+            lambda: inner.language_model(inputs_embeds=embeds, use_cache=False)
+        )
         out["model_forward_4x1280_no_cache_ms"] = ms(lambda: inner(**inputs, use_cache=False))
         out["image_features_tokens"] = int(feats.shape[0])
         t, hidden = embeds.shape[1] * 4, embeds.shape[-1]
@@ -113,8 +145,14 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    tables.append("== prefix forward 4x1280, by self device time ==\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
-    tables.append("== prefix forward 4x1280, by self CPU time ==\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    tables.append(
+        "== prefix forward 4x1280, by self device time ==\n"
+        + prof.key_averages().table(sort_by=sort, row_limit=30)
+    )
+    tables.append(
+        "== prefix forward 4x1280, by self CPU time ==\n"
+        + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    )
     # one eager decode step over 128 bulk rows at 1280 positions (what a captured graph replays)
     first, count, read = decoder.interactive_slots, 128, 1280
     decoder.lengths[first : first + count] = 1000
@@ -127,7 +165,10 @@ def main() -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
     decoder.lengths.fill_(1)
-    tables.append("== eager decode step 128 rows x 1280, by self device time ==\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
+    tables.append(
+        "== eager decode step 128 rows x 1280, by self device time ==\n"
+        + prof.key_averages().table(sort_by=sort, row_limit=30)
+    )
     text = "\n\n".join(tables)
     print(text[-6000:], flush=True)
     print(json.dumps(out, indent=1), flush=True)

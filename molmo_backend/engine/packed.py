@@ -176,7 +176,9 @@ def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool):
     if plan.full is not None:
         n = plan.full.tokens
         if varlen:
-            out[:n] = slot_attention.varlen_attention(query[:n], flat_keys, flat_values, plan.full, attn.scaling)
+            out[:n] = slot_attention.varlen_attention(
+                query[:n], flat_keys, flat_values, plan.full, attn.scaling
+            )
             if plan.bos is not None:  # a bos token sees only itself: its output is its value
                 out[plan.bos] = value[plan.bos].repeat_interleave(attn.num_key_value_groups, dim=1)
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass
 class PreparedImage:
     """One image as the processor lays it out (a batch of one)."""
