@@ -27,6 +27,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import statistics
 import sys
 import threading
@@ -37,6 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# MOLMO_BENCH_CODE=DIR: the engine of another checkout (e.g. the previous commit's), timed on the
+# same workloads and card as this one (its bench/ must take the same options it is given)
+if os.environ.get("MOLMO_BENCH_CODE"):
+    sys.path.insert(0, os.environ["MOLMO_BENCH_CODE"])
 
 from workloads import LABELS, build, fixed40, mean_length, noise_image, realistic, subset  # noqa: E402
 
@@ -93,8 +98,8 @@ def rate(pairs, seconds):
     return round(pairs / seconds, 2)
 
 
-def scheduled(engine, workload, device, log, label) -> dict:
-    scheduler = Scheduler(engine)
+def scheduled(engine, workload, device, log, label, **options) -> dict:
+    scheduler = Scheduler(engine, **options)
     peak_reset(device)
     seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
     stats = dict(scheduler.stats)
@@ -188,7 +193,8 @@ def equal_to_generate(engine, device) -> str:
 
 def profile(engine, workload, device) -> dict:
     """Where the time goes for the realistic workload (GPU synchronised after each phase: a
-    little slower than the timed run). Prefill TFLOP/s counts 2 x parameters per prefilled token."""
+    little slower than the timed run): packed steps (prefill, with decode rows riding along) and
+    decode-only steps."""
     engine.decoder.profile = {}
     scheduler = Scheduler(engine)
     seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
@@ -201,9 +207,12 @@ def profile(engine, workload, device) -> dict:
         **{k: round(v, 3) for k, v in phases.items()},
         "prefill_tokens": prefill_tokens,
     }
-    if phases.get("prefix"):
-        params = sum(p.numel() for p in engine.model.parameters())
-        out["prefill_tflops"] = round(2 * params * prefill_tokens / phases["prefix"] / 1e12, 1)
+    if phases.get("packed"):
+        # matmul work of the packed forwards: 2 x the language model's weights a token (the
+        # vision tower's work on top is not counted), over their synchronised seconds
+        lm = engine.model.model.language_model
+        params = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
+        out["packed_lm_tflops"] = round(2 * params * phases["packed_tokens"] / phases["packed"] / 1e12, 1)
     if phases.get("steps"):
         out["decode_ms_per_step"] = round(1000 * phases.get("decode", 0) / phases["steps"], 2)
     return out
@@ -233,7 +242,12 @@ def main() -> int:
     parser.add_argument("--seed-pairs", type=int, default=6)
     parser.add_argument("--plain-pairs", type=int, default=48)
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,latency,profile")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,latency,profile,apart")
+    parser.add_argument(
+        "--only",
+        default="fixed40,realistic,mean_length,realistic_small",
+        help="comma-separated workloads the engine runs",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--summary", type=Path, help="write the summary (issue #13's keys) here")
     args = parser.parse_args()
@@ -303,13 +317,18 @@ def main() -> int:
     # (d) the engine, first: its figures are the ones that matter
     warm = realistic(12, 99)
     Scheduler(engine).submit(warm.queries)  # warm-up: prepare threads, allocator, any missing graph
-    for name in ("fixed40", "realistic", "mean_length", "realistic_small"):
+    for name in args.only.split(","):
         results["runs"].append(scheduled(engine, work[name], device, log, "d_engine"))
+        save()
+    if "apart" not in skip:  # the same engine with prefill and decode in forwards of their own
+        results["runs"].append(
+            scheduled(engine, work["realistic"], device, log, "d_apart_steps", packed_steps=False)
+        )
         save()
     if "latency" not in skip:
         results["open_task_idle"] = open_task_latency(engine, device, args.latency_runs)
         log(f"  (d) open task idle: {results['open_task_idle']}")
-        bulk = realistic(args.images, 3)
+        bulk = realistic(args.realistic_images, 3)
         results["open_task_under_bulk"] = open_task_latency(engine, device, args.latency_runs, bulk=bulk)
         log(f"  (d) open task under realistic bulk: {results['open_task_under_bulk']}")
         save()
@@ -377,6 +396,7 @@ def main() -> int:
         "model": results["model"],
         "date": results["date"],
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
+        "realistic_apart_steps_pairs_per_s": pick("d_apart_steps", "realistic"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
         "mean_length_pairs_per_s": pick("d_engine", "mean_length"),

@@ -172,13 +172,13 @@ class SlotDecoder:
             plan = PlanBuilder(self.slot_length, self.image_token_id)
             for image, prepared in enumerate(images):
                 plan.add_prefix(
-                    prepared.inputs["input_ids"][0].tolist(),
+                    prepared.ids,
                     [slot for slot, shown in zip(slots, image_of) if shown == image],
                 )
             decode_logits = [plan.add_decode(row.slot, row.length) for row in decoding]
             rows = []
             for slot, image, suffix in zip(slots, image_of, suffixes):
-                prompt = images[image].inputs["input_ids"][0].tolist() + list(suffix)
+                prompt = images[image].ids + list(suffix)
                 rows.append(SlotRow(slot, prompt, len(prompt)))
             new_logits = [
                 plan.add_suffix(suffix, slot, images[image].length)

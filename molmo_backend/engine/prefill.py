@@ -19,7 +19,8 @@ class PreparedImage:
     """One image as the processor lays it out (a batch of one)."""
 
     inputs: dict  # processor outputs for this image alone (batch of one)
-    length: int  # prefix tokens (bos + image tokens)
+    ids: list[int]  # its prefix token ids (bos + image tokens), kept on the host
+    length: int  # prefix tokens
     crops: int
     patches: int  # per crop
 
@@ -32,9 +33,8 @@ def prepare_image(processor, image, device: torch.device | None = None) -> Prepa
     encoded = processor(images=[[image]], text=[processor.image_token], return_tensors="pt", **kwargs)
     inputs = {key: value.to(device) if device is not None else value for key, value in encoded.items()}
     pixels = inputs["pixel_values"]
-    return PreparedImage(
-        inputs, int(inputs["input_ids"].shape[1]), int(pixels.shape[0]), int(pixels.shape[1])
-    )
+    ids = encoded["input_ids"][0].tolist()
+    return PreparedImage(inputs, ids, len(ids), int(pixels.shape[0]), int(pixels.shape[1]))
 
 
 def image_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) -> torch.Tensor:

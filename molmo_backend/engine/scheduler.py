@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Histogram
 
+from molmo_backend.engine.admission import PREFILL_TOKENS_PER_STEP, admit, ask
 from molmo_backend.engine.base import Answer, Engine, PointQuery, Row, StepEngine
 from molmo_backend.engine.job import CANCELLED, Job, SchedulerClosed
 from molmo_backend.engine.queue import Item, Priority, RequestQueue
@@ -44,14 +45,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CANCELLED", "Job", "Priority", "Scheduler", "SchedulerClosed"]
 
-#: tokens of image + prompt prefilled in one step at most (about 8 images of 1000 tokens): a packed
-#: forward is bound by kernel launches below about 4 images (H100, Molmo2-8B: one 1280x960 image
-#: 62 ms, four 189 ms, eight 364 ms), and an opened task arriving waits for the step in flight
-PREFILL_TOKENS_PER_STEP = 8192
-#: bulk rows are admitted when at least this share of the bulk slots is free (or nothing is
-#: decoding, or all that waits fits): one image alone prefills 2.3x slower than in a chunk of
-#: eight (H200, Molmo2-8B: 150 ms vs 65 ms an image), so rows are let in by the chunk
-ADMIT_FREE_FRACTION = 0.2
 #: images whose CPU-side preparation runs ahead of the GPU, per worker
 PREPARE_AHEAD = 32
 #: pairs/s is measured over the answers of this many recent seconds
@@ -69,6 +62,7 @@ class Scheduler:
         max_batch: int | None = None,
         progress_every: float = 10.0,
         prefill_tokens: int = PREFILL_TOKENS_PER_STEP,
+        packed_steps: bool = True,
     ):
         self.engines = [engines] if isinstance(engines, Engine) else list(engines)
         if not self.engines:
@@ -77,6 +71,8 @@ class Scheduler:
         self.max_batch = max_batch or self.engine.max_batch
         self.progress_every = progress_every
         self.prefill_tokens = prefill_tokens
+        #: admit rows and step the running ones in one forward (False: apart, for benchmarks)
+        self.packed_steps = packed_steps
         self._queue = RequestQueue()
         self._cv = threading.Condition()
         self._closed = False
@@ -217,16 +213,6 @@ class Scheduler:
     def _failure(exc: BaseException) -> Answer:
         return Answer(text="", error=f"{type(exc).__name__}: {exc}"[:500])
 
-    @staticmethod
-    def _ask(method, *args):
-        """An engine's budget or cost; None if it raises (the worker thread must never die here:
-        every waiting request would hang), so the batch is formed by count alone."""
-        try:
-            return method(*args)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("token budget unavailable, batching by count", extra={"error": repr(exc)[:300]})
-            return None
-
     # -- plain engines: whole batches ----------------------------------------------------------
     def _run_batches(self, index: int, engine: Engine) -> None:
         while True:
@@ -249,20 +235,20 @@ class Scheduler:
         (rows x longest row) fits ``engine``'s token budget; at least one item. A cancelled
         head item goes alone (it is dropped, not computed). Caller holds the lock."""
         priority = self._queue.head_priority()
-        budget = self._ask(engine.token_budget)
+        budget = ask(engine.token_budget)
         first = self._queue.pop(priority)
         batch, longest = [first], 0
         if first.job.cancelled:
             return batch
         if budget is not None:
-            longest = self._ask(engine.tokens_for, first.query) or 0
+            longest = ask(engine.tokens_for, first.query) or 0
         # only the same priority class rides along: a bulk batch must not delay an opened task
         while len(batch) < self.max_batch and self._queue.waiting(priority):
             head = next(self._queue.peek(priority, 1))
             if head.job.cancelled:
                 break
             if budget is not None:
-                row = max(longest, self._ask(engine.tokens_for, head.query) or 0)
+                row = max(longest, ask(engine.tokens_for, head.query) or 0)
                 if (len(batch) + 1) * row > budget:
                     self._count(budget_cuts=1)
                     log.debug(
@@ -306,7 +292,7 @@ class Scheduler:
                     if self._closed and not running:
                         self._drop_all_waiting()
                         return
-                    groups, dropped = self._admit(engine, running)
+                    groups, dropped = admit(self._queue, engine, running, self.prefill_tokens)
                     self._prepare_ahead(engine, preparer)
                 self._drop(dropped)
                 running = [row for row in running if not self._evict_if_cancelled(engine, row)]
@@ -325,44 +311,6 @@ class Scheduler:
     def _hook(self, event: str, index: int) -> None:
         if self.on_step is not None:
             self.on_step(event, index)
-
-    def _admit(self, engine: StepEngine, running: list[Row]) -> tuple[list[list[Row]], list[Item]]:
-        """Image groups of rows to prefill now, and cancelled items met on the way (caller
-        holds the lock)."""
-        groups: list[list[Row]] = []
-        dropped: list[Item] = []
-        budget = self.prefill_tokens
-        for priority in Priority:
-            interactive = priority == Priority.INTERACTIVE
-            if not interactive and any(row.interactive for row in running):
-                break  # bulk waits while an opened task decodes: its steps stay small
-            free = self._ask(engine.free_slots, interactive) or 0
-            if not interactive and not self._bulk_should_join(engine, running, free):
-                continue
-            while self._queue.waiting(priority):
-                size = self._queue.head_group_size(priority)
-                head = next(self._queue.peek(priority, 1))
-                if head.job.cancelled:
-                    dropped.extend(self._queue.pop_image_group(priority))
-                    continue
-                cost = self._ask(engine.prefill_cost, head.query) or 0
-                if size > free or (groups and cost > budget):
-                    break
-                items = self._queue.pop_image_group(priority)
-                groups.append(
-                    [Row(item.query, interactive, ticket=item, prepared=item.prepared) for item in items]
-                )
-                free -= size
-                budget -= cost
-        return groups, dropped
-
-    def _bulk_should_join(self, engine: StepEngine, running: list[Row], free: int) -> bool:
-        waiting = self._queue.waiting(Priority.BULK)
-        if not waiting or free <= 0:
-            return False
-        bulk_rows = sum(not row.interactive for row in running)
-        capacity = bulk_rows + free
-        return bulk_rows == 0 or free >= max(1, int(capacity * ADMIT_FREE_FRACTION)) or waiting <= free
 
     def _prepare_ahead(self, engine: StepEngine, preparer: ThreadPoolExecutor) -> None:
         """Start the CPU-side preparation of the next waiting images (caller holds the lock)."""
@@ -388,19 +336,21 @@ class Scheduler:
         apart, so one bad image still costs only its own rows. Returns the rows running after."""
         admitted = [row for group in groups for row in group]
         stepping = self._stepping(running, admitted)
-        try:
-            engine.step(admitted, stepping)
-            self._count(prefills=1, queries=len(admitted), decode_steps=1 if stepping else 0)
-        except Exception as exc:  # noqa: BLE001 - contained: retried apart below
-            self._count(failed_batches=1)
-            log.warning(
-                "packed step failed: prefilling and decoding apart",
-                extra={"images": len(groups), "decoding": len(stepping), "error": repr(exc)[:500]},
-            )
-            admitted = self._prefill(engine, groups)
-            if stepping:
-                self._decode(engine, stepping)
-        return self._finish(engine, running + admitted)  # a first token may end a row
+        if self.packed_steps:
+            try:
+                engine.step(admitted, stepping)
+                self._count(prefills=1, queries=len(admitted), decode_steps=1 if stepping else 0)
+                return self._finish(engine, running + admitted)  # a first token may end a row
+            except Exception as exc:  # noqa: BLE001 - contained: retried apart below
+                self._count(failed_batches=1)
+                log.warning(
+                    "packed step failed: prefilling and decoding apart",
+                    extra={"images": len(groups), "decoding": len(stepping), "error": repr(exc)[:500]},
+                )
+        admitted = self._prefill(engine, groups)
+        if stepping:
+            self._decode(engine, stepping)
+        return self._finish(engine, running + admitted)
 
     def _prefill(self, engine: StepEngine, groups: list[list[Row]]) -> list[Row]:
         """Prefill image groups; a failing set is split in halves, down to one image, whose rows

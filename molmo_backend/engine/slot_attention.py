@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -206,7 +207,19 @@ class Sequences:
     seqlen_k: torch.Tensor  # int32 [n], keys each sequence reads
     max_q: int
     max_k: int
-    dense: Dense
+    entries: list
+
+    @functools.cached_property
+    def dense(self) -> Dense:
+        """The same reads laid out for :func:`dense_attention` (built on first use: the CUDA path
+        never needs it, and it pads every sequence to the longest)."""
+        return Dense.of(
+            [
+                (start, slot, [first] + [keys - 1] * (count - 1))
+                for start, count, slot, keys, first in self.entries
+            ],
+            self.seqlen_k.device,
+        )
 
     @classmethod
     def of(cls, entries, slot_length: int, groups: int, device) -> Sequences:
@@ -218,13 +231,6 @@ class Sequences:
         def int32(values):
             return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
-        dense = Dense.of(
-            [
-                (start, slot, [first] + [keys - 1] * (count - 1))
-                for start, count, slot, keys, first in entries
-            ],
-            device,
-        )
         return cls(
             tokens=end,
             seqstart_q=int32([s * groups for s in starts] + [end * groups]),
@@ -232,7 +238,7 @@ class Sequences:
             seqlen_k=int32([keys for *_, keys, _ in entries]),
             max_q=max(count for _, count, *_ in entries) * groups,
             max_k=max(keys for *_, keys, _ in entries),
-            dense=dense,
+            entries=list(entries),
         )
 
 
