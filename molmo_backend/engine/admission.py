@@ -1,8 +1,8 @@
 """Which waiting rows join a step engine's running set at the next step (the scheduler's policy).
 
 Opened tasks join at once, into slots of their own. Bulk rows join by the chunk: when enough bulk
-slots are free, or nothing bulk is running, or all that waits fits, and never while an opened
-task is decoding (its steps stay small). A step's prefill is bounded by a token budget, and a
+slots are free, or nothing bulk is running, or all that waits fits, and never in the step where
+an opened task joins or while one is decoding (its steps stay small). A step's prefill is bounded by a token budget, and a
 distinct image joins with all the labels queued behind it (one prefill serves them all).
 """
 
@@ -45,8 +45,8 @@ def admit(
     budget = prefill_tokens
     for priority in Priority:
         interactive = priority == Priority.INTERACTIVE
-        if not interactive and any(row.interactive for row in running):
-            break  # bulk waits while an opened task decodes: its steps stay small
+        if not interactive and (groups or any(row.interactive for row in running)):
+            break  # bulk waits while an opened task joins or decodes: its steps stay small
         free = ask(engine.free_slots, interactive) or 0
         if not interactive and not bulk_should_join(queue, running, free):
             continue

@@ -332,10 +332,12 @@ class Scheduler:
     def _admit_with_step(self, engine: StepEngine, groups: list[list[Row]], running: list[Row]) -> list[Row]:
         """Admit ``groups`` while the running rows that step now take their next token, in one
         forward where the engine can (:meth:`StepEngine.step`). If that fails, the groups are
-        prefilled apart (split and retried down to the bad image) and the running rows decoded
-        apart, so one bad image still costs only its own rows. Returns the rows running after."""
+        prefilled apart (its halves next, split and retried down to the bad image) and the
+        running rows decoded apart, so one bad image still costs only its own rows. Returns the
+        rows running after."""
         admitted = [row for group in groups for row in group]
         stepping = self._stepping(running, admitted)
+        parts = [groups]
         if self.packed_steps:
             try:
                 engine.step(admitted, stepping)
@@ -347,7 +349,9 @@ class Scheduler:
                     "packed step failed: prefilling and decoding apart",
                     extra={"images": len(groups), "decoding": len(stepping), "error": repr(exc)[:500]},
                 )
-        admitted = self._prefill(engine, groups)
+                if len(groups) > 1:  # one image alone is retried alone: the decoding rows may be at fault
+                    parts = [groups[: len(groups) // 2], groups[len(groups) // 2 :]]
+        admitted = [row for part in parts for row in self._prefill(engine, part)]
         if stepping:
             self._decode(engine, stepping)
         return self._finish(engine, running + admitted)

@@ -208,3 +208,43 @@ def test_queries_left_waiting_at_close_still_get_an_answer():
     gate.set()
     closer.join(10)
     assert job.wait(5) and all(a is not None for a in job.answers)
+
+
+def test_a_failing_packed_step_is_retried_apart_and_loses_nothing():
+    """If the one forward that admits rows and steps the running ones fails, the rows are
+    prefilled and decoded in forwards of their own: every query still gets its answer."""
+    engine = CountingEngine(bulk_slots=2)
+    tried = []
+
+    def broken_step(admit, decode):
+        tried.append(([engine.name(r) for r in admit], [engine.name(r) for r in decode]))
+        raise RuntimeError("the packed forward broke")
+
+    engine.step = broken_step
+    scheduler = Scheduler(engine)
+    answers = scheduler.submit(queries("a:1", "b:3", "c:2"))
+    assert [(a.text, a.error) for a in answers] == [("a", None), ("b", None), ("c", None)]
+    assert tried[:2] == [(["a", "b"], []), (["c"], ["b"])]
+    # two images: their halves next (the whole set just failed), then c alone beside b's decode
+    assert engine.log[:4] == [("prefill", ["a"]), ("prefill", ["b"]), ("prefill", ["c"]), ("decode", ["b"])]
+    assert scheduler.stats["failed_batches"] == len(tried) and scheduler.stats["failed_queries"] == 0
+    scheduler.close()
+
+
+def test_an_opened_task_joins_in_a_step_of_its_own_not_beside_a_bulk_prefill():
+    """Bulk rows that could join (free slots, waiting) do not share the opened task's first
+    step: its prefill stays small, and the bulk rows join once it has finished."""
+    engine = CountingEngine(bulk_slots=8)
+    scheduler = Scheduler(engine)
+    engine.gate.clear()
+    first = scheduler.submit_async(queries("b1:2"), Priority.BULK)
+    assert engine.entered.wait(5)  # the worker holds b1's prefill until the gate opens
+    opened = scheduler.submit_async(queries("open:2"), Priority.INTERACTIVE)
+    later = scheduler.submit_async(queries("b2:1", "b3:1"), Priority.BULK)
+    engine.gate.set()
+    assert first.wait(5) and opened.wait(5) and later.wait(5)
+    prefills = [names for event, names in engine.log if event == "prefill"]
+    assert prefills == [["b1"], ["open"], ["b2", "b3"]]
+    joined = engine.log.index(("prefill", ["open"]))
+    assert engine.log.index(("prefill", ["b2", "b3"])) > engine.log.index(("decode", ["open"]), joined)
+    scheduler.close()

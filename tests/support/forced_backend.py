@@ -85,8 +85,9 @@ def _matches(rule: dict, queries) -> bool:
 
 
 def inject_faults(engine, rules: list[dict]):
-    """Make matching work fail or sleep before the model runs: each prefill of a step engine
-    (the rows admitted together) or each ``generate`` batch of a plain engine."""
+    """Make matching work fail or sleep before the model runs: each admission of a step engine
+    (the rows admitted together, in a packed step or a prefill) or each ``generate`` batch of a
+    plain engine."""
     import torch
 
     def check(queries):
@@ -103,14 +104,15 @@ def inject_faults(engine, rules: list[dict]):
             if rule.get("error") == "runtime":
                 raise RuntimeError("injected failure (MOLMO_TEST_FAULTS)")
 
-    if engine.stepwise:
-        real_prefill = engine.prefill
+    if engine.stepwise:  # every admission goes through step(), the fallback's prefill() too
+        real_step = engine.step
 
-        def prefill(rows):
-            check([row.query for row in rows])
-            return real_prefill(rows)
+        def step(admit, decode):
+            if admit:
+                check([row.query for row in admit])
+            return real_step(admit, decode)
 
-        engine.prefill = prefill
+        engine.step = step
     else:
         real_generate = engine.generate
 
@@ -143,14 +145,15 @@ def forced_engine_factory(answers: dict | None = None, faults: list[dict] | None
             engine.logits_processors.append(forcing(engine.processor.tokenizer, by_substring(answers)))
         if faults:
             inject_faults(engine, faults)
-        if delay > 0:
-            prefill = engine.prefill
+        if delay > 0:  # every admission goes through step(), the fallback's prefill() too
+            real_step = engine.step
 
-            def slow_prefill(rows):
-                time.sleep(delay)
-                return prefill(rows)
+            def slow_step(admit, decode):
+                if admit:
+                    time.sleep(delay)
+                return real_step(admit, decode)
 
-            engine.prefill = slow_prefill
+            engine.step = slow_step
         return engine
 
     return factory
