@@ -1,4 +1,5 @@
-"""Issue #12's interleaving check on the GPU: CUDA-graph decode steps, compiled step on and off.
+"""Issue #12's interleaving check on the GPU: CUDA-graph decode steps, compiled step on and off,
+and packed steps (rows admitted while others decode in the same forward).
 
     python bench/interleaving_gpu.py --json $OUT/interleaving.json
 
@@ -38,6 +39,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--compiled", default="0,1", help="which variants: 0 (CUDA graphs), 1 (graphs + compiled step)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -55,7 +59,7 @@ def main() -> int:
         "params_b": round(params / 1e9, 2),
         "variants": [],
     }
-    for compiled in (False, True):
+    for compiled in [flag == "1" for flag in args.compiled.split(",")]:
         engine = TransformersEngine(
             model,
             processor,
