@@ -328,7 +328,8 @@ def main() -> int:
     if "latency" not in skip:
         results["open_task_idle"] = open_task_latency(engine, device, args.latency_runs)
         log(f"  (d) open task idle: {results['open_task_idle']}")
-        bulk = realistic(args.realistic_images, 3)
+        # long enough for the 20 runs (~1 s each with its gap): the timings end when it does
+        bulk = realistic(args.realistic_images // 2, 3)
         results["open_task_under_bulk"] = open_task_latency(engine, device, args.latency_runs, bulk=bulk)
         log(f"  (d) open task under realistic bulk: {results['open_task_under_bulk']}")
         save()
@@ -350,7 +351,7 @@ def main() -> int:
     if "b" not in skip:
         for name in ("fixed40", "realistic"):
             part = subset(work[name], args.plain_pairs)
-            run_plain(plain_engine, part.queries[: args.plain_batch], args.plain_batch)  # warm-up
+            run_plain(plain_engine, subset(work["fixed40"], 2).queries, 2)  # warm-up
             peak_reset(device)
             seconds = timed(lambda: run_plain(plain_engine, part.queries, args.plain_batch), device)
             row = {
