@@ -317,7 +317,7 @@ def main() -> int:
     # (d) the engine, first: its figures are the ones that matter
     warm = realistic(12, 99)
     Scheduler(engine).submit(warm.queries)  # warm-up: prepare threads, allocator, any missing graph
-    for name in args.only.split(","):
+    for name in filter(None, args.only.split(",")):
         results["runs"].append(scheduled(engine, work[name], device, log, "d_engine"))
         save()
     if "apart" not in skip:  # the same engine with prefill and decode in forwards of their own
