@@ -22,8 +22,8 @@ forward of one 1280x960 image took 62 ms, of four 189 ms: small forwards are bou
 launches, large ones by the GPU.)
 
 The layer arithmetic is Hugging Face's ``Molmo2DecoderLayer`` (transformers 5.23), on its own
-modules and weights (norms, q/k norms, rotary tables, MLP); only the attention and the cache
-are ours (:mod:`.slot_attention`).
+modules and weights (norms, q/k norms, rotary tables, MLP); only the attention, the cache and
+the rotary arithmetic (:func:`apply_rotary`, the same four operations) are ours.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.models.molmo2.modeling_molmo2 import apply_rotary_pos_emb
 
 from molmo_backend.engine import slot_attention
 
@@ -135,6 +134,19 @@ class PlanBuilder:
         )
 
 
+def apply_rotary(query, key, cos, sin):
+    """Rotary position embedding as Molmo2's ``apply_rotary_pos_emb`` computes it (``[batch,
+    heads, tokens, dim]``; ``cos``/``sin`` ``[batch, tokens, dim]``). Written out here because the
+    Molmo v1 profile's transformers (4.5x) has no molmo2 module to import it from."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def forward(model, plan: StepPlan, keys: list[torch.Tensor], values: list[torch.Tensor], varlen: bool):
     """Next-token logits (float32) at ``plan.logits_at``; writes every token's keys/values into
     the slot caches ``keys``/``values`` (per layer ``[slots, length, kv_heads, head_dim]``).
@@ -167,7 +179,7 @@ def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool):
     if attn.qk_norm_type == "qwen3":
         query, key = attn.q_norm(query), attn.k_norm(key)
     cos, sin = cos_sin
-    query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    query, key = apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     query, key = query.transpose(1, 2)[0], key.transpose(1, 2)[0]  # [tokens, heads, dim]
     flat_keys, flat_values = keys.view(-1, *keys.shape[2:]), values.view(-1, *values.shape[2:])
     flat_keys.index_copy_(0, plan.write_dst, key[plan.write_src])

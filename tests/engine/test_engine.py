@@ -336,3 +336,17 @@ def test_decoding_rows_ride_along_with_a_prefill_and_answer_as_if_alone(demo_mod
     for a, b in zip(together, alone):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
     assert engine.free_slots(False) == engine.max_batch
+
+
+def test_the_packed_steps_rotary_arithmetic_is_molmo2s():
+    """packed.apply_rotary is written out (the Molmo v1 profile cannot import Molmo2's modeling
+    module); it must compute what transformers' Molmo2 does."""
+    from transformers.models.molmo2.modeling_molmo2 import apply_rotary_pos_emb
+
+    from molmo_backend.engine.packed import apply_rotary
+
+    gen = torch.Generator().manual_seed(3)
+    query, key = torch.randn(1, 4, 7, 16, generator=gen), torch.randn(1, 2, 7, 16, generator=gen)
+    cos, sin = torch.randn(1, 7, 16, generator=gen), torch.randn(1, 7, 16, generator=gen)
+    for got, want in zip(apply_rotary(query, key, cos, sin), apply_rotary_pos_emb(query, key, cos, sin)):
+        assert torch.equal(got, want)
