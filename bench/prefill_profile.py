@@ -1,13 +1,16 @@
-"""Where one prefill forward and one decode step spend their time, kernel by kernel.
+"""Where one packed prefill step and one decode step spend their time, kernel by kernel.
 
     python bench/prefill_profile.py --json $OUT/prefill_profile.json --tables $OUT/prefill_profile.txt
 
-On full-size random-weight Molmo2-8B (bench/workloads.py): the engine's image-prefix forward
-(``SlotDecoder._prefill_images``: the model's own forward) for 1, 4 and 8 images of 1280x960 and
-8 of mixed sizes, timed with CUDA events; its parts alone (vision tower + adapter, the language
-model with and without the image block mask); and torch.profiler tables (self CUDA time, self
-CPU time) of the 4-image forward and of an eager 128-row decode step. ``--tiny`` checks the
-script on the CPU.
+On full-size random-weight Molmo2-8B (bench/workloads.py): the engine's packed prefill step
+(``SlotDecoder.step``: image prefixes and their prompts, no decode rows) for 1, 4 and 8 images of
+1280x960 and 8 of mixed sizes, timed; its vision part alone (``image_features``); the model's own
+padded forward of 4 images (the processor's batching) as the reference; a large GEMM's rate; and
+torch.profiler tables (self CUDA time, self CPU time) of the 4-image packed step and of an eager
+128-row decode step. ``--tiny`` checks the script on the CPU.
+
+(The H100 figures of the padded per-size-group forward in bench/RESULTS.md, 2026-12-06, came from
+this script at commit 068ba99, when the engine still had that forward.)
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workloads import build, noise_image  # noqa: E402
 
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
-from molmo_backend.engine.prefill import prepare_image, stack_images  # noqa: E402
+from molmo_backend.engine.prefill import image_features, prepare_image  # noqa: E402
 
 MIXED = [
     (640, 480),
@@ -83,17 +86,13 @@ def main() -> int:
             for i, s in enumerate(sizes)
         ]
 
-    from molmo_backend.engine.slots import SlotCache  # noqa: F401
-
     def prefix_forward(images):
+        """One packed step admitting one row per image (the prompt of one label)."""
         slots = list(range(decoder.interactive_slots, decoder.interactive_slots + len(images)))
+        suffix = list(engine._suffix_ids("Point to the person."))
 
         def run():
-            from molmo_backend.engine.decoding import SlotRow
-
-            rows = [SlotRow(s, [], 0) for s in slots]
-            with torch.inference_mode():
-                decoder._prefill_images(images, list(range(len(images))), list(range(len(images))), rows)
+            decoder.step(images, list(range(len(images))), slots, [suffix] * len(images))
 
         return run
 
@@ -104,31 +103,23 @@ def main() -> int:
         ("8mixed", MIXED),
     ):
         images = prepared(sizes)
-        out[f"prefix_forward_{name}_ms"] = ms(prefix_forward(images))
-        out[f"prefix_forward_{name}_tokens"] = sum(im.length for im in images)
-        print(name, out[f"prefix_forward_{name}_ms"], flush=True)
+        out[f"packed_prefill_{name}_ms"] = ms(prefix_forward(images))
+        out[f"packed_prefill_{name}_tokens"] = sum(im.length for im in images)
+        print(name, out[f"packed_prefill_{name}_ms"], flush=True)
 
     images = prepared([(1280, 960)] * 4)
-    inputs = stack_images(images, device, dtype, engine._pad_id)
+    pictures = [noise_image((1280, 960), i) for i in range(4)]
+    batch = processor(
+        images=[[p] for p in pictures], text=[processor.image_token] * 4, padding=True, return_tensors="pt"
+    ).to(device)
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
     inner = model.model
     with torch.inference_mode():
-        out["vision_adapter_4x1280_ms"] = ms(
-            lambda: inner.get_image_features(
-                inputs["pixel_values"], inputs["image_token_pooling"], inputs["image_grids"]
-            )
-        )
-        feats = torch.cat(
-            inner.get_image_features(
-                inputs["pixel_values"], inputs["image_token_pooling"], inputs["image_grids"]
-            ).pooler_output
-        )
-        embeds = inner.get_input_embeddings()(inputs["input_ids"])
-        out["lm_causal_no_mask_4x1280_ms"] = ms(
-            lambda: inner.language_model(inputs_embeds=embeds, use_cache=False)
-        )
-        out["model_forward_4x1280_no_cache_ms"] = ms(lambda: inner(**inputs, use_cache=False))
+        out["vision_adapter_4x1280_ms"] = ms(lambda: image_features(model, images, dtype))
+        feats = image_features(model, images, dtype)
+        out["model_forward_4x1280_no_cache_ms"] = ms(lambda: inner(**batch, use_cache=False))
         out["image_features_tokens"] = int(feats.shape[0])
-        t, hidden = embeds.shape[1] * 4, embeds.shape[-1]
+        t, hidden = feats.shape[0], model.config.text_config.hidden_size
         a = torch.randn(t, hidden, device=device, dtype=dtype)
         w = torch.randn(12288 if not args.tiny else 128, hidden, device=device, dtype=dtype)
         gemm = ms(lambda: a @ w.T, repeat=20)
@@ -146,11 +137,11 @@ def main() -> int:
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     tables.append(
-        "== prefix forward 4x1280, by self device time ==\n"
+        "== packed prefill step 4x1280, by self device time ==\n"
         + prof.key_averages().table(sort_by=sort, row_limit=30)
     )
     tables.append(
-        "== prefix forward 4x1280, by self CPU time ==\n"
+        "== packed prefill step 4x1280, by self CPU time ==\n"
         + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     )
     # one eager decode step over 128 bulk rows at 1280 positions (what a captured graph replays)

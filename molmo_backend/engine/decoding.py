@@ -5,7 +5,7 @@ from its admission to its end, at its own positions 0..length-1: its image prefi
 suffix, then its answer. Rows of different lengths, images and ages share a decode step; a row that ends frees
 its slot at once and the next waiting row takes it.
 
-- **Packed steps** (:meth:`SlotDecoder.step`, :meth:`SlotDecoder.prefill`): the admitted rows'
+- **Packed steps** (:meth:`SlotDecoder.step`): the admitted rows'
   image prefixes (each distinct image once, its vision features computed once), their prompt
   suffixes and, optionally, one decode token of each running row, in one forward without padding
   (:mod:`.packed`); each image's keys/values go straight into the slot of every row that shows
@@ -15,9 +15,8 @@ its slot at once and the next waiting row takes it.
   longest live row rounded up. On CUDA the step is captured as a graph per (range, bucket) and
   replayed; optionally (``compile_step``) the opened tasks' step is compiled first.
 
-Slots 0..interactive-1 belong to opened tasks, the next ``bulk`` slots to bulk work, and one
-spare slot that no row holds. Numerics are those of greedy
-``generate()`` on the same inputs (a test checks equal answers).
+Slots 0..interactive-1 belong to opened tasks, the next ``bulk`` slots to bulk work. Numerics
+are those of greedy ``generate()`` on the same inputs (a test checks equal answers).
 """
 
 from __future__ import annotations
@@ -95,8 +94,7 @@ class SlotDecoder:
         self._compiled = None
         self.interactive_slots = interactive_slots
         self.bulk_slots = bulk_slots
-        self.scratch = interactive_slots + bulk_slots  # padding rows of captured prefills write here
-        self.slots = self.scratch + 1
+        self.slots = interactive_slots + bulk_slots
         self.cache = SlotCache(
             self.num_layers, self.slots, self.kv_heads, slot_length, self.head_dim, self.dtype, self.device
         )
@@ -110,7 +108,7 @@ class SlotDecoder:
         self.slot_index = torch.arange(self.slots, device=device)
         self._free = {
             True: list(range(interactive_slots)),
-            False: list(range(interactive_slots, self.scratch)),
+            False: list(range(interactive_slots, self.slots)),
         }
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
@@ -139,20 +137,6 @@ class SlotDecoder:
 
     # -- packed steps: prefill, with decode rows riding along -----------------------------------
     @torch.inference_mode()
-    def prefill(
-        self,
-        images: Sequence[PreparedImage],
-        image_of: Sequence[int],
-        slots: Sequence[int],
-        suffixes: Sequence[list[int]],
-        logits_processors=(),
-    ) -> tuple[list[SlotRow], list[int], list[float]]:
-        """Prefill rows (row i shows ``images[image_of[i]]`` in slot ``slots[i]`` and asks
-        ``suffixes[i]``); returns each row's state and its first token and log-probability."""
-        rows, tokens, logprobs, _, _ = self.step(images, image_of, slots, suffixes, (), (), logits_processors)
-        return rows, tokens, logprobs
-
-    @torch.inference_mode()
     def step(
         self,
         images: Sequence[PreparedImage],
@@ -163,8 +147,9 @@ class SlotDecoder:
         generated: Sequence[Sequence[int]] = (),
         logits_processors=(),
     ) -> tuple[list[SlotRow], list[int], list[float], list[int], list[float]]:
-        """One packed forward (:mod:`.packed`): the new rows' prefill as in :meth:`prefill`, and one
-        token for each of ``decoding`` (running rows; ``generated``, their tokens so far, is read
+        """One packed forward (:mod:`.packed`): the new rows' prefill (row i shows
+        ``images[image_of[i]]`` in slot ``slots[i]`` and asks ``suffixes[i]``), and one token for
+        each of ``decoding`` (running rows; ``generated``, their tokens so far, is read
         only by logits processors). Returns the new rows' states, first tokens and
         log-probabilities, then the decode rows' tokens and log-probabilities."""
         with self._on_device():

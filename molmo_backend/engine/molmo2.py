@@ -113,7 +113,7 @@ class TransformersEngine(StepEngine):
             head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * self.dtype.itemsize
             free, _ = torch.cuda.mem_get_info(self.device)
-            fits = kv_token_budget(free, per_token) // length - INTERACTIVE_SLOTS - 1
+            fits = kv_token_budget(free, per_token) // length - INTERACTIVE_SLOTS
             if fits < bulk:
                 log.warning(
                     "GPU memory holds fewer bulk rows than MOLMO_MAX_BATCH asks",

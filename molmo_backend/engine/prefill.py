@@ -20,9 +20,13 @@ class PreparedImage:
 
     inputs: dict  # processor outputs for this image alone (batch of one)
     ids: list[int]  # its prefix token ids (bos + image tokens), kept on the host
-    length: int  # prefix tokens
     crops: int
     patches: int  # per crop
+
+    @property
+    def length(self) -> int:
+        """Prefix tokens."""
+        return len(self.ids)
 
 
 def prepare_image(processor, image, device: torch.device | None = None) -> PreparedImage:
@@ -34,7 +38,7 @@ def prepare_image(processor, image, device: torch.device | None = None) -> Prepa
     inputs = {key: value.to(device) if device is not None else value for key, value in encoded.items()}
     pixels = inputs["pixel_values"]
     ids = encoded["input_ids"][0].tolist()
-    return PreparedImage(inputs, ids, len(ids), int(pixels.shape[0]), int(pixels.shape[1]))
+    return PreparedImage(inputs, ids, int(pixels.shape[0]), int(pixels.shape[1]))
 
 
 def image_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) -> torch.Tensor:

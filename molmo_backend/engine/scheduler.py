@@ -321,7 +321,8 @@ class Scheduler:
 
     def _stepping(self, running: list[Row], admitted: Sequence[Row] = ()) -> list[Row]:
         """The running rows that take a token now: only the opened tasks' while any is running
-        or joining (bulk rows wait in their slots, so the opened task's steps stay small)."""
+        or joining (bulk rows wait in their slots, so the opened task's steps stay small; such a
+        step is counted in ``bulk_paused_steps``). Called once per step."""
         if any(row.interactive for row in running) or any(row.interactive for row in admitted):
             stepping = [row for row in running if row.interactive]
             if len(stepping) < len(running):

@@ -62,26 +62,45 @@ def decode_varlen(
     ``[rows, 1, heads, dim]`` (the layout transformers' attention functions return)."""
     rows, heads, _, dim = query.shape
     kv = keys.shape[2]
-    groups = heads // kv
-    q = query.reshape(rows, kv, groups, dim).transpose(1, 2).reshape(1, rows * groups, kv, dim)
-    flat_k = keys.view(1, -1, kv, dim)
-    flat_v = values.view(1, -1, kv, dim)
-    out = torch.ops.aten._efficient_attention_forward(
-        q,
-        flat_k,
-        flat_v,
-        None,
+    out = _folded_varlen(
+        query[:, :, 0],
+        keys.view(-1, kv, dim),
+        values.view(-1, kv, dim),
         plan.seqstart_q,
         plan.seqstart_k,
-        groups,
+        plan.seqlen_k,
+        heads // kv,
         plan.max_keys,
+        scaling,
+    )
+    return out[:, None]
+
+
+def _folded_varlen(query, flat_keys, flat_values, seqstart_q, seqstart_k, seqlen_k, max_q, max_k, scaling):
+    """CUDA's variable-length attention of query tokens ``[n, heads, dim]`` over slot keys
+    ``[slots x length, kv_heads, dim]``, the heads that share a key head folded into query rows
+    (grouped-query attention without repeating keys); every query row of a sequence sees all of
+    its ``seqlen_k`` keys. ``seqstart_q`` and ``max_q`` count folded rows. Returns ``[n, heads, dim]``."""
+    count, heads, dim = query.shape
+    kv = flat_keys.shape[1]
+    groups = heads // kv
+    q = query.reshape(count, kv, groups, dim).transpose(1, 2).reshape(1, count * groups, kv, dim)
+    out = torch.ops.aten._efficient_attention_forward(
+        q,
+        flat_keys[None],
+        flat_values[None],
+        None,
+        seqstart_q,
+        seqstart_k,
+        max_q,
+        max_k,
         0.0,
         0,
         False,
         scale=scaling,
-        seqlen_k=plan.seqlen_k,
+        seqlen_k=seqlen_k,
     )[0]
-    return out.reshape(rows, groups, kv, dim).transpose(1, 2).reshape(rows, 1, heads, dim)
+    return out.reshape(count, groups, kv, dim).transpose(1, 2).reshape(count, heads, dim)
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -247,26 +266,17 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Query tokens ``[n, heads, dim]`` against their slots' keys (``[slots x length, kv_heads,
     dim]``), every token of a sequence seeing all ``seqlen_k`` keys; returns ``[n, heads, dim]``."""
-    count, heads, dim = query.shape
-    kv = flat_keys.shape[1]
-    groups = heads // kv
-    q = query.reshape(count, kv, groups, dim).transpose(1, 2).reshape(1, count * groups, kv, dim)
-    out = torch.ops.aten._efficient_attention_forward(
-        q,
-        flat_keys[None],
-        flat_values[None],
-        None,
+    return _folded_varlen(
+        query,
+        flat_keys,
+        flat_values,
         seqs.seqstart_q,
         seqs.seqstart_k,
+        seqs.seqlen_k,
         seqs.max_q,
         seqs.max_k,
-        0.0,
-        0,
-        False,
-        scale=scaling,
-        seqlen_k=seqs.seqlen_k,
-    )[0]
-    return out.reshape(count, groups, kv, dim).transpose(1, 2).reshape(count, heads, dim)
+        scaling,
+    )
 
 
 def dense_attention(query, keys, values, dense: Dense, scaling) -> torch.Tensor:
