@@ -146,16 +146,18 @@ def main() -> int:
     )
     # one eager decode step over 128 bulk rows at 1280 positions (what a captured graph replays)
     first, count, read = decoder.interactive_slots, 128, 1280
+    decoder.live[first : first + count] = 1
     decoder.lengths[first : first + count] = 1000
     with torch.inference_mode():
-        step = lambda: decoder._step(first, count, read)  # noqa: E731
+        step = lambda: decoder._step(False, count, read)  # noqa: E731
         out["eager_decode_step_128x1280_ms"] = ms(step, repeat=10)
         step()
         with profile(activities=activities) as prof:
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-    decoder.lengths.fill_(1)
+    decoder.live.zero_()
+    decoder.lengths.zero_()
     tables.append(
         "== eager decode step 128 rows x 1280, by self device time ==\n"
         + prof.key_averages().table(sort_by=sort, row_limit=30)

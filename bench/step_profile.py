@@ -123,15 +123,21 @@ def main() -> int:
         model, processor, model_id="8b", revision="random", max_new_tokens=1024, max_batch=128
     )
     decoder = engine.decoder
-    for rows in (16, 64, 128):
-        for read in (512, 1280, 2048):
-            graph = decoder._graph(decoder.interactive_slots, rows, read, False)
-            graph.replay()
-            out[f"decode_step_rows{rows}_read{read}_ms"] = cuda_ms(graph.replay)
-    for rows in (2, 4, 16):
-        graph = decoder._graph(0, rows, 1280, True)
-        graph.replay()
-        out[f"interactive_step_rows{rows}_read1280_ms"] = cuda_ms(graph.replay)
+    for interactive, counts, reads in (
+        (False, (16, 64, 128), (512, 1280, 2048)),
+        (True, (2, 4, 16), (1280,)),
+    ):
+        for rows in counts:
+            for read in reads:
+                # every row live, reading ~read - 250 keys (a replay adds one)
+                decoder.live.fill_(1)
+                decoder.lengths.fill_(read - 256)
+                graph = decoder._graph(interactive, rows, read)
+                graph.replay()
+                name = "interactive_step" if interactive else "decode_step"
+                out[f"{name}_rows{rows}_read{read}_ms"] = cuda_ms(graph.replay)
+    decoder.live.zero_()
+    decoder.lengths.zero_()
     print(json.dumps(out, indent=1), flush=True)
     for size in ((1280, 960), (4032, 3024), (1920, 1080)):
         image = noise_image(size, 3)

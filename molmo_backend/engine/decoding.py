@@ -10,9 +10,11 @@ its slot at once and the next waiting row takes it.
   suffixes and, optionally, one decode token of each running row, in one forward without padding
   (:mod:`.packed`); each image's keys/values go straight into the slot of every row that shows
   it. The new rows get their first token, the running rows their next.
-- **Decode** (:meth:`SlotDecoder.decode`): one token for a contiguous range of slots: the opened
-  tasks' region, or the bulk region. Attention reads only the first ``bucket`` positions, the
-  longest live row rounded up. On CUDA the step is captured as a graph per (range, bucket) and
+- **Decode** (:meth:`SlotDecoder.decode`): one token for each given row, all in the opened
+  tasks' region or all in the bulk region, wherever their slots are: the step runs over a list
+  of slots (the rows', padded to a row bucket with a free slot of the region, whose length stays
+  0 so it reads one key), so its cost follows the rows still running, not the highest slot in
+  use. On CUDA the step is captured as a graph per (region, row bucket, read length) and
   replayed; optionally (``compile_step``) the opened tasks' step is compiled first.
 
 Slots 0..interactive-1 belong to opened tasks, the next ``bulk`` slots to bulk work. Numerics
@@ -101,11 +103,18 @@ class SlotDecoder:
         self.slot_length = slot_length
         device = self.device
         self.last_token = torch.zeros((self.slots,), dtype=torch.long, device=device)
-        self.lengths = torch.ones((self.slots,), dtype=torch.long, device=device)
+        self.lengths = torch.zeros((self.slots,), dtype=torch.long, device=device)
         self.out_token = torch.zeros((self.slots,), dtype=torch.long, device=device)
         self.out_logprob = torch.zeros((self.slots,), dtype=torch.float, device=device)
         self.positions = torch.arange(slot_length, device=device)
-        self.slot_index = torch.arange(self.slots, device=device)
+        #: 1 for a slot holding a row; a free slot's length stays 0 when a step pads with it
+        self.live = torch.zeros((self.slots,), dtype=torch.long, device=device)
+        #: per region (interactive or not), the slots of the next decode step in its first
+        #: ``count`` places: captured graphs read them from here
+        self.step_slots = {
+            True: torch.arange(interactive_slots, device=device),
+            False: torch.arange(interactive_slots, self.slots, device=device),
+        }
         self._free = {
             True: list(range(interactive_slots)),
             False: list(range(interactive_slots, self.slots)),
@@ -129,10 +138,13 @@ class SlotDecoder:
     def take_slot(self, interactive: bool) -> int:
         free = self._free[interactive]
         free.sort()
-        return free.pop(0)  # lowest first: keeps the stepped range short
+        return free.pop(0)  # lowest first: a region's live slots stay few and low
 
     def release(self, slot: int) -> None:
+        """Free ``slot``: a later step may pad with it, reading one key of it."""
         interactive = slot < self.interactive_slots
+        self.live[slot] = 0
+        self.lengths[slot] = 0
         self._free[interactive].append(slot)
 
     # -- packed steps: prefill, with decode rows riding along -----------------------------------
@@ -184,6 +196,7 @@ class SlotDecoder:
             index = torch.tensor(stepped, device=self.device)
             self.last_token.index_copy_(0, index, token)
             self.lengths.index_copy_(0, index, torch.tensor(ends, device=self.device))
+            self.live.index_fill_(0, index, 1)
             tokens, logprobs = token.tolist(), logprob.tolist()
             for row in decoding:
                 row.length += 1
@@ -208,48 +221,55 @@ class SlotDecoder:
         with self._on_device():
             timer = PhaseTimer(self.profile, self.device)
             interactive = rows[0].slot < self.interactive_slots
-            first = 0 if interactive else self.interactive_slots
-            top = max(row.slot for row in rows) + 1 - first
-            count = min(
-                row_bucket(top, interactive), self.interactive_slots if interactive else self.bulk_slots
-            )
+            slots = [row.slot for row in rows]
+            count = self._load_step_slots(interactive, slots)
             read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.slot_length)
             if logits_processors:
-                self._eager_step(first, count, read_length, rows, generated, logits_processors)
+                self._eager_step(interactive, count, read_length, rows, generated, logits_processors)
             elif self.use_cuda_graph:
-                self._graph(first, count, read_length, interactive).replay()
+                self._graph(interactive, count, read_length).replay()
             else:
-                self._step(first, count, read_length, compiled=interactive and self.compile_step)
-            slots = [row.slot for row in rows]
-            tokens = self.out_token[first : first + count].tolist()
-            logprobs = self.out_logprob[first : first + count].tolist()
+                self._step(interactive, count, read_length, compiled=interactive and self.compile_step)
+            tokens, logprobs = self.out_token.tolist(), self.out_logprob.tolist()
             for row in rows:
                 row.length += 1
             timer.lap("decode")
             timer.count("steps", 1)
-            return [tokens[s - first] for s in slots], [logprobs[s - first] for s in slots]
+            return [tokens[s] for s in slots], [logprobs[s] for s in slots]
 
-    def _step_logits(
-        self, first: int, last_token, lengths, slot_index, key_positions, varlen: bool = False
-    ) -> torch.Tensor:
-        """The forward of one decode step over the slots ``first``.. (graph-safe). Its tensors are
-        views of the state buffers for those slots, so a compiled step sees their sizes (rows,
-        positions read) as dynamic shapes, not as constants to recompile for. ``varlen``: each
-        row's attention reads its own keys only (:mod:`.slot_attention`)."""
+    def _load_step_slots(self, interactive: bool, slots: list[int]) -> int:
+        """Put ``slots`` first in the region's step list, padded up to a row bucket with one
+        free slot of the region (its writes land in a slot nobody reads; it reads one key);
+        returns the step's row count (exactly ``len(slots)`` if the region has no free slot)."""
+        size = self.interactive_slots if interactive else self.bulk_slots
+        count = min(row_bucket(len(slots), interactive), size)
+        free = self._free[interactive]
+        if count > len(slots) and not free:
+            count = len(slots)
+        padded = slots + [min(free, default=0)] * (count - len(slots))
+        self.step_slots[interactive][:count].copy_(torch.tensor(padded, dtype=torch.long))
+        return count
+
+    def _step_logits(self, slots, key_positions, varlen: bool = False) -> torch.Tensor:
+        """The forward of one decode step over ``slots`` (graph-safe: device tensors only, so a
+        compiled step sees the row count and positions read as dynamic shapes). ``varlen``:
+        each row's attention reads its own keys in place (:mod:`.slot_attention`); else SDPA
+        over a copy of the rows' first ``len(key_positions)`` positions."""
+        last_token, lengths = self.last_token[slots], self.lengths[slots]
         mask = torch.where(key_positions[None, :] <= lengths[:, None], 0.0, self.neg)
         mask = mask.to(self.dtype)[:, None, None, :]
         positions = lengths[:, None]
-        self.cache.view = CacheView(slot_index[:, None], positions, key_positions, first)
+        self.cache.view = CacheView(slots[:, None], positions, key_positions, gather=slots, read=not varlen)
         plan = contextlib.nullcontext()
         if varlen:
-            count, length = last_token.shape[0], self.slot_length
-            starts = torch.arange(count + 1, device=last_token.device, dtype=torch.int32)
+            count, length = slots.shape[0], self.slot_length
+            starts = torch.arange(count + 1, device=slots.device, dtype=torch.int32)
             plan = slot_attention.planned(
                 slot_attention.Plan(
                     self.cache.keys,
                     self.cache.values,
-                    starts * (self.lm.config.num_attention_heads // self.kv_heads),
-                    (starts + first) * length,
+                    starts * self.kv_groups,
+                    (torch.cat((slots, slots[-1:])) * length).to(torch.int32),
                     (lengths + 1).to(torch.int32),
                     key_positions.shape[0],
                 )
@@ -264,42 +284,36 @@ class SlotDecoder:
             ).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
-    def _step_inputs(self, first: int, count: int, read_length: int) -> tuple:
-        window = slice(first, first + count)
-        return (
-            first,
-            self.last_token[window],
-            self.lengths[window],
-            self.slot_index[window],
-            self.positions[:read_length],
-        )
+    def _step_inputs(self, interactive: bool, count: int, read_length: int) -> tuple:
+        return self.step_slots[interactive][:count], self.positions[:read_length]
 
-    def _step(self, first: int, count: int, read_length: int, compiled: bool = False) -> None:
+    def _step(self, interactive: bool, count: int, read_length: int, compiled: bool = False) -> None:
         """One decode step writing its picks into the state buffers (graph-safe)."""
-        inputs = self._step_inputs(first, count, read_length)
-        logits = (
-            self._compiled_logits(*inputs[1:]) if compiled else self._step_logits(*inputs, varlen=self.varlen)
-        )
+        slots, key_positions = self._step_inputs(interactive, count, read_length)
+        if compiled:
+            logits = self._compiled_logits(slots, key_positions)
+        else:
+            logits = self._step_logits(slots, key_positions, varlen=self.varlen)
         logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
-        self._advance(first, count, token, logprob)
+        self._advance(slots, token, logprob)
 
-    def _advance(self, first, count, token, logprob) -> None:
-        window = slice(first, first + count)
-        self.out_token[window] = token
-        self.out_logprob[window] = logprob
-        self.last_token[window] = token
-        self.lengths[window] += 1
-        self.lengths[window] = self.lengths[window].clamp(max=self.slot_length - 1)
+    def _advance(self, slots, token, logprob) -> None:
+        """Store the step's picks; a padding (free) slot keeps length 0."""
+        self.out_token[slots] = token
+        self.out_logprob[slots] = logprob
+        self.last_token[slots] = token
+        grown = (self.lengths[slots] + 1) * self.live[slots]
+        self.lengths[slots] = grown.clamp(max=self.slot_length - 1)
 
-    def _eager_step(self, first, count, read_length, rows, generated, logits_processors) -> None:
+    def _eager_step(self, interactive, count, read_length, rows, generated, logits_processors) -> None:
         """A step whose picks go through logits processors (tests force answers with them)."""
-        logits = self._step_logits(*self._step_inputs(first, count, read_length))
+        slots, key_positions = self._step_inputs(interactive, count, read_length)
+        logits = self._step_logits(slots, key_positions)
         history = [list(row.prompt_ids) + list(done) for row, done in zip(rows, generated)]
-        picked = self._process(logits[[row.slot - first for row in rows]], history, logits_processors)
-        full = logits.clone()
-        full[[row.slot - first for row in rows]] = picked
+        picked = self._process(logits[: len(rows)], history, logits_processors)
+        full = torch.cat((picked, logits[len(rows) :]))
         logprob, token = torch.log_softmax(full, dim=-1).max(dim=-1)
-        self._advance(first, count, token, logprob)
+        self._advance(slots, token, logprob)
 
     def _process(self, logits, histories: list[list[int]], logits_processors) -> torch.Tensor:
         width = max(len(h) for h in histories)
@@ -310,11 +324,6 @@ class SlotDecoder:
             logits = processor(input_ids, logits)
         return logits
 
-    def _interactive_step_logits(self, *inputs) -> torch.Tensor:
-        """:meth:`_step_logits` of the opened tasks' region, which starts at slot 0 (a constant to
-        the compiler: a start it had to trace as a number specialised the row count)."""
-        return self._step_logits(0, *inputs)
-
     def _compiled_logits(self, *inputs) -> torch.Tensor:
         """:meth:`_step_logits` through torch.compile, compiled on first use (outside any graph
         capture: a capture warms up first). Dynamic shapes: one compile serves every row count
@@ -323,7 +332,7 @@ class SlotDecoder:
         answers, slower) and the log says why."""
         if self._compiled is None:
             self._compiled = torch.compile(
-                self._interactive_step_logits, dynamic=True, options={"emulate_precision_casts": True}
+                self._step_logits, dynamic=True, options={"emulate_precision_casts": True}
             )
         try:
             return self._compiled(*inputs)
@@ -334,7 +343,7 @@ class SlotDecoder:
                 exc_info=True,
             )
             self.compile_step = False
-            return self._interactive_step_logits(*inputs)
+            return self._step_logits(*inputs)
 
     @torch.inference_mode()
     def capture_graphs(self) -> int:
@@ -350,19 +359,20 @@ class SlotDecoder:
             for interactive, size in ((True, self.interactive_slots), (False, self.bulk_slots)):
                 counts = sorted({min(row_bucket(n, interactive), size) for n in range(1, size + 1)})
                 first = 0 if interactive else self.interactive_slots
+                self.step_slots[interactive].copy_(torch.arange(first, first + size))
                 for count in counts:
                     for read_length in range(LENGTH_STEP, self.slot_length + 1, LENGTH_STEP):
-                        self._graph(first, count, read_length, interactive).replay()
-            self.lengths.fill_(1)
+                        self._graph(interactive, count, read_length).replay()
+            self.lengths.zero_()
             self.last_token.zero_()
         return len(self._graphs) - before
 
-    def _graph(self, first: int, count: int, read_length: int, interactive: bool) -> _StepGraph:
+    def _graph(self, interactive: bool, count: int, read_length: int) -> _StepGraph:
         compiled = interactive and self.compile_step
-        key = (first, count, read_length, compiled)
+        key = (interactive, count, read_length, compiled)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = _StepGraph(self, first, count, read_length, compiled)
+            graph = self._graphs[key] = _StepGraph(self, interactive, count, read_length, compiled)
         return graph
 
     def _on_device(self):
@@ -372,14 +382,15 @@ class SlotDecoder:
 
 
 class _StepGraph:
-    """One decode step over a fixed slot range and read length, captured as a CUDA graph.
+    """One decode step over a region's step list (a fixed row count) and read length, captured as
+    a CUDA graph.
 
     Its first use runs the step eagerly on a side stream (that is this call's real result, and
     where a compiled step compiles), then captures the same work without running it; later uses
     replay it."""
 
-    def __init__(self, decoder: SlotDecoder, first: int, count: int, read_length: int, compiled: bool):
-        self.decoder, self.args, self.compiled = decoder, (first, count, read_length), compiled
+    def __init__(self, decoder: SlotDecoder, interactive: bool, count: int, read_length: int, compiled: bool):
+        self.decoder, self.args, self.compiled = decoder, (interactive, count, read_length), compiled
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def replay(self) -> None:

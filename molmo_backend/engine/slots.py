@@ -66,20 +66,19 @@ class SlotCache:
         # key_states: [rows, heads, tokens, dim] -> slot view.write_rows[r, t], position view.write_at[r, t]
         keys[view.write_rows, view.write_at] = key_states.transpose(1, 2)
         values[view.write_rows, view.write_at] = value_states.transpose(1, 2)
+        if not view.read:  # the attention reads the slots in place (slot_attention's plan)
+            return key_states, value_states
         length = view.key_positions.shape[0]
-        if view.gather is not None:  # rows in any slots: a copy of theirs
-            return keys[view.gather, :length].transpose(1, 2), values[view.gather, :length].transpose(1, 2)
-        rows = slice(view.first, view.first + view.write_rows.shape[0])  # a contiguous range: a view
-        return keys[rows, :length].transpose(1, 2), values[rows, :length].transpose(1, 2)
+        return keys[view.gather, :length].transpose(1, 2), values[view.gather, :length].transpose(1, 2)
 
 
 @dataclass
 class CacheView:
-    """Where one forward writes and what it reads; tensors only (and a constant ``first``), so
-    that a compiled step keeps its sizes dynamic."""
+    """Where one forward writes and what it reads; tensors only (and a flag), so that a compiled
+    step keeps its sizes dynamic."""
 
     write_rows: torch.Tensor  # [rows, tokens] slot of each written token
     write_at: torch.Tensor  # [rows, tokens] its position in the slot
     key_positions: torch.Tensor  # positions 0..n-1 read per slot
-    first: int = 0  # the rows are the slots first, first+1, ... (decode steps)
-    gather: torch.Tensor | None = None  # or these slots, in row order (prefill of admitted rows)
+    gather: torch.Tensor  # the slot of each row, in row order: a copy of theirs is read
+    read: bool = True  # False: the attention reads the slots itself, nothing is copied

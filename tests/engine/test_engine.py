@@ -120,6 +120,34 @@ def test_rows_of_different_lengths_leave_when_they_end_and_others_take_their_slo
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
 
 
+def test_a_decode_step_runs_the_rows_still_running_not_every_slot_up_to_the_highest(demo_model_dir):
+    """18 short rows in the low slots end after 2 tokens; the 2 long rows in the highest slots go
+    on in steps of 16 rows (their bucket), not 24 (the slot range they span), and the freed slots
+    that pad those steps keep length 0 (they read one key). Answers are those of each query alone."""
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=24, max_batch=24)
+    lengths = [2] * 18 + [12, 12]
+    queries = [
+        PointQuery(RED, f"Point to thing {i}", image_key=0, answer_tokens=n) for i, n in enumerate(lengths)
+    ]
+    counts = []
+    step = engine.decoder._step
+
+    def recording_step(interactive, count, read_length, compiled=False):
+        counts.append(count)
+        return step(interactive, count, read_length, compiled)
+
+    engine.decoder._step = recording_step
+    together = engine.generate(queries)
+    engine.decoder._step = step
+    assert [len(a.token_logprobs) for a in together] == lengths
+    assert counts == [24] + [16] * 10, counts  # 24 while all 20 run (the region holds 24)
+    assert int(engine.decoder.lengths.max()) == 0, "every slot is free again and reads nothing"
+    alone = [engine.generate([q])[0] for q in queries[-3:]]
+    assert [a.text for a in together[-3:]] == [a.text for a in alone]
+    for a, b in zip(together[-3:], alone):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+
+
 def test_an_answer_stopped_by_the_cap_says_it_was_cut(demo_model_dir):
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=5, max_batch=4)
     (capped,) = engine.generate([PointQuery(RED, "Point to cat")])
