@@ -6,8 +6,9 @@ On full-size random-weight Molmo2-8B (bench/workloads.py): the engine's packed p
 (``SlotDecoder.step``: image prefixes and their prompts, no decode rows) for 1, 4 and 8 images of
 1280x960 and 8 of mixed sizes, timed; its vision part alone (``image_features``); the model's own
 padded forward of 4 images (the processor's batching) as the reference; a large GEMM's rate; and
-torch.profiler tables (self CUDA time, self CPU time) of the 4-image packed step and of an eager
-128-row decode step. ``--tiny`` checks the script on the CPU.
+torch.profiler tables (self CUDA time, self CPU time) of the 4-image packed step, of the vision
+tower on 8 mixed images, and of eager 128-row and 16-row decode steps (with their captured graphs'
+times). ``--tiny`` checks the script on the CPU.
 
 (The H100 figures of the padded per-size-group forward in bench/RESULTS.md, 2026-12-06, came from
 this script at commit 068ba99, when the engine still had that forward.)
@@ -144,24 +145,42 @@ def main() -> int:
         "== packed prefill step 4x1280, by self CPU time ==\n"
         + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     )
-    # one eager decode step over 128 bulk rows at 1280 positions (what a captured graph replays)
-    first, count, read = decoder.interactive_slots, 128, 1280
-    decoder.live[first : first + count] = 1
-    decoder.lengths[first : first + count] = 1000
+    mixed = prepared(MIXED, seed=20)
     with torch.inference_mode():
-        step = lambda: decoder._step(False, count, read)  # noqa: E731
-        out["eager_decode_step_128x1280_ms"] = ms(step, repeat=10)
-        step()
+        image_features(model, mixed, dtype)
         with profile(activities=activities) as prof:
-            step()
+            image_features(model, mixed, dtype)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-    decoder.live.zero_()
-    decoder.lengths.zero_()
     tables.append(
-        "== eager decode step 128 rows x 1280, by self device time ==\n"
+        "== vision tower + adapter, 8 mixed images, by self device time ==\n"
         + prof.key_averages().table(sort_by=sort, row_limit=30)
     )
+    # eager decode steps over 128 and 16 bulk rows at 1280 positions (what a captured graph
+    # replays), every row live at ~1000 keys; then the captured graphs' time
+    first, read = decoder.interactive_slots, 1280
+    for count in (128, 16):
+        decoder.live[first : first + count] = 1
+        decoder.lengths[first : first + count] = 1000
+        with torch.inference_mode():
+            step = lambda: decoder._step(False, count, read)  # noqa: E731
+            out[f"eager_decode_step_{count}x1280_ms"] = ms(step, repeat=10)
+            step()
+            with profile(activities=activities) as prof:
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            if decoder.use_cuda_graph:
+                decoder.lengths[first : first + count] = 1000
+                graph = decoder._graph(False, count, read)
+                graph.replay()
+                out[f"graph_decode_step_{count}x1280_ms"] = ms(graph.replay, repeat=20)
+        decoder.live.zero_()
+        decoder.lengths.zero_()
+        tables.append(
+            f"== eager decode step {count} rows x 1280, by self device time ==\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=30)
+        )
     text = "\n\n".join(tables)
     print(text[-6000:], flush=True)
     print(json.dumps(out, indent=1), flush=True)
