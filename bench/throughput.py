@@ -242,7 +242,9 @@ def main() -> int:
     parser.add_argument("--seed-pairs", type=int, default=6)
     parser.add_argument("--plain-pairs", type=int, default=48)
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,latency,profile,apart")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: a,b,latency,profile,apart,flat"
+    )
     parser.add_argument(
         "--only",
         default="fixed40,realistic,mean_length,realistic_small",
@@ -290,13 +292,14 @@ def main() -> int:
     )
     results["bulk_rows"], results["slot_tokens"] = engine.max_batch, engine.decoder.slot_length
     results["varlen_attention"] = engine.decoder.varlen
+    results["cascade_attention"] = getattr(engine.decoder, "cascade", None)
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
     log(
         f"{results['model']}: {results['params_b']} B params, built in {results['build_s']} s; "
         f"{engine.max_batch} bulk rows of {engine.decoder.slot_length} tokens, varlen attention "
-        f"{engine.decoder.varlen}; "
+        f"{engine.decoder.varlen}, cascade {results['cascade_attention']}; "
         f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s"
     )
     results["engine_equals_generate"] = equal_to_generate(engine, device)
@@ -324,6 +327,11 @@ def main() -> int:
         results["runs"].append(
             scheduled(engine, work["realistic"], device, log, "d_apart_steps", packed_steps=False)
         )
+        save()
+    if "flat" not in skip and results["cascade_attention"]:  # every row reads all its keys
+        engine.decoder.cascade = False
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_flat_decode"))
+        engine.decoder.cascade = True
         save()
     if "latency" not in skip:
         results["open_task_idle"] = open_task_latency(engine, device, args.latency_runs)
@@ -398,6 +406,8 @@ def main() -> int:
         "date": results["date"],
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
         "realistic_apart_steps_pairs_per_s": pick("d_apart_steps", "realistic"),
+        "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
+        "cascade_attention": results.get("cascade_attention"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
         "mean_length_pairs_per_s": pick("d_engine", "mean_length"),

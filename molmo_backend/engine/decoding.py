@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from molmo_backend.engine import packed, slot_attention
+from molmo_backend.engine import cascade, packed, slot_attention
 from molmo_backend.engine.packed import PlanBuilder
 from molmo_backend.engine.phases import PhaseTimer
 from molmo_backend.engine.prefill import PreparedImage, image_features
@@ -56,6 +56,8 @@ class SlotRow:
     slot: int
     prompt_ids: list[int]  # prefix + suffix, for logits processors (tests)
     length: int  # tokens in its slot
+    prefix: int = 0  # its image prefix's tokens (the first of them in its slot)
+    group: int = -1  # rows of one group hold the same prefix (one image, admitted in one step)
 
 
 class SlotDecoder:
@@ -128,6 +130,16 @@ class SlotDecoder:
         self.varlen = slot_attention.available(self.device, self.dtype, self.kv_heads, self.head_dim, groups)
         if self.varlen:
             slot_attention.install()
+        #: decode steps read each image prefix once for all its rows (:mod:`.cascade`), where
+        #: the kernel path agrees with every row reading all its keys
+        self.cascade = self.varlen and cascade.works(
+            self.device, self.dtype, self.kv_heads, self.head_dim, groups
+        )
+        self._cascade = {
+            interactive: cascade.StepBuffer(size, self.kv_heads, groups, slot_length, device)
+            for interactive, size in ((True, interactive_slots), (False, bulk_slots))
+        }
+        self._next_group = 0
         #: set to a dict to collect seconds per phase (synchronises the GPU: benchmarks only)
         self.profile: dict | None = None
 
@@ -176,7 +188,10 @@ class SlotDecoder:
             rows = []
             for slot, image, suffix in zip(slots, image_of, suffixes):
                 prompt = images[image].ids + list(suffix)
-                rows.append(SlotRow(slot, prompt, len(prompt)))
+                rows.append(
+                    SlotRow(slot, prompt, len(prompt), images[image].length, self._next_group + image)
+                )
+            self._next_group += len(images)
             new_logits = [
                 plan.add_suffix(suffix, slot, images[image].length)
                 for slot, image, suffix in zip(slots, image_of, suffixes)
@@ -222,7 +237,10 @@ class SlotDecoder:
             timer = PhaseTimer(self.profile, self.device)
             interactive = rows[0].slot < self.interactive_slots
             slots = [row.slot for row in rows]
-            count = self._load_step_slots(interactive, slots)
+            order = sorted(range(len(rows)), key=lambda i: rows[i].group)  # an image's rows adjacent
+            rows = [rows[i] for i in order]
+            generated = [generated[i] for i in order] if generated else ()
+            count = self._load_step(interactive, rows)
             read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.slot_length)
             if logits_processors:
                 self._eager_step(interactive, count, read_length, rows, generated, logits_processors)
@@ -237,24 +255,30 @@ class SlotDecoder:
             timer.count("steps", 1)
             return [tokens[s] for s in slots], [logprobs[s] for s in slots]
 
-    def _load_step_slots(self, interactive: bool, slots: list[int]) -> int:
-        """Put ``slots`` first in the region's step list, padded up to a row bucket with one
-        free slot of the region (its writes land in a slot nobody reads; it reads one key);
-        returns the step's row count (exactly ``len(slots)`` if the region has no free slot)."""
+    def _load_step(self, interactive: bool, rows: Sequence[SlotRow]) -> int:
+        """Put the rows' slots first in the region's step list, padded up to a row bucket with
+        one free slot of the region (its writes land in a slot nobody reads; it reads one key),
+        and their cascade layout in the region's buffer; returns the step's row count (exactly
+        ``len(rows)`` if the region has no free slot)."""
         size = self.interactive_slots if interactive else self.bulk_slots
-        count = min(row_bucket(len(slots), interactive), size)
+        count = min(row_bucket(len(rows), interactive), size)
         free = self._free[interactive]
-        if count > len(slots) and not free:
-            count = len(slots)
-        padded = slots + [min(free, default=0)] * (count - len(slots))
-        self.step_slots[interactive][:count].copy_(torch.tensor(padded, dtype=torch.long))
+        if count > len(rows) and not free:
+            count = len(rows)
+        pad = min(free, default=0)
+        slots = [row.slot for row in rows] + [pad] * (count - len(rows))
+        self.step_slots[interactive][:count].copy_(torch.tensor(slots, dtype=torch.long))
+        if self.cascade:
+            pads = [(pad, None, 0)] * (count - len(rows))
+            self._cascade[interactive].load([(row.slot, row.group, row.prefix) for row in rows] + pads)
         return count
 
-    def _step_logits(self, slots, key_positions, varlen: bool = False) -> torch.Tensor:
+    def _step_logits(self, slots, key_positions, varlen: bool = False, shared=None) -> torch.Tensor:
         """The forward of one decode step over ``slots`` (graph-safe: device tensors only, so a
         compiled step sees the row count and positions read as dynamic shapes). ``varlen``:
         each row's attention reads its own keys in place (:mod:`.slot_attention`); else SDPA
-        over a copy of the rows' first ``len(key_positions)`` positions."""
+        over a copy of the rows' first ``len(key_positions)`` positions. ``shared``: with varlen, a
+        :class:`.cascade.Cascade` (image prefixes read once)."""
         last_token, lengths = self.last_token[slots], self.lengths[slots]
         mask = torch.where(key_positions[None, :] <= lengths[:, None], 0.0, self.neg)
         mask = mask.to(self.dtype)[:, None, None, :]
@@ -272,6 +296,7 @@ class SlotDecoder:
                     (torch.cat((slots, slots[-1:])) * length).to(torch.int32),
                     (lengths + 1).to(torch.int32),
                     key_positions.shape[0],
+                    shared,
                 )
             )
         with plan:
@@ -287,13 +312,17 @@ class SlotDecoder:
     def _step_inputs(self, interactive: bool, count: int, read_length: int) -> tuple:
         return self.step_slots[interactive][:count], self.positions[:read_length]
 
+    def _shared(self, interactive: bool, count: int) -> cascade.Cascade | None:
+        return self._cascade[interactive].view(count) if self.cascade and self.varlen else None
+
     def _step(self, interactive: bool, count: int, read_length: int, compiled: bool = False) -> None:
         """One decode step writing its picks into the state buffers (graph-safe)."""
         slots, key_positions = self._step_inputs(interactive, count, read_length)
         if compiled:
             logits = self._compiled_logits(slots, key_positions)
         else:
-            logits = self._step_logits(slots, key_positions, varlen=self.varlen)
+            shared = self._shared(interactive, count)
+            logits = self._step_logits(slots, key_positions, varlen=self.varlen, shared=shared)
         logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
         self._advance(slots, token, logprob)
 

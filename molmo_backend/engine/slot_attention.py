@@ -14,6 +14,9 @@ this only while :func:`planned` is active for a decode step (the slot decoder se
 other call goes to ``sdpa`` unchanged. :func:`available` checks the kernel against SDPA once on
 the device and the decoder falls back to SDPA if it is missing or disagrees.
 
+With a :class:`.cascade.Cascade` in the plan, a decode step reads each image prefix once for all
+the rows that show it (:mod:`.cascade`).
+
 The packed steps of :mod:`.packed` read slots the same way, with many query tokens per sequence
 (an image prefix's tokens all see the whole prefix): :class:`Sequences` and
 :func:`varlen_attention`. Their causal prompt suffixes, and everything on the CPU, go through
@@ -44,6 +47,7 @@ class Plan:
     seqstart_k: torch.Tensor  # int32 [rows + 1]: row r's slot starts in the flattened cache
     seqlen_k: torch.Tensor  # int32 [rows]: keys row r reads (its length, the new token included)
     max_keys: int
+    cascade: object | None = None  # a cascade.Cascade: shared image prefixes read once
 
 
 @contextlib.contextmanager
@@ -62,10 +66,13 @@ def decode_varlen(
     ``[rows, 1, heads, dim]`` (the layout transformers' attention functions return)."""
     rows, heads, _, dim = query.shape
     kv = keys.shape[2]
+    flat_keys, flat_values = keys.view(-1, kv, dim), values.view(-1, kv, dim)
+    if plan.cascade is not None:
+        return plan.cascade.attend(query[:, :, 0], flat_keys, flat_values, plan, scaling)[:, None]
     out = _folded_varlen(
         query[:, :, 0],
-        keys.view(-1, kv, dim),
-        values.view(-1, kv, dim),
+        flat_keys,
+        flat_values,
         plan.seqstart_q,
         plan.seqstart_k,
         plan.seqlen_k,
@@ -76,16 +83,25 @@ def decode_varlen(
     return out[:, None]
 
 
-def _folded_varlen(query, flat_keys, flat_values, seqstart_q, seqstart_k, seqlen_k, max_q, max_k, scaling):
-    """CUDA's variable-length attention of query tokens ``[n, heads, dim]`` over slot keys
-    ``[slots x length, kv_heads, dim]``, the heads that share a key head folded into query rows
-    (grouped-query attention without repeating keys); every query row of a sequence sees all of
-    its ``seqlen_k`` keys. ``seqstart_q`` and ``max_q`` count folded rows. Returns ``[n, heads, dim]``."""
+def fold_heads(query, kv):
+    """``[n, heads, dim]`` -> ``[1, n x groups, kv, dim]``: the heads sharing a key head as rows."""
     count, heads, dim = query.shape
-    kv = flat_keys.shape[1]
     groups = heads // kv
-    q = query.reshape(count, kv, groups, dim).transpose(1, 2).reshape(1, count * groups, kv, dim)
-    out = torch.ops.aten._efficient_attention_forward(
+    return query.reshape(count, kv, groups, dim).transpose(1, 2).reshape(1, count * groups, kv, dim)
+
+
+def unfold_heads(out, heads):
+    """The inverse of :func:`_fold` on an output ``[n x groups, kv, dim]``."""
+    folded, kv, dim = out.shape
+    groups = heads // kv
+    return out.reshape(folded // groups, groups, kv, dim).transpose(1, 2).reshape(-1, heads, dim)
+
+
+def efficient_attention(
+    q, flat_keys, flat_values, seqstart_q, seqstart_k, seqlen_k, max_q, max_k, scaling, lse=False
+):
+    """CUDA's memory-efficient attention in variable-length mode (``q`` folded)."""
+    result = torch.ops.aten._efficient_attention_forward(
         q,
         flat_keys[None],
         flat_values[None],
@@ -96,11 +112,24 @@ def _folded_varlen(query, flat_keys, flat_values, seqstart_q, seqstart_k, seqlen
         max_k,
         0.0,
         0,
-        False,
+        lse,
         scale=scaling,
         seqlen_k=seqlen_k,
-    )[0]
-    return out.reshape(count, groups, kv, dim).transpose(1, 2).reshape(count, heads, dim)
+    )
+    return (result[0], result[1]) if lse else result[0]
+
+
+def _folded_varlen(query, flat_keys, flat_values, seqstart_q, seqstart_k, seqlen_k, max_q, max_k, scaling):
+    """CUDA's variable-length attention of query tokens ``[n, heads, dim]`` over slot keys
+    ``[slots x length, kv_heads, dim]``, the heads that share a key head folded into query rows
+    (grouped-query attention without repeating keys); every query row of a sequence sees all of
+    its ``seqlen_k`` keys. ``seqstart_q`` and ``max_q`` count folded rows. Returns ``[n, heads, dim]``."""
+    heads = query.shape[1]
+    q = fold_heads(query, flat_keys.shape[1])
+    out = efficient_attention(
+        q, flat_keys, flat_values, seqstart_q, seqstart_k, seqlen_k, max_q, max_k, scaling
+    )
+    return unfold_heads(out[0], heads)
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
