@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: rows of one image that read their shared prefix in one sequence (more are split)
 CASCADE_ROWS = 16
+#: steps of fewer rows read all their keys: they read little, and the cascade's second pass and
+#: merge add ~10 small kernels a layer (a guess to measure, not a measured crossover)
+MIN_ROWS = 32
 
 
 @dataclass

@@ -268,7 +268,7 @@ class SlotDecoder:
         pad = min(free, default=0)
         slots = [row.slot for row in rows] + [pad] * (count - len(rows))
         self.step_slots[interactive][:count].copy_(torch.tensor(slots, dtype=torch.long))
-        if self.cascade:
+        if self.cascade and count >= cascade.MIN_ROWS:
             pads = [(pad, None, 0)] * (count - len(rows))
             self._cascade[interactive].load([(row.slot, row.group, row.prefix) for row in rows] + pads)
         return count
@@ -313,7 +313,9 @@ class SlotDecoder:
         return self.step_slots[interactive][:count], self.positions[:read_length]
 
     def _shared(self, interactive: bool, count: int) -> cascade.Cascade | None:
-        return self._cascade[interactive].view(count) if self.cascade and self.varlen else None
+        if self.cascade and self.varlen and count >= cascade.MIN_ROWS:
+            return self._cascade[interactive].view(count)
+        return None
 
     def _step(self, interactive: bool, count: int, read_length: int, compiled: bool = False) -> None:
         """One decode step writing its picks into the state buffers (graph-safe)."""

@@ -93,7 +93,9 @@ def test_merging_two_partial_softmaxes_gives_the_whole():
     assert torch.allclose(merged.double(), whole, atol=1e-5)
 
 
-def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(demo_model_dir, reference):
+def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(
+    demo_model_dir, reference, monkeypatch
+):
     """The GPU's attention path (each row's keys read in place, image prefixes read once,
     padding rows) run on the CPU through the reference kernel gives the CPU path's answers
     (which equal ``generate()``'s, tests/engine/test_engine.py): labels sharing images, images of
@@ -126,6 +128,10 @@ def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(d
         return load(interactive, rows)
 
     decoder._load_step = recording_load
+    monkeypatch.setattr(cascade, "MIN_ROWS", 1)  # this engine's steps are small
+    attends = []
+    attend = cascade.Cascade.attend
+    monkeypatch.setattr(cascade.Cascade, "attend", lambda self, *a: attends.append(1) or attend(self, *a))
     try:
         kernel_path = engine.generate(queries)
     finally:
@@ -135,3 +141,4 @@ def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(d
     for a, b in zip(kernel_path, cpu_path):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
     assert any(len(set(groups)) < len(groups) for groups in steps), "some step must share a prefix"
+    assert attends, "the decode steps went through the cascade"
