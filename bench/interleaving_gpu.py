@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import build, noise_image  # noqa: E402
 
+from molmo_backend.engine import cascade  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from tests.support.interleave import run_trials  # noqa: E402
 
@@ -42,8 +43,16 @@ def main() -> int:
     parser.add_argument(
         "--compiled", default="0,1", help="which variants: 0 (CUDA graphs), 1 (graphs + compiled step)"
     )
+    parser.add_argument(
+        "--cascade-min-rows",
+        type=int,
+        default=1,
+        help="decode steps of this many rows or more read shared prefixes once (engine/cascade.py; "
+        "the engine's default is 32, which these 24-slot trials never reach)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    cascade.MIN_ROWS = args.cascade_min_rows
     device = torch.device("cpu" if args.tiny else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -76,6 +85,8 @@ def main() -> int:
         row = {
             "cuda_graphs": engine.decoder.use_cuda_graph,
             "compiled_step": engine.decoder.compile_step,
+            "cascade": engine.decoder.cascade,
+            "cascade_min_rows": cascade.MIN_ROWS,
             "warm_up_s": warm,
             "trials": len(trials),
             "answers": sum(t["answers"] for t in trials),

@@ -319,7 +319,9 @@ def main() -> int:
 
     # (d) the engine, first: its figures are the ones that matter
     warm = realistic(12, 99)
-    Scheduler(engine).submit(warm.queries)  # warm-up: prepare threads, allocator, any missing graph
+    warm_up = Scheduler(engine)  # prepare threads, allocator, any missing graph
+    warm_up.submit(warm.queries)
+    warm_up.close()  # its worker holds the engine: left open, (b) ran out of memory on an H100
     for name in filter(None, args.only.split(",")):
         results["runs"].append(scheduled(engine, work[name], device, log, "d_engine"))
         save()
