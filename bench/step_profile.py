@@ -129,9 +129,14 @@ def main() -> int:
     ):
         for rows in counts:
             for read in reads:
-                # every row live, reading ~read - 250 keys (a replay adds one)
+                # every row live, reading ~read - 250 keys (a replay adds one); rows in threes
+                # share a prefix of all but ~100 of them (3 labels an image), for the cascade
                 decoder.live.fill_(1)
                 decoder.lengths.fill_(read - 256)
+                first = 0 if interactive else decoder.interactive_slots
+                decoder._cascade[interactive].load(
+                    [(first + i, i // 3, max(1, read - 356)) for i in range(rows)]
+                )
                 graph = decoder._graph(interactive, rows, read)
                 graph.replay()
                 name = "interactive_step" if interactive else "decode_step"
