@@ -49,6 +49,9 @@ from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
 
+#: options of every scheduler this run makes (``--prefill-tokens``)
+SCHEDULER_OPTIONS: dict = {}
+
 
 def sync(device):
     if device.type == "cuda":
@@ -99,7 +102,7 @@ def rate(pairs, seconds):
 
 
 def scheduled(engine, workload, device, log, label, **options) -> dict:
-    scheduler = Scheduler(engine, **options)
+    scheduler = Scheduler(engine, **SCHEDULER_OPTIONS, **options)
     peak_reset(device)
     seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
     stats = dict(scheduler.stats)
@@ -121,7 +124,7 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
 def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7) -> dict:
     """Seconds for 1 task x 3 labels (40 tokens each) at INTERACTIVE priority, one after
     another; with ``bulk``, while that job runs (the timings end when it does)."""
-    scheduler = Scheduler(engine)
+    scheduler = Scheduler(engine, **SCHEDULER_OPTIONS)
     keys = iter(range(10**6))
     images = [noise_image((1280, 960), seed * 1000 + i) for i in range(runs + 1)]
 
@@ -196,7 +199,7 @@ def profile(engine, workload, device) -> dict:
     little slower than the timed run): packed steps (prefill, with decode rows riding along) and
     decode-only steps."""
     engine.decoder.profile = {}
-    scheduler = Scheduler(engine)
+    scheduler = Scheduler(engine, **SCHEDULER_OPTIONS)
     seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
     scheduler.close()
     phases = engine.decoder.profile
@@ -238,6 +241,12 @@ def main() -> int:
         help="images of the realistic and mean_length workloads: a bulk retrieve of that many tasks",
     )
     parser.add_argument("--batch", type=int, default=128, help="bulk rows of (d)")
+    parser.add_argument(
+        "--prefill-tokens",
+        type=int,
+        help="prefill tokens a packed step may admit (the engine's default: 8192); fewer shorten "
+        "an opened task's wait for the step in flight",
+    )
     parser.add_argument("--plain-batch", type=int, default=48)
     parser.add_argument("--seed-pairs", type=int, default=6)
     parser.add_argument("--plain-pairs", type=int, default=48)
@@ -254,6 +263,8 @@ def main() -> int:
     parser.add_argument("--summary", type=Path, help="write the summary (issue #13's keys) here")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.prefill_tokens:
+        SCHEDULER_OPTIONS["prefill_tokens"] = args.prefill_tokens
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     size = "tiny" if args.tiny else args.model
@@ -268,6 +279,7 @@ def main() -> int:
         "transformers": __import__("transformers").__version__,
         "command": " ".join(["python"] + sys.argv),
         "labels_per_image": len(LABELS),
+        "scheduler_options": SCHEDULER_OPTIONS,
     }
 
     def save():
@@ -319,7 +331,7 @@ def main() -> int:
 
     # (d) the engine, first: its figures are the ones that matter
     warm = realistic(12, 99)
-    warm_up = Scheduler(engine)  # prepare threads, allocator, any missing graph
+    warm_up = Scheduler(engine, **SCHEDULER_OPTIONS)  # prepare threads, allocator, any missing graph
     warm_up.submit(warm.queries)
     warm_up.close()  # its worker holds the engine: left open, (b) ran out of memory on an H100
     for name in filter(None, args.only.split(",")):
