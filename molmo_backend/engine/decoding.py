@@ -268,7 +268,7 @@ class SlotDecoder:
         pad = min(free, default=0)
         slots = [row.slot for row in rows] + [pad] * (count - len(rows))
         self.step_slots[interactive][:count].copy_(torch.tensor(slots, dtype=torch.long))
-        if self.cascade and count >= cascade.MIN_ROWS:
+        if self._uses_cascade(count):
             pads = [(pad, None, 0)] * (count - len(rows))
             self._cascade[interactive].load([(row.slot, row.group, row.prefix) for row in rows] + pads)
         return count
@@ -312,10 +312,11 @@ class SlotDecoder:
     def _step_inputs(self, interactive: bool, count: int, read_length: int) -> tuple:
         return self.step_slots[interactive][:count], self.positions[:read_length]
 
+    def _uses_cascade(self, count: int) -> bool:
+        return self.cascade and self.varlen and count >= cascade.MIN_ROWS
+
     def _shared(self, interactive: bool, count: int) -> cascade.Cascade | None:
-        if self.cascade and self.varlen and count >= cascade.MIN_ROWS:
-            return self._cascade[interactive].view(count)
-        return None
+        return self._cascade[interactive].view(count) if self._uses_cascade(count) else None
 
     def _step(self, interactive: bool, count: int, read_length: int, compiled: bool = False) -> None:
         """One decode step writing its picks into the state buffers (graph-safe)."""
@@ -400,7 +401,8 @@ class SlotDecoder:
 
     def _graph(self, interactive: bool, count: int, read_length: int) -> _StepGraph:
         compiled = interactive and self.compile_step
-        key = (interactive, count, read_length, compiled)
+        # a graph replays the attention it was captured with: cascade or not is part of its key
+        key = (interactive, count, read_length, compiled, not compiled and self._uses_cascade(count))
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = _StepGraph(self, interactive, count, read_length, compiled)

@@ -142,3 +142,22 @@ def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
     assert any(len(set(groups)) < len(groups) for groups in steps), "some step must share a prefix"
     assert attends, "the decode steps went through the cascade"
+
+
+def test_a_captured_step_with_the_cascade_is_not_replayed_without_it(demo_model_dir):
+    """A CUDA graph replays the attention it was captured with, so the cascade is part of a
+    graph's key: switching it off (the bench's ablation) must give other graphs, not replay the
+    cascade's kernels over a stale layout (the 2026-12-07 bench run did, before this key)."""
+    from molmo_backend.engine.molmo2 import TransformersEngine
+
+    decoder = TransformersEngine.load(str(demo_model_dir), max_new_tokens=4, max_batch=8).decoder
+    decoder.varlen = decoder.cascade = True
+    big, small = cascade.MIN_ROWS, cascade.MIN_ROWS // 2
+    with_cascade = decoder._graph(False, big, 256)
+    assert decoder._graph(False, big, 256) is with_cascade
+    decoder.cascade = False
+    assert decoder._graph(False, big, 256) is not with_cascade
+    without = decoder._graph(False, small, 256)
+    decoder.cascade = True
+    assert decoder._graph(False, small, 256) is without  # below the threshold: no cascade either way
+    decoder.varlen = decoder.cascade = False
