@@ -91,7 +91,7 @@ def fold_heads(query, kv):
 
 
 def unfold_heads(out, heads):
-    """The inverse of :func:`_fold` on an output ``[n x groups, kv, dim]``."""
+    """The inverse of :func:`fold_heads` on an output ``[n x groups, kv, dim]``."""
     folded, kv, dim = out.shape
     groups = heads // kv
     return out.reshape(folded // groups, groups, kv, dim).transpose(1, 2).reshape(-1, heads, dim)
