@@ -2,8 +2,9 @@
 
 Opened tasks join at once, into slots of their own. Bulk rows join by the chunk: when enough bulk
 slots are free, or nothing bulk is running, or all that waits fits, and never in the step where
-an opened task joins or while one is decoding (its steps stay small). A step's prefill is bounded by a token budget, and a
-distinct image joins with all the labels queued behind it (one prefill serves them all).
+an opened task joins or while one is decoding (its steps stay small). A step's prefill is bounded
+by a token budget, and a distinct image joins with all the labels queued behind it (one prefill
+serves them all).
 """
 
 from __future__ import annotations

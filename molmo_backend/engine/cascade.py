@@ -22,6 +22,7 @@ from molmo_backend.engine.slot_attention import (
     decode_varlen,
     efficient_attention,
     fold_heads,
+    random_check_data,
     unfold_heads,
 )
 
@@ -144,12 +145,6 @@ def works(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int
     (checked once on the device, on random keys of the model's head geometry: three rows sharing
     a prefix, two rows alone, a padding row in a free slot, unused sequences)."""
     try:
-        length, scaling = 512, head_dim**-0.5
-        gen = torch.Generator(device=device).manual_seed(2)
-        keys = torch.randn(6, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
-        values = torch.randn(6, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
-        for slot in (2, 4):  # slots 1, 2 and 4 show one image: the same 100-token prefix
-            keys[slot, :100], values[slot, :100] = keys[1, :100], values[1, :100]
         # (slot, image group, prefix length, row length) in step order; slot 0 is free padding
         rows = [
             (1, "a", 100, 150),
@@ -159,9 +154,10 @@ def works(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int
             (5, "c", 80, 510),
         ]
         rows.append((0, None, 0, 0))
-        query = torch.randn(
-            len(rows), kv_heads * groups, 1, head_dim, device=device, dtype=dtype, generator=gen
-        )
+        keys, values, query = random_check_data(device, dtype, kv_heads, head_dim, len(rows), groups, seed=2)
+        length, scaling = keys.shape[1], head_dim**-0.5
+        for slot in (2, 4):  # slots 1, 2 and 4 show one image: the same 100-token prefix
+            keys[slot, :100], values[slot, :100] = keys[1, :100], values[1, :100]
 
         def int32(values):
             return torch.tensor(values, device=device, dtype=torch.int32)

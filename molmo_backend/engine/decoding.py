@@ -152,12 +152,16 @@ class SlotDecoder:
         free.sort()
         return free.pop(0)  # lowest first: a region's live slots stay few and low
 
-    def release(self, slot: int) -> None:
-        """Free ``slot``: a later step may pad with it, reading one key of it."""
-        interactive = slot < self.interactive_slots
-        self.live[slot] = 0
-        self.lengths[slot] = 0
-        self._free[interactive].append(slot)
+    def release(self, slots: Sequence[int]) -> None:
+        """Free ``slots`` (one device write for all): a later step may pad with one, reading one
+        key of it."""
+        if not slots:
+            return
+        index = torch.tensor(list(slots), device=self.device)
+        self.live.index_fill_(0, index, 0)
+        self.lengths.index_fill_(0, index, 0)
+        for slot in slots:
+            self._free[slot < self.interactive_slots].append(slot)
 
     # -- packed steps: prefill, with decode rows riding along -----------------------------------
     @torch.inference_mode()

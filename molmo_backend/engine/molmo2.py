@@ -348,8 +348,7 @@ class TransformersEngine(StepEngine):
                     self.logits_processors,
                 )
             except BaseException:
-                for slot in slots:
-                    self.decoder.release(slot)
+                self.decoder.release(slots)
                 raise
         for row, state, token, logprob in zip(admit, states, tokens, logprobs):
             row.slot, row.state = state.slot, state
@@ -403,10 +402,10 @@ class TransformersEngine(StepEngine):
 
     def release(self, rows: Sequence[Row]) -> None:
         with self._lock:
-            for row in rows:
-                if row.slot >= 0:
-                    self.decoder.release(row.slot)
-                    row.slot = -1
+            held = [row for row in rows if row.slot >= 0]
+            self.decoder.release([row.slot for row in held])
+            for row in held:
+                row.slot = -1
 
     def _answers(
         self, tokens: list[list[int]], logprobs: list[list[float]], truncated: list[bool]

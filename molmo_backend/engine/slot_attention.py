@@ -151,18 +151,25 @@ def install() -> None:
     ALL_ATTENTION_FUNCTIONS["sdpa"] = decode_attention
 
 
+def random_check_data(device, dtype, kv_heads: int, head_dim: int, rows: int, groups: int, seed: int):
+    """Keys and values of 6 slots x 512 positions and one query token for each of ``rows`` rows,
+    random, of the model's head geometry: what the start-up checks of the kernel paths run on."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keys = torch.randn(6, 512, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    values = torch.randn(6, 512, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    query = torch.randn(rows, kv_heads * groups, 1, head_dim, device=device, dtype=dtype, generator=gen)
+    return keys, values, query
+
+
 def available(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int, groups: int) -> bool:
     """Whether the variable-length kernel runs here and agrees with masked SDPA (checked on
     random data of the model's head geometry)."""
     if device.type != "cuda":
         return False
     try:
-        slots, length, rows = 6, 512, 4
-        gen = torch.Generator(device=device).manual_seed(0)
-        keys = torch.randn(slots, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
-        values = torch.randn(slots, length, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
-        query = torch.randn(rows, kv_heads * groups, 1, head_dim, device=device, dtype=dtype, generator=gen)
-        first = 1
+        rows = 4
+        keys, values, query = random_check_data(device, dtype, kv_heads, head_dim, rows, groups, seed=0)
+        length, first = keys.shape[1], 1
         lengths = torch.tensor([3, 511, 200, 64], device=device, dtype=torch.int32)
         plan = Plan(
             [keys],
