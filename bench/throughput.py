@@ -12,7 +12,10 @@ each on the same inputs:
 (c) was the previous engine (one padded batch until its longest answer ends), measured beside
     (d) at commit b6d7db6 (bench/RESULTS.md) and then removed.
 (d) engine:  continuous batching (``MOLMO_DECODER=fast``, the default): rows join and leave
-             between decode steps, CUDA-graph decode steps
+             between decode steps, CUDA-graph decode steps; and its ablations on the realistic
+             workload: prefill and decode in forwards of their own (``apart``), no cascade
+             attention (``flat``), vision features computed in the packed step instead of on the
+             preparation thread (``ahead``), Hugging Face's unfused RMS norms (``norms``)
 
 Then, for (d): open-task latency (1 task x 3 labels, 40 tokens, INTERACTIVE) idle and while the
 realistic bulk job runs, a phase profile of the realistic workload, answers against plain
@@ -48,6 +51,11 @@ from workloads import LABELS, build, fixed40, mean_length, noise_image, realisti
 from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
+
+try:  # absent from an older checkout timed through MOLMO_BENCH_CODE (skip norms there)
+    from molmo_backend.engine import fused_norms  # noqa: E402
+except ImportError:
+    fused_norms = None
 
 #: options of every scheduler this run makes (``--prefill-tokens``)
 SCHEDULER_OPTIONS: dict = {}
@@ -252,7 +260,7 @@ def main() -> int:
     parser.add_argument("--plain-pairs", type=int, default=48)
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to skip: a,b,latency,profile,apart,flat"
+        "--skip", default="", help="comma-separated parts to skip: a,b,latency,profile,apart,flat,ahead,norms"
     )
     parser.add_argument(
         "--only",
@@ -348,6 +356,20 @@ def main() -> int:
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_flat_decode"))
         engine.decoder.cascade = True
         save()
+    if "ahead" not in skip:  # vision features computed in the packed step, as before
+        engine.features_ahead = False
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_features_in_step"))
+        engine.features_ahead = True
+        save()
+    if "norms" not in skip:  # Hugging Face's RMS norms (seven kernels each), graphs recaptured
+        fused_norms.unfuse(model)
+        engine.decoder._graphs.clear()
+        engine.decoder.capture_graphs()
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unfused_norms"))
+        fused_norms.fuse(model)
+        engine.decoder._graphs.clear()
+        engine.decoder.capture_graphs()
+        save()
     if "latency" not in skip:
         results["open_task_idle"] = open_task_latency(engine, device, args.latency_runs)
         log(f"  (d) open task idle: {results['open_task_idle']}")
@@ -422,6 +444,8 @@ def main() -> int:
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
         "realistic_apart_steps_pairs_per_s": pick("d_apart_steps", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
+        "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
+        "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),
         "cascade_attention": results.get("cascade_attention"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),

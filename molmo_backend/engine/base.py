@@ -176,8 +176,9 @@ class StepEngine(Engine):
         per distinct image by the caller); the scheduler bounds a step's prefill by these."""
 
     def prepare(self, query: PointQuery) -> None:
-        """CPU-side work for a query that may run ahead of :meth:`prefill` on another thread
-        (image tensors, tokenization). Thread-safe; optional."""
+        """Work for a query's image that may run ahead of :meth:`prefill` on another thread
+        (image tensors, tokenization, on a GPU its vision features); the scheduler runs it once
+        per image of a job, for all the queries that show it. Thread-safe; optional."""
 
     @abstractmethod
     def prefill(self, rows: Sequence[Row]) -> None:

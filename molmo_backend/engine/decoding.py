@@ -34,7 +34,7 @@ import torch
 from molmo_backend.engine import cascade, packed, slot_attention
 from molmo_backend.engine.packed import PlanBuilder
 from molmo_backend.engine.phases import PhaseTimer
-from molmo_backend.engine.prefill import PreparedImage, image_features
+from molmo_backend.engine.prefill import PreparedImage, step_features
 from molmo_backend.engine.slots import (
     INTERACTIVE_SLOTS,
     LENGTH_STEP,
@@ -202,7 +202,7 @@ class SlotDecoder:
             ]
             step = plan.build(self.device, self.last_token, self.kv_groups)
             if images:
-                step.features = image_features(self.model, images, self.dtype)
+                step.features = step_features(self.model, images, self.dtype)
             timer.lap("plan")
             logits = packed.forward(self.model, step, self.cache.keys, self.cache.values, self.varlen)
             if logits_processors:

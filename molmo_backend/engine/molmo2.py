@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
+from molmo_backend.engine import fused_norms
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import SlotDecoder
 from molmo_backend.engine.inprocess import (
@@ -28,7 +29,7 @@ from molmo_backend.engine.inprocess import (
     local_revision,
     pick_device,
 )
-from molmo_backend.engine.prefill import PreparedImage, prepare_image
+from molmo_backend.engine.prefill import PreparedImage, prepare_image, with_features
 from molmo_backend.engine.slots import INTERACTIVE_SLOTS, LENGTH_STEP, round_up
 from molmo_backend.engine.token_text import TokenTexts
 from molmo_backend.settings import Settings
@@ -82,6 +83,7 @@ class TransformersEngine(StepEngine):
         if config.model_type != "molmo2":
             raise ModelLoadError(f"{model_id!r} is a {config.model_type!r} model; this engine runs Molmo2")
         self.model, self.processor = model.eval(), processor
+        fused_norms.fuse(model)  # one kernel per RMS norm, for every path on this model
         self.device, self.dtype = model.device, model.dtype
         self.model_id, self.revision, self.demo = model_id, revision, demo
         self.family = "molmo2"
@@ -98,6 +100,8 @@ class TransformersEngine(StepEngine):
         self._token_texts = TokenTexts(tokenizer)
         self._lock = threading.Lock()  # the scheduler's worker and direct generate() callers
         self._prepare_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        #: :meth:`prepare` computes the vision features too; off, the packed step does
+        self.features_ahead = True
         # only where it pays: a compiled step is captured as a CUDA graph
         compile_step = compile_step and cuda_graphs and model.device.type == "cuda"
         self.decoder = self._slot_decoder(cuda_graphs, compile_step and decoder == "fast")
@@ -307,16 +311,24 @@ class TransformersEngine(StepEngine):
             return self.decoder.free_slots(interactive)
 
     def prepare(self, query: PointQuery) -> PreparedImage:
-        """The processor's work for this query's image, and its prompt's token ids (cached).
-        Runs on the scheduler's preparation threads ahead of the GPU; on CUDA in a stream of
-        its own, finished before it returns, so the GPU worker can use the tensors at once."""
+        """The processor's work for this query's image and, on CUDA, its vision features; its
+        prompt's token ids (cached). Runs on the scheduler's preparation threads ahead of the
+        GPU worker; on CUDA in a stream of its own, finished before it returns, so the worker
+        can use the tensors at once. The vision tower then runs beside the worker's decode
+        steps, whose small kernels leave most of the GPU idle, instead of inside its prefill
+        steps."""
         self._suffix_ids(query.prompt)
         if self.device.type != "cuda":
-            return prepare_image(self.processor, query.image)
+            return self._prepare_image(query.image, None)
         with torch.cuda.device(self.device), torch.cuda.stream(self._prepare_stream):
-            prepared = prepare_image(self.processor, query.image, self.device)
+            prepared = self._prepare_image(query.image, self.device)
             self._prepare_stream.synchronize()
         return prepared
+
+    @torch.inference_mode()
+    def _prepare_image(self, image, device) -> PreparedImage:
+        prepared = prepare_image(self.processor, image, device)
+        return with_features(self.model, prepared, self.dtype) if self.features_ahead else prepared
 
     def prefill(self, rows: Sequence[Row]) -> None:
         self.step(rows, ())

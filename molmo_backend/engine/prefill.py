@@ -22,11 +22,20 @@ class PreparedImage:
     ids: list[int]  # its prefix token ids (bos + image tokens), kept on the host
     crops: int
     patches: int  # per crop
+    #: its pooled vision features ``[image tokens, hidden]`` once computed ahead
+    #: (:func:`with_features`), else None: the packed step computes them
+    features: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         """Prefix tokens."""
         return len(self.ids)
+
+    @property
+    def features_count(self) -> int:
+        """Rows of its vision features: one per image token of its prefix."""
+        pooling = self.inputs["image_token_pooling"]
+        return int((pooling >= 0).any(-1).sum())
 
 
 def prepare_image(processor, image, device: torch.device | None = None) -> PreparedImage:
@@ -39,6 +48,31 @@ def prepare_image(processor, image, device: torch.device | None = None) -> Prepa
     pixels = inputs["pixel_values"]
     ids = encoded["input_ids"][0].tolist()
     return PreparedImage(inputs, ids, int(pixels.shape[0]), int(pixels.shape[1]))
+
+
+def with_features(model, image: PreparedImage, dtype: torch.dtype) -> PreparedImage:
+    """``image`` with its vision features computed now (ahead of its packed step, on the
+    preparation thread); its pixels are dropped, as nothing reads them again."""
+    image.features = image_features(model, [image], dtype)
+    image.inputs = {key: value for key, value in image.inputs.items() if key != "pixel_values"}
+    return image
+
+
+def step_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) -> torch.Tensor:
+    """The vision features of a packed step's ``images``, in order: those computed ahead as
+    they are, the others computed now in one pass through the vision tower."""
+    missing = [image for image in images if image.features is None]
+    if missing:
+        fresh = iter(torch.split(image_features(model, missing, dtype), [m.features_count for m in missing]))
+    parts = []
+    for image in images:
+        if image.features is None:
+            parts.append(next(fresh))
+            continue
+        if image.features.is_cuda:  # made on a preparation stream: keep its memory until read here
+            image.features.record_stream(torch.cuda.current_stream(image.features.device))
+        parts.append(image.features)
+    return torch.cat(parts)
 
 
 def image_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) -> torch.Tensor:

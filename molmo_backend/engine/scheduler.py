@@ -313,11 +313,16 @@ class Scheduler:
             self.on_step(event, index)
 
     def _prepare_ahead(self, engine: StepEngine, preparer: ThreadPoolExecutor) -> None:
-        """Start the CPU-side preparation of the next waiting images (caller holds the lock)."""
+        """Start the preparation of the next waiting images (caller holds the lock): once per
+        image of a job, shared by the queries (labels) that show it."""
         for priority in Priority:
+            started: dict = {}
             for item in self._queue.peek(priority, PREPARE_AHEAD):
+                key = (id(item.job), item.image_key)
                 if item.prepared is None and not item.job.cancelled:
-                    item.prepared = preparer.submit(engine.prepare, item.query)
+                    item.prepared = started.get(key) or preparer.submit(engine.prepare, item.query)
+                if item.prepared is not None:
+                    started.setdefault(key, item.prepared)
 
     def _stepping(self, running: list[Row], admitted: Sequence[Row] = ()) -> list[Row]:
         """The running rows that take a token now: only the opened tasks' while any is running

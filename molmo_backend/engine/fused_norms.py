@@ -1,0 +1,50 @@
+"""Molmo2's RMS norms as one kernel each.
+
+Hugging Face's ``Molmo2RMSNorm`` runs seven elementwise kernels per call (cast to float32,
+square, mean, add and rsqrt, multiply, cast back, multiply by the weight). Molmo2-8B has four
+norms in each of its 36 layers (before attention, on the queries, on the keys, before the MLP),
+so a decode step launches about a thousand of them on tensors of a few hundred kB, where each
+costs its launch and not its bytes. torch's ``rms_norm`` does the same arithmetic in one kernel,
+in float32 inside, rounding once at the end where Hugging Face rounds twice (before and after
+the weight): outputs differ by at most one bf16 step.
+
+:func:`fuse` swaps the forward of every such norm of one model instance, so the engine's steps
+and plain ``generate()`` on the same model compute the same thing. :func:`unfuse` restores them
+(the benchmark's side-by-side variant).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+NORM_CLASS = "Molmo2RMSNorm"
+
+
+def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != self.weight.dtype:  # Hugging Face promotes; keep its arithmetic
+        return type(self).forward(self, hidden_states)
+    return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+def fuse(model: torch.nn.Module) -> int:
+    """Make every Molmo2 RMS norm of ``model`` one kernel; returns how many there are."""
+    norms = [module for module in model.modules() if type(module).__name__ == NORM_CLASS]
+    for norm in norms:
+        norm.forward = types.MethodType(_fused_forward, norm)
+    return len(norms)
+
+
+def unfuse(model: torch.nn.Module) -> int:
+    """Undo :func:`fuse`; returns how many norms went back to Hugging Face's forward."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == NORM_CLASS and "forward" in vars(module):
+            del module.forward
+            count += 1
+    return count
+
+
+def fused(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__ == NORM_CLASS and "forward" in vars(m) for m in model.modules())
