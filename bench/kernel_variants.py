@@ -61,6 +61,39 @@ def timed(device, fn, repeat=5, warm=1) -> float:
     return round(1000 * (time.perf_counter() - started) / repeat, 3)
 
 
+def suffix_attention(model, device, dtype, ms) -> dict:
+    """A packed step's prompt suffixes (24 rows x 25 tokens, each row's slot holding a
+    1000-token image prefix), one layer: SDPA over the gathered slot keys (what the engine runs)
+    against the variable-length kernel with every suffix token a sequence of its own."""
+    from molmo_backend.engine import slot_attention
+
+    text = model.config.text_config
+    kv, dim, heads = text.num_key_value_heads, text.head_dim, text.num_attention_heads
+    rows, count, prefix, length = 24, 25, 1000, 2560
+    keys = torch.randn(rows + 1, length, kv, dim, device=device, dtype=dtype)
+    values = torch.randn_like(keys)
+    query = torch.randn(rows * count, heads, dim, device=device, dtype=dtype)
+    dense = slot_attention.Dense.causal([(r * count, count, r + 1, prefix) for r in range(rows)], device)
+    result = {
+        "dense_ms": ms(
+            lambda: slot_attention.dense_attention(query, keys, values, dense, dim**-0.5), repeat=20
+        )
+    }
+    if device.type == "cuda":
+        entries = [
+            (r * count + i, 1, r + 1, prefix + i + 1, prefix + i) for r in range(rows) for i in range(count)
+        ]
+        seqs = slot_attention.Sequences.of(entries, length, heads // kv, device)
+        flat_k, flat_v = keys.view(-1, kv, dim), values.view(-1, kv, dim)
+        result["varlen_ms"] = ms(
+            lambda: slot_attention.varlen_attention(query, flat_k, flat_v, seqs, dim**-0.5), repeat=20
+        )
+        got = slot_attention.varlen_attention(query, flat_k, flat_v, seqs, dim**-0.5)
+        want = slot_attention.dense_attention(query, keys, values, dense, dim**-0.5)
+        result["max_difference"] = (got.float() - want.float()).abs().max().item()
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,6 +233,7 @@ def main() -> int:
                 f"rotary_{rows}_ms",
                 lambda q=q, k=k, cos=cos, sin=sin: ms(lambda: apply_rotary(q, k, cos, sin), repeat=20),
             )
+        record("suffix_attention", lambda: suffix_attention(model, device, dtype, ms))
     print(json.dumps(out, indent=1), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

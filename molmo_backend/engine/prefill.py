@@ -64,14 +64,17 @@ def step_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) ->
     missing = [image for image in images if image.features is None]
     if missing:
         fresh = iter(torch.split(image_features(model, missing, dtype), [m.features_count for m in missing]))
-    parts = []
+    parts, device = [], model.device
     for image in images:
         if image.features is None:
             parts.append(next(fresh))
             continue
-        if image.features.is_cuda:  # made on a preparation stream: keep its memory until read here
-            image.features.record_stream(torch.cuda.current_stream(image.features.device))
-        parts.append(image.features)
+        features = image.features
+        if features.is_cuda and features.device == device:
+            # made on a preparation stream: keep its memory until read here
+            features.record_stream(torch.cuda.current_stream(device))
+        # another GPU's worker may have prepared it (the replicas share one queue): copied over
+        parts.append(features.to(device))
     return torch.cat(parts)
 
 
