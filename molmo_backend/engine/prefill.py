@@ -1,9 +1,11 @@
 """The image prefixes of the fast decoder's prefill: the processor's work per image, and the
 vision features of the images admitted together.
 
-Each distinct image of the admitted rows is prepared once (:func:`prepare_image`, ahead on a CPU
-thread) and its features computed once (:func:`image_features`) for all the labels asked of it;
-:mod:`.packed` lays its tokens into the step's one forward.
+Each distinct image of the admitted rows is prepared once (:func:`prepare_image`) and its
+features computed once (:func:`image_features`) for all the labels asked of it, both ahead on
+a preparation thread (:func:`with_features`; on a GPU in a stream of its own, so that the vision
+tower runs beside the worker's decode steps); :func:`step_features` takes those and computes
+any missing in the step. :mod:`.packed` lays the image's tokens into the step's one forward.
 """
 
 from __future__ import annotations
