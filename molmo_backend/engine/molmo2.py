@@ -311,12 +311,12 @@ class TransformersEngine(StepEngine):
             return self.decoder.free_slots(interactive)
 
     def prepare(self, query: PointQuery) -> PreparedImage:
-        """The processor's work for this query's image and, on CUDA, its vision features; its
-        prompt's token ids (cached). Runs on the scheduler's preparation threads ahead of the
-        GPU worker; on CUDA in a stream of its own, finished before it returns, so the worker
-        can use the tensors at once. The vision tower then runs beside the worker's decode
-        steps, whose small kernels leave most of the GPU idle, instead of inside its prefill
-        steps."""
+        """The processor's work for this query's image and its vision features
+        (``features_ahead``); its prompt's token ids (cached). Runs on the scheduler's
+        preparation threads ahead of the worker; on CUDA in a stream of its own, finished
+        before it returns, so the worker can use the tensors at once: the vision tower then
+        runs beside the worker's decode steps, whose small kernels leave much of the GPU idle,
+        instead of inside its packed steps."""
         self._suffix_ids(query.prompt)
         if self.device.type != "cuda":
             return self._prepare_image(query.image, None)
