@@ -159,7 +159,7 @@ def main() -> int:
     # eager decode steps over 128 and 16 bulk rows at 1280 positions (what a captured graph
     # replays), every row live at ~1000 keys; then the captured graphs' time
     first, read = decoder.interactive_slots, 1280
-    for count in (128, 16):
+    for count in (min(128, decoder.bulk_slots), 16):  # an H100 holds 107 bulk rows
         decoder.live[first : first + count] = 1
         decoder.lengths[first : first + count] = 1000
         # rows in threes share a 900-token image prefix (3 labels an image), for the cascade

@@ -105,6 +105,17 @@ def run_plain(engine, queries, batch):
             model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
 
+def recapture(decoder) -> None:
+    """Capture every decode graph again, into a fresh memory pool (capturing into the pool of
+    graphs just deleted trips an assertion in torch 2.11's caching allocator)."""
+    decoder._graphs.clear()
+    gc.collect()
+    if decoder.use_cuda_graph:
+        torch.cuda.empty_cache()
+        decoder._graph_pool = torch.cuda.graph_pool_handle()
+    decoder.capture_graphs()
+
+
 def rate(pairs, seconds):
     return round(pairs / seconds, 2)
 
@@ -361,14 +372,12 @@ def main() -> int:
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_features_in_step"))
         engine.features_ahead = True
         save()
-    if "norms" not in skip:  # Hugging Face's RMS norms (seven kernels each), graphs recaptured
+    if "norms" not in skip and fused_norms is not None:  # Hugging Face's RMS norms, seven kernels each
         fused_norms.unfuse(model)
-        engine.decoder._graphs.clear()
-        engine.decoder.capture_graphs()
+        recapture(engine.decoder)
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unfused_norms"))
         fused_norms.fuse(model)
-        engine.decoder._graphs.clear()
-        engine.decoder.capture_graphs()
+        recapture(engine.decoder)
         save()
     if "latency" not in skip:
         results["open_task_idle"] = open_task_latency(engine, device, args.latency_runs)
