@@ -45,9 +45,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CANCELLED", "Job", "Priority", "Scheduler", "SchedulerClosed"]
 
-#: waiting queries (labels) whose images are prepared ahead of the GPU worker, per class: 64 is
-#: about 21 images of three labels, more than two packed steps' worth
-PREPARE_AHEAD = 64
+#: images whose CPU-side preparation runs ahead of the GPU, per worker
+PREPARE_AHEAD = 32
 #: pairs/s is measured over the answers of this many recent seconds
 RATE_WINDOW_S = 60.0
 #: seconds from a query's submit to its answer: opened tasks take about 0.65 s on an H200
@@ -78,8 +77,6 @@ class Scheduler:
         self._cv = threading.Condition()
         self._closed = False
         self._running: dict[int, int] = {}  # engine index -> rows in its slots
-        #: engine index -> (engine, its preparation threads), while its worker runs
-        self._preparers: dict[int, tuple[StepEngine, ThreadPoolExecutor]] = {}
         self.stats = {
             "queries": 0,
             "batches": 0,
@@ -140,9 +137,6 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosed("the engine is shutting down")
             self._queue.push([Item(q, job, i) for i, q in enumerate(queries)], priority)
-            if priority == Priority.INTERACTIVE and self._preparers:
-                # an opened task's image is prepared while the step in flight runs, not after it
-                self._prepare_ahead(*next(iter(self._preparers.values())))
             self._cv.notify_all()  # every idle replica may take work
         return job
 
@@ -290,8 +284,6 @@ class Scheduler:
     def _run_steps(self, index: int, engine: StepEngine) -> None:
         running: list[Row] = []
         preparer = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"prepare-{index}")
-        with self._cv:
-            self._preparers[index] = (engine, preparer)
         try:
             while True:
                 with self._cv:
@@ -300,9 +292,6 @@ class Scheduler:
                     if self._closed and not running:
                         self._drop_all_waiting()
                         return
-                    # before admission too: the admitted images' preparations, started now, run
-                    # on the preparation threads side by side instead of one by one in the step
-                    self._prepare_ahead(engine, preparer)
                     groups, dropped = admit(self._queue, engine, running, self.prefill_tokens)
                     self._prepare_ahead(engine, preparer)
                 self._drop(dropped)
@@ -317,8 +306,6 @@ class Scheduler:
                 with self._cv:
                     self._running[index] = len(running)
         finally:
-            with self._cv:
-                self._preparers.pop(index, None)
             preparer.shutdown(wait=False, cancel_futures=True)
 
     def _hook(self, event: str, index: int) -> None:

@@ -14,7 +14,7 @@ from molmo_backend.engine import fused_norms
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.molmo2 import TransformersEngine
 from molmo_backend.engine.prefill import image_features, prepare_image, step_features
-from molmo_backend.engine.scheduler import Priority, Scheduler
+from molmo_backend.engine.scheduler import Scheduler
 from molmo_backend.settings import Settings
 from tests.support.scripted import ScriptedStepEngine
 
@@ -121,45 +121,3 @@ def test_every_rms_norm_of_the_model_is_one_kernel_with_huggingfaces_arithmetic(
         # bf16: the fused kernel rounds once where Hugging Face rounds twice, a step apart at most
         error = (fused.float() - plain.float()).abs().max().item()
         assert error <= tolerance * plain.float().abs().max().item()
-
-
-class BusyEngine(PreparingEngine):
-    """Its bulk decode step holds the worker until ``let_go`` is set."""
-
-    def __init__(self):
-        super().__init__()
-        self.in_step, self.let_go, self.prepared_interactive = (
-            threading.Event(),
-            threading.Event(),
-            threading.Event(),
-        )
-
-    def prepare(self, query):
-        if query.image_key == "opened":
-            self.prepared_interactive.set()
-        return super().prepare(query)
-
-    def decode(self, rows):
-        if not any(row.interactive for row in rows):
-            self.in_step.set()
-            assert self.let_go.wait(10)
-        super().decode(rows)
-
-
-def test_an_opened_tasks_image_is_prepared_while_the_step_in_flight_runs():
-    engine = BusyEngine()
-    scheduler = Scheduler(engine)
-    try:
-        bulk = scheduler.submit_async([PointQuery(RED, "Point to the cat.", image_key="bulk")])
-        assert engine.in_step.wait(10), "the worker is in a bulk step"
-        opened = scheduler.submit_async(
-            [PointQuery(BLUE, "Point to the dog.", image_key="opened")], priority=Priority.INTERACTIVE
-        )
-        assert engine.prepared_interactive.wait(10), "prepared before the worker is free"
-        assert not engine.let_go.is_set()
-        engine.let_go.set()
-        assert opened.wait(10) and bulk.wait(10)
-    finally:
-        engine.let_go.set()
-        scheduler.close()
-    assert engine.prepared_keys.count("opened") == 1
