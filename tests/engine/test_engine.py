@@ -378,3 +378,21 @@ def test_the_packed_steps_rotary_arithmetic_is_molmo2s():
     cos, sin = torch.randn(1, 7, 16, generator=gen), torch.randn(1, 7, 16, generator=gen)
     for got, want in zip(apply_rotary(query, key, cos, sin), apply_rotary_pos_emb(query, key, cos, sin)):
         assert torch.equal(got, want)
+
+
+def test_the_generate_decoder_allocates_no_cache_slots(engine):
+    """MOLMO_DECODER=generate keeps Hugging Face's own cache: slots sized to 70% of the free GPU
+    memory would only leave generate() too little (the bench's plain variant ran out of memory
+    on an H100 that way)."""
+    plain = TransformersEngine(
+        engine.model,
+        engine.processor,
+        model_id=engine.model_id,
+        revision=engine.revision,
+        max_new_tokens=8,
+        decoder="generate",
+    )
+    assert plain.decoder is None and not plain.stepwise
+    plain.warm_up()  # nothing to compile, and no slots to look at
+    [answer] = plain.generate([PointQuery(RED, "Point to cat")])
+    assert answer.error is None and answer.text
