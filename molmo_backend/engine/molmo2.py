@@ -104,8 +104,7 @@ class TransformersEngine(StepEngine):
         self.features_ahead = True
         # only where it pays: a compiled step is captured as a CUDA graph
         compile_step = compile_step and cuda_graphs and model.device.type == "cuda"
-        #: the cache slots and their steps; None for ``generate``, which keeps its own cache (its
-        #: slots would take 70% of the free GPU memory and leave generate() too little)
+        #: cache slots and their steps; None for ``generate`` (slots would take its memory)
         self.decoder = self._slot_decoder(cuda_graphs, compile_step) if self.stepwise else None
 
     def _slot_decoder(self, cuda_graphs: bool, compile_step: bool) -> SlotDecoder:
