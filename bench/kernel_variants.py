@@ -31,34 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefill_profile import MIXED, timer  # noqa: E402
 from workloads import build, noise_image  # noqa: E402
 
 from molmo_backend.engine.prefill import image_features, prepare_image  # noqa: E402
-
-MIXED = [
-    (640, 480),
-    (1280, 960),
-    (4032, 3024),
-    (1920, 1080),
-    (800, 600),
-    (300, 200),
-    (1024, 1024),
-    (1280, 960),
-]
-
-
-def timed(device, fn, repeat=5, warm=1) -> float:
-    """Milliseconds per call of ``fn``."""
-    for _ in range(warm):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return round(1000 * (time.perf_counter() - started) / repeat, 3)
 
 
 def suffix_attention(model, device, dtype, ms) -> dict:
@@ -119,7 +95,7 @@ def main() -> int:
             out[name] = f"failed: {exc!r}"[:300]
         print(name, out[name], flush=True)
 
-    ms = lambda fn, **kw: timed(device, fn, **kw)  # noqa: E731
+    ms = timer(device)
     images = [
         prepare_image(processor, noise_image(s, i), device if device.type == "cuda" else None)
         for i, s in enumerate(MIXED)

@@ -56,7 +56,7 @@ def timer(device):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return round(1000 * (time.perf_counter() - started) / repeat, 2)
+        return round(1000 * (time.perf_counter() - started) / repeat, 3)
 
     return ms
 
