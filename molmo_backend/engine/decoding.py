@@ -40,6 +40,7 @@ from molmo_backend.engine.slots import (
     LENGTH_STEP,
     CacheView,
     SlotCache,
+    kv_bytes_per_token,
     round_up,
     row_bucket,
 )
@@ -85,10 +86,7 @@ class SlotDecoder:
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.device, self.dtype = model.device, self.embed.weight.dtype
         self.neg = torch.finfo(self.dtype).min
-        #: bytes one cached token takes (keys and values of every layer)
-        self.kv_bytes_per_token = (
-            2 * self.num_layers * self.kv_heads * self.head_dim * self.embed.weight.element_size()
-        )
+        self.kv_bytes_per_token = kv_bytes_per_token(text, self.dtype)
         self.eos = sorted(set(eos_ids))
         self.pad_id = pad_id
         self.use_cuda_graph = use_cuda_graph and self.device.type == "cuda"

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from molmo_backend.engine import fused_norms
+from molmo_backend.engine import slots as cache_slots
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import SlotDecoder
 from molmo_backend.engine.inprocess import (
@@ -30,27 +31,18 @@ from molmo_backend.engine.inprocess import (
     pick_device,
 )
 from molmo_backend.engine.prefill import PreparedImage, prepare_image, with_features
-from molmo_backend.engine.slots import INTERACTIVE_SLOTS, LENGTH_STEP, round_up
 from molmo_backend.engine.token_text import TokenTexts
 from molmo_backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-#: share of the GPU memory free after loading that the cache slots may take; the rest is headroom
-#: for the prefill (about 10 images' activations and cache at a time), logits and graphs
-KV_MEMORY_FRACTION = 0.7
 #: image tokens assumed when the processor cannot say (more than Molmo2's 8-crop maximum)
 FALLBACK_IMAGE_TOKENS = 2048
 #: prompt tokens after the image a cache slot leaves room for (the chat template around a label
 #: takes about 25; a label's own ``prompt`` attribute may be longer)
 SUFFIX_TOKENS = 128
 DECODERS = ("fast", "generate")
-
-
-def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_MEMORY_FRACTION) -> int:
-    """Cache tokens (rows x length) that fit in ``fraction`` of ``free_bytes``."""
-    return max(0, int(free_bytes * fraction) // bytes_per_token)
 
 
 class TransformersEngine(StepEngine):
@@ -111,14 +103,14 @@ class TransformersEngine(StepEngine):
         """Slots sized for the longest row this model can have: its largest image, a long
         prompt and the new-token cap; as many bulk slots as MOLMO_MAX_BATCH asks and the GPU's
         free memory holds."""
-        length = round_up(self._largest_prefix() + SUFFIX_TOKENS + self.max_new_tokens + 1, LENGTH_STEP)
+        length = cache_slots.round_up(
+            self._largest_prefix() + SUFFIX_TOKENS + self.max_new_tokens + 1, cache_slots.LENGTH_STEP
+        )
         bulk = self.max_batch
         if self.device.type == "cuda":
-            text = self.model.config.text_config
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * self.dtype.itemsize
+            per_token = cache_slots.kv_bytes_per_token(self.model.config.text_config, self.dtype)
             free, _ = torch.cuda.mem_get_info(self.device)
-            fits = kv_token_budget(free, per_token) // length - INTERACTIVE_SLOTS
+            fits = cache_slots.kv_token_budget(free, per_token) // length - cache_slots.INTERACTIVE_SLOTS
             if fits < bulk:
                 log.warning(
                     "GPU memory holds fewer bulk rows than MOLMO_MAX_BATCH asks",
@@ -246,21 +238,24 @@ class TransformersEngine(StepEngine):
         return tuple(ids)
 
     def warm_up(self) -> None:
-        """Compile the opened tasks' decode step now (MOLMO_COMPILE), at start, so that no
-        opened task waits for the compiler. A no-op when nothing is compiled."""
-        if not getattr(self.decoder, "compile_step", False):
+        """At start: compile the opened tasks' decode step (MOLMO_COMPILE), then capture every
+        decode step's CUDA graph (~8 s for Molmo2-8B on an H100), as the benchmarks run it, so
+        that no request waits for a compile or a capture, and no capture runs beside the
+        preparation threads' GPU work."""
+        if self.decoder is None:
             return
-        log.info("compiling the decode step for opened tasks (torch.compile, once per start)")
         started = time.monotonic()
-        image = Image.new("RGB", (640, 480), (128, 128, 128))
-        self.generate(
-            [PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")],
-            interactive=True,
-        )
-        log.info(
-            "decode step ready",
-            extra={"compiled": self.decoder.compile_step, "warm_up_s": round(time.monotonic() - started, 1)},
-        )
+        if self.decoder.compile_step:
+            log.info("compiling the decode step for opened tasks (torch.compile, once per start)")
+            image = Image.new("RGB", (640, 480), (128, 128, 128))
+            self.generate(
+                [PointQuery(image, "Point to the dot."), PointQuery(image, "Point to the line.")],
+                interactive=True,
+            )
+        captured = self.decoder.capture_graphs()
+        if self.decoder.compile_step or captured:
+            ready = {"compiled": self.decoder.compile_step, "graphs": captured}
+            log.info("decode steps ready", extra=ready | {"warm_up_s": round(time.monotonic() - started, 1)})
 
     @lru_cache(maxsize=1024)  # noqa: B019 (one engine per process)
     def chat_text(self, prompt: str) -> str:

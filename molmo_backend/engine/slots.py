@@ -22,6 +22,23 @@ BULK_ROW_BUCKETS = (16, 32, 48, 64, 96, 128)
 INTERACTIVE_SLOTS = 16
 
 
+#: share of the GPU memory free after loading that the cache slots may take; the rest is headroom
+#: for the prefill (about 10 images' activations and cache at a time), logits and graphs
+KV_MEMORY_FRACTION = 0.7
+
+
+def kv_bytes_per_token(text_config, dtype: torch.dtype) -> int:
+    """Bytes one cached token takes: keys and values of every layer."""
+    text = text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_MEMORY_FRACTION) -> int:
+    """Cache tokens (rows x length) that fit in ``fraction`` of ``free_bytes``."""
+    return max(0, int(free_bytes * fraction) // bytes_per_token)
+
+
 def round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 

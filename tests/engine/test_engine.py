@@ -286,7 +286,7 @@ def test_prefill_cost_is_the_prefix_the_slot_decoder_prefills(demo_model_dir):
 
 
 def test_kv_token_budget_is_the_free_memory_share_over_bytes_per_token(engine):
-    from molmo_backend.engine.molmo2 import KV_MEMORY_FRACTION, kv_token_budget
+    from molmo_backend.engine.slots import KV_MEMORY_FRACTION, kv_token_budget
 
     text = engine.model.config.text_config
     per_token = engine.decoder.kv_bytes_per_token
@@ -396,3 +396,12 @@ def test_the_generate_decoder_allocates_no_cache_slots(engine):
     plain.warm_up()  # nothing to compile, and no slots to look at
     [answer] = plain.generate([PointQuery(RED, "Point to cat")])
     assert answer.error is None and answer.text
+
+
+def test_warm_up_captures_every_decode_graph_before_the_server_reports_ready(engine, monkeypatch):
+    """The server captures the decode steps' CUDA graphs at start (as the benchmarks run the
+    engine), not on first use while preparation threads run the vision tower beside them."""
+    calls = []
+    monkeypatch.setattr(engine.decoder, "capture_graphs", lambda: calls.append("capture") or 0)
+    engine.warm_up()
+    assert calls == ["capture"]
