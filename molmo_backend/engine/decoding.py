@@ -40,6 +40,7 @@ from molmo_backend.engine.slots import (
     LENGTH_STEP,
     CacheView,
     SlotCache,
+    head_dim,
     kv_bytes_per_token,
     round_up,
     row_bucket,
@@ -83,7 +84,7 @@ class SlotDecoder:
         text = model.config.text_config
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.head_dim = head_dim(text)
         self.device, self.dtype = model.device, self.embed.weight.dtype
         self.neg = torch.finfo(self.dtype).min
         self.kv_bytes_per_token = kv_bytes_per_token(text, self.dtype)

@@ -44,7 +44,3 @@ def unfuse(model: torch.nn.Module) -> int:
             del module.forward
             count += 1
     return count
-
-
-def fused(model: torch.nn.Module) -> bool:
-    return any(type(m).__name__ == NORM_CLASS and "forward" in vars(m) for m in model.modules())

@@ -33,12 +33,6 @@ class PreparedImage:
         """Prefix tokens."""
         return len(self.ids)
 
-    @property
-    def features_count(self) -> int:
-        """Rows of its vision features: one per image token of its prefix."""
-        pooling = self.inputs["image_token_pooling"]
-        return int((pooling >= 0).any(-1).sum())
-
 
 def prepare_image(processor, image, device: torch.device | None = None) -> PreparedImage:
     """The processor's work for one image: on ``device`` when given (on a GPU its crops are
@@ -54,30 +48,24 @@ def prepare_image(processor, image, device: torch.device | None = None) -> Prepa
 
 def with_features(model, image: PreparedImage, dtype: torch.dtype) -> PreparedImage:
     """``image`` with its vision features computed now (ahead of its packed step, on the
-    preparation thread); its pixels are dropped, as nothing reads them again."""
+    preparation thread)."""
     image.features = image_features(model, [image], dtype)
-    image.inputs = {key: value for key, value in image.inputs.items() if key != "pixel_values"}
     return image
 
 
 def step_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) -> torch.Tensor:
-    """The vision features of a packed step's ``images``, in order: those computed ahead as
-    they are, the others computed now in one pass through the vision tower."""
-    missing = [image for image in images if image.features is None]
-    if missing:
-        fresh = iter(torch.split(image_features(model, missing, dtype), [m.features_count for m in missing]))
-    parts, device = [], model.device
+    """The vision features of a packed step's ``images``, in order: those computed ahead when
+    every image has them, else all computed now in one pass through the vision tower (a step
+    mixing both is rare: only images admitted before their preparation started lack them)."""
+    if any(image.features is None for image in images):
+        return image_features(model, images, dtype)
+    device = model.device
     for image in images:
-        if image.features is None:
-            parts.append(next(fresh))
-            continue
-        features = image.features
-        if features.is_cuda and features.device == device:
+        if image.features.is_cuda and image.features.device == device:
             # made on a preparation stream: keep its memory until read here
-            features.record_stream(torch.cuda.current_stream(device))
-        # another GPU's worker may have prepared it (the replicas share one queue): copied over
-        parts.append(features.to(device))
-    return torch.cat(parts)
+            image.features.record_stream(torch.cuda.current_stream(device))
+    # another GPU's worker may have prepared some (the replicas share one queue): copied over
+    return torch.cat([image.features.to(device) for image in images])
 
 
 def image_features(model, images: Sequence[PreparedImage], dtype: torch.dtype) -> torch.Tensor:

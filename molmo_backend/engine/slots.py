@@ -27,11 +27,16 @@ INTERACTIVE_SLOTS = 16
 KV_MEMORY_FRACTION = 0.7
 
 
+def head_dim(text_config) -> int:
+    return (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
+
+
 def kv_bytes_per_token(text_config, dtype: torch.dtype) -> int:
     """Bytes one cached token takes: keys and values of every layer."""
     text = text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim(text) * dtype.itemsize
 
 
 def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_MEMORY_FRACTION) -> int:
