@@ -29,6 +29,7 @@ SCHEDULER_COUNTERS = {
     "prefills": "Steps admitting rows into cache slots (their prefill, in one packed forward)",
     "decode_steps": "Steps in which running rows took a token (decode-only or packed)",
     "bulk_paused_steps": "Decode steps in which bulk rows waited for opened tasks",
+    "requeued": "Rows handed back to the queue when cache memory ran short (they start again)",
     "batches": "Whole batches run by a batch engine (remote, generate, Molmo v1)",
     "failed_batches": "Prefills, steps or batches that failed (then split and retried)",
 }

@@ -129,6 +129,9 @@ class Row:
     error: BaseException | None = None
     #: engine-private state (its slot's bookkeeping); the scheduler never reads it
     state: Any = None
+    #: set by the engine when it gave the row's cache memory back before the row ended (memory
+    #: ran short): the row holds no slot and must be admitted again from its prompt
+    requeue: bool = False
 
 
 class StepEngine(Engine):
@@ -156,6 +159,12 @@ class StepEngine(Engine):
                     admitted, waiting = waiting[:free], waiting[free:]
                     self.prefill(admitted)
                     running += admitted
+                requeued = [row for row in running if row.requeue]
+                for row in requeued:  # handed back for lack of memory: they start again
+                    fresh = Row(row.query, interactive)
+                    rows = [fresh if r is row else r for r in rows]
+                    waiting.insert(0, fresh)
+                running = [row for row in running if not row.requeue]
                 ended = [row for row in running if row.finished]
                 self.release(ended)
                 running = [row for row in running if not row.finished]

@@ -82,10 +82,11 @@ def merge_partials(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
 
 
 def layout(
-    rows: list[tuple[int, object, int]], kv_heads: int, groups: int, slot_length: int
+    rows: list[tuple[int, object, int]], kv_heads: int, groups: int, stride: int
 ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     """The host side of :class:`Cascade` for a step's rows ``(slot, image group, prefix length)``
-    in step order, a group's rows adjacent (``None``: a row of its own, e.g. padding). Returns
+    in step order, a group's rows adjacent (``None``: a row of its own, e.g. padding); slot ``s``
+    starts at ``s x stride`` in the flat pool. Returns
     ``seqstart_q``, ``seqstart_k``, ``seqlen_k`` (padded to ``len(rows)`` sequences), ``prefix``
     and ``lse_at`` as lists."""
     width = -(-CASCADE_ROWS * groups // 32) * 32  # the kernel's log-sum-exp rows, rounded to 32
@@ -95,7 +96,7 @@ def layout(
         if group is None or group != last or members == CASCADE_ROWS:
             last, members = group, 0
             starts_q.append(index * groups)
-            starts_k.append(slot * slot_length)
+            starts_k.append(slot * stride)
             lengths.append(max(length, 1))
         sequence = len(lengths) - 1
         lse_at.extend(sequence * kv_heads * width + members * groups + g for g in range(groups))
@@ -113,8 +114,8 @@ class StepBuffer:
     ``size``: :meth:`load` writes a step's layout before it runs; :meth:`view` gives a captured
     graph the fields of a ``count``-row step (fixed places, so a replay reads the new layout)."""
 
-    def __init__(self, size: int, kv_heads: int, groups: int, slot_length: int, device):
-        self.size, self.kv_heads, self.groups, self.slot_length = size, kv_heads, groups, slot_length
+    def __init__(self, size: int, kv_heads: int, groups: int, stride: int, device):
+        self.size, self.kv_heads, self.groups, self.stride = size, kv_heads, groups, stride
         self.buffer = torch.zeros(4 * size + 2 + size * groups, dtype=torch.int32, device=device)
 
     def _places(self, count: int) -> list[tuple[int, int]]:
@@ -131,7 +132,7 @@ class StepBuffer:
     def load(self, rows: list[tuple[int, object, int]]) -> None:
         """The layout of a step over ``rows`` (see :func:`layout`), copied to the device."""
         host = torch.zeros(self.buffer.shape[0], dtype=torch.int32)
-        parts = layout(rows, self.kv_heads, self.groups, self.slot_length)
+        parts = layout(rows, self.kv_heads, self.groups, self.stride)
         for part, (at, _) in zip(parts, self._places(len(rows))):
             host[at : at + len(part)] = torch.tensor(part, dtype=torch.int32)
         self.buffer.copy_(host)

@@ -1,9 +1,12 @@
 """Greedy decoding of Molmo2 rows held in cache slots: the GPU side of continuous batching.
 
-Every (image, prompt) row lives in one slot of a static K/V cache (:class:`.slots.SlotCache`)
+Every (image, prompt) row lives in a run of blocks of a static K/V pool (:class:`.slots.SlotCache`)
 from its admission to its end, at its own positions 0..length-1: its image prefix, its prompt
-suffix, then its answer. Rows of different lengths, images and ages share a decode step; a row that ends frees
-its slot at once and the next waiting row takes it.
+suffix, then its answer. A bulk row's run is sized by its own prompt and grows with its answer
+(:meth:`SlotDecoder.make_room`: in place, or moved to a longer free run), so the pool holds as
+many rows as their real lengths allow, not as many as the longest possible row allows. Rows of
+different lengths, images and ages share a decode step; a row that ends frees its run at once
+and the next waiting row takes it.
 
 - **Packed steps** (:meth:`SlotDecoder.step`): the admitted rows'
   image prefixes (each distinct image once, its vision features computed once), their prompt
@@ -12,50 +15,52 @@ its slot at once and the next waiting row takes it.
   it. The new rows get their first token, the running rows their next.
 - **Decode** (:meth:`SlotDecoder.decode`): one token for each given row, all in the opened
   tasks' region or all in the bulk region, wherever their slots are: the step runs over a list
-  of slots (the rows', padded to a row bucket with a free slot of the region, whose length stays
+  of slots (the rows', padded to a row bucket with a free block of the region, whose length stays
   0 so it reads one key), so its cost follows the rows still running, not the highest slot in
   use. On CUDA the step is captured as a graph per (region, row bucket, read length) and
   replayed; optionally (``compile_step``) the opened tasks' step is compiled first.
 
-Slots 0..interactive-1 belong to opened tasks, the next ``bulk`` slots to bulk work. Numerics
-are those of greedy ``generate()`` on the same inputs (a test checks equal answers).
+The pool's first blocks belong to opened tasks (16 rows of the longest length), the rest to
+bulk work. Numerics are those of greedy ``generate()`` on the same inputs (a test checks equal
+answers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from molmo_backend.engine import cascade, packed, slot_attention
+from molmo_backend.engine import cascade, packed, slot_attention, suffix_attention
 from molmo_backend.engine.packed import PlanBuilder
 from molmo_backend.engine.phases import PhaseTimer
 from molmo_backend.engine.prefill import PreparedImage, step_features
 from molmo_backend.engine.slots import (
+    BLOCK_TOKENS,
     INTERACTIVE_SLOTS,
     LENGTH_STEP,
     CacheView,
+    RowSpace,
     SlotCache,
+    blocks_for,
     head_dim,
     kv_bytes_per_token,
     round_up,
     row_bucket,
 )
+from molmo_backend.engine.step_graph import StepGraph
 
 log = logging.getLogger(__name__)
-
-_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
 class SlotRow:
     """What the decoder knows of one admitted row."""
 
-    slot: int
+    slot: int  # the first block of its run
     prompt_ids: list[int]  # prefix + suffix, for logits processors (tests)
     length: int  # tokens in its slot
     prefix: int = 0  # its image prefix's tokens (the first of them in its slot)
@@ -72,7 +77,8 @@ class SlotDecoder:
         pad_id: int,
         *,
         bulk_slots: int,
-        slot_length: int,
+        max_length: int,
+        bulk_tokens: int | None = None,
         interactive_slots: int = INTERACTIVE_SLOTS,
         use_cuda_graph: bool = True,
         compile_step: bool = False,
@@ -95,31 +101,40 @@ class SlotDecoder:
         #: off for good if compiling fails
         self.compile_step = compile_step
         self._compiled = None
+        #: most rows of each region (opened tasks', bulk)
         self.interactive_slots = interactive_slots
         self.bulk_slots = bulk_slots
-        self.slots = interactive_slots + bulk_slots
+        #: the longest row (its largest image, a long prompt, the new-token cap)
+        self.max_length = max_length
+        row_blocks = blocks_for(max_length)
+        # the bulk pool: ``bulk_tokens`` (what the GPU's memory holds), by default every bulk row
+        # at the longest length; at least one longest row and a block per row
+        bulk_blocks = blocks_for(bulk_tokens) if bulk_tokens else bulk_slots * row_blocks
+        bulk_blocks = max(bulk_blocks, row_blocks, bulk_slots)
+        self.space = RowSpace(interactive_slots, bulk_slots, row_blocks, bulk_blocks)
+        blocks = interactive_slots * row_blocks + bulk_blocks
         self.cache = SlotCache(
-            self.num_layers, self.slots, self.kv_heads, slot_length, self.head_dim, self.dtype, self.device
+            self.num_layers, blocks * BLOCK_TOKENS, self.kv_heads, self.head_dim, self.dtype, self.device
         )
-        self.slot_length = slot_length
         device = self.device
-        self.last_token = torch.zeros((self.slots,), dtype=torch.long, device=device)
-        self.lengths = torch.zeros((self.slots,), dtype=torch.long, device=device)
-        self.out_token = torch.zeros((self.slots,), dtype=torch.long, device=device)
-        self.out_logprob = torch.zeros((self.slots,), dtype=torch.float, device=device)
-        self.positions = torch.arange(slot_length, device=device)
-        #: 1 for a slot holding a row; a free slot's length stays 0 when a step pads with it
-        self.live = torch.zeros((self.slots,), dtype=torch.long, device=device)
+        # per-row state, indexed by the row's slot (its run's first block)
+        self.last_token = torch.zeros((blocks,), dtype=torch.long, device=device)
+        self.lengths = torch.zeros((blocks,), dtype=torch.long, device=device)
+        self.out_token = torch.zeros((blocks,), dtype=torch.long, device=device)
+        self.out_logprob = torch.zeros((blocks,), dtype=torch.float, device=device)
+        self.positions = torch.arange(max_length, device=device)
+        #: 1 for a slot holding a row; a free block's length stays 0 when a step pads with it
+        self.live = torch.zeros((blocks,), dtype=torch.long, device=device)
         #: per region (interactive or not), the slots of the next decode step in its first
         #: ``count`` places: captured graphs read them from here
         self.step_slots = {
-            True: torch.arange(interactive_slots, device=device),
-            False: torch.arange(interactive_slots, self.slots, device=device),
+            True: torch.zeros(interactive_slots, dtype=torch.long, device=device),
+            False: torch.zeros(bulk_slots, dtype=torch.long, device=device),
         }
-        self._free = {
-            True: list(range(interactive_slots)),
-            False: list(range(interactive_slots, self.slots)),
-        }
+        #: rows moved to a longer run, and steps where a row waited for memory (benchmarks);
+        #: whether a row waited at the last step (:mod:`.row_memory` sets them)
+        self.moves = self.waits = 0
+        self.short_of_memory = False
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         groups = self.kv_groups = self.lm.config.num_attention_heads // self.kv_heads
@@ -134,8 +149,13 @@ class SlotDecoder:
         self.cascade = self.varlen and cascade.works(
             self.device, self.dtype, self.kv_heads, self.head_dim, groups
         )
+        #: packed steps read an image's prefix once for the prompt suffixes of all its rows
+        #: (:mod:`.suffix_attention`), where the kernel path agrees with each row reading its slot
+        self.suffix_pass = self.varlen and suffix_attention.works(
+            self.device, self.dtype, self.kv_heads, self.head_dim, groups
+        )
         self._cascade = {
-            interactive: cascade.StepBuffer(size, self.kv_heads, groups, slot_length, device)
+            interactive: cascade.StepBuffer(size, self.kv_heads, groups, BLOCK_TOKENS, device)
             for interactive, size in ((True, interactive_slots), (False, bulk_slots))
         }
         self._next_group = 0
@@ -144,23 +164,26 @@ class SlotDecoder:
 
     # -- slots ---------------------------------------------------------------------------------
     def free_slots(self, interactive: bool) -> int:
-        return len(self._free[interactive])
+        """Rows of that region that can be admitted now (by row limit and free memory; none to
+        the bulk region while a row waits for memory: :mod:`.row_memory`)."""
+        if not interactive and self.short_of_memory:
+            return 0
+        return self.space.free_rows(interactive)
 
-    def take_slot(self, interactive: bool) -> int:
-        free = self._free[interactive]
-        free.sort()
-        return free.pop(0)  # lowest first: a region's live slots stay few and low
+    def take_slot(self, interactive: bool, tokens: int) -> int | None:
+        """A run for a new row of ``tokens`` prompt tokens (lowest first: live runs stay few and
+        low); None if no free run is long enough."""
+        return self.space.take(interactive, tokens)
 
     def release(self, slots: Sequence[int]) -> None:
-        """Free ``slots`` (one device write for all): a later step may pad with one, reading one
-        key of it."""
+        """Free ``slots`` (one device write for all); a later step may pad with one (reads 1 key)."""
         if not slots:
             return
         index = torch.tensor(list(slots), device=self.device)
         self.live.index_fill_(0, index, 0)
         self.lengths.index_fill_(0, index, 0)
         for slot in slots:
-            self._free[slot < self.interactive_slots].append(slot)
+            self.space.release(slot)
 
     # -- packed steps: prefill, with decode rows riding along -----------------------------------
     @torch.inference_mode()
@@ -179,9 +202,9 @@ class SlotDecoder:
         each of ``decoding`` (running rows; ``generated``, their tokens so far, is read
         only by logits processors). Returns the new rows' states, first tokens and
         log-probabilities, then the decode rows' tokens and log-probabilities."""
-        with self._on_device():
+        with self.on_device():
             timer = PhaseTimer(self.profile, self.device)
-            plan = PlanBuilder(self.slot_length, self.image_token_id)
+            plan = PlanBuilder(BLOCK_TOKENS, self.image_token_id)
             for image, prepared in enumerate(images):
                 plan.add_prefix(
                     prepared.ids,
@@ -195,11 +218,16 @@ class SlotDecoder:
                     SlotRow(slot, prompt, len(prompt), images[image].length, self._next_group + image)
                 )
             self._next_group += len(images)
-            new_logits = [
-                plan.add_suffix(suffix, slot, images[image].length)
-                for slot, image, suffix in zip(slots, image_of, suffixes)
-            ]
-            step = plan.build(self.device, self.last_token, self.kv_groups)
+            # suffixes by image, so an image's rows read its prefix together (in its first row's slot)
+            prefix_slot = {image: slot for slot, image in reversed(list(zip(slots, image_of)))}
+            new_logits = [0] * len(slots)
+            for i in sorted(range(len(slots)), key=lambda i: image_of[i]):
+                image = image_of[i]
+                new_logits[i] = plan.add_suffix(
+                    suffixes[i], slots[i], images[image].length, prefix_slot[image]
+                )
+            kv_heads = self.kv_heads if self.suffix_pass else None
+            step = plan.build(self.device, self.last_token, self.kv_groups, kv_heads)
             if images:
                 step.features = step_features(self.model, images, self.dtype)
             timer.lap("plan")
@@ -236,15 +264,17 @@ class SlotDecoder:
     ) -> tuple[list[int], list[float]]:
         """One token for each of ``rows`` (all in the opened tasks' region or all in the bulk
         region); ``generated`` (each row's tokens so far) is only read by logits processors."""
-        with self._on_device():
+        if not rows:
+            return [], []
+        with self.on_device():
             timer = PhaseTimer(self.profile, self.device)
-            interactive = rows[0].slot < self.interactive_slots
+            interactive = self.space.interactive(rows[0].slot)
             slots = [row.slot for row in rows]
             order = sorted(range(len(rows)), key=lambda i: rows[i].group)  # an image's rows adjacent
             rows = [rows[i] for i in order]
             generated = [generated[i] for i in order] if generated else ()
             count = self._load_step(interactive, rows)
-            read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.slot_length)
+            read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.max_length)
             if logits_processors:
                 self._eager_step(interactive, count, read_length, rows, generated, logits_processors)
             elif self.use_cuda_graph:
@@ -260,15 +290,14 @@ class SlotDecoder:
 
     def _load_step(self, interactive: bool, rows: Sequence[SlotRow]) -> int:
         """Put the rows' slots first in the region's step list, padded up to a row bucket with
-        one free slot of the region (its writes land in a slot nobody reads; it reads one key),
+        one free block of the region (its writes land in a block nobody reads; it reads one key),
         and their cascade layout in the region's buffer; returns the step's row count (exactly
-        ``len(rows)`` if the region has no free slot)."""
+        ``len(rows)`` if the region has no free block)."""
         size = self.interactive_slots if interactive else self.bulk_slots
         count = min(row_bucket(len(rows), interactive), size)
-        free = self._free[interactive]
-        if count > len(rows) and not free:
-            count = len(rows)
-        pad = min(free, default=0)
+        pad = self.space.lowest_free(interactive)
+        if pad is None:
+            count, pad = len(rows), 0
         slots = [row.slot for row in rows] + [pad] * (count - len(rows))
         self.step_slots[interactive][:count].copy_(torch.tensor(slots, dtype=torch.long))
         if self._uses_cascade(count):
@@ -286,17 +315,21 @@ class SlotDecoder:
         mask = torch.where(key_positions[None, :] <= lengths[:, None], 0.0, self.neg)
         mask = mask.to(self.dtype)[:, None, None, :]
         positions = lengths[:, None]
-        self.cache.view = CacheView(slots[:, None], positions, key_positions, gather=slots, read=not varlen)
+        starts = slots * BLOCK_TOKENS  # each row's first key in the pool
+        read_at = None
+        if not varlen:  # positions past a row's length are masked; clamped to stay in the pool
+            read_at = (starts[:, None] + key_positions[None, :]).clamp(max=self.cache.tokens - 1)
+        self.cache.view = CacheView(starts[:, None] + positions, read_at)
         plan = contextlib.nullcontext()
         if varlen:
-            count, length = slots.shape[0], self.slot_length
-            starts = torch.arange(count + 1, device=slots.device, dtype=torch.int32)
+            count = slots.shape[0]
+            query_starts = torch.arange(count + 1, device=slots.device, dtype=torch.int32)
             plan = slot_attention.planned(
                 slot_attention.Plan(
                     self.cache.keys,
                     self.cache.values,
-                    starts * self.kv_groups,
-                    (torch.cat((slots, slots[-1:])) * length).to(torch.int32),
+                    query_starts * self.kv_groups,
+                    torch.cat((starts, starts[-1:])).to(torch.int32),
                     (lengths + 1).to(torch.int32),
                     key_positions.shape[0],
                     shared,
@@ -338,7 +371,7 @@ class SlotDecoder:
         self.out_logprob[slots] = logprob
         self.last_token[slots] = token
         grown = (self.lengths[slots] + 1) * self.live[slots]
-        self.lengths[slots] = grown.clamp(max=self.slot_length - 1)
+        self.lengths[slots] = grown.clamp(max=self.max_length - 1)
 
     def _eager_step(self, interactive, count, read_length, rows, generated, logits_processors) -> None:
         """A step whose picks go through logits processors (tests force answers with them)."""
@@ -387,62 +420,31 @@ class SlotDecoder:
         later. Returns how many were captured; a no-op without CUDA graphs."""
         if not self.use_cuda_graph:
             return 0
-        if self.free_slots(True) < self.interactive_slots or self.free_slots(False) < self.bulk_slots:
+        if self.space.held:
             raise RuntimeError("capture_graphs needs every slot free")
         before = len(self._graphs)
-        with self._on_device():
+        with self.on_device():
             for interactive, size in ((True, self.interactive_slots), (False, self.bulk_slots)):
                 counts = sorted({min(row_bucket(n, interactive), size) for n in range(1, size + 1)})
-                first = 0 if interactive else self.interactive_slots
+                first = self.space.regions[interactive].first
                 self.step_slots[interactive].copy_(torch.arange(first, first + size))
                 for count in counts:
-                    for read_length in range(LENGTH_STEP, self.slot_length + 1, LENGTH_STEP):
+                    for read_length in range(LENGTH_STEP, self.max_length + 1, LENGTH_STEP):
                         self._graph(interactive, count, read_length).replay()
             self.lengths.zero_()
             self.last_token.zero_()
         return len(self._graphs) - before
 
-    def _graph(self, interactive: bool, count: int, read_length: int) -> _StepGraph:
+    def _graph(self, interactive: bool, count: int, read_length: int) -> StepGraph:
         compiled = interactive and self.compile_step
         # a graph replays the attention it was captured with: cascade or not is part of its key
         key = (interactive, count, read_length, compiled, not compiled and self._uses_cascade(count))
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = _StepGraph(self, interactive, count, read_length, compiled)
+            graph = self._graphs[key] = StepGraph(self, interactive, count, read_length, compiled)
         return graph
 
-    def _on_device(self):
+    def on_device(self):
         if self.device.type == "cuda":  # each GPU replica runs in its own thread
             return torch.cuda.device(self.device)
         return contextlib.nullcontext()
-
-
-class _StepGraph:
-    """One decode step over a region's step list (a fixed row count) and read length, captured as
-    a CUDA graph.
-
-    Its first use runs the step eagerly on a side stream (that is this call's real result, and
-    where a compiled step compiles), then captures the same work without running it; later uses
-    replay it."""
-
-    def __init__(self, decoder: SlotDecoder, interactive: bool, count: int, read_length: int, compiled: bool):
-        self.decoder, self.args, self.compiled = decoder, (interactive, count, read_length), compiled
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def replay(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        decoder = self.decoder
-        with _CAPTURE_LOCK:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                decoder._step(*self.args, compiled=self.compiled)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(
-                graph, pool=decoder._graph_pool, stream=torch.cuda.Stream(), capture_error_mode="thread_local"
-            ):
-                decoder._step(*self.args, compiled=self.compiled)
-        self.graph = graph

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from molmo_backend.engine import fused_norms
+from molmo_backend.engine import fused_norms, row_memory
 from molmo_backend.engine import slots as cache_slots
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import SlotDecoder
@@ -100,30 +100,26 @@ class TransformersEngine(StepEngine):
         self.decoder = self._slot_decoder(cuda_graphs, compile_step) if self.stepwise else None
 
     def _slot_decoder(self, cuda_graphs: bool, compile_step: bool) -> SlotDecoder:
-        """Slots sized for the longest row this model can have: its largest image, a long
-        prompt and the new-token cap; as many bulk slots as MOLMO_MAX_BATCH asks and the GPU's
-        free memory holds."""
+        """The cache pool: rows up to the longest this model can have (its largest image, a long
+        prompt and the new-token cap); up to MOLMO_MAX_BATCH bulk rows, each taking what its own
+        prompt and answer need, in the share of the GPU's free memory the pool may take (on the
+        CPU: room for every bulk row at the longest length)."""
         length = cache_slots.round_up(
             self._largest_prefix() + SUFFIX_TOKENS + self.max_new_tokens + 1, cache_slots.LENGTH_STEP
         )
-        bulk = self.max_batch
-        if self.device.type == "cuda":
-            per_token = cache_slots.kv_bytes_per_token(self.model.config.text_config, self.dtype)
-            free, _ = torch.cuda.mem_get_info(self.device)
-            fits = cache_slots.kv_token_budget(free, per_token) // length - cache_slots.INTERACTIVE_SLOTS
-            if fits < bulk:
-                log.warning(
-                    "GPU memory holds fewer bulk rows than MOLMO_MAX_BATCH asks",
-                    extra={"max_batch": bulk, "rows": max(fits, 1), "slot_tokens": length},
-                )
-                bulk = max(fits, 1)
-        self.max_batch = bulk
+        bulk_tokens = cache_slots.bulk_pool_tokens(
+            self.model.config.text_config, self.dtype, self.device, self.max_batch, length
+        )
+        log.info(
+            "cache pool", extra={"bulk_tokens": bulk_tokens, "max_batch": self.max_batch, "longest": length}
+        )
         return SlotDecoder(
             self.model,
             sorted(self._eos_ids),
             self._pad_id,
-            bulk_slots=bulk,
-            slot_length=length,
+            bulk_slots=self.max_batch,
+            max_length=length,
+            bulk_tokens=bulk_tokens,
             use_cuda_graph=cuda_graphs,
             compile_step=compile_step,
         )
@@ -330,22 +326,30 @@ class TransformersEngine(StepEngine):
         self.step(rows, ())
 
     def step(self, admit: Sequence[Row], decode: Sequence[Row]) -> None:
-        """Admit ``admit`` and advance ``decode`` by one token in one packed forward."""
+        """Admit ``admit`` and advance ``decode`` by one token in one packed forward. A row
+        admitted when no free run holds its prompt is handed back (``requeue``); a decoding row
+        whose run cannot grow now waits for this step."""
         started = time.perf_counter()
         images, image_of = self._prepared_images(admit)
         suffixes = [list(self._suffix_ids(row.query.prompt)) for row in admit]
         for suffix, image in zip(suffixes, image_of):
-            if images[image].length + len(suffix) + 2 > self.decoder.slot_length:
+            if images[image].length + len(suffix) + 2 > self.decoder.max_length:
                 raise ValueError(f"the prompt is too long: {len(suffix)} tokens after the image")
         if self.decoder.profile is not None:
-            self.decoder.profile["prepare"] = (
-                self.decoder.profile.get("prepare", 0.0) + time.perf_counter() - started
-            )
+            profile = self.decoder.profile
+            profile["prepare"] = profile.get("prepare", 0.0) + time.perf_counter() - started
         with self._lock:
             slots = []
             try:
-                for row in admit:
-                    slots.append(self.decoder.take_slot(row.interactive))
+                prompts = [images[image].length + len(suffix) for suffix, image in zip(suffixes, image_of)]
+                kept, slots = row_memory.take_runs(self.decoder, admit, prompts)
+                if len(kept) < len(admit):
+                    admit = kept
+                    images, image_of = self._prepared_images(admit)
+                    suffixes = [list(self._suffix_ids(row.query.prompt)) for row in admit]
+                decode = row_memory.with_room(self.decoder, decode)
+                if not admit and not decode:
+                    return
                 states, tokens, logprobs, next_tokens, next_logprobs = self.decoder.step(
                     images,
                     image_of,
@@ -375,21 +379,21 @@ class TransformersEngine(StepEngine):
             if key not in index_of:
                 index_of[key] = len(images)
                 ready = row.prepared.result() if isinstance(row.prepared, Future) else None
-                images.append(
-                    ready
-                    or prepare_image(
-                        self.processor, row.query.image, self.device if self.device.type == "cuda" else None
-                    )
-                )
+                device = self.device if self.device.type == "cuda" else None
+                images.append(ready or prepare_image(self.processor, row.query.image, device))
             image_of.append(index_of[key])
         return images, image_of
 
     def decode(self, rows: Sequence[Row]) -> None:
+        """One token for each row that has room for it (the others wait for memory; if none has
+        room, the youngest rows are handed back until one has)."""
         with self._lock:
+            if not (stepping := row_memory.with_room(self.decoder, rows)):
+                stepping = row_memory.evict_for_room(self.decoder, rows)
             tokens, logprobs = self.decoder.decode(
-                [row.state for row in rows], [row.tokens for row in rows], self.logits_processors
+                [row.state for row in stepping], [row.tokens for row in stepping], self.logits_processors
             )
-        for row, token, logprob in zip(rows, tokens, logprobs):
+        for row, token, logprob in zip(stepping, tokens, logprobs):
             self._record(row, token, logprob)
 
     def _record(self, row: Row, token: int, logprob: float) -> None:
@@ -402,7 +406,7 @@ class TransformersEngine(StepEngine):
         row.logprobs.append(logprob)
         if forced is not None:
             row.finished = len(row.tokens) >= forced
-        elif len(row.tokens) >= self.max_new_tokens or row.state.length + 1 >= self.decoder.slot_length:
+        elif len(row.tokens) >= self.max_new_tokens or row.state.length + 1 >= self.decoder.max_length:
             row.finished = row.truncated = True
 
     def answer(self, row: Row) -> Answer:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from molmo_backend.engine import slot_attention
+from molmo_backend.engine import slot_attention, suffix_attention
 
 
 @dataclass
@@ -43,9 +43,10 @@ class StepPlan:
     ids: torch.Tensor  # [T] token ids
     positions: torch.Tensor  # [T] each token's position in its row
     write_src: torch.Tensor  # [W] token whose keys/values are written ...
-    write_dst: torch.Tensor  # [W] ... at this flat cache index (slot x slot length + position)
+    write_dst: torch.Tensor  # [W] ... at this flat cache index (slot x stride + position)
     full: slot_attention.Sequences | None  # tokens 0..n-1: read their slot up to a length
     causal: slot_attention.Dense | None  # the suffix tokens, causal over their slot
+    suffix: suffix_attention.SuffixLayout | None  # the same, an image's prefix read once (CUDA)
     bos: torch.Tensor | None  # tokens whose attention output is their own value
     logits_at: torch.Tensor  # [R] tokens whose next-token logits are wanted
     features: torch.Tensor | None = None  # [F, hidden] image features ...
@@ -58,7 +59,7 @@ class PlanBuilder:
     tokens that read a whole slot prefix), then prompt suffixes. :meth:`build` makes the
     :class:`StepPlan`; decode tokens' ids come from the decoder's device state."""
 
-    slot_length: int
+    stride: int  # slot s starts at s x stride in the flat pool (its first block)
     image_token_id: int
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
@@ -67,6 +68,7 @@ class PlanBuilder:
     #: (start, count, slot, keys read, the first token's last visible key)
     full: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     causal: list[tuple[int, int, int, int]] = field(default_factory=list)  # (start, count, slot, first pos)
+    prefix_slot: list[int] = field(default_factory=list)  # each suffix's prefix is read in this slot
     bos: list[int] = field(default_factory=list)
     feature_at: list[int] = field(default_factory=list)
     decode_at: list[int] = field(default_factory=list)
@@ -78,7 +80,7 @@ class PlanBuilder:
         self.ids.extend(ids)
         self.positions.extend(range(first_position, first_position + len(ids)))
         for slot in slots:
-            base = slot * self.slot_length + first_position
+            base = slot * self.stride + first_position
             self.write_src.extend(range(start, start + len(ids)))
             self.write_dst.extend(range(base, base + len(ids)))
         return start
@@ -101,14 +103,24 @@ class PlanBuilder:
         self.logits_at.append(start)
         return len(self.logits_at) - 1
 
-    def add_suffix(self, ids: Sequence[int], slot: int, first_position: int) -> int:
-        """A prompt suffix behind its prefix in ``slot``; returns its last token's logits' index."""
+    def add_suffix(
+        self, ids: Sequence[int], slot: int, first_position: int, prefix_slot: int | None = None
+    ) -> int:
+        """A prompt suffix behind its prefix in ``slot``; returns its last token's logits' index.
+        ``prefix_slot``: a slot holding the same prefix (the image's first row's), where the
+        rows of one image read it together."""
         start = self._add(ids, first_position, [slot])
         self.causal.append((start, len(ids), slot, first_position))
+        self.prefix_slot.append(slot if prefix_slot is None else prefix_slot)
         self.logits_at.append(start + len(ids) - 1)
         return len(self.logits_at) - 1
 
-    def build(self, device: torch.device, last_token: torch.Tensor, kv_groups: int) -> StepPlan:
+    def build(
+        self, device: torch.device, last_token: torch.Tensor, kv_groups: int, kv_heads: int | None = None
+    ) -> StepPlan:
+        """The step's device tensors; with ``kv_heads``, the suffixes' two-pass layout too
+        (:mod:`.suffix_attention`, on the CUDA kernel path)."""
+
         def tensor(values):
             return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
@@ -117,10 +129,17 @@ class PlanBuilder:
             ids[tensor(self.decode_at)] = last_token[tensor(self.decode_slots)]
         full = None
         if self.full:
-            full = slot_attention.Sequences.of(self.full, self.slot_length, kv_groups, device)
-        causal = None
+            full = slot_attention.Sequences.of(self.full, self.stride, kv_groups, device)
+        causal = suffix = None
         if self.causal:
-            causal = slot_attention.Dense.causal(self.causal, device)
+            causal = slot_attention.Dense.causal(self.causal, self.stride, device)
+        if self.causal and kv_heads:
+            first = self.causal[0][0]
+            rows = [
+                (start - first, count, prefix * self.stride, position, slot * self.stride + position)
+                for (start, count, slot, position), prefix in zip(self.causal, self.prefix_slot)
+            ]
+            suffix = suffix_attention.layout(rows, kv_heads, kv_groups, device)
         return StepPlan(
             ids=ids,
             positions=tensor(self.positions),
@@ -128,6 +147,7 @@ class PlanBuilder:
             write_dst=tensor(self.write_dst),
             full=full,
             causal=causal,
+            suffix=suffix,
             bos=tensor(self.bos) if self.bos else None,
             logits_at=tensor(self.logits_at),
             feature_at=tensor(self.feature_at) if self.feature_at else None,
@@ -149,7 +169,7 @@ def _rotate_half(x):
 
 def forward(model, plan: StepPlan, keys: list[torch.Tensor], values: list[torch.Tensor], varlen: bool):
     """Next-token logits (float32) at ``plan.logits_at``; writes every token's keys/values into
-    the slot caches ``keys``/``values`` (per layer ``[slots, length, kv_heads, head_dim]``).
+    the pool ``keys``/``values`` (per layer ``[tokens, kv_heads, head_dim]``).
     ``varlen``: whole-prefix reads go through CUDA's variable-length kernel, else dense SDPA."""
     lm = model.model.language_model
     hidden = lm.embed_tokens(plan.ids)
@@ -181,7 +201,7 @@ def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool):
     cos, sin = cos_sin
     query, key = apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     query, key = query.transpose(1, 2)[0], key.transpose(1, 2)[0]  # [tokens, heads, dim]
-    flat_keys, flat_values = keys.view(-1, *keys.shape[2:]), values.view(-1, *values.shape[2:])
+    flat_keys, flat_values = keys, values
     flat_keys.index_copy_(0, plan.write_dst, key[plan.write_src])
     flat_values.index_copy_(0, plan.write_dst, value[plan.write_src])
     out = torch.empty_like(query)
@@ -195,7 +215,12 @@ def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool):
                 out[plan.bos] = value[plan.bos].repeat_interleave(attn.num_key_value_groups, dim=1)
         else:
             out[:n] = slot_attention.dense_attention(query, keys, values, plan.full.dense, attn.scaling)
-    if plan.causal is not None:
+    if plan.suffix is not None:
+        start = plan.causal.start
+        out[start:] = suffix_attention.attend(
+            query[start:], flat_keys, flat_values, plan.suffix, attn.scaling
+        )
+    elif plan.causal is not None:
         start = plan.causal.start
         out[start:] = slot_attention.dense_attention(query, keys, values, plan.causal, attn.scaling)
     out = attn.o_proj(out.reshape(1, count, -1))

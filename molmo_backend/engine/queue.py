@@ -50,6 +50,11 @@ class RequestQueue:
     def push(self, items: list[Item], priority: Priority) -> None:
         self._classes[priority].extend(items)
 
+    def push_front(self, items: list[Item], priority: Priority) -> None:
+        """Put ``items`` back at the head of their class, in their order (rows an engine handed
+        back go first again)."""
+        self._classes[priority].extendleft(reversed(items))
+
     def __len__(self) -> int:
         return sum(len(q) for q in self._classes.values())
 

@@ -88,6 +88,7 @@ class Scheduler:
             "prefills": 0,
             "decode_steps": 0,
             "bulk_paused_steps": 0,
+            "requeued": 0,
         }
         self._stats_lock = threading.Lock()
         #: submit-to-answer seconds of each query, by priority (exported by /metrics)
@@ -396,7 +397,18 @@ class Scheduler:
                 row.finished, row.error = True, exc
 
     def _finish(self, engine: StepEngine, running: list[Row]) -> list[Row]:
-        """Deliver the rows that ended and free their slots; the rest keep running."""
+        """Deliver the rows that ended and free their slots; put the rows the engine handed back
+        (``requeue``: its cache memory ran short) at the head of the queue again; the rest keep
+        running."""
+        requeued = [row for row in running if row.requeue]
+        if requeued:
+            running = [row for row in running if not row.requeue]
+            self._count(requeued=len(requeued))
+            with self._cv:
+                for interactive in (True, False):
+                    items = [row.ticket for row in requeued if row.interactive == interactive]
+                    priority = Priority.INTERACTIVE if interactive else Priority.BULK
+                    self._queue.push_front(items, priority)
         done = [row for row in running if row.finished]
         if not done:
             return running

@@ -65,7 +65,7 @@ def decode_varlen(
     """One query token per row ``[rows, heads, 1, dim]`` against each row's own keys; returns
     ``[rows, 1, heads, dim]`` (the layout transformers' attention functions return)."""
     rows, heads, _, dim = query.shape
-    kv = keys.shape[2]
+    kv = keys.shape[-2]  # keys: the flat pool [tokens, kv, dim] (or [slots, length, kv, dim])
     flat_keys, flat_values = keys.view(-1, kv, dim), values.view(-1, kv, dim)
     if plan.cascade is not None:
         return plan.cascade.attend(query[:, :, 0], flat_keys, flat_values, plan, scaling)[:, None]
@@ -209,19 +209,20 @@ def available(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim:
 class Dense:
     """Sequences of query tokens laid out for SDPA over their gathered slot keys: ``index``
     ``[sequences, most tokens]`` gives each place's token (pads repeat a real one), ``limit`` the
-    last key position it may see, ``pick`` the flat places of tokens ``start``, ``start+1``, ..."""
+    last key position it may see, ``pick`` the flat places of tokens ``start``, ``start+1``, ...
+    ``starts``: each sequence's first key in the flat pool (its slot x ``stride``)."""
 
     start: int
     index: torch.Tensor
-    slots: torch.Tensor
+    starts: torch.Tensor
     limit: torch.Tensor
     pick: torch.Tensor
     read: int  # key positions gathered per slot
 
     @classmethod
-    def of(cls, sequences, device) -> Dense:
+    def of(cls, sequences, stride: int, device) -> Dense:
         """``sequences``: (start, slot, each token's last visible key position), in token order,
-        covering tokens start.. without a gap."""
+        covering tokens start.. without a gap; slot ``s`` starts at ``s x stride`` in the pool."""
         width = max(len(limits) for _, _, limits in sequences)
         index, limit, pick = [], [], []
         for row, (start, _, limits) in enumerate(sequences):
@@ -236,17 +237,19 @@ class Dense:
         return cls(
             start=sequences[0][0],
             index=tensor(index),
-            slots=tensor([slot for _, slot, _ in sequences]),
+            starts=tensor([slot * stride for _, slot, _ in sequences]),
             limit=tensor(limit),
             pick=tensor(pick),
             read=max(max(limits) for _, _, limits in sequences) + 1,
         )
 
     @classmethod
-    def causal(cls, suffixes, device) -> Dense:
+    def causal(cls, suffixes, stride: int, device) -> Dense:
         """Prompt suffixes ``(start, count, slot, first position)``: each token sees its slot up to itself."""
         return cls.of(
-            [(start, slot, range(first, first + count)) for start, count, slot, first in suffixes], device
+            [(start, slot, range(first, first + count)) for start, count, slot, first in suffixes],
+            stride,
+            device,
         )
 
 
@@ -263,6 +266,7 @@ class Sequences:
     max_q: int
     max_k: int
     entries: list
+    stride: int
 
     @functools.cached_property
     def dense(self) -> Dense:
@@ -273,13 +277,15 @@ class Sequences:
                 (start, slot, [first] + [keys - 1] * (count - 1))
                 for start, count, slot, keys, first in self.entries
             ],
+            self.stride,
             self.seqlen_k.device,
         )
 
     @classmethod
-    def of(cls, entries, slot_length: int, groups: int, device) -> Sequences:
+    def of(cls, entries, stride: int, groups: int, device) -> Sequences:
         """``entries``: (start, count, slot, keys read, the first token's last visible key) in token
-        order from token 0; tokens after the first see every key read."""
+        order from token 0; tokens after the first see every key read. Slot ``s`` starts at
+        ``s x stride`` in the flat pool."""
         starts = [start for start, *_ in entries]
         end = entries[-1][0] + entries[-1][1]
 
@@ -289,11 +295,12 @@ class Sequences:
         return cls(
             tokens=end,
             seqstart_q=int32([s * groups for s in starts] + [end * groups]),
-            seqstart_k=int32([slot * slot_length for _, _, slot, _, _ in entries] + [0]),
+            seqstart_k=int32([slot * stride for _, _, slot, _, _ in entries] + [0]),
             seqlen_k=int32([keys for *_, keys, _ in entries]),
             max_q=max(count for _, count, *_ in entries) * groups,
             max_k=max(keys for *_, keys, _ in entries),
             entries=list(entries),
+            stride=stride,
         )
 
 
@@ -316,14 +323,15 @@ def varlen_attention(
 
 
 def dense_attention(query, keys, values, dense: Dense, scaling) -> torch.Tensor:
-    """SDPA of ``dense``'s tokens over their gathered slot keys (``keys``: ``[slots, length,
-    kv_heads, dim]``), each token masked past its limit; returns ``[tokens, heads, dim]``."""
+    """SDPA of ``dense``'s tokens over their gathered slot keys (``keys``: the flat pool
+    ``[tokens, kv_heads, dim]``), each token masked past its limit; returns ``[tokens, heads, dim]``."""
     heads, dim = query.shape[1:]
-    groups = heads // keys.shape[2]
-    q = query[dense.index].transpose(1, 2)  # [sequences, heads, width, dim]
-    k = keys[dense.slots, : dense.read].transpose(1, 2).repeat_interleave(groups, dim=1)
-    v = values[dense.slots, : dense.read].transpose(1, 2).repeat_interleave(groups, dim=1)
+    groups = heads // keys.shape[1]
     positions = torch.arange(dense.read, device=query.device)
+    at = (dense.starts[:, None] + positions).clamp(max=keys.shape[0] - 1)  # past a limit: masked
+    q = query[dense.index].transpose(1, 2)  # [sequences, heads, width, dim]
+    k = keys[at].transpose(1, 2).repeat_interleave(groups, dim=1)
+    v = values[at].transpose(1, 2).repeat_interleave(groups, dim=1)
     mask = (positions[None, None, :] <= dense.limit[:, :, None])[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).reshape(-1, heads, dim)[dense.pick]
@@ -338,7 +346,8 @@ def _packed_error(keys, values, groups: int, scaling: float) -> float:
     seqs = Sequences.of(entries, length, groups, keys.device)
     gen = torch.Generator(device=keys.device).manual_seed(1)
     query = torch.randn(seqs.tokens, kv * groups, dim, device=keys.device, dtype=keys.dtype, generator=gen)
-    got = varlen_attention(query, keys.view(-1, kv, dim), values.view(-1, kv, dim), seqs, scaling)
-    want = dense_attention(query, keys, values, seqs.dense, scaling)
+    flat_keys, flat_values = keys.view(-1, kv, dim), values.view(-1, kv, dim)
+    got = varlen_attention(query, flat_keys, flat_values, seqs, scaling)
+    want = dense_attention(query, flat_keys, flat_values, seqs.dense, scaling)
     not_bos = [t for t in range(seqs.tokens) if t not in (0, 6)]  # bos rows are the caller's (own value)
     return (got[not_bos].float() - want[not_bos].float()).abs().max().item()

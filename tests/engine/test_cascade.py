@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from molmo_backend.engine import cascade, slot_attention
+from molmo_backend.engine import cascade, slot_attention, suffix_attention
 
 
 def reference_kernel(
@@ -96,8 +96,9 @@ def test_merging_two_partial_softmaxes_gives_the_whole():
 def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(
     demo_model_dir, reference, monkeypatch
 ):
-    """The GPU's attention path (each row's keys read in place, image prefixes read once,
-    padding rows) run on the CPU through the reference kernel gives the CPU path's answers
+    """The GPU's attention path (each row's keys read in place, image prefixes read once by the
+    decode steps and by the prompt suffixes, padding rows) run on the CPU through the reference
+    kernel gives the CPU path's answers
     (which equal ``generate()``'s, tests/engine/test_engine.py): labels sharing images, images of
     different sizes, rows ending at different steps."""
     from PIL import Image
@@ -119,7 +120,14 @@ def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(
     ]
     cpu_path = engine.generate(queries)
     slot_attention.install()
-    decoder.varlen = decoder.cascade = True
+    decoder.varlen = decoder.cascade = decoder.suffix_pass = True
+    suffix_attends = []
+    two_pass = suffix_attention.attend
+    monkeypatch.setattr(
+        suffix_attention,
+        "attend",
+        lambda *a: suffix_attends.append(a[3].seqstart_q.numel() - 1) or two_pass(*a),
+    )
     steps = []
     load = decoder._load_step
 
@@ -135,13 +143,15 @@ def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(
     try:
         kernel_path = engine.generate(queries)
     finally:
-        decoder.varlen = decoder.cascade = False
+        decoder.varlen = decoder.cascade = decoder.suffix_pass = False
     assert [len(a.token_logprobs) for a in kernel_path] == [n for _, n in asks]
     assert [a.text for a in kernel_path] == [a.text for a in cpu_path]
     for a, b in zip(kernel_path, cpu_path):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
     assert any(len(set(groups)) < len(groups) for groups in steps), "some step must share a prefix"
     assert attends, "the decode steps went through the cascade"
+    # the 5 rows' suffixes in the first packed step: one sequence per image (3 images)
+    assert suffix_attends and suffix_attends[0] == 3, "suffixes read each image's prefix once"
 
 
 def test_a_captured_step_with_the_cascade_is_not_replayed_without_it(demo_model_dir):

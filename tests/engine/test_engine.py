@@ -302,7 +302,7 @@ def test_a_packed_step_lays_each_image_once_and_writes_it_into_every_row_that_sh
     prefix; what each token may see."""
     from molmo_backend.engine.packed import PlanBuilder
 
-    plan = PlanBuilder(slot_length=100, image_token_id=7)
+    plan = PlanBuilder(stride=100, image_token_id=7)
     plan.add_prefix([1, 7, 7, 9], slots=[3, 5])  # bos, two image tokens, an image end token
     assert plan.add_decode(slot=2, length=40) == 0
     assert plan.add_suffix([20, 21], slot=3, first_position=4) == 1
@@ -321,11 +321,11 @@ def test_a_packed_step_lays_each_image_once_and_writes_it_into_every_row_that_sh
     assert built.ids.tolist() == [1, 7, 7, 9, 22, 20, 21, 22]  # slot 2's last token, read on the device
     full, causal = built.full.dense, built.causal
     # the prefix reads slot 3 (bos: only itself; the rest: the whole prefix); the decode token slot 2
-    assert full.slots.tolist() == [3, 2] and full.limit.tolist() == [[0, 3, 3, 3], [40, 0, 0, 0]]
+    assert full.starts.tolist() == [300, 200] and full.limit.tolist() == [[0, 3, 3, 3], [40, 0, 0, 0]]
     assert full.pick.tolist() == [0, 1, 2, 3, 4] and built.full.tokens == 5
     assert built.full.seqlen_k.tolist() == [4, 41] and built.full.seqstart_q.tolist() == [0, 8, 10]
     # suffixes see their slot up to themselves
-    assert causal.start == 5 and causal.slots.tolist() == [3, 5]
+    assert causal.start == 5 and causal.starts.tolist() == [300, 500]
     assert causal.limit.tolist() == [[4, 5], [4, 0]] and causal.pick.tolist() == [0, 1, 2]
 
 
