@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import sys
 import time
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import build, noise_image  # noqa: E402
 
-from molmo_backend.engine import cascade  # noqa: E402
+from molmo_backend.engine import cascade, slots  # noqa: E402
+from molmo_backend.engine.decoding import SlotDecoder  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from tests.support.interleave import run_trials  # noqa: E402
 
@@ -50,9 +52,23 @@ def main() -> int:
         help="decode steps of this many rows or more read shared prefixes once (engine/cascade.py; "
         "the engine's default is 32, which these 24-slot trials never reach)",
     )
+    parser.add_argument(
+        "--answer-room",
+        type=int,
+        default=slots.ANSWER_ROOM,
+        help="answer tokens a bulk row's run holds at admission (0: runs fit the prompt, so rows "
+        "outgrow them at once and move: engine/row_memory.py)",
+    )
+    parser.add_argument(
+        "--pool-rows",
+        type=int,
+        default=0,
+        help="a bulk pool of this many longest rows (few: rows wait for memory and are handed back)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     cascade.MIN_ROWS = args.cascade_min_rows
+    slots.ANSWER_ROOM = args.answer_room
     device = torch.device("cpu" if args.tiny else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -78,6 +94,20 @@ def main() -> int:
             max_batch=24,
             compile_step=compiled,
         )
+        if args.pool_rows:  # the same decoder over a small bulk pool (the big one freed first)
+            longest, engine.decoder = engine.decoder.max_length, None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            engine.decoder = SlotDecoder(
+                model,
+                sorted(engine._eos_ids),
+                engine._pad_id,
+                bulk_slots=24,
+                max_length=longest,
+                bulk_tokens=args.pool_rows * longest,
+                compile_step=compiled and device.type == "cuda",
+            )
         started = time.perf_counter()
         engine.warm_up()
         warm = round(time.perf_counter() - started, 1)
@@ -87,6 +117,11 @@ def main() -> int:
             "compiled_step": engine.decoder.compile_step,
             "cascade": engine.decoder.cascade,
             "cascade_min_rows": cascade.MIN_ROWS,
+            "suffix_two_pass": engine.decoder.suffix_pass,
+            "answer_room": slots.ANSWER_ROOM,
+            "bulk_pool_tokens": engine.decoder.space.regions[False].count * slots.BLOCK_TOKENS,
+            "moves": engine.decoder.moves,
+            "waits": engine.decoder.waits,
             "warm_up_s": warm,
             "trials": len(trials),
             "answers": sum(t["answers"] for t in trials),

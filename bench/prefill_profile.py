@@ -89,13 +89,13 @@ def main() -> int:
 
     def prefix_forward(images):
         """One packed step admitting one row per image (the prompt of one label)."""
-        slots = list(range(decoder.interactive_slots, decoder.interactive_slots + len(images)))
         suffix = list(engine._suffix_ids("Point to the person."))
+        slots = [decoder.take_slot(False, image.length + len(suffix)) for image in images]
 
         def run():
             decoder.step(images, list(range(len(images))), slots, [suffix] * len(images))
 
-        return run
+        return run, slots
 
     for name, sizes in (
         ("1x1280", [(1280, 960)]),
@@ -104,7 +104,9 @@ def main() -> int:
         ("8mixed", MIXED),
     ):
         images = prepared(sizes)
-        out[f"packed_prefill_{name}_ms"] = ms(prefix_forward(images))
+        run, slots = prefix_forward(images)
+        out[f"packed_prefill_{name}_ms"] = ms(run)
+        decoder.release(slots)
         out[f"packed_prefill_{name}_tokens"] = sum(im.length for im in images)
         print(name, out[f"packed_prefill_{name}_ms"], flush=True)
 
@@ -130,12 +132,13 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    run = prefix_forward(images)
+    run, slots = prefix_forward(images)
     run()
     with profile(activities=activities) as prof:
         run()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    decoder.release(slots)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     tables.append(
         "== packed prefill step 4x1280, by self device time ==\n"
@@ -158,12 +161,15 @@ def main() -> int:
     )
     # eager decode steps over 128 and 16 bulk rows at 1280 positions (what a captured graph
     # replays), every row live at ~1000 keys; then the captured graphs' time
-    first, read = decoder.interactive_slots, 1280
-    for count in (min(128, decoder.bulk_slots), 16):  # an H100 holds 107 bulk rows
-        decoder.live[first : first + count] = 1
-        decoder.lengths[first : first + count] = 1000
+    first, read = decoder.space.regions[False].first, 1280
+    spacing = -(-read // 128)  # each row's run of blocks: rows read keys of their own
+    for count in (min(128, decoder.bulk_slots), 16):
+        rows = first + torch.arange(count) * spacing
+        decoder.step_slots[False][:count] = rows
+        decoder.live[rows] = 1
+        decoder.lengths[rows] = 1000
         # rows in threes share a 900-token image prefix (3 labels an image), for the cascade
-        decoder._cascade[False].load([(first + i, i // 3, 900) for i in range(count)])
+        decoder._cascade[False].load([(int(row), i // 3, 900) for i, row in enumerate(rows)])
         with torch.inference_mode():
             step = lambda: decoder._step(False, count, read)  # noqa: E731
             out[f"eager_decode_step_{count}x1280_ms"] = ms(step, repeat=10)
@@ -173,7 +179,7 @@ def main() -> int:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             if decoder.use_cuda_graph:
-                decoder.lengths[first : first + count] = 1000
+                decoder.lengths[rows] = 1000
                 graph = decoder._graph(False, count, read)
                 graph.replay()
                 out[f"graph_decode_step_{count}x1280_ms"] = ms(graph.replay, repeat=20)

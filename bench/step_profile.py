@@ -133,7 +133,7 @@ def main() -> int:
                 # share a prefix of all but ~100 of them (3 labels an image), for the cascade
                 decoder.live.fill_(1)
                 decoder.lengths.fill_(read - 256)
-                first = 0 if interactive else decoder.interactive_slots
+                first = decoder.space.regions[interactive].first
                 decoder._cascade[interactive].load(
                     [(first + i, i // 3, max(1, read - 356)) for i in range(rows)]
                 )

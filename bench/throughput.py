@@ -16,7 +16,10 @@ each on the same inputs:
              workload: prefill and decode in forwards of their own (``apart``), no cascade
              attention (``flat``), vision features computed in the packed step instead of on the
              preparation thread (``ahead``), preparations on a high-priority CUDA stream
-             (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``)
+             (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
+             prompt suffixes reading their whole slots instead of their image's prefix once
+             (``suffix``), and no more bulk rows than slots of the longest row's length would
+             hold, as the engine had before runs sized by each row's length (``rows``)
 
 Then, for (d): open-task latency (1 task x 3 labels, 40 tokens, INTERACTIVE) idle and while the
 realistic bulk job runs, a phase profile of the realistic workload, answers against plain
@@ -124,6 +127,8 @@ def rate(pairs, seconds):
 def scheduled(engine, workload, device, log, label, **options) -> dict:
     scheduler = Scheduler(engine, **SCHEDULER_OPTIONS, **options)
     peak_reset(device)
+    decoder = engine.decoder
+    moves, waits = getattr(decoder, "moves", 0), getattr(decoder, "waits", 0)
     seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
     stats = dict(scheduler.stats)
     scheduler.close()
@@ -136,6 +141,11 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
         "peak_gib": peak_gib(device),
         "failed_queries": stats["failed_queries"],
         "truncated": stats["truncated"],
+        "decode_steps": stats["decode_steps"],
+        # rows moved to a longer run, row-steps spent waiting for memory, rows handed back
+        "moves": getattr(decoder, "moves", 0) - moves,
+        "waits": getattr(decoder, "waits", 0) - waits,
+        "requeued": stats.get("requeued", 0),
     }
     log(f"  {label} {workload.name}: {row}")
     return row
@@ -274,7 +284,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,flat,ahead,priority,norms",
+        help="comma-separated parts to skip: a,b,latency,profile,apart,flat,ahead,priority,norms,suffix,rows",
     )
     parser.add_argument(
         "--only",
@@ -324,7 +334,11 @@ def main() -> int:
         max_new_tokens=1024,
         max_batch=args.batch,
     )
-    results["bulk_rows"], results["slot_tokens"] = engine.max_batch, engine.decoder.slot_length
+    decoder = engine.decoder
+    longest = getattr(decoder, "max_length", None) or decoder.slot_length  # older code: slot_length
+    results["bulk_rows"], results["longest_row_tokens"] = engine.max_batch, longest
+    space = getattr(decoder, "space", None)  # runs sized by each row's length (not in older code)
+    results["bulk_pool_tokens"] = space.regions[False].count * 128 if space else engine.max_batch * longest
     results["varlen_attention"] = engine.decoder.varlen
     results["cascade_attention"] = getattr(engine.decoder, "cascade", None)
     started = time.perf_counter()
@@ -332,7 +346,8 @@ def main() -> int:
     results["capture_s"] = round(time.perf_counter() - started, 1)
     log(
         f"{results['model']}: {results['params_b']} B params, built in {results['build_s']} s; "
-        f"{engine.max_batch} bulk rows of {engine.decoder.slot_length} tokens, varlen attention "
+        f"up to {engine.max_batch} bulk rows in a pool of {results['bulk_pool_tokens']} tokens (longest "
+        f"row {longest}), varlen attention "
         f"{engine.decoder.varlen}, cascade {results['cascade_attention']}; "
         f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s"
     )
@@ -388,6 +403,18 @@ def main() -> int:
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unfused_norms"))
         fused_norms.fuse(model)
         recapture(engine.decoder)
+        save()
+    if "suffix" not in skip and getattr(engine.decoder, "suffix_pass", False):
+        engine.decoder.suffix_pass = False  # every suffix row reads its whole slot (dense SDPA)
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_suffix_dense"))
+        engine.decoder.suffix_pass = True
+        save()
+    if "rows" not in skip and space is not None:  # as many rows as longest-length slots would hold
+        limit = space.limit[False]
+        space.limit[False] = min(limit, results["bulk_pool_tokens"] // longest)
+        results["rows_as_slots"] = space.limit[False]
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_rows_as_slots"))
+        space.limit[False] = limit
         save()
     if "latency" not in skip:
         results["open_task_idle"] = open_task_latency(engine, device, args.latency_runs)
@@ -466,6 +493,8 @@ def main() -> int:
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),
         "realistic_prepare_high_priority_pairs_per_s": pick("d_prepare_high_priority", "realistic"),
+        "realistic_suffix_dense_pairs_per_s": pick("d_suffix_dense", "realistic"),
+        "realistic_rows_as_slots_pairs_per_s": pick("d_rows_as_slots", "realistic"),
         "cascade_attention": results.get("cascade_attention"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
