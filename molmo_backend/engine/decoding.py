@@ -3,7 +3,7 @@
 Every (image, prompt) row lives in a run of blocks of a static K/V pool (:class:`.slots.SlotCache`)
 from its admission to its end, at its own positions 0..length-1: its image prefix, its prompt
 suffix, then its answer. A bulk row's run is sized by its own prompt and grows with its answer
-(:meth:`SlotDecoder.make_room`: in place, or moved to a longer free run), so the pool holds as
+(:mod:`.row_memory`: in place, or moved to a longer free run), so the pool holds as
 many rows as their real lengths allow, not as many as the longest possible row allows. Rows of
 different lengths, images and ages share a decode step; a row that ends frees its run at once
 and the next waiting row takes it.
