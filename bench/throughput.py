@@ -39,6 +39,7 @@ import statistics
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -371,6 +372,7 @@ def main() -> int:
     warm_up = Scheduler(engine, **SCHEDULER_OPTIONS)  # prepare threads, allocator, any missing graph
     warm_up.submit(warm.queries)
     warm_up.close()  # its worker holds the engine: left open, (b) ran out of memory on an H100
+    del warm_up  # and so does the scheduler itself: kept, (b) ran out of memory at 256 rows
     for name in filter(None, args.only.split(",")):
         results["runs"].append(scheduled(engine, work[name], device, log, "d_engine"))
         save()
@@ -428,11 +430,16 @@ def main() -> int:
         results["profile_realistic"] = profile(engine, realistic(args.images, 4), device)
         log(f"  (d) profile, realistic: {results['profile_realistic']}")
         save()
-    decoder = engine.decoder
-    del engine, decoder
+    decoder = weakref.ref(engine.decoder)
+    del engine, space
     gc.collect()
+    results["engine_freed"] = decoder() is None
+    log(f"  engine freed before (b): {results['engine_freed']}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        # the engine's cache pool and graphs must be gone before (b), or it runs out of memory
+        results["allocated_after_engine_gib"] = round(torch.cuda.memory_allocated() / 2**30, 1)
+        log(f"  allocated after the engine is gone: {results['allocated_after_engine_gib']} GiB")
 
     plain_engine = TransformersEngine(
         model, processor, model_id=results["model"], revision="random", decoder="generate"

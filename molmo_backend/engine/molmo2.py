@@ -91,6 +91,13 @@ class TransformersEngine(StepEngine):
         self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
         self._token_texts = TokenTexts(tokenizer)
         self._lock = threading.Lock()  # the scheduler's worker and direct generate() callers
+        # memo tables of this engine's own (an lru_cache on the methods would be shared by every
+        # engine and keep each alive, with its cache pool and graphs, until the process ends)
+        self._image_tokens = lru_cache(maxsize=4096)(self._count_image_tokens)
+        self._suffix_tokens = lru_cache(maxsize=1024)(self._count_suffix_tokens)
+        self._suffix_ids = lru_cache(maxsize=1024)(self._tokenize_suffix)
+        #: the model's own chat template around one image and a prompt
+        self.chat_text = lru_cache(maxsize=1024)(self._render_chat)
         self._prepare_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         #: :meth:`prepare` computes the vision features too; off, the packed step does
         self.features_ahead = True
@@ -211,16 +218,14 @@ class TransformersEngine(StepEngine):
     def prefill_cost(self, query: PointQuery) -> int:
         return self._image_tokens(query.image.height, query.image.width) + self._suffix_tokens(query.prompt)
 
-    @lru_cache(maxsize=4096)  # noqa: B019 (one engine per process, alive until it exits)
-    def _image_tokens(self, height: int, width: int) -> int:
+    def _count_image_tokens(self, height: int, width: int) -> int:
         try:
             sizes = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
             return 1 + int(sizes.num_image_tokens[0])  # + the bos token before the image
         except Exception:  # noqa: BLE001 - a processor that cannot tell: assume a large image
             return FALLBACK_IMAGE_TOKENS
 
-    @lru_cache(maxsize=1024)  # noqa: B019 (one engine per process)
-    def _suffix_tokens(self, prompt: str) -> int:
+    def _count_suffix_tokens(self, prompt: str) -> int:
         try:
             return len(self._suffix_ids(prompt))
         except ValueError:  # a template without the image first (MOLMO_DECODER=generate): close enough
@@ -228,8 +233,7 @@ class TransformersEngine(StepEngine):
                 self.processor.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"]
             )
 
-    @lru_cache(maxsize=1024)  # noqa: B019 (one engine per process)
-    def _suffix_ids(self, prompt: str) -> tuple[int, ...]:
+    def _tokenize_suffix(self, prompt: str) -> tuple[int, ...]:
         ids = self.processor.tokenizer(self.chat_suffix(prompt), add_special_tokens=False)["input_ids"]
         return tuple(ids)
 
@@ -253,9 +257,8 @@ class TransformersEngine(StepEngine):
             ready = {"compiled": self.decoder.compile_step, "graphs": captured}
             log.info("decode steps ready", extra=ready | {"warm_up_s": round(time.monotonic() - started, 1)})
 
-    @lru_cache(maxsize=1024)  # noqa: B019 (one engine per process)
-    def chat_text(self, prompt: str) -> str:
-        """The model's own chat template around one image and ``prompt``."""
+    def _render_chat(self, prompt: str) -> str:
+        """The model's own chat template around one image and ``prompt`` (as :attr:`chat_text`)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

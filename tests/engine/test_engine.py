@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -405,3 +407,16 @@ def test_warm_up_captures_every_decode_graph_before_the_server_reports_ready(eng
     monkeypatch.setattr(engine.decoder, "capture_graphs", lambda: calls.append("capture") or 0)
     engine.warm_up()
     assert calls == ["capture"]
+
+
+def test_a_dropped_engine_is_freed_with_its_cache_pool(engine):
+    """Its memo tables are its own: a cache on the methods kept every engine alive, so a second
+    engine in one process (the benchmark's plain generate() after the fast engine) found the
+    first one's cache pool still on the GPU and ran out of memory."""
+    other = TransformersEngine(engine.model, engine.processor, model_id="again", revision="x", max_batch=2)
+    other.generate([PointQuery(RED, "Point to the dot.")])
+    assert other.chat_text("Point to the dot.") == engine.chat_text("Point to the dot.")
+    pool = weakref.ref(other.decoder.cache)
+    del other
+    gc.collect()
+    assert pool() is None
