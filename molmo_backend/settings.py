@@ -36,7 +36,7 @@ class Settings:
     gpus: str = ""  # "": one device (MOLMO_DEVICE); "all"; "0,1": one model replica per GPU
     dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
     max_new_tokens: int = 1024  # Molmo2 spends about 10 tokens a point: 1024 holds ~100 points
-    max_batch: int = 128
+    max_batch: int = 256
     decoder: str = "fast"  # "fast" (rows in cache slots, continuous batching) or "generate" (plain HF)
     cuda_graphs: str = "1"
     compile_step: str = "0"  # torch.compile the opened tasks' decode step (CUDA graphs on CUDA only)
@@ -156,9 +156,9 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     ),
     "max_batch": (
         "MOLMO_MAX_BATCH",
-        "Most bulk (image, label) rows decoding together (cache slots; "
-        "fewer when the GPU's free memory holds fewer; opened tasks have 16 slots of their "
-        "own). For `generate`/remote engines: most pairs in one batch",
+        "Most bulk (image, label) rows decoding together; fewer where the cache memory "
+        "(70% of the GPU's free memory after loading) holds fewer rows of 1,024 tokens; opened "
+        "tasks have 16 rows of their own. For `generate`/remote engines: most pairs in one batch",
     ),
     "decoder": (
         "MOLMO_DECODER",

@@ -108,8 +108,8 @@ class TransformersEngine(StepEngine):
 
     def _slot_decoder(self, cuda_graphs: bool, compile_step: bool) -> SlotDecoder:
         """The cache pool: rows up to the longest this model can have (its largest image, a long
-        prompt and the new-token cap); up to MOLMO_MAX_BATCH bulk rows, each taking what its own
-        prompt and answer need, in the share of the GPU's free memory the pool may take (on the
+        prompt and the new-token cap); up to MOLMO_MAX_BATCH bulk rows (fewer where the pool holds
+        fewer of a typical length), each taking what its own prompt and answer need, in the share of the GPU's free memory the pool may take (on the
         CPU: room for every bulk row at the longest length)."""
         length = cache_slots.round_up(
             self._largest_prefix() + SUFFIX_TOKENS + self.max_new_tokens + 1, cache_slots.LENGTH_STEP
@@ -117,9 +117,17 @@ class TransformersEngine(StepEngine):
         bulk_tokens = cache_slots.bulk_pool_tokens(
             self.model.config.text_config, self.dtype, self.device, self.max_batch, length
         )
+        rows = cache_slots.bulk_rows_for(bulk_tokens, self.max_batch)
         log.info(
-            "cache pool", extra={"bulk_tokens": bulk_tokens, "max_batch": self.max_batch, "longest": length}
+            "cache pool",
+            extra={
+                "bulk_tokens": bulk_tokens,
+                "bulk_rows": rows,
+                "max_batch": self.max_batch,
+                "longest": length,
+            },
         )
+        self.max_batch = rows
         return SlotDecoder(
             self.model,
             sorted(self._eos_ids),

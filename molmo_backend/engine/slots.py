@@ -32,6 +32,9 @@ BLOCK_TOKENS = 128
 ANSWER_ROOM = 64
 
 
+#: a bulk row's typical cache length, for how many rows a pool is worth: a photo's ~900 image
+#: tokens, its prompt and an answer of a few points
+TYPICAL_ROW_TOKENS = 1024
 #: share of the GPU memory free after loading that the cache slots may take; the rest is headroom
 #: for the prefill (about 10 images' activations and cache at a time), logits and graphs
 KV_MEMORY_FRACTION = 0.7
@@ -63,6 +66,15 @@ def bulk_pool_tokens(text_config, dtype: torch.dtype, device: torch.device, max_
     free, _ = torch.cuda.mem_get_info(device)
     budget = kv_token_budget(free, kv_bytes_per_token(text_config, dtype)) - INTERACTIVE_SLOTS * longest
     return max(min(budget, max_batch * longest), longest)
+
+
+def bulk_rows_for(pool_tokens: int | None, max_batch: int) -> int:
+    """Bulk rows worth running in a pool of ``pool_tokens``: ``max_batch``, or fewer where the
+    pool holds fewer rows of typical length (a smaller GPU then captures and runs smaller decode
+    steps, whose graphs and activations fit beside the pool). None (the CPU): ``max_batch``."""
+    if pool_tokens is None:
+        return max_batch
+    return max(1, min(max_batch, pool_tokens // TYPICAL_ROW_TOKENS))
 
 
 def round_up(value: int, step: int) -> int:

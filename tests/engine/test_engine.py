@@ -420,3 +420,24 @@ def test_a_dropped_engine_is_freed_with_its_cache_pool(engine):
     del other
     gc.collect()
     assert pool() is None
+
+
+def test_bulk_rows_shrink_to_what_the_pool_holds_at_typical_length(engine, monkeypatch):
+    """A GPU whose cache memory holds 3 rows of typical length runs (and captures steps for) 3
+    bulk rows, not MOLMO_MAX_BATCH; the CPU (no pool budget) keeps MOLMO_MAX_BATCH."""
+    from molmo_backend.engine import slots
+
+    pool = 3 * slots.TYPICAL_ROW_TOKENS + 100
+    monkeypatch.setattr(slots, "bulk_pool_tokens", lambda *args: pool)
+    small = TransformersEngine(engine.model, engine.processor, model_id="small", revision="x", max_batch=8)
+    assert small.max_batch == small.decoder.bulk_slots == 3
+    assert small.generate([PointQuery(RED, "Point to the dot.")] * 4)[3].text  # rows wait their turn
+    monkeypatch.undo()
+    assert (
+        TransformersEngine(
+            engine.model, engine.processor, model_id="cpu", revision="x", max_batch=8
+        ).max_batch
+        == 8
+    )
+    assert slots.bulk_rows_for(None, 8) == 8 and slots.bulk_rows_for(10, 8) == 1
+    assert slots.bulk_rows_for(300_000, 256) == 256 and slots.bulk_rows_for(150_000, 256) == 146
