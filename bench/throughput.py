@@ -56,6 +56,7 @@ from workloads import LABELS, build, fixed40, mean_length, noise_image, realisti
 from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
+from molmo_backend.logs import configure_logging  # noqa: E402
 
 try:  # absent from an older checkout timed through MOLMO_BENCH_CODE (skip norms there)
     from molmo_backend.engine import fused_norms  # noqa: E402
@@ -295,6 +296,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--summary", type=Path, help="write the summary (issue #13's keys) here")
     args = parser.parse_args()
+    # the engine's warnings with their fields (a failed query's error), as the server logs them
+    configure_logging("WARNING", "text")
     skip = set(filter(None, args.skip.split(",")))
     if args.prefill_tokens:
         SCHEDULER_OPTIONS["prefill_tokens"] = args.prefill_tokens
