@@ -157,7 +157,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "max_batch": (
         "MOLMO_MAX_BATCH",
         "Most bulk (image, label) rows decoding together; fewer where the cache memory "
-        "(70% of the GPU's free memory after loading) holds fewer rows of 1,024 tokens; opened "
+        "(70% of the GPU's free memory after loading; on the CPU, of the RAM available) holds "
+        "fewer rows of 1,024 tokens; opened "
         "tasks have 16 rows of their own. For `generate`/remote engines: most pairs in one batch",
     ),
     "decoder": (

@@ -91,12 +91,10 @@ class TransformersEngine(StepEngine):
         self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
         self._token_texts = TokenTexts(tokenizer)
         self._lock = threading.Lock()  # the scheduler's worker and direct generate() callers
-        # memo tables of this engine's own (an lru_cache on the methods would be shared by every
-        # engine and keep each alive, with its cache pool and graphs, until the process ends)
+        # memo tables of its own (an lru_cache on a method keeps every engine alive, pool and all)
         self._image_tokens = lru_cache(maxsize=4096)(self._count_image_tokens)
         self._suffix_tokens = lru_cache(maxsize=1024)(self._count_suffix_tokens)
         self._suffix_ids = lru_cache(maxsize=1024)(self._tokenize_suffix)
-        #: the model's own chat template around one image and a prompt
         self.chat_text = lru_cache(maxsize=1024)(self._render_chat)
         self._prepare_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         #: :meth:`prepare` computes the vision features too; off, the packed step does
@@ -109,24 +107,16 @@ class TransformersEngine(StepEngine):
     def _slot_decoder(self, cuda_graphs: bool, compile_step: bool) -> SlotDecoder:
         """The cache pool: rows up to the longest this model can have (its largest image, a long
         prompt and the new-token cap); up to MOLMO_MAX_BATCH bulk rows (fewer where the pool holds
-        fewer of a typical length), each taking what its own prompt and answer need, in the share of the GPU's free memory the pool may take (on the
-        CPU: room for every bulk row at the longest length)."""
+        fewer of a typical length), each taking what its own prompt and answer need, in the share
+        of the free memory (the GPU's, or on the CPU the RAM) the pool may take."""
         length = cache_slots.round_up(
             self._largest_prefix() + SUFFIX_TOKENS + self.max_new_tokens + 1, cache_slots.LENGTH_STEP
         )
         bulk_tokens = cache_slots.bulk_pool_tokens(
             self.model.config.text_config, self.dtype, self.device, self.max_batch, length
         )
-        rows = cache_slots.bulk_rows_for(bulk_tokens, self.max_batch)
-        log.info(
-            "cache pool",
-            extra={
-                "bulk_tokens": bulk_tokens,
-                "bulk_rows": rows,
-                "max_batch": self.max_batch,
-                "longest": length,
-            },
-        )
+        rows = cache_slots.bulk_rows_for(bulk_tokens, self.max_batch, length)
+        log.info("cache pool", extra={"bulk_tokens": bulk_tokens, "bulk_rows": rows, "longest": length})
         self.max_batch = rows
         return SlotDecoder(
             self.model,

@@ -58,23 +58,37 @@ def kv_token_budget(free_bytes: int, bytes_per_token: int, fraction: float = KV_
 
 
 def bulk_pool_tokens(text_config, dtype: torch.dtype, device: torch.device, max_batch: int, longest: int):
-    """Tokens of the bulk pool on a GPU: the share of its free memory the cache may take, less
-    the opened tasks' region; at most what ``max_batch`` rows of the longest length need, at
-    least one such row. None on the CPU (every bulk row then gets room for the longest length)."""
-    if device.type != "cuda":
+    """Tokens of the bulk pool: the share of the free memory (the GPU's; on the CPU, the RAM
+    available) the cache may take, less the opened tasks' region; at most what ``max_batch``
+    rows of the longest length need, at least one such row. None where the free memory is
+    unknown (every bulk row then gets room for the longest length)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_ram()
+    if free is None:
         return None
-    free, _ = torch.cuda.mem_get_info(device)
     budget = kv_token_budget(free, kv_bytes_per_token(text_config, dtype)) - INTERACTIVE_SLOTS * longest
     return max(min(budget, max_batch * longest), longest)
 
 
-def bulk_rows_for(pool_tokens: int | None, max_batch: int) -> int:
+def available_ram() -> int | None:
+    """Bytes of RAM the kernel says can be allocated without swapping (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def bulk_rows_for(pool_tokens: int | None, max_batch: int, longest: int) -> int:
     """Bulk rows worth running in a pool of ``pool_tokens``: ``max_batch``, or fewer where the
-    pool holds fewer rows of typical length (a smaller GPU then captures and runs smaller decode
-    steps, whose graphs and activations fit beside the pool). None (the CPU): ``max_batch``."""
+    pool holds fewer rows of typical length (no longer than ``longest``), so a smaller GPU
+    captures and runs smaller decode steps, whose graphs and activations fit beside the pool.
+    None (free memory unknown): ``max_batch``."""
     if pool_tokens is None:
         return max_batch
-    return max(1, min(max_batch, pool_tokens // TYPICAL_ROW_TOKENS))
+    return max(1, min(max_batch, pool_tokens // min(TYPICAL_ROW_TOKENS, longest)))
 
 
 def round_up(value: int, step: int) -> int:

@@ -424,7 +424,7 @@ def test_a_dropped_engine_is_freed_with_its_cache_pool(engine):
 
 def test_bulk_rows_shrink_to_what_the_pool_holds_at_typical_length(engine, monkeypatch):
     """A GPU whose cache memory holds 3 rows of typical length runs (and captures steps for) 3
-    bulk rows, not MOLMO_MAX_BATCH; the CPU (no pool budget) keeps MOLMO_MAX_BATCH."""
+    bulk rows, not MOLMO_MAX_BATCH."""
     from molmo_backend.engine import slots
 
     pool = 3 * slots.TYPICAL_ROW_TOKENS + 100
@@ -432,12 +432,28 @@ def test_bulk_rows_shrink_to_what_the_pool_holds_at_typical_length(engine, monke
     small = TransformersEngine(engine.model, engine.processor, model_id="small", revision="x", max_batch=8)
     assert small.max_batch == small.decoder.bulk_slots == 3
     assert small.generate([PointQuery(RED, "Point to the dot.")] * 4)[3].text  # rows wait their turn
+    assert slots.bulk_rows_for(None, 8, 2560) == 8 and slots.bulk_rows_for(10, 8, 2560) == 1
+    assert slots.bulk_rows_for(300_000, 256, 2560) == 256 and slots.bulk_rows_for(150_000, 256, 2560) == 146
+    assert slots.bulk_rows_for(8 * 512, 8, 512) == 8  # rows can be no longer than the longest
+
+
+def test_on_the_cpu_the_pool_is_budgeted_by_the_ram_available(engine, monkeypatch):
+    """MOLMO_DEVICE=cpu with a real model: MOLMO_MAX_BATCH rows of the longest length would take
+    hundreds of GB, so the pool takes its share of the RAM the kernel says is available."""
+    from molmo_backend.engine import slots
+
+    text, cpu, longest = engine.model.config.text_config, torch.device("cpu"), 1024
+    per_token = slots.kv_bytes_per_token(text, torch.float32)
+    ram = int((slots.INTERACTIVE_SLOTS * longest + 5000) * per_token / slots.KV_MEMORY_FRACTION) + per_token
+    monkeypatch.setattr(slots, "available_ram", lambda: ram)
+    assert slots.bulk_pool_tokens(text, torch.float32, cpu, 256, longest) == 5000
+    assert slots.bulk_pool_tokens(text, torch.float32, cpu, 2, longest) == 2 * longest  # no more than asked
+    monkeypatch.setattr(slots, "available_ram", lambda: None)
+    assert slots.bulk_pool_tokens(text, torch.float32, cpu, 256, longest) is None
     monkeypatch.undo()
+    assert slots.available_ram() > 0  # Linux: /proc/meminfo
+    # the tiny model's rows are small: the CPU keeps MOLMO_MAX_BATCH
     assert (
-        TransformersEngine(
-            engine.model, engine.processor, model_id="cpu", revision="x", max_batch=8
-        ).max_batch
+        TransformersEngine(engine.model, engine.processor, model_id="c", revision="x", max_batch=8).max_batch
         == 8
     )
-    assert slots.bulk_rows_for(None, 8) == 8 and slots.bulk_rows_for(10, 8) == 1
-    assert slots.bulk_rows_for(300_000, 256) == 256 and slots.bulk_rows_for(150_000, 256) == 146
