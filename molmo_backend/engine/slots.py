@@ -35,8 +35,8 @@ ANSWER_ROOM = 64
 #: a bulk row's typical cache length, for how many rows a pool is worth: a photo's ~900 image
 #: tokens, its prompt and an answer of a few points
 TYPICAL_ROW_TOKENS = 1024
-#: share of the GPU memory free after loading that the cache slots may take; the rest is headroom
-#: for the prefill (about 10 images' activations and cache at a time), logits and graphs
+#: share of the memory free after loading (the GPU's; on the CPU, the RAM) that the cache pool may
+#: take; the rest is headroom for the prefill (about 10 images' activations at a time) and graphs
 KV_MEMORY_FRACTION = 0.7
 
 
