@@ -36,7 +36,7 @@ class Settings:
     gpus: str = ""  # "": one device (MOLMO_DEVICE); "all"; "0,1": one model replica per GPU
     dtype: str = "auto"  # "auto" (bf16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"
     max_new_tokens: int = 1024  # Molmo2 spends about 10 tokens a point: 1024 holds ~100 points
-    max_batch: int = 256
+    max_batch: int | None = None  # None: the engine's own default (engine/inprocess.py)
     decoder: str = "fast"  # "fast" (rows in cache slots, continuous batching) or "generate" (plain HF)
     cuda_graphs: str = "1"
     compile_step: str = "0"  # torch.compile the opened tasks' decode step (CUDA graphs on CUDA only)
@@ -96,7 +96,7 @@ class Settings:
             raise SettingsError("MOLMO_PROMPT_TEMPLATE must contain '{label}'")
         if self.demo not in ("auto", "0", "1", "random"):
             raise SettingsError("MOLMO_DEMO must be auto, 1, 0 or random")
-        if self.max_batch < 1 or self.max_new_tokens < 1 or self.threads < 1:
+        if (self.max_batch is not None and self.max_batch < 1) or self.max_new_tokens < 1 or self.threads < 1:
             raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
         if self.decoder not in ("fast", "generate"):
             raise SettingsError("MOLMO_DECODER must be fast or generate")
@@ -156,10 +156,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     ),
     "max_batch": (
         "MOLMO_MAX_BATCH",
-        "Most bulk (image, label) rows decoding together; fewer where the cache memory "
-        "(70% of the GPU's free memory after loading; on the CPU, of the RAM available) holds "
-        "fewer rows of 1,024 tokens; opened "
-        "tasks have 16 rows of their own. For `generate`/remote engines: most pairs in one batch",
+        "Most bulk (image, label) rows decoding together (default 256); fewer where the cache "
+        "memory (70% of the GPU's free memory after loading; on the CPU, of the RAM available) "
+        "holds fewer rows of 1,024 tokens; opened tasks have 16 rows of their own. For `generate` "
+        "and Molmo v1: most pairs in one padded batch (default 128)",
     ),
     "decoder": (
         "MOLMO_DECODER",
@@ -260,7 +260,7 @@ ENV_NAMES = {name: var for name, (var, _) in SETTINGS_DOC.items()}
 def _convert(name: str, var: str, raw: str):
     kind = {f.name: f.type for f in fields(Settings)}[name]
     try:
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return int(raw)
         if kind == "float":
             return float(raw)

@@ -115,9 +115,8 @@ class TransformersEngine(StepEngine):
         bulk_tokens = cache_slots.bulk_pool_tokens(
             self.model.config.text_config, self.dtype, self.device, self.max_batch, length
         )
-        rows = cache_slots.bulk_rows_for(bulk_tokens, self.max_batch, length)
+        self.max_batch = rows = cache_slots.bulk_rows_for(bulk_tokens, self.max_batch, length)
         log.info("cache pool", extra={"bulk_tokens": bulk_tokens, "bulk_rows": rows, "longest": length})
-        self.max_batch = rows
         return SlotDecoder(
             self.model,
             sorted(self._eos_ids),
@@ -195,7 +194,7 @@ class TransformersEngine(StepEngine):
         folder when molmo_backend.app.model_choice picks it, with its ``model_id`` and ``demo``)."""
         path = path or settings.model
         device = device or pick_device(settings)
-        options = load_options(settings, path, device)
+        options = load_options(settings, path, device, whole_batches=settings.decoder != "fast")
         if model_id:
             options["model_id"] = model_id
         return cls.load(

@@ -457,3 +457,26 @@ def test_on_the_cpu_the_pool_is_budgeted_by_the_ram_available(engine, monkeypatc
         TransformersEngine(engine.model, engine.processor, model_id="c", revision="x", max_batch=8).max_batch
         == 8
     )
+
+
+def test_max_batch_defaults_to_each_engine_s_own_and_the_variable_overrides_it(demo_model_dir):
+    """Unset, MOLMO_MAX_BATCH is 256 bulk rows for the fast decoder (rows of their own length)
+    and 128 pairs for a padded whole batch (``generate``; Molmo v1 takes the same default)."""
+    from molmo_backend.engine.inprocess import BATCH_PAIRS, FAST_DECODER_ROWS
+    from molmo_backend.settings import SettingsError
+
+    cpu = torch.device("cpu")
+    assert Settings.from_env({}).max_batch is None
+    assert (FAST_DECODER_ROWS, BATCH_PAIRS) == (256, 128)
+    fast = TransformersEngine.from_settings(Settings(model=str(demo_model_dir)), device=cpu)
+    assert fast.max_batch == fast.decoder.bulk_slots == FAST_DECODER_ROWS
+    plain = TransformersEngine.from_settings(
+        Settings(model=str(demo_model_dir), decoder="generate"), device=cpu
+    )
+    assert plain.max_batch == BATCH_PAIRS
+    settings = Settings.from_env({"MOLMO_MAX_BATCH": "3"}, model=str(demo_model_dir), decoder="generate")
+    assert TransformersEngine.from_settings(settings, device=cpu).max_batch == 3
+    with pytest.raises(SettingsError, match="MOLMO_MAX_BATCH"):
+        Settings.from_env({"MOLMO_MAX_BATCH": "0"})
+    with pytest.raises(SettingsError, match="MOLMO_MAX_BATCH"):
+        Settings.from_env({"MOLMO_MAX_BATCH": "many"})
