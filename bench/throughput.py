@@ -13,8 +13,9 @@ each on the same inputs:
     (d) at commit b6d7db6 (bench/RESULTS.md) and then removed.
 (d) engine:  continuous batching (``MOLMO_DECODER=fast``, the default): rows join and leave
              between decode steps, CUDA-graph decode steps; and its ablations on the realistic
-             workload: prefill and decode in forwards of their own (``apart``), no cascade
-             attention (``flat``), vision features computed in the packed step instead of on the
+             workload: prefill and decode in forwards of their own (``apart``), decode
+             attention in CUTLASS's kernel instead of the split-key Triton kernels
+             (``cutlass``), no cascade attention (``flat``, with CUTLASS), vision features computed in the packed step instead of on the
              preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
              prompt suffixes reading their whole slots instead of their image's prefix once
@@ -286,7 +287,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,flat,ahead,priority,norms,suffix,rows",
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,flat,ahead,priority,norms,suffix,rows",
     )
     parser.add_argument(
         "--only",
@@ -345,6 +346,7 @@ def main() -> int:
     results["bulk_pool_tokens"] = space.regions[False].count * 128 if space else engine.max_batch * longest
     results["varlen_attention"] = engine.decoder.varlen
     results["cascade_attention"] = getattr(engine.decoder, "cascade", None)
+    results["split_key_attention"] = getattr(engine.decoder, "flash", None)  # flash_decode.py
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
@@ -384,11 +386,19 @@ def main() -> int:
             scheduled(engine, work["realistic"], device, log, "d_apart_steps", packed_steps=False)
         )
         save()
+    if "cutlass" not in skip and getattr(engine.decoder, "flash", False):
+        engine.decoder.flash = False  # decode attention in CUTLASS's kernel, with the cascade
+        recapture(engine.decoder)
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_cutlass_decode"))
+        engine.decoder.flash = True
+        recapture(engine.decoder)
+        save()
     if "flat" not in skip and results["cascade_attention"]:  # every row reads all its keys
+        flash, engine.decoder.flash = engine.decoder.flash, False  # CUTLASS's kernel, no cascade
         engine.decoder.cascade = False
         engine.decoder.capture_graphs()  # the steps without the cascade (graphs are keyed by it)
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_flat_decode"))
-        engine.decoder.cascade = True
+        engine.decoder.cascade, engine.decoder.flash = True, flash
         save()
     if "ahead" not in skip:  # vision features computed in the packed step, as before
         engine.features_ahead = False
@@ -499,6 +509,7 @@ def main() -> int:
         "date": results["date"],
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
         "realistic_apart_steps_pairs_per_s": pick("d_apart_steps", "realistic"),
+        "realistic_cutlass_decode_pairs_per_s": pick("d_cutlass_decode", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),
@@ -506,6 +517,7 @@ def main() -> int:
         "realistic_suffix_dense_pairs_per_s": pick("d_suffix_dense", "realistic"),
         "realistic_rows_as_slots_pairs_per_s": pick("d_rows_as_slots", "realistic"),
         "cascade_attention": results.get("cascade_attention"),
+        "split_key_attention": results.get("split_key_attention"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
         "mean_length_pairs_per_s": pick("d_engine", "mean_length"),

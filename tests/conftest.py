@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.support.processes import serve_directory
+
+# Triton's kernels (molmo_backend/engine/flash_decode.py) run on the CPU in its interpreter; it
+# is chosen when a kernel is defined, so before any test imports the engine
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 KEYPOINT_CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from molmo_backend.engine import cascade, packed, slot_attention, suffix_attention
+from molmo_backend.engine import attention_kernels, cascade, flash_decode, packed, slot_attention
 from molmo_backend.engine.packed import PlanBuilder
 from molmo_backend.engine.phases import PhaseTimer
 from molmo_backend.engine.prefill import PreparedImage, step_features
@@ -139,25 +139,15 @@ class SlotDecoder:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         groups = self.kv_groups = self.lm.config.num_attention_heads // self.kv_heads
         self.image_token_id = model.config.image_token_id
-        #: decode attention reads each row's own keys (CUDA's variable-length kernel, checked
-        #: against SDPA here first); else SDPA reads every row up to the step's read length
-        self.varlen = slot_attention.available(self.device, self.dtype, self.kv_heads, self.head_dim, groups)
-        if self.varlen:
-            slot_attention.install()
-        #: decode steps read each image prefix once for all its rows (:mod:`.cascade`), where
-        #: the kernel path agrees with every row reading all its keys
-        self.cascade = self.varlen and cascade.works(
-            self.device, self.dtype, self.kv_heads, self.head_dim, groups
-        )
-        #: packed steps read an image's prefix once for the prompt suffixes of all its rows
-        #: (:mod:`.suffix_attention`), where the kernel path agrees with each row reading its slot
-        self.suffix_pass = self.varlen and suffix_attention.works(
-            self.device, self.dtype, self.kv_heads, self.head_dim, groups
-        )
+        kernels = attention_kernels.checked(self.device, self.dtype, self.kv_heads, self.head_dim, groups)
+        #: the attention kernels steps run (:class:`.attention_kernels.Kernels` says what each is)
+        self.varlen, self.flash = kernels.varlen, kernels.flash
+        self.cascade, self.suffix_pass = kernels.cascade, kernels.suffix_pass
+        regions = ((True, interactive_slots), (False, bulk_slots))  # each region's steps' layouts
         self._cascade = {
-            interactive: cascade.StepBuffer(size, self.kv_heads, groups, BLOCK_TOKENS, device)
-            for interactive, size in ((True, interactive_slots), (False, bulk_slots))
+            i: cascade.StepBuffer(n, self.kv_heads, groups, BLOCK_TOKENS, device) for i, n in regions
         }
+        self._flash = {i: flash_decode.StepBuffer(n, groups, BLOCK_TOKENS, device) for i, n in regions}
         self._next_group = 0
         #: set to a dict to collect seconds per phase (synchronises the GPU: benchmarks only)
         self.profile: dict | None = None
@@ -300,9 +290,11 @@ class SlotDecoder:
             count, pad = len(rows), 0
         slots = [row.slot for row in rows] + [pad] * (count - len(rows))
         self.step_slots[interactive][:count].copy_(torch.tensor(slots, dtype=torch.long))
-        if self._uses_cascade(count):
-            pads = [(pad, None, 0)] * (count - len(rows))
-            self._cascade[interactive].load([(row.slot, row.group, row.prefix) for row in rows] + pads)
+        layout = [(row.slot, row.group, row.prefix) for row in rows] + [(pad, None, 0)] * (count - len(rows))
+        if self.flash:
+            self._flash[interactive].load(layout)
+        elif self._uses_cascade(count):
+            self._cascade[interactive].load(layout)
         return count
 
     def _step_logits(self, slots, key_positions, varlen: bool = False, shared=None) -> torch.Tensor:
@@ -351,7 +343,14 @@ class SlotDecoder:
     def _uses_cascade(self, count: int) -> bool:
         return self.cascade and self.varlen and count >= cascade.MIN_ROWS
 
-    def _shared(self, interactive: bool, count: int) -> cascade.Cascade | None:
+    def _attention(self, count: int) -> str:
+        """Which decode attention a step of ``count`` rows runs (part of its graph's key)."""
+        return "split-key" if self.flash else "cascade" if self._uses_cascade(count) else "rows"
+
+    def _shared(self, interactive: bool, count: int):
+        """The step's layout for its decode attention (None: each row reads all its keys)."""
+        if self.flash:
+            return self._flash[interactive].view(count)
         return self._cascade[interactive].view(count) if self._uses_cascade(count) else None
 
     def _step(self, interactive: bool, count: int, read_length: int, compiled: bool = False) -> None:
@@ -361,7 +360,7 @@ class SlotDecoder:
             logits = self._compiled_logits(slots, key_positions)
         else:
             shared = self._shared(interactive, count)
-            logits = self._step_logits(slots, key_positions, varlen=self.varlen, shared=shared)
+            logits = self._step_logits(slots, key_positions, self.varlen or self.flash, shared)
         logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
         self._advance(slots, token, logprob)
 
@@ -437,8 +436,8 @@ class SlotDecoder:
 
     def _graph(self, interactive: bool, count: int, read_length: int) -> StepGraph:
         compiled = interactive and self.compile_step
-        # a graph replays the attention it was captured with: cascade or not is part of its key
-        key = (interactive, count, read_length, compiled, not compiled and self._uses_cascade(count))
+        # a graph replays the attention it was captured with: its kind is part of the key
+        key = (interactive, count, read_length, compiled, not compiled and self._attention(count))
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = StepGraph(self, interactive, count, read_length, compiled)

@@ -1,0 +1,39 @@
+"""Which attention kernels a slot decoder runs: each is checked on the device against a plain
+reference once, at start, and used only where it agrees (else the slower path it replaces)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from molmo_backend.engine import cascade, flash_decode, slot_attention, suffix_attention
+
+
+@dataclass
+class Kernels:
+    #: attention reads each row's own keys in place (CUDA's variable-length memory-efficient
+    #: kernel); else SDPA over every row up to the step's read length
+    varlen: bool
+    #: decode attention split over the keys in Triton (:mod:`.flash_decode`), image prefixes
+    #: read once; else CUTLASS's kernel, with the cascade where it holds
+    flash: bool
+    #: decode steps read each image prefix once for all its rows with CUTLASS's kernel (:mod:`.cascade`)
+    cascade: bool
+    #: packed steps read an image's prefix once for the prompt suffixes of all its rows
+    #: (:mod:`.suffix_attention`)
+    suffix_pass: bool
+
+
+def checked(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int, groups: int) -> Kernels:
+    geometry = (device, dtype, kv_heads, head_dim, groups)
+    varlen = slot_attention.available(*geometry)
+    flash = device.type == "cuda" and flash_decode.works(*geometry)
+    if varlen or flash:
+        slot_attention.install()
+    return Kernels(
+        varlen=varlen,
+        flash=flash,
+        cascade=varlen and cascade.works(*geometry),
+        suffix_pass=varlen and suffix_attention.works(*geometry),
+    )
