@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from molmo_backend.engine import cascade, flash_decode, slot_attention, suffix_attention
+from molmo_backend.engine import cascade, flash_decode, fused_rotary, slot_attention, suffix_attention
 
 
 @dataclass
@@ -23,6 +23,9 @@ class Kernels:
     #: packed steps read an image's prefix once for the prompt suffixes of all its rows
     #: (:mod:`.suffix_attention`)
     suffix_pass: bool
+    #: the rotary embedding in one Triton kernel, bit-for-bit Hugging Face's (:mod:`.fused_rotary`;
+    #: installed for every Molmo2 model of the process)
+    rotary: bool
 
 
 def checked(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int, groups: int) -> Kernels:
@@ -31,7 +34,11 @@ def checked(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: i
     flash = device.type == "cuda" and flash_decode.works(*geometry)
     if varlen or flash:
         slot_attention.install()
+    rotary = fused_rotary.works(device, dtype, kv_heads * groups, kv_heads, head_dim)
+    if rotary:
+        fused_rotary.install()
     return Kernels(
+        rotary=rotary,
         varlen=varlen,
         flash=flash,
         cascade=varlen and cascade.works(*geometry),
