@@ -96,7 +96,8 @@ def measure(rows: int, keys, values, device) -> dict:
     prefix_rows = [(slot, image, prefix) for slot, image, prefix, _ in layout]
     shared = cascade.Cascade(*(int32(v) for v in cascade.layout(prefix_rows, KV, groups, STRIDE)))
     table, prefix = flash_decode.layout(prefix_rows, groups, STRIDE)
-    table, prefix = int32(table), int32(prefix)
+    table, own_length = flash_decode.sequences(int32(table), int32(prefix), plan.seqstart_k, plan.seqlen_k)
+    prefix = int32(prefix)
 
     def rows_alone():
         return slot_attention.decode_varlen(query, keys, values, plan, scaling)
@@ -106,16 +107,7 @@ def measure(rows: int, keys, values, device) -> dict:
 
     def split(chunk):
         return lambda: flash_decode.attention(
-            query[:, :, 0],
-            flat_k,
-            flat_v,
-            table,
-            prefix,
-            plan.seqstart_k,
-            plan.seqlen_k,
-            read,
-            scaling,
-            chunk,
+            query[:, :, 0], flat_k, flat_v, table, prefix, own_length, read, scaling, chunk
         )
 
     variants = {

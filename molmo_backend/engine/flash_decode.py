@@ -133,39 +133,30 @@ if triton is not None:
         tl.store(Out + row * stride_xr + head * stride_xh + d, out.to(Out.dtype.element_ty), mask=d < dim)
 
 
+def sequences(groups_table, prefix, seqstart_k, seqlen_k) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's sequences for the chunk kernel (once a step, for all its layers): ``groups_table``
+    (int32 ``[4, rows]``: each image group's first row, its row count, 0 if unused, its
+    prefix's first key and the prefix length) followed by one sequence a row for its own keys
+    (row r's keys start at ``seqstart_k[r]``, ``seqlen_k[r]`` of them, the first ``prefix[r]``
+    of them its image's). Returns the table ``[4, 2 x rows]`` and each row's own key count."""
+    rows = prefix.shape[0]
+    own_length = seqlen_k - prefix
+    first_row = torch.arange(rows, device=prefix.device, dtype=torch.int32)
+    own = torch.stack((first_row, torch.ones_like(prefix), seqstart_k[:rows] + prefix, own_length))
+    return torch.cat((groups_table, own), dim=1).contiguous(), own_length
+
+
 def attention(
-    query,
-    flat_keys,
-    flat_values,
-    groups_table,
-    prefix,
-    seqstart_k,
-    seqlen_k,
-    max_keys: int,
-    scaling,
-    chunk: int | None = None,
+    query, flat_keys, flat_values, table, prefix, own_length, max_keys: int, scaling, chunk: int | None = None
 ) -> torch.Tensor:
     """Decode attention of ``query`` ``[rows, heads, dim]`` (one token a row) over the flat pool
-    ``[tokens, kv_heads, dim]``. ``groups_table`` (int32 ``[4, rows]``): for each image group,
-    its first row, its row count (0: unused), its prefix's first key and the prefix length;
-    ``prefix`` (int32 ``[rows]``): each row's prefix length; row r's keys start at
-    ``seqstart_k[r]``, ``seqlen_k[r]`` of them (``max_keys`` at most). ``chunk``: keys a program
-    reads (by default :data:`CHUNK` in steps of fewer than :data:`SPLIT_ROWS` rows, else all
-    ``max_keys``: no split). Returns ``[rows, heads, dim]``."""
+    ``[tokens, kv_heads, dim]``, the step laid out by :func:`sequences` (``table``,
+    ``own_length``) with each row's ``prefix`` length; no sequence is longer than ``max_keys``.
+    ``chunk``: keys a program reads (by default :data:`CHUNK` in steps of fewer than
+    :data:`SPLIT_ROWS` rows, else all ``max_keys``: no split). Returns ``[rows, heads, dim]``."""
     rows, heads, dim = query.shape
     kv = flat_keys.shape[1]
     groups = heads // kv
-    own_first = seqstart_k[:rows] + prefix
-    own_length = seqlen_k - prefix
-    own = torch.stack(
-        (
-            torch.arange(rows, device=query.device, dtype=torch.int32),
-            torch.ones_like(prefix),
-            own_first,
-            own_length,
-        )
-    )
-    table = torch.cat((groups_table, own), dim=1).contiguous()  # [4, 2 x rows]
     if chunk is None:  # a sequence's keys all lie within max_keys of its start
         chunk = max_keys if rows >= SPLIT_ROWS else CHUNK
     splits = -(-max_keys // chunk)
@@ -221,13 +212,16 @@ class FlashStep:
 
     groups_table: torch.Tensor  # int32 [4, rows]
     prefix: torch.Tensor  # int32 [rows]
+    laid_out: tuple | None = None  # :func:`sequences`, made at the step's first layer
 
     def attend(self, query, flat_keys, flat_values, plan, scaling) -> torch.Tensor:
         """The :class:`.cascade.Cascade` interface: ``query`` ``[rows, heads, dim]`` in, the same out."""
+        if self.laid_out is None:
+            self.laid_out = sequences(self.groups_table, self.prefix, plan.seqstart_k, plan.seqlen_k)
+        table, own_length = self.laid_out
         return attention(
-            query, flat_keys, flat_values, self.groups_table, self.prefix,
-            plan.seqstart_k, plan.seqlen_k, plan.max_keys, scaling,
-        )  # fmt: skip
+            query, flat_keys, flat_values, table, self.prefix, own_length, plan.max_keys, scaling
+        )
 
 
 class StepBuffer:
@@ -280,9 +274,8 @@ def works(device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int
         seqlen = int32([n + 1 for *_, n in rows])
         error = 0.0
         for chunk in (CHUNK, length):  # split, and not
-            got = attention(
-                query, keys, values, int32(table), int32(prefix), starts, seqlen, length, scaling, chunk
-            )
+            laid_out, own_length = sequences(int32(table), int32(prefix), starts, seqlen)
+            got = attention(query, keys, values, laid_out, int32(prefix), own_length, length, scaling, chunk)
             error = max(error, _error(got, query, keys, values, rows, length, groups, scaling))
         if not error <= 2e-2:  # NaN fails too
             log.warning("split-key decode attention disagrees: not used", extra={"error": error})
