@@ -53,8 +53,8 @@ def rows_per_group(groups: int) -> int:
 
 
 if triton is not None:
-
-    @triton.jit
+    # row counts, chunk sizes and the like change from step to step: no variant compiled for each
+    @triton.jit(do_not_specialize=["count", "dim", "chunk", "splits"])
     def _chunk_kernel(
         Q, K, V, PartOut, PartLse, Table,
         count, dim, chunk, splits, scale_log2,
@@ -112,7 +112,7 @@ if triton is not None:
             lse_at = row * stride_lr + head * stride_lh + column
             tl.store(PartLse + lse_at, best + tl.log2(total), mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["dim", "chunk", "splits"])
     def _merge_kernel(
         PartOut, PartLse, Prefix, Own, Out,
         dim, chunk, splits, stride_or, stride_oh, stride_oc, stride_lr, stride_lh, stride_xr, stride_xh,

@@ -34,7 +34,7 @@ ON_CPU = False
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seq"])  # 1 in a decode step, thousands in a packed one
     def _rotary_kernel(
         Q, K, Cos, Sin, QOut, KOut,
         seq, heads_q, heads_k,
