@@ -26,6 +26,12 @@ ARG GID=1000
 RUN groupadd --gid "${GID}" molmo \
     && useradd --uid "${UID}" --gid "${GID}" --create-home --home-dir /home/molmo --shell /usr/sbin/nologin molmo
 
+# A C compiler: Triton builds its kernels' launchers with one at first use (the split-key decode
+# attention, MOLMO_TRITON_KERNELS); without it the engine falls back to CUTLASS's slower kernel.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 
 # Dependencies first, from the pinned files only, so that code changes do not reinstall them.
@@ -58,9 +64,10 @@ RUN python -m pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 
 # Hugging Face cache (model weights, and the demo model) on a volume owned by the runtime user;
-# torch.compile's kernel cache (MOLMO_COMPILE) beside it, so a restart reuses compiled kernels.
+# torch.compile's and Triton's kernel caches beside it, so a restart reuses compiled kernels.
 ENV HF_HOME=/data/hf \
     TORCHINDUCTOR_CACHE_DIR=/data/hf/torchinductor \
+    TRITON_CACHE_DIR=/data/hf/triton \
     HOST=0.0.0.0 \
     PORT=9090 \
     LOG_FORMAT=json \

@@ -154,7 +154,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": getattr(flash_decode.triton, "__version__", None),
         "command": " ".join(["python"] + sys.argv),
-        "split_rows": flash_decode.SPLIT_ROWS,
+        "chunks": [flash_decode.CHUNK, flash_decode.BIG_CHUNK, flash_decode.SMALL_STEP],
         "steps": [],
     }
     for rows in counts:

@@ -15,8 +15,7 @@ each on the same inputs:
              between decode steps, CUDA-graph decode steps; and its ablations on the realistic
              workload: prefill and decode in forwards of their own (``apart``), decode
              attention in CUTLASS's kernel instead of the split-key Triton kernels
-             (``cutlass``), Hugging Face's rotary embedding instead of one Triton kernel
-             (``rotary``), no cascade attention (``flat``, with CUTLASS), vision features computed in the packed step instead of on the
+             (``cutlass``), no cascade attention (``flat``, with CUTLASS), vision features computed in the packed step instead of on the
              preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
              prompt suffixes reading their whole slots instead of their image's prefix once
@@ -64,10 +63,6 @@ try:  # absent from an older checkout timed through MOLMO_BENCH_CODE (skip norms
     from molmo_backend.engine import fused_norms  # noqa: E402
 except ImportError:
     fused_norms = None
-try:  # likewise (skip rotary there)
-    from molmo_backend.engine import fused_rotary  # noqa: E402
-except ImportError:
-    fused_rotary = None
 
 #: options of every scheduler this run makes (``--prefill-tokens``)
 SCHEDULER_OPTIONS: dict = {}
@@ -292,7 +287,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,rotary,flat,ahead,priority,norms,suffix,rows",
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,flat,ahead,priority,norms,suffix,rows",
     )
     parser.add_argument(
         "--only",
@@ -343,6 +338,7 @@ def main() -> int:
         revision="random",
         max_new_tokens=1024,
         max_batch=args.batch,
+        triton_kernels=True,  # the default (MOLMO_TRITON_KERNELS); the cutlass ablation turns it off
     )
     decoder = engine.decoder
     longest = getattr(decoder, "max_length", None) or decoder.slot_length  # older code: slot_length
@@ -352,7 +348,6 @@ def main() -> int:
     results["varlen_attention"] = engine.decoder.varlen
     results["cascade_attention"] = getattr(engine.decoder, "cascade", None)
     results["split_key_attention"] = getattr(engine.decoder, "flash", None)  # flash_decode.py
-    results["fused_rotary"] = fused_rotary is not None and fused_rotary._ORIGINAL is not None
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
@@ -397,13 +392,6 @@ def main() -> int:
         recapture(engine.decoder)
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_cutlass_decode"))
         engine.decoder.flash = True
-        recapture(engine.decoder)
-        save()
-    if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
-        fused_rotary.uninstall()
-        recapture(engine.decoder)
-        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unfused_rotary"))
-        fused_rotary.install()
         recapture(engine.decoder)
         save()
     if "flat" not in skip and results["cascade_attention"]:  # every row reads all its keys
@@ -523,7 +511,6 @@ def main() -> int:
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
         "realistic_apart_steps_pairs_per_s": pick("d_apart_steps", "realistic"),
         "realistic_cutlass_decode_pairs_per_s": pick("d_cutlass_decode", "realistic"),
-        "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),

@@ -30,9 +30,11 @@ log = logging.getLogger(__name__)
 
 #: rows of one image that read their shared prefix in one sequence (more are split)
 CASCADE_ROWS = 16
-#: steps of fewer rows read all their keys: they read little, and the cascade's second pass and
-#: merge add ~10 small kernels a layer (a guess to measure, not a measured crossover)
-MIN_ROWS = 32
+#: steps of fewer rows read all their keys: the cascade's second pass and merge (~10 small
+#: kernels a layer) cost more than the prefix reads they save there. Measured on an H100
+#: (bench/decode_attention.py, us a layer, each row all its keys / cascade): 32 rows 67 / 109,
+#: 64 rows 121 / 142, 128 rows 211 / 196, 256 rows 422 / 295
+MIN_ROWS = 128
 
 
 @dataclass

@@ -82,6 +82,7 @@ class SlotDecoder:
         interactive_slots: int = INTERACTIVE_SLOTS,
         use_cuda_graph: bool = True,
         compile_step: bool = False,
+        triton: bool = False,
     ):
         self.model = model
         self.lm = model.model.language_model
@@ -133,14 +134,14 @@ class SlotDecoder:
         }
         #: rows moved to a longer run, and steps where a row waited for memory (benchmarks);
         #: whether a row waited at the last step (:mod:`.row_memory` sets them)
-        self.moves = self.waits = 0
-        self.short_of_memory = False
+        self.moves, self.waits, self.short_of_memory = 0, 0, False
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         groups = self.kv_groups = self.lm.config.num_attention_heads // self.kv_heads
         self.image_token_id = model.config.image_token_id
-        kernels = attention_kernels.checked(self.device, self.dtype, self.kv_heads, self.head_dim, groups)
         #: the attention kernels steps run (:class:`.attention_kernels.Kernels` says what each is)
+        geometry = (self.device, self.dtype, self.kv_heads, self.head_dim, groups)
+        kernels = attention_kernels.checked(*geometry, triton)
         self.varlen, self.flash = kernels.varlen, kernels.flash
         self.cascade, self.suffix_pass = kernels.cascade, kernels.suffix_pass
         regions = ((True, interactive_slots), (False, bulk_slots))  # each region's steps' layouts

@@ -34,12 +34,14 @@ except ImportError:  # pragma: no cover - a torch build without Triton
 
 log = logging.getLogger(__name__)
 
-#: keys a program reads in a step of few rows (a row's prefix and own keys are split in chunks
-#: of this many, so a few rows still fill the GPU)
+#: keys a program reads (a row's prefix and own keys are split in chunks of this many, so even
+#: a few rows fill the GPU): 256 in steps of up to :data:`SMALL_STEP` rows, 512 in bigger ones,
+#: whose sequences fill it already and where every chunk adds a partial result to write and
+#: merge. Measured on an H100 (bench/decode_attention.py, us a layer, split 256 / 512 / none):
+#: 16 rows 25 / 36 / 88, 64 rows 77 / 81 / 103, 128 rows 137 / 133 / 150, 256 rows 270 / 251 / 249.
 CHUNK = 256
-#: steps of this many rows or more do not split: their sequences alone fill the GPU, and every
-#: split would add programs and partial results to write and merge
-SPLIT_ROWS = 64
+BIG_CHUNK = 512
+SMALL_STEP = 64
 #: query rows of one program: a group's rows times their heads that share a key head
 TILE_ROWS = 16
 #: keys a program reads at a time
@@ -152,13 +154,13 @@ def attention(
     """Decode attention of ``query`` ``[rows, heads, dim]`` (one token a row) over the flat pool
     ``[tokens, kv_heads, dim]``, the step laid out by :func:`sequences` (``table``,
     ``own_length``) with each row's ``prefix`` length; no sequence is longer than ``max_keys``.
-    ``chunk``: keys a program reads (by default :data:`CHUNK` in steps of fewer than
-    :data:`SPLIT_ROWS` rows, else all ``max_keys``: no split). Returns ``[rows, heads, dim]``."""
+    ``chunk``: keys a program reads (by default :data:`CHUNK`, or :data:`BIG_CHUNK` in steps of
+    more than :data:`SMALL_STEP` rows). Returns ``[rows, heads, dim]``."""
     rows, heads, dim = query.shape
     kv = flat_keys.shape[1]
     groups = heads // kv
-    if chunk is None:  # a sequence's keys all lie within max_keys of its start
-        chunk = max_keys if rows >= SPLIT_ROWS else CHUNK
+    if chunk is None:
+        chunk = CHUNK if rows <= SMALL_STEP else BIG_CHUNK
     splits = -(-max_keys // chunk)
     part_out = torch.empty((rows, heads, 2 * splits, dim), device=query.device, dtype=torch.float32)
     part_lse = torch.empty((rows, heads, 2 * splits), device=query.device, dtype=torch.float32)

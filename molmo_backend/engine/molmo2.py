@@ -67,6 +67,7 @@ class TransformersEngine(StepEngine):
         decoder: str = "fast",
         cuda_graphs: bool = True,
         compile_step: bool = False,
+        triton_kernels: bool = False,
         demo: bool = False,
     ):
         if decoder not in DECODERS:
@@ -77,12 +78,10 @@ class TransformersEngine(StepEngine):
         self.model, self.processor = model.eval(), processor
         fused_norms.fuse(model)  # one kernel per RMS norm, for every path on this model
         self.device, self.dtype = model.device, model.dtype
-        self.model_id, self.revision, self.demo = model_id, revision, demo
-        self.family = "molmo2"
+        self.model_id, self.revision, self.demo, self.family = model_id, revision, demo, "molmo2"
         self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
         self.logits_processors = list(logits_processors)
-        self.decoder_name = decoder
-        self.stepwise = decoder == "fast"
+        self.decoder_name, self.stepwise = decoder, decoder == "fast"
         #: benchmark seam: when set, every query without its own ``answer_tokens`` generates
         #: exactly this many tokens (see PointQuery.answer_tokens); None in production
         self.answer_tokens: int | None = None
@@ -100,11 +99,11 @@ class TransformersEngine(StepEngine):
         #: :meth:`prepare` computes the vision features too; off, the packed step does
         self.features_ahead = True
         # only where it pays: a compiled step is captured as a CUDA graph
-        compile_step = compile_step and cuda_graphs and model.device.type == "cuda"
+        steps = (cuda_graphs, compile_step and cuda_graphs and model.device.type == "cuda", triton_kernels)
         #: cache slots and their steps; None for ``generate`` (slots would take its memory)
-        self.decoder = self._slot_decoder(cuda_graphs, compile_step) if self.stepwise else None
+        self.decoder = self._slot_decoder(*steps) if self.stepwise else None
 
-    def _slot_decoder(self, cuda_graphs: bool, compile_step: bool) -> SlotDecoder:
+    def _slot_decoder(self, cuda_graphs: bool, compile_step: bool, triton_kernels: bool) -> SlotDecoder:
         """The cache pool: rows up to the longest this model can have (its largest image, a long
         prompt and the new-token cap); up to MOLMO_MAX_BATCH bulk rows (fewer where the pool holds
         fewer of a typical length), each taking what its own prompt and answer need, in the share
@@ -126,6 +125,7 @@ class TransformersEngine(StepEngine):
             bulk_tokens=bulk_tokens,
             use_cuda_graph=cuda_graphs,
             compile_step=compile_step,
+            triton=triton_kernels,
         )
 
     def _largest_prefix(self) -> int:
@@ -203,6 +203,7 @@ class TransformersEngine(StepEngine):
             decoder=settings.decoder,
             cuda_graphs=settings.cuda_graphs == "1",
             compile_step=settings.compile_step == "1",
+            triton_kernels=settings.triton_kernels == "1",
             **kwargs,
         )
 

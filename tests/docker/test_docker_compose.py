@@ -82,6 +82,15 @@ def test_profile_image_holds_its_pinned_stack(profile, transformers_major):
     assert out[2] == out[3] == profile and out[4] != "0", out
     help_text = _docker("run", "--rm", image, "serve", "--help")
     assert "MOLMO_MODEL" in help_text
+    # Triton builds its kernels' launchers (C, with Python's headers) at first use on a GPU: the
+    # split-key decode attention (MOLMO_TRITON_KERNELS) needs a compiler in the image
+    build = (
+        "import shutil, subprocess, sysconfig; "
+        "subprocess.run([shutil.which('gcc'), '-fsyntax-only', '-x', 'c', '-', "
+        "'-I' + sysconfig.get_paths()['include']], input=b'#include <Python.h>\\n', check=True); "
+        "print('built')"
+    )
+    assert _docker("run", "--rm", "--entrypoint", "python", image, "-c", build).strip() == "built"
 
     def torch_layer(img: str) -> str:
         rows = _docker("history", "--no-trunc", "--format", "{{.ID}}\t{{.CreatedBy}}", img)

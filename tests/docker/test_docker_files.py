@@ -110,6 +110,7 @@ def test_hf_cache_on_a_volume(instructions):
     assert re.search(r"\bHF_HOME=/data/hf\b", env)
     # torch.compile's kernels (MOLMO_COMPILE) persist on the volume too: restarts reuse them
     assert re.search(r"\bTORCHINDUCTOR_CACHE_DIR=/data/hf/\S+", env)
+    assert re.search(r"\bTRITON_CACHE_DIR=/data/hf/\S+", env)  # Triton's too
     volumes = [
         v
         for args in _all(instructions, "VOLUME")

@@ -79,3 +79,33 @@ def test_the_engine_decoding_with_the_kernels_answers_as_without(demo_model_dir)
     assert [a.text for a in split] == [a.text for a in plain]
     for a, b in zip(split, plain):
         assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+
+
+def test_molmo_triton_kernels_is_on_by_default_and_reaches_the_decoder(demo_model_dir, monkeypatch):
+    """MOLMO_TRITON_KERNELS (default 1) decides whether the decoder tries the kernels; on the CPU
+    they are never taken, whatever it says (Triton compiles for GPUs)."""
+    from molmo_backend.engine import attention_kernels
+    from molmo_backend.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).triton_kernels == "1"
+    with pytest.raises(SettingsError, match="MOLMO_TRITON_KERNELS"):
+        Settings.from_env({"MOLMO_TRITON_KERNELS": "yes"})
+    asked, real = [], attention_kernels.checked
+    monkeypatch.setattr(attention_kernels, "checked", lambda *a: asked.append(a[-1]) or real(*a))
+    for value in ("1", "0"):
+        settings = Settings.from_env({"MOLMO_TRITON_KERNELS": value}, model=str(demo_model_dir))
+        engine = TransformersEngine.from_settings(settings, device=CPU)
+        assert engine.decoder.flash is False
+    assert asked == [True, False]
+    assert not attention_kernels.checked(CPU, torch.float32, 2, 16, 4, True).flash
+
+
+def test_a_step_captured_with_the_kernels_is_not_replayed_without_them(demo_model_dir):
+    """The decode attention a graph was captured with is part of its key: switching the kernels
+    off (the bench's ``cutlass`` ablation, or a failed check) gives other graphs."""
+    decoder = TransformersEngine.load(str(demo_model_dir), max_new_tokens=4, max_batch=8).decoder
+    decoder.flash = True
+    split = decoder._graph(False, 8, 256)
+    assert decoder._graph(False, 8, 256) is split
+    decoder.flash = False
+    assert decoder._graph(False, 8, 256) is not split
