@@ -6,7 +6,7 @@
 #      docker.io, docker-compose, debootstrap and iptables when missing; dockerd runs with its own
 #      data root, socket and PID, and is stopped by that PID at the end);
 #   2. the base images, built locally because these machines reach no image registry: Debian
-#      bookworm debootstrapped from the host's apt mirror (Python 3.11, pip, venv), plus the host's
+#      bookworm debootstrapped from the host's apt mirror (Python 3.11 and its headers, pip, venv), plus the host's
 #      extra CA certificates (.ci/images/python.Dockerfile) and Label Studio 1.23.2 on top of it
 #      (.ci/images/label-studio.Dockerfile) standing in for heartexlabs/label-studio;
 #   3. `docker build` of the project's Dockerfile, PROFILE=molmo2 and PROFILE=molmo1, FROM that base
@@ -29,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LS_VERSION=1.23.2
-BASE_IMAGE=molmo-ci/python:3.11-bookworm      # the stand-in for python:3.11-slim-bookworm
+BASE_IMAGE=molmo-ci/python:3.11-bookworm-dev  # the stand-in for python:3.11-slim-bookworm
 LS_IMAGE="molmo-ci/label-studio:$LS_VERSION"  # the stand-in for heartexlabs/label-studio
 STATE="${MOLMO_DOCKER_STATE:-/var/lib/molmo-docker-ci}"  # a private engine's data root
 RUN_DIR=/run/molmo-docker-ci                  # its socket, pid file and exec root
@@ -191,7 +191,8 @@ build_base() {
   [ -n "$mirror" ] || not_run "no Debian $SUITE mirror in /etc/apt/sources.list*"
   rootfs="$WORK/rootfs"
   say "debootstrap $SUITE from $mirror"
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+  # libpython3-dev: the official image carries Python's headers (Triton builds against them)
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,libpython3-dev,ca-certificates \
     "$SUITE" "$rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1 \
     || { tail -20 "$WORK/debootstrap.log" >&2; return 1; }
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*

@@ -1,5 +1,5 @@
 # CI only: a stand-in for python:3.11-slim-bookworm on machines that reach no image registry.
-# .ci/docker.sh imports a debootstrapped Debian bookworm (python3, venv, pip, ca-certificates) as
+# .ci/docker.sh imports a debootstrapped Debian bookworm (python3 and its headers, venv, pip, ca-certificates) as
 # BASE_IMAGE and builds this on top, with the host's extra CA certificates in the context: these
 # machines reach PyPI through a proxy that re-signs TLS, and pip inside a container refuses it
 # ("self-signed certificate in certificate chain") until the container trusts the same CAs. None of
