@@ -15,8 +15,8 @@ each on the same inputs:
              between decode steps, CUDA-graph decode steps; and its ablations on the realistic
              workload: prefill and decode in forwards of their own (``apart``), decode
              attention in CUTLASS's kernel instead of the split-key Triton kernels
-             (``cutlass``), no cascade attention (``flat``, with CUTLASS), vision features computed in the packed step instead of on the
-             preparation thread (``ahead``), preparations on a high-priority CUDA stream
+             (``cutlass``), no cascade attention (``flat``, with CUTLASS), vision features
+             computed in the packed step instead of on the preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
              prompt suffixes reading their whole slots instead of their image's prefix once
              (``suffix``), and no more bulk rows than slots of the longest row's length would

@@ -238,11 +238,9 @@ class StepBuffer:
 
     def load(self, rows: list[tuple[int, object, int]]) -> None:
         table, prefix = layout(rows, self.groups, self.stride)
-        count = len(rows)
-        host = torch.zeros(self.buffer.shape[0], dtype=torch.int32)
-        for i, part in enumerate(table + [prefix]):
-            host[i * self.size : i * self.size + count] = torch.tensor(part, dtype=torch.int32)
-        self.buffer.copy_(host)
+        host = torch.zeros((5, self.size), dtype=torch.int32)
+        host[:, : len(rows)] = torch.tensor(table + [prefix], dtype=torch.int32)
+        self.buffer.copy_(host.view(-1))
 
     def view(self, count: int) -> FlashStep:
         places = self.buffer.view(5, self.size)[:, :count]

@@ -55,7 +55,7 @@ def test_layout_puts_an_images_rows_in_one_program_up_to_a_tile():
     assert prefix == [30] * (cap + 2) + [20, 0]
 
 
-def test_the_engine_decoding_with_the_kernels_answers_as_without(demo_model_dir):
+def test_the_engine_decoding_with_the_kernels_answers_as_without(demo_model_dir, monkeypatch):
     """The tiny model's answers and log-probabilities, decode steps through the split-key
     kernels (forced on here; the engine takes them only on CUDA) against SDPA's."""
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=8, max_batch=4)
@@ -64,17 +64,11 @@ def test_the_engine_decoding_with_the_kernels_answers_as_without(demo_model_dir)
         for i in range(3)
     ] + [PointQuery(Image.new("RGB", (40, 40), (9, 90, 200)), "Point to the sky", image_key=1)]
     plain = engine.generate(queries)
-    decoder = engine.decoder
-    kernels = []
-    real = flash_decode.attention
-    decoder.flash = True
+    kernels, real = [], flash_decode.attention
+    monkeypatch.setattr(flash_decode, "attention", lambda *a, **k: kernels.append(1) or real(*a, **k))
+    engine.decoder.flash = True
     slot_attention.install()
-    try:
-        flash_decode.attention = lambda *a, **k: kernels.append(1) or real(*a, **k)
-        split = engine.generate(queries)
-    finally:
-        flash_decode.attention = real
-        decoder.flash = False
+    split = engine.generate(queries)
     assert kernels, "decode attention went through the kernels"
     assert [a.text for a in split] == [a.text for a in plain]
     for a, b in zip(split, plain):
