@@ -1,6 +1,7 @@
 """Decode attention alone, side by side: CUTLASS's memory-efficient kernel (each row reading all
 its keys, and the cascade that reads each image prefix once) against the split-key Triton
-kernels of molmo_backend/engine/flash_decode.py (split in 256- or 512-key chunks, or not).
+kernels of molmo_backend/engine/flash_decode.py (split in 256- or 512-key chunks, or not), and
+the engine's kernels with other launches (``TUNINGS``) and as commit c21eaa8 compiled them.
 
     python bench/decode_attention.py --json $OUT/decode_attention.json
 
@@ -67,6 +68,51 @@ def graph_us(fn, calls=LAYERS, replays=20) -> float:
     return round(1000 * start.elapsed_time(end) / (replays * calls), 2)
 
 
+#: launches of the chunk kernel beside the engine's (flash_decode.KEY_TILE, WARPS, STAGES), and
+#: the kernels of commit c21eaa8, whose head size was not specialised (each element masked alone)
+TUNINGS = {
+    "keys_32": {"KEY_TILE": 32},
+    "keys_128": {"KEY_TILE": 128},
+    "warps_8": {"WARPS": 8},
+    "stages_2": {"STAGES": 2},
+    "stages_4": {"STAGES": 4},
+    "head_size_unspecialised": {"unspecialised": True},
+}
+
+
+def tuned(fn, unspecialised: bool = False, **constants):
+    """``fn`` run with ``flash_decode``'s launch constants changed (restored after each call)."""
+
+    def run():
+        saved = {name: getattr(flash_decode, name) for name in constants}
+        kernels = flash_decode._chunk_kernel, flash_decode._merge_kernel
+        for name, value in constants.items():
+            setattr(flash_decode, name, value)
+        if unspecialised:
+            flash_decode._chunk_kernel, flash_decode._merge_kernel = UNSPECIALISED
+        try:
+            return fn()
+        finally:
+            for name, value in saved.items():
+                setattr(flash_decode, name, value)
+            flash_decode._chunk_kernel, flash_decode._merge_kernel = kernels
+
+    return run
+
+
+def _unspecialised():
+    """The two kernels as commit c21eaa8 compiled them: the head size among the arguments
+    Triton does not specialise, so it cannot prove a row of 128 values unmasked."""
+    jit = flash_decode.triton.JITFunction
+    return (
+        jit(flash_decode._chunk_kernel.fn, do_not_specialize=["count", "dim", "chunk", "splits"]),
+        jit(flash_decode._merge_kernel.fn, do_not_specialize=["dim", "chunk", "splits"]),
+    )
+
+
+UNSPECIALISED = _unspecialised()
+
+
 def measure(rows: int, keys, values, device) -> dict:
     rng = random.Random(rows)
     layout = step_layout(rows, rng)
@@ -117,6 +163,8 @@ def measure(rows: int, keys, values, device) -> dict:
         "split_512": split(512),
         "whole": split(read),
         "engine_default": split(None),
+        # the engine's chunk rule with other launches of the chunk kernel
+        **{name: tuned(split(None), **change) for name, change in TUNINGS.items()},
     }
     want = rows_alone()[:, 0].float()
     prefix_tokens = sum(p for i, (_, _, p, _) in enumerate(layout) if i % 3 == 0)
@@ -155,6 +203,12 @@ def main() -> None:
         "triton": getattr(flash_decode.triton, "__version__", None),
         "command": " ".join(["python"] + sys.argv),
         "chunks": [flash_decode.CHUNK, flash_decode.BIG_CHUNK, flash_decode.SMALL_STEP],
+        "launch": {
+            "KEY_TILE": flash_decode.KEY_TILE,
+            "WARPS": flash_decode.WARPS,
+            "STAGES": flash_decode.STAGES,
+        },
+        "tunings": TUNINGS,
         "steps": [],
     }
     for rows in counts:

@@ -44,8 +44,10 @@ BIG_CHUNK = 512
 SMALL_STEP = 64
 #: query rows of one program: a group's rows times their heads that share a key head
 TILE_ROWS = 16
-#: keys a program reads at a time
+#: keys a program reads at a time, and the chunk kernel's launch: warps a program and loads in
+#: flight (Triton's defaults; bench/decode_attention.py times others)
 KEY_TILE = 64
+WARPS, STAGES = 4, 3
 #: the kernels' softmax is in powers of 2 (exp2 is one instruction): scores scaled by log2(e)
 LOG2_E = 1.4426950408889634
 
@@ -58,7 +60,7 @@ def rows_per_group(groups: int) -> int:
 
 if triton is not None:
     # row counts, chunk sizes and the like change from step to step: no variant compiled for each
-    @triton.jit(do_not_specialize=["count", "dim", "chunk", "splits"])
+    @triton.jit(do_not_specialize=["count", "chunk", "splits"])
     def _chunk_kernel(
         Q, K, V, PartOut, PartLse, Table,
         count, dim, chunk, splits, scale_log2,
@@ -116,7 +118,7 @@ if triton is not None:
             lse_at = row * stride_lr + head * stride_lh + column
             tl.store(PartLse + lse_at, best + tl.log2(total), mask=row_ok)
 
-    @triton.jit(do_not_specialize=["dim", "chunk", "splits"])
+    @triton.jit(do_not_specialize=["chunk", "splits"])
     def _merge_kernel(
         PartOut, PartLse, Prefix, Own, Out,
         dim, chunk, splits, stride_or, stride_oh, stride_oc, stride_lr, stride_lh, stride_xr, stride_xh,
@@ -174,7 +176,7 @@ def attention(
         query.stride(0), query.stride(1), flat_keys.stride(0), flat_keys.stride(1),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         GROUPS=groups, TILE=max(TILE_ROWS, triton.next_power_of_2(groups)),
-        KEYS=KEY_TILE, DIM=size, IEEE=ieee,
+        KEYS=KEY_TILE, DIM=size, IEEE=ieee, num_warps=WARPS, num_stages=STAGES,
     )  # fmt: skip
     out = torch.empty_like(query)
     _merge_kernel[(rows, heads)](
