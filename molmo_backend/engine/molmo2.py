@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from molmo_backend.engine import fused_norms, row_memory
+from molmo_backend.engine import fused_norms, joined_projections, row_memory
 from molmo_backend.engine import slots as cache_slots
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import SlotDecoder
@@ -50,9 +50,8 @@ class TransformersEngine(StepEngine):
 
     ``decoder``: ``fast`` (the default) keeps rows in cache slots and lets the scheduler run
     continuous batching over them (:mod:`.decoding`); ``generate`` is plain Hugging Face
-    ``generate()``, the reference. (The previous engine, one padded batch at a time until its
-    longest answer ends, was measured beside this one on an H200 and removed: 8.21 vs 22.84
-    pairs/s on realistic answers, 37.09 vs 38.91 on fixed 40-token ones; bench/RESULTS.md.)"""
+    ``generate()``, the reference. (The previous engine, one padded batch until its longest answer
+    ends, was removed: 8.21 vs 22.84 pairs/s realistic, 37.09 vs 38.91 fixed-40, H200, RESULTS.md.)"""
 
     def __init__(
         self,
@@ -77,6 +76,7 @@ class TransformersEngine(StepEngine):
             raise ModelLoadError(f"{model_id!r} is a {config.model_type!r} model; this engine runs Molmo2")
         self.model, self.processor = model.eval(), processor
         fused_norms.fuse(model)  # one kernel per RMS norm, for every path on this model
+        joined_projections.join(model)  # one product for q/k/v and one for gate/up, likewise
         self.device, self.dtype = model.device, model.dtype
         self.model_id, self.revision, self.demo, self.family = model_id, revision, demo, "molmo2"
         self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
