@@ -15,7 +15,8 @@ each on the same inputs:
              between decode steps, CUDA-graph decode steps; and its ablations on the realistic
              workload: prefill and decode in forwards of their own (``apart``), decode
              attention in CUTLASS's kernel instead of the split-key Triton kernels
-             (``cutlass``), no cascade attention (``flat``, with CUTLASS), vision features
+             (``cutlass``), Hugging Face's rotary embedding instead of one Triton kernel
+             (``rotary``), no cascade attention (``flat``, with CUTLASS), vision features
              computed in the packed step instead of on the preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``), the
              q/k/v and gate/up projections as separate products (``joined``),
@@ -64,6 +65,10 @@ try:  # absent from an older checkout timed through MOLMO_BENCH_CODE (skip norms
     from molmo_backend.engine import fused_norms  # noqa: E402
 except ImportError:
     fused_norms = None
+try:  # likewise (skip rotary there)
+    from molmo_backend.engine import fused_rotary  # noqa: E402
+except ImportError:
+    fused_rotary = None
 try:  # likewise (skip joined there)
     from molmo_backend.engine import joined_projections  # noqa: E402
 except ImportError:
@@ -292,7 +297,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,flat,ahead,priority,norms,joined,"
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,rotary,flat,ahead,priority,norms,joined,"
         "suffix,rows",
     )
     parser.add_argument(
@@ -354,6 +359,7 @@ def main() -> int:
     results["varlen_attention"] = engine.decoder.varlen
     results["cascade_attention"] = getattr(engine.decoder, "cascade", None)
     results["split_key_attention"] = getattr(engine.decoder, "flash", None)  # flash_decode.py
+    results["fused_rotary"] = getattr(engine.decoder, "rotary", None)  # fused_rotary.py
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
@@ -361,7 +367,7 @@ def main() -> int:
         f"{results['model']}: {results['params_b']} B params, built in {results['build_s']} s; "
         f"up to {engine.max_batch} bulk rows in a pool of {results['bulk_pool_tokens']} tokens (longest "
         f"row {longest}), varlen attention "
-        f"{engine.decoder.varlen}, cascade {results['cascade_attention']}; "
+        f"{engine.decoder.varlen}, cascade {results['cascade_attention']}, rotary {results['fused_rotary']}; "
         f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s"
     )
     results["engine_equals_generate"] = equal_to_generate(engine, device)
@@ -398,6 +404,13 @@ def main() -> int:
         recapture(engine.decoder)
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_cutlass_decode"))
         engine.decoder.flash = True
+        recapture(engine.decoder)
+        save()
+    if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
+        fused_rotary.uninstall()
+        recapture(engine.decoder)
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unfused_rotary"))
+        fused_rotary.install()
         recapture(engine.decoder)
         save()
     if "flat" not in skip and results["cascade_attention"]:  # every row reads all its keys
@@ -524,6 +537,7 @@ def main() -> int:
         "realistic_pairs_per_s": pick("d_engine", "realistic"),
         "realistic_apart_steps_pairs_per_s": pick("d_apart_steps", "realistic"),
         "realistic_cutlass_decode_pairs_per_s": pick("d_cutlass_decode", "realistic"),
+        "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),
@@ -533,6 +547,7 @@ def main() -> int:
         "realistic_rows_as_slots_pairs_per_s": pick("d_rows_as_slots", "realistic"),
         "cascade_attention": results.get("cascade_attention"),
         "split_key_attention": results.get("split_key_attention"),
+        "fused_rotary": results.get("fused_rotary"),
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
         "mean_length_pairs_per_s": pick("d_engine", "mean_length"),

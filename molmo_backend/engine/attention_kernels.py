@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from molmo_backend.engine import cascade, flash_decode, slot_attention, suffix_attention
+from molmo_backend.engine import cascade, flash_decode, fused_rotary, slot_attention, suffix_attention
 
 
 @dataclass
@@ -23,19 +23,27 @@ class Kernels:
     #: packed steps read an image's prefix once for the prompt suffixes of all its rows
     #: (:mod:`.suffix_attention`)
     suffix_pass: bool
+    #: the rotary embedding in one Triton kernel (:mod:`.fused_rotary`) instead of Hugging Face's
+    #: ten; installed for every Molmo2 model of the process, plain ``generate()`` included
+    rotary: bool = False
 
 
 def checked(
     device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int, groups: int, triton: bool = False
 ) -> Kernels:
-    """The kernels that run here; ``triton``: try the Triton ones too (MOLMO_TRITON_KERNELS)."""
+    """The kernels that run here; ``triton``: try the Triton ones too (MOLMO_TRITON_KERNELS).
+    Hugging Face's rotary embedding stays where the fused one is not checked (or not wanted)."""
     geometry = (device, dtype, kv_heads, head_dim, groups)
     varlen = slot_attention.available(*geometry)
     triton = triton and device.type == "cuda"
     flash = triton and flash_decode.works(*geometry)
     if varlen or flash:
         slot_attention.install()
+    rotary = triton and fused_rotary.works(device, dtype, kv_heads * groups, kv_heads, head_dim)
+    if rotary:
+        fused_rotary.install()
     return Kernels(
+        rotary=rotary,
         varlen=varlen,
         flash=flash,
         cascade=varlen and cascade.works(*geometry),

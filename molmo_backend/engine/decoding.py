@@ -143,7 +143,7 @@ class SlotDecoder:
         geometry = (self.device, self.dtype, self.kv_heads, self.head_dim, groups)
         kernels = attention_kernels.checked(*geometry, triton)
         self.varlen, self.flash = kernels.varlen, kernels.flash
-        self.cascade, self.suffix_pass = kernels.cascade, kernels.suffix_pass
+        self.cascade, self.suffix_pass, self.rotary = kernels.cascade, kernels.suffix_pass, kernels.rotary
         regions = ((True, interactive_slots), (False, bulk_slots))  # each region's steps' layouts
         self._cascade = {
             i: cascade.StepBuffer(n, self.kv_heads, groups, BLOCK_TOKENS, device) for i, n in regions

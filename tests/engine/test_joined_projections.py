@@ -39,7 +39,9 @@ def test_joined_layers_compute_what_huggingfaces_compute_without_new_memory(mode
     attention = layers[0].self_attn
     assert "forward" in vars(attention) and "forward" in vars(layers[0].mlp)
     stack = attention.joined_weight
-    assert stack.shape[0] == sum(p.weight.shape[0] for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+    assert stack.shape[0] == sum(
+        p.weight.shape[0] for p in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
     # the separate weights are views of the stack: the model holds each weight once
     assert attention.k_proj.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
     assert torch.equal(attention.v_proj.weight, stack[-attention.v_proj.weight.shape[0] :])
