@@ -37,6 +37,7 @@ import argparse
 import datetime
 import gc
 import json
+import logging
 import os
 import statistics
 import sys
@@ -310,6 +311,7 @@ def main() -> int:
     args = parser.parse_args()
     # the engine's warnings with their fields (a failed query's error), as the server logs them
     configure_logging("WARNING", "text")
+    logging.getLogger("molmo_backend.engine.fused_rotary").setLevel(logging.INFO)  # its check's result
     skip = set(filter(None, args.skip.split(",")))
     if args.prefill_tokens:
         SCHEDULER_OPTIONS["prefill_tokens"] = args.prefill_tokens

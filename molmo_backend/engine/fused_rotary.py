@@ -5,11 +5,12 @@ negation and a concatenation for each of the queries and keys, four multiplicati
 additions). In a decode step that is 360 launches on tensors of a few hundred kB, each costing
 its launch and not its bytes (H100: 0.082 ms a layer at 128 rows, 0.64 ms at 8,192 tokens,
 bench/kernel-variants-h100.json). Here one program per token rotates all its query and key heads.
-Each product is rounded to the input's type before the sum, as PyTorch rounds each operation:
-in Triton's interpreter the outputs are bit-for-bit Hugging Face's. Compiled for an H100 they
-were not (bench/RESULTS.md; the cause was not found), so the check at start allows one rounding
-step of the input's type, as :mod:`.fused_norms` does; the engine's steps and plain
-``generate()`` run the same function, so their answers stay equal.
+Each product is rounded to the input's type before the sum, as PyTorch rounds each operation,
+so the outputs are bit-for-bit Hugging Face's. That needs floating-point fusion off: with it, the
+compiler made the second product and the sum one ``fma.rn.bf16`` (one rounding where PyTorch
+rounds twice), and an H100 run of this kernel failed a bit-for-bit check. The check at start
+allows one rounding step of the input's type, as :mod:`.fused_norms` does; the engine's steps
+and plain ``generate()`` run the same function, so their answers stay equal either way.
 
 :func:`install` swaps the function in transformers' Molmo2 module for every model in the
 process (the engine's steps and plain ``generate()`` alike); :func:`uninstall` restores it.
@@ -31,6 +32,8 @@ except ImportError:  # pragma: no cover - a torch build without Triton
 log = logging.getLogger(__name__)
 
 _ORIGINAL = None
+#: the kernel's compile options: a product and the sum after it fused would round once, not twice
+LAUNCH = {"enable_fp_fusion": False}
 #: run the kernel on CPU tensors too (tests, in Triton's interpreter)
 ON_CPU = False
 
@@ -115,6 +118,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         cos.stride(0), cos.stride(1),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         HALF=half, HEADS=triton.next_power_of_2(max(heads_q, k.shape[1])), HALF_PAD=triton.next_power_of_2(half),
+        **LAUNCH,
     )  # fmt: skip
     return q_out, k_out
 
@@ -156,8 +160,7 @@ def works(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, h
                     "fused rotary embedding differs from Hugging Face's: not used", extra={"steps": error}
                 )
                 return False
-            if error:
-                log.info("fused rotary embedding rounds differently", extra={"steps": error})
+            log.info("fused rotary embedding checked", extra={"rounding_steps_from_hugging_face": error})
         return True
     except Exception as exc:  # noqa: BLE001 - Hugging Face's function then stays
         log.info("fused rotary embedding unavailable", extra={"reason": repr(exc)[:200]})

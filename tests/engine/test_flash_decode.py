@@ -5,11 +5,6 @@ same :func:`flash_decode.works` before it uses the kernels)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +12,7 @@ from PIL import Image
 from molmo_backend.engine import flash_decode, slot_attention
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.molmo2 import TransformersEngine
+from tests.support.kernel_ptx import h100_ptx
 
 CPU = torch.device("cpu")
 
@@ -113,16 +109,7 @@ def test_a_step_captured_with_the_kernels_is_not_replayed_without_them(demo_mode
 def test_compiled_for_an_h100_the_kernels_read_keys_and_parts_16_bytes_at_a_time():
     """A kernel whose head size is not specialised masks each element on its own and reads keys
     two bytes at a time: on an H100 that held decode attention at ~40% of the memory's speed.
-    Compiled here for sm_90 without a GPU, outside the interpreter (tests/support/kernel_ptx.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.support.kernel_ptx"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    ptx = json.loads(done.stdout.splitlines()[-1])
+    Compiled here for sm_90 without a GPU (tests/support/kernel_ptx.py)."""
+    ptx = h100_ptx()
     assert "cp.async.cg.shared.global" in ptx["chunk"] and "ld.global.b16" not in ptx["chunk"]
     assert "ld.global.v4.b32" in ptx["merge"]

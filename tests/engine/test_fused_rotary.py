@@ -9,6 +9,7 @@ import torch
 from transformers.models.molmo2 import modeling_molmo2
 
 from molmo_backend.engine import fused_rotary
+from tests.support.kernel_ptx import h100_ptx
 
 CPU = torch.device("cpu")
 
@@ -79,3 +80,11 @@ def test_install_swaps_the_models_function_and_uninstall_restores_it(on_cpu):
     finally:
         fused_rotary.uninstall()
     assert modeling_molmo2.apply_rotary_pos_emb is original
+
+
+def test_compiled_for_an_h100_each_product_is_rounded_before_the_sum():
+    """With floating-point fusion on, the compiler made a product and the sum after it one fused
+    multiply-add (one rounding where PyTorch rounds twice): what failed the bit-for-bit check on
+    an H100. Compiled here for sm_90 without a GPU, as the kernel is launched."""
+    ptx = h100_ptx()["rotary"]
+    assert "mul.rn.bf16" in ptx and "fma" not in ptx

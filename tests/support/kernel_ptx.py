@@ -1,21 +1,20 @@
-"""Print the split-key decode kernels' PTX for an H100 (sm_90) as JSON, compiled without a GPU.
+"""The engine's Triton kernels compiled for an H100 (sm_90) without a GPU: their PTX, for tests.
 
-Run as ``python -m tests.support.kernel_ptx`` without ``TRITON_INTERPRET`` (the interpreter
-patches Triton's language for the whole process). Each kernel is compiled with the
-specialisation a launch of Molmo2-8B's geometry gets (32 query heads, 8 key heads of 128, a
-256-row step of 5 chunks): Triton marks a pointer, and an integer argument not in the kernel's
-``do_not_specialize``, as divisible by 16 where it is, and only then may it read 16 bytes at a time.
+:func:`h100_ptx` runs ``python -m tests.support.kernel_ptx`` without ``TRITON_INTERPRET`` (the
+interpreter, which the tests use, patches Triton's language for the whole process). Each kernel
+is compiled with the specialisation and options a launch of Molmo2-8B's geometry gets (32 query
+heads, 8 key heads of 128, a 256-row step of 5 chunks): Triton marks a pointer, and an integer
+argument not in the kernel's ``do_not_specialize``, as divisible by 16 where it is, and only then
+may it read 16 bytes at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from molmo_backend.engine import flash_decode
+import os
+import subprocess
+import sys
 
 ROWS, HEADS, KV, DIM, COLUMNS, CHUNK = 256, 32, 8, 128, 10, 512
 PART_STRIDES = {
@@ -24,8 +23,27 @@ PART_STRIDES = {
 }  # fmt: skip
 
 
-def compiled_for_h100(kernel, values: dict, constants: dict) -> str:
+@functools.cache
+def h100_ptx() -> dict[str, str]:
+    """Each kernel's PTX by name (``chunk`` and ``merge``: flash_decode; ``rotary``: fused_rotary)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.kernel_ptx"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def compiled_for_h100(kernel, values: dict, constants: dict, **options) -> str:
     """``kernel``'s PTX for sm_90 with ``values`` (a pointer's type, or an int or float)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     varying = set(kernel.do_not_specialize)
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
@@ -37,10 +55,12 @@ def compiled_for_h100(kernel, values: dict, constants: dict) -> str:
         aligned = isinstance(value, str) or value % 16 == 0
         attrs[(index,)] = [["tt.divisibility", 16]] if aligned and name not in varying else []
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
 def main() -> None:
+    from molmo_backend.engine import flash_decode, fused_rotary
+
     chunk = compiled_for_h100(
         flash_decode._chunk_kernel,
         {
@@ -60,7 +80,18 @@ def main() -> None:
         },
         {"COLUMNS": 16, "DIM": DIM},
     )  # fmt: skip
-    print(json.dumps({"chunk": chunk, "merge": merge}))
+    strides = [f"s{tensor}{axis}" for tensor in "qkc" for axis in "bhs" if tensor + axis != "ch"]
+    strides += [f"s{tensor}{axis}" for tensor in "op" for axis in "bhs"]
+    rotary = compiled_for_h100(
+        fused_rotary._rotary_kernel,
+        {
+            **dict.fromkeys(("Q", "K", "Cos", "Sin", "QOut", "KOut"), "*bf16"), "seq": 1, "heads_q": HEADS,
+            "heads_k": KV, **{name: DIM for name in strides},
+        },
+        {"HALF": DIM // 2, "HEADS": HEADS, "HALF_PAD": DIM // 2},
+        **fused_rotary.LAUNCH,
+    )  # fmt: skip
+    print(json.dumps({"chunk": chunk, "merge": merge, "rotary": rotary}))
 
 
 if __name__ == "__main__":
