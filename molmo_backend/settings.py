@@ -40,7 +40,7 @@ class Settings:
     decoder: str = "fast"  # "fast" (rows in cache slots, continuous batching) or "generate" (plain HF)
     cuda_graphs: str = "1"
     compile_step: str = "0"  # torch.compile the opened tasks' decode step (CUDA graphs on CUDA only)
-    triton_kernels: str = "1"  # decode attention split over the keys, in Triton (CUDA)
+    triton_kernels: str = "1"  # decode attention split over the keys, rotary embedding: Triton (CUDA)
     prompt_template: str | None = None  # None: the trained phrasing of the model's family
     point_width: float = 0.75
     min_point_score: float = 0.0  # points scored below this are dropped (docs/confidence.md)
@@ -181,9 +181,9 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     ),
     "triton_kernels": (
         "MOLMO_TRITON_KERNELS",
-        "`1` (default): decode attention split over the keys, in Triton, on CUDA (checked "
-        "against plain softmax attention at start and left out if it disagrees or Triton cannot "
-        "build its kernels; +7.5% realistic pairs/s on an H100); `0`: CUTLASS's kernel",
+        "`1` (default): decode attention split over the keys and the rotary embedding in one "
+        "kernel, in Triton, on CUDA (each checked at start and left out if it disagrees or Triton "
+        "cannot build its kernels); `0`: CUTLASS's attention kernel, Hugging Face's rotary embedding",
     ),
     "prompt_template": (
         "MOLMO_PROMPT_TEMPLATE",
