@@ -65,6 +65,12 @@ def main() -> int:
         default=0,
         help="a bulk pool of this many longest rows (few: rows wait for memory and are handed back)",
     )
+    parser.add_argument(
+        "--triton",
+        default="1",
+        help="1 (the server's default, MOLMO_TRITON_KERNELS): split-key decode attention and the fused "
+        "rotary embedding where they pass their checks; 0: CUTLASS's kernels and Hugging Face's",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     cascade.MIN_ROWS = args.cascade_min_rows
@@ -93,6 +99,7 @@ def main() -> int:
             max_new_tokens=12,
             max_batch=24,
             compile_step=compiled,
+            triton_kernels=args.triton == "1",
         )
         if args.pool_rows:  # the same decoder over a small bulk pool (the big one freed first)
             longest, engine.decoder = engine.decoder.max_length, None
@@ -107,6 +114,7 @@ def main() -> int:
                 max_length=longest,
                 bulk_tokens=args.pool_rows * longest,
                 compile_step=compiled and device.type == "cuda",
+                triton=args.triton == "1",
             )
         started = time.perf_counter()
         engine.warm_up()
@@ -115,6 +123,8 @@ def main() -> int:
         row = {
             "cuda_graphs": engine.decoder.use_cuda_graph,
             "compiled_step": engine.decoder.compile_step,
+            "split_key": engine.decoder.flash,
+            "fused_rotary": engine.decoder.rotary,
             "cascade": engine.decoder.cascade,
             "cascade_min_rows": cascade.MIN_ROWS,
             "suffix_two_pass": engine.decoder.suffix_pass,
