@@ -7,7 +7,7 @@ H100 idle: one product over the joined weights did the attention's three in 0.02
 against 0.046 at 128 rows (bench/kernel-variants-h100.json), about 0.8 ms a decode step.
 
 :func:`join` stacks each layer's weights once (the separate projections become views of the
-stack, so no memory is added) and gives its attention and MLP a forward over the stack, for
+stack, and the memory they held goes back to the GPU, so no memory is added) and gives its attention and MLP a forward over the stack, for
 every path on this model instance (the engine's steps and plain ``generate()`` compute the same
 thing). The forwards are Hugging Face's (transformers 5.23) but for the products.
 :func:`unjoin` restores Hugging Face's forwards (the benchmark's side-by-side variant).
@@ -92,6 +92,10 @@ def join(model: torch.nn.Module) -> int:
         module.joined_sizes = [linear.weight.shape[0] for linear in linears]
         module.forward = types.MethodType(forward, module)
         count += 1
+    if count and torch.cuda.is_initialized():
+        # the separate weights' old memory back to the GPU: the cache pool is sized by what the
+        # GPU reports free, which memory kept by torch's allocator is not (~9 GB for Molmo2-8B)
+        torch.cuda.empty_cache()
     return count
 
 
