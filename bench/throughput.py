@@ -18,8 +18,7 @@ each on the same inputs:
              (``cutlass``), Hugging Face's rotary embedding instead of one Triton kernel
              (``rotary``), no cascade attention (``flat``, with CUTLASS), vision features
              computed in the packed step instead of on the preparation thread (``ahead``), preparations on a high-priority CUDA stream
-             (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``), the
-             q/k/v and gate/up projections as separate products (``joined``),
+             (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
              prompt suffixes reading their whole slots instead of their image's prefix once
              (``suffix``), and no more bulk rows than slots of the longest row's length would
              hold, as the engine had before runs sized by each row's length (``rows``)
@@ -70,10 +69,6 @@ try:  # likewise (skip rotary there)
     from molmo_backend.engine import fused_rotary  # noqa: E402
 except ImportError:
     fused_rotary = None
-try:  # likewise (skip joined there)
-    from molmo_backend.engine import joined_projections  # noqa: E402
-except ImportError:
-    joined_projections = None
 
 #: options of every scheduler this run makes (``--prefill-tokens``)
 SCHEDULER_OPTIONS: dict = {}
@@ -298,7 +293,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,rotary,flat,ahead,priority,norms,joined,"
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,rotary,flat,ahead,priority,norms,"
         "suffix,rows",
     )
     parser.add_argument(
@@ -441,13 +436,6 @@ def main() -> int:
         fused_norms.fuse(model)
         recapture(engine.decoder)
         save()
-    if "joined" not in skip and joined_projections is not None:  # q/k/v and gate/up apart
-        joined_projections.unjoin(model)
-        recapture(engine.decoder)
-        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_separate_projections"))
-        joined_projections.join(model)
-        recapture(engine.decoder)
-        save()
     if "suffix" not in skip and getattr(engine.decoder, "suffix_pass", False):
         engine.decoder.suffix_pass = False  # every suffix row reads its whole slot (dense SDPA)
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_suffix_dense"))
@@ -543,7 +531,6 @@ def main() -> int:
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),
-        "realistic_separate_projections_pairs_per_s": pick("d_separate_projections", "realistic"),
         "realistic_prepare_high_priority_pairs_per_s": pick("d_prepare_high_priority", "realistic"),
         "realistic_suffix_dense_pairs_per_s": pick("d_suffix_dense", "realistic"),
         "realistic_rows_as_slots_pairs_per_s": pick("d_rows_as_slots", "realistic"),
