@@ -5,8 +5,10 @@ one thread block that walks all of its keys in turn. A decode step has one query
 so that is little work spread over few blocks. Here every (sequence, key head, chunk of
 :data:`CHUNK` keys) is a program of its own, so even a few rows fill the GPU, and a second
 kernel merges each row's chunks by their log-sum-exps (Tri Dao's "flash decoding"; FlashInfer's
-and vLLM's split-KV decode). On an H100, a layer's decode attention at 16 rows: 70 us with
-CUTLASS, 25 us here; at 256 rows 295 us (CUTLASS's cascade) and 250 us (bench/RESULTS.md).
+and vLLM's split-KV decode). On an H100, a layer's decode attention at 16 rows: 71 us with
+CUTLASS, 14 us here; at 256 rows 294 us (CUTLASS's cascade) and 156 us (bench/RESULTS.md). The
+head size is specialised (not among ``do_not_specialize``): without it Triton could not prove a
+row of keys unmasked and read them two bytes at a time, 1.6-1.9x slower.
 
 A step's sequences are those of the cascade: each image group's shared prefix (the group's
 query rows together, up to :func:`rows_per_group` rows: one 16-row tile of folded heads), and
@@ -38,7 +40,9 @@ log = logging.getLogger(__name__)
 #: a few rows fill the GPU): 256 in steps of up to :data:`SMALL_STEP` rows, 512 in bigger ones,
 #: whose sequences fill it already and where every chunk adds a partial result to write and
 #: merge. Measured on an H100 (bench/decode_attention.py, us a layer, split 256 / 512 / none):
-#: 16 rows 25 / 36 / 88, 64 rows 77 / 81 / 103, 128 rows 137 / 133 / 150, 256 rows 270 / 251 / 249.
+#: 16 rows 14.5 / 18.3 / 33.5, 64 rows 46.2 / 47.3 / 48.5, 128 rows 82.6 / 82.1 / 80.5, 256 rows
+#: 162.4 / 156.8 / 143.0 (no split above 64 rows is untried in a throughput run: a 12 MP image's
+#: ~2,300-token prefix in one program could hold back the rest of a step).
 CHUNK = 256
 BIG_CHUNK = 512
 SMALL_STEP = 64
