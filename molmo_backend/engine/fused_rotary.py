@@ -8,7 +8,8 @@ bench/kernel-variants-h100.json). Here one program per token rotates all its que
 Each product is rounded to the input's type before the sum, as PyTorch rounds each operation,
 so the outputs are bit-for-bit Hugging Face's. That needs floating-point fusion off: with it, the
 compiler made the second product and the sum one ``fma.rn.bf16`` (one rounding where PyTorch
-rounds twice), and an H100 run of this kernel failed a bit-for-bit check. The check at start
+rounds twice), and an H100 run of this kernel failed a bit-for-bit check; with fusion off the
+H100's check found it bit for bit (bench/RESULTS.md). The check at start
 allows one rounding step of the input's type, as :mod:`.fused_norms` does; the engine's steps
 and plain ``generate()`` run the same function, so their answers stay equal either way.
 
