@@ -15,7 +15,8 @@ each on the same inputs:
              between decode steps, CUDA-graph decode steps; and its ablations on the realistic
              workload: prefill and decode in forwards of their own (``apart``), decode
              attention in CUTLASS's kernel instead of the split-key Triton kernels
-             (``cutlass``), Hugging Face's rotary embedding instead of one Triton kernel
+             (``cutlass``), steps of over 64 rows reading each sequence's keys in one program
+             instead of 512-key chunks (``unsplit``), Hugging Face's rotary embedding instead of one Triton kernel
              (``rotary``), no cascade attention (``flat``, with CUTLASS), vision features
              computed in the packed step instead of on the preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
@@ -65,6 +66,10 @@ try:  # absent from an older checkout timed through MOLMO_BENCH_CODE (skip norms
     from molmo_backend.engine import fused_norms  # noqa: E402
 except ImportError:
     fused_norms = None
+try:  # likewise (skip unsplit there)
+    from molmo_backend.engine import flash_decode  # noqa: E402
+except ImportError:
+    flash_decode = None
 try:  # likewise (skip rotary there)
     from molmo_backend.engine import fused_rotary  # noqa: E402
 except ImportError:
@@ -293,7 +298,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,rotary,flat,ahead,priority,norms,"
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,rotary,flat,ahead,priority,norms,"
         "suffix,rows",
     )
     parser.add_argument(
@@ -401,6 +406,14 @@ def main() -> int:
         recapture(engine.decoder)
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_cutlass_decode"))
         engine.decoder.flash = True
+        recapture(engine.decoder)
+        save()
+    if "unsplit" not in skip and getattr(engine.decoder, "flash", False) and flash_decode is not None:
+        big = flash_decode.BIG_CHUNK  # steps over SMALL_STEP rows read each sequence in one program
+        flash_decode.BIG_CHUNK = 1 << 20
+        recapture(engine.decoder)
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unsplit_big_steps"))
+        flash_decode.BIG_CHUNK = big
         recapture(engine.decoder)
         save()
     if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
@@ -528,6 +541,7 @@ def main() -> int:
         "realistic_apart_steps_pairs_per_s": pick("d_apart_steps", "realistic"),
         "realistic_cutlass_decode_pairs_per_s": pick("d_cutlass_decode", "realistic"),
         "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
+        "realistic_unsplit_big_steps_pairs_per_s": pick("d_unsplit_big_steps", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),
