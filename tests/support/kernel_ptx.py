@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 ROWS, HEADS, KV, DIM, COLUMNS, CHUNK = 256, 32, 8, 128, 10, 512
 PART_STRIDES = {
@@ -29,6 +30,7 @@ def h100_ptx() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, "-m", "tests.support.kernel_ptx"],
+        cwd=Path(__file__).resolve().parents[2],  # the repository, where ``tests`` is a package
         env=env,
         capture_output=True,
         text=True,
