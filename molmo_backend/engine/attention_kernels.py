@@ -25,7 +25,7 @@ class Kernels:
     suffix_pass: bool
     #: the rotary embedding in one Triton kernel (:mod:`.fused_rotary`) instead of Hugging Face's
     #: ten; installed for every Molmo2 model of the process, plain ``generate()`` included
-    rotary: bool = False
+    rotary: bool
 
 
 def checked(

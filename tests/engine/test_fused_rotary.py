@@ -55,7 +55,7 @@ def test_one_rounding_step_is_allowed_and_two_are_not():
     assert fused_rotary.difference(want - torch.tensor([2 * step, 0, 0]).bfloat16(), want) > 1
 
 
-def test_the_engine_installs_it_only_where_triton_kernels_are_on_and_checked(monkeypatch):
+def test_the_engine_installs_it_only_where_triton_kernels_are_on_and_checked():
     """On the CPU (no Triton kernels there) Hugging Face's function stays."""
     from molmo_backend.engine import attention_kernels
 
