@@ -7,8 +7,9 @@ On full-size random-weight Molmo2-8B (bench/workloads.py): the engine's packed p
 1280x960 and 8 of mixed sizes, timed; its vision part alone (``image_features``); the model's own
 padded forward of 4 images (the processor's batching) as the reference; a large GEMM's rate; and
 torch.profiler tables (self CUDA time, self CPU time) of the 4-image packed step, of the vision
-tower on 8 mixed images, and of eager 128-row and 16-row decode steps (with their captured graphs'
-times). ``--tiny`` checks the script on the CPU.
+tower on 8 mixed images, and of eager 4-row and 256-row decode steps; the captured decode step's
+time for 1 to 256 rows, and the rate it reads the language model's weights at (a step of a few
+rows reads them all and little else). ``--tiny`` checks the script on the CPU.
 
 (The H100 figures of the padded per-size-group forward in bench/RESULTS.md, 2026-12-06, came from
 this script at commit 068ba99, when the engine still had that forward.)
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import build, noise_image  # noqa: E402
 
+from molmo_backend.engine.decoding import SlotRow  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.prefill import image_features, prepare_image  # noqa: E402
 
@@ -68,11 +70,14 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tables", type=Path)
+    parser.add_argument("--batch", type=int, default=256, help="bulk rows (the decode steps go up to it)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model, processor, _ = build("tiny" if args.tiny else "8b", device, dtype)
-    engine = TransformersEngine(model, processor, model_id="random", revision="random", max_batch=128)
+    engine = TransformersEngine(
+        model, processor, model_id="random", revision="random", max_batch=args.batch, triton_kernels=True
+    )
     decoder = engine.decoder
     ms = timer(device)
     out: dict = {
@@ -110,6 +115,13 @@ def main() -> int:
         out[f"packed_prefill_{name}_tokens"] = sum(im.length for im in images)
         print(name, out[f"packed_prefill_{name}_ms"], flush=True)
 
+    if getattr(decoder, "prefix_flash", False):  # the same 8 mixed images, prefixes read from slots
+        decoder.prefix_flash = False
+        run, slots = prefix_forward(prepared(MIXED))
+        out["packed_prefill_8mixed_prefixes_from_slots_ms"] = ms(run)
+        decoder.release(slots)
+        decoder.prefix_flash = True
+    out["prefix_flash"] = getattr(decoder, "prefix_flash", None)
     images = prepared([(1280, 960)] * 4)
     pictures = [noise_image((1280, 960), i) for i in range(4)]
     batch = processor(
@@ -159,36 +171,48 @@ def main() -> int:
         "== vision tower + adapter, 8 mixed images, by self device time ==\n"
         + prof.key_averages().table(sort_by=sort, row_limit=30)
     )
-    # eager decode steps over 128 and 16 bulk rows at 1280 positions (what a captured graph
-    # replays), every row live at ~1000 keys; then the captured graphs' time
+    # decode steps over bulk rows as the engine lays them out (its own step list and attention
+    # layout), every row live at ~1000 keys in its own run, rows in threes sharing a 900-token
+    # image prefix (3 labels an image): the captured graph's time for each row count, and the
+    # eager step's kernels at a few
     first, read = decoder.space.regions[False].first, 1280
     spacing = -(-read // 128)  # each row's run of blocks: rows read keys of their own
-    for count in (min(128, decoder.bulk_slots), 16):
-        rows = first + torch.arange(count) * spacing
-        decoder.step_slots[False][:count] = rows
-        decoder.live[rows] = 1
-        decoder.lengths[rows] = 1000
-        # rows in threes share a 900-token image prefix (3 labels an image), for the cascade
-        decoder._cascade[False].load([(int(row), i // 3, 900) for i, row in enumerate(rows)])
+    lm = model.model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
+    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    weight_bytes -= lm.embed_tokens.weight.numel() * lm.embed_tokens.weight.element_size()
+    out["decode_weight_gb"] = round(weight_bytes / 1e9, 2)
+    counts = [c for c in (1, 2, 4, 8, 16, 32, 64, 128, 256) if c <= decoder.bulk_slots]
+    for count in counts:
+        slots = [first + i * spacing for i in range(count)]
+        rows = [SlotRow(slot, [], 1000, 900, i // 3) for i, slot in enumerate(slots)]
+        index = torch.tensor(slots, device=device)
+        decoder.live[index] = 1
+        decoder.lengths[index] = 1000
         with torch.inference_mode():
-            step = lambda: decoder._step(False, count, read)  # noqa: E731
-            out[f"eager_decode_step_{count}x1280_ms"] = ms(step, repeat=10)
-            step()
-            with profile(activities=activities) as prof:
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            steps = decoder._load_step(False, rows)
             if decoder.use_cuda_graph:
-                decoder.lengths[rows] = 1000
-                graph = decoder._graph(False, count, read)
+                graph = decoder._graph(False, steps, read)
                 graph.replay()
                 out[f"graph_decode_step_{count}x1280_ms"] = ms(graph.replay, repeat=20)
+                out[f"graph_decode_step_{count}x1280_weight_tb_s"] = round(
+                    weight_bytes / out[f"graph_decode_step_{count}x1280_ms"] / 1e9, 2
+                )
+            if count in (4, 256) or args.tiny:
+                step = lambda: decoder._step(False, steps, read)  # noqa: E731
+                out[f"eager_decode_step_{count}x1280_ms"] = ms(step, repeat=10)
+                step()
+                with profile(activities=activities) as prof:
+                    step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                tables.append(
+                    f"== eager decode step {count} rows x 1280, by self device time ==\n"
+                    + prof.key_averages().table(sort_by=sort, row_limit=40)
+                )
         decoder.live.zero_()
         decoder.lengths.zero_()
-        tables.append(
-            f"== eager decode step {count} rows x 1280, by self device time ==\n"
-            + prof.key_averages().table(sort_by=sort, row_limit=30)
-        )
+        print(count, {k: v for k, v in out.items() if f"_{count}x1280" in k}, flush=True)
     text = "\n\n".join(tables)
     print(text[-6000:], flush=True)
     print(json.dumps(out, indent=1), flush=True)

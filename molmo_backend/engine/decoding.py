@@ -150,8 +150,9 @@ class SlotDecoder:
         }
         self._flash = {i: flash_decode.StepBuffer(n, groups, BLOCK_TOKENS, device) for i, n in regions}
         self._next_group = 0
-        #: set to a dict to collect seconds per phase (synchronises the GPU: benchmarks only)
+        #: benchmarks only (:mod:`.phases`): a dict sums seconds per phase, a list gets each step
         self.profile: dict | None = None
+        self.trace: list | None = None
 
     # -- slots ---------------------------------------------------------------------------------
     def free_slots(self, interactive: bool) -> int:
@@ -194,7 +195,7 @@ class SlotDecoder:
         only by logits processors). Returns the new rows' states, first tokens and
         log-probabilities, then the decode rows' tokens and log-probabilities."""
         with self.on_device():
-            timer = PhaseTimer(self.profile, self.device)
+            timer = PhaseTimer(self.profile, self.device, self.trace)
             plan = PlanBuilder(BLOCK_TOKENS, self.image_token_id)
             for image, prepared in enumerate(images):
                 plan.add_prefix(
@@ -222,6 +223,7 @@ class SlotDecoder:
             if images:
                 step.features = step_features(self.model, images, self.dtype)
             timer.lap("plan")
+            timer.mark()
             logits = packed.forward(self.model, step, self.cache.keys, self.cache.values, self.varlen)
             if logits_processors:
                 histories = [list(row.prompt_ids) + list(done) for row, done in zip(decoding, generated)]
@@ -238,15 +240,11 @@ class SlotDecoder:
             for row in decoding:
                 row.length += 1
             timer.lap("packed")
-            timer.count("packed_steps", 1)
-            timer.count("packed_tokens", int(step.ids.shape[0]))
-            return (
-                rows,
-                [tokens[i] for i in new_logits],
-                [logprobs[i] for i in new_logits],
-                [tokens[i] for i in decode_logits],
-                [logprobs[i] for i in decode_logits],
-            )
+            timer.count(packed_steps=1, packed_tokens=int(step.ids.shape[0]))
+            timer.traced("packed", rows=len(decoding), new=len(slots), tokens=int(step.ids.shape[0]))
+            new = [tokens[i] for i in new_logits], [logprobs[i] for i in new_logits]
+            running = [tokens[i] for i in decode_logits], [logprobs[i] for i in decode_logits]
+            return (rows, *new, *running)
 
     # -- decode --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -258,7 +256,7 @@ class SlotDecoder:
         if not rows:
             return [], []
         with self.on_device():
-            timer = PhaseTimer(self.profile, self.device)
+            timer = PhaseTimer(self.profile, self.device, self.trace)
             interactive = self.space.interactive(rows[0].slot)
             slots = [row.slot for row in rows]
             order = sorted(range(len(rows)), key=lambda i: rows[i].group)  # an image's rows adjacent
@@ -266,6 +264,7 @@ class SlotDecoder:
             generated = [generated[i] for i in order] if generated else ()
             count = self._load_step(interactive, rows)
             read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.max_length)
+            timer.mark()
             if logits_processors:
                 self._eager_step(interactive, count, read_length, rows, generated, logits_processors)
             elif self.use_cuda_graph:
@@ -276,7 +275,8 @@ class SlotDecoder:
             for row in rows:
                 row.length += 1
             timer.lap("decode")
-            timer.count("steps", 1)
+            timer.count(steps=1)
+            timer.traced("decode", rows=len(rows), count=count, read=read_length)
             return [tokens[s] for s in slots], [logprobs[s] for s in slots]
 
     def _load_step(self, interactive: bool, rows: Sequence[SlotRow]) -> int:
