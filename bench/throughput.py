@@ -16,7 +16,9 @@ each on the same inputs:
              workload: prefill and decode in forwards of their own (``apart``), decode
              attention in CUTLASS's kernel instead of the split-key Triton kernels
              (``cutlass``), steps of over 64 rows reading each sequence's keys in one program
-             instead of 512-key chunks (``unsplit``), Hugging Face's rotary embedding instead of one Triton kernel
+             instead of 512-key chunks (``unsplit``), image prefixes reading their slots with
+             CUTLASS's kernel instead of attending among themselves in FlashAttention-2's
+             (``prefixes``), Hugging Face's rotary embedding instead of one Triton kernel
              (``rotary``), no cascade attention (``flat``, with CUTLASS), vision features
              computed in the packed step instead of on the preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
@@ -57,6 +59,7 @@ if os.environ.get("MOLMO_BENCH_CODE"):
 
 from workloads import LABELS, build, fixed40, mean_length, noise_image, realistic, subset  # noqa: E402
 
+from molmo_backend.engine import phases  # noqa: E402
 from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
@@ -77,6 +80,10 @@ except ImportError:
 
 #: options of every scheduler this run makes (``--prefill-tokens``)
 SCHEDULER_OPTIONS: dict = {}
+#: ``--trace``: each engine run's steps (:func:`molmo_backend.engine.phases.resolve`), by run
+TRACES: dict | None = None
+#: decode steps summed by their stepping rows, in these ranges
+TRACE_ROWS = ((1, 8), (9, 32), (33, 96), (97, 192), (193, 256), (257, 1 << 20))
 
 
 def sync(device):
@@ -143,9 +150,15 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
     peak_reset(device)
     decoder = engine.decoder
     moves, waits = getattr(decoder, "moves", 0), getattr(decoder, "waits", 0)
+    if TRACES is not None:
+        decoder.trace = []
     seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
     stats = dict(scheduler.stats)
     scheduler.close()
+    steps = None
+    if TRACES is not None:
+        steps, decoder.trace = phases.resolve(decoder.trace), None
+        TRACES[f"{label}/{workload.name}"] = steps
     row = {
         "variant": label,
         "workload": workload.name,
@@ -161,8 +174,48 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
         "waits": getattr(decoder, "waits", 0) - waits,
         "requeued": stats.get("requeued", 0),
     }
+    if steps is not None:
+        row["trace"] = trace_summary(steps, seconds)
     log(f"  {label} {workload.name}: {row}")
     return row
+
+
+def trace_summary(steps: list[dict], seconds: float) -> dict:
+    """Where a traced run's wall time went: the GPU's time in packed and decode steps, the host's
+    time building them, the idle gaps between steps, and the decode steps by their row count;
+    the drain is the steps after the last packed one (nothing left to admit)."""
+
+    def total(part, key):
+        return round(sum(step[key] for step in part) / 1000, 3)
+
+    def mean(part, key):
+        return round(sum(step[key] for step in part) / len(part), 3) if part else None
+
+    packed = [step for step in steps if step["kind"] == "packed"]
+    decode = [step for step in steps if step["kind"] == "decode"]
+    last = max((i for i, step in enumerate(steps) if step["kind"] == "packed"), default=-1)
+    drain = steps[last + 1 :]
+    by_rows = {}
+    for low, high in TRACE_ROWS:
+        part = [step for step in decode if low <= step["rows"] <= high]
+        if part:
+            by_rows[f"{low}-{high}"] = {
+                "steps": len(part),
+                **{f"mean_{key}": mean(part, key) for key in ("gpu_ms", "host_ms", "gap_ms")},
+            }
+    return {
+        "wall_s": round(seconds, 3),
+        "packed_steps": len(packed),
+        "packed_gpu_s": total(packed, "gpu_ms"),
+        "packed_host_s": total(packed, "host_ms"),
+        "decode_steps": len(decode),
+        "decode_gpu_s": total(decode, "gpu_ms"),
+        "decode_host_s": total(decode, "host_ms"),
+        "gap_s": total(steps, "gap_ms"),
+        "drain_steps": len(drain),
+        "drain_s": round(total(drain, "gpu_ms") + total(drain, "host_ms") + total(drain, "gap_ms"), 3),
+        "decode_by_rows": by_rows,
+    }
 
 
 def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7) -> dict:
@@ -298,8 +351,8 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,rotary,flat,ahead,priority,norms,"
-        "suffix,rows",
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,prefixes,rotary,"
+        "flat,ahead,priority,norms,suffix,rows",
     )
     parser.add_argument(
         "--only",
@@ -308,7 +361,16 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--summary", type=Path, help="write the summary (issue #13's keys) here")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="write every engine run's steps here (GPU, host and idle milliseconds of each, from "
+        "CUDA events) and a summary of them into each run's results",
+    )
     args = parser.parse_args()
+    global TRACES
+    if args.trace:
+        TRACES = {}
     # the engine's warnings with their fields (a failed query's error), as the server logs them
     configure_logging("WARNING", "text")
     logging.getLogger("molmo_backend.engine.fused_rotary").setLevel(logging.INFO)  # its check's result
@@ -335,6 +397,8 @@ def main() -> int:
     def save():
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
+        if args.trace:
+            args.trace.write_text(json.dumps(TRACES))
 
     log(f"{results['device']}, torch {results['torch']}, transformers {results['transformers']}")
     started = time.perf_counter()
@@ -362,6 +426,7 @@ def main() -> int:
     results["cascade_attention"] = getattr(engine.decoder, "cascade", None)
     results["split_key_attention"] = getattr(engine.decoder, "flash", None)  # flash_decode.py
     results["fused_rotary"] = getattr(engine.decoder, "rotary", None)  # fused_rotary.py
+    results["prefix_flash"] = getattr(engine.decoder, "prefix_flash", None)  # prefix_attention.py
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
@@ -415,6 +480,11 @@ def main() -> int:
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unsplit_big_steps"))
         flash_decode.BIG_CHUNK = big
         recapture(engine.decoder)
+        save()
+    if "prefixes" not in skip and getattr(engine.decoder, "prefix_flash", False):
+        engine.decoder.prefix_flash = False  # image prefixes read their slots with CUTLASS's kernel
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_prefixes_from_slots"))
+        engine.decoder.prefix_flash = True
         save()
     if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
         fused_rotary.uninstall()
@@ -542,6 +612,7 @@ def main() -> int:
         "realistic_cutlass_decode_pairs_per_s": pick("d_cutlass_decode", "realistic"),
         "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
         "realistic_unsplit_big_steps_pairs_per_s": pick("d_unsplit_big_steps", "realistic"),
+        "realistic_prefixes_from_slots_pairs_per_s": pick("d_prefixes_from_slots", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from molmo_backend.engine import cascade, flash_decode, fused_rotary, slot_attention, suffix_attention
+from molmo_backend.engine import (
+    cascade,
+    flash_decode,
+    fused_rotary,
+    prefix_attention,
+    slot_attention,
+    suffix_attention,
+)
 
 
 @dataclass
@@ -23,6 +30,9 @@ class Kernels:
     #: packed steps read an image's prefix once for the prompt suffixes of all its rows
     #: (:mod:`.suffix_attention`)
     suffix_pass: bool
+    #: packed steps' image prefixes attend among themselves in FlashAttention-2's variable-length
+    #: kernel (:mod:`.prefix_attention`) instead of reading their slots with CUTLASS's
+    prefix_flash: bool
     #: the rotary embedding in one Triton kernel (:mod:`.fused_rotary`) instead of Hugging Face's
     #: ten; installed for every Molmo2 model of the process, plain ``generate()`` included
     rotary: bool
@@ -48,4 +58,5 @@ def checked(
         flash=flash,
         cascade=varlen and cascade.works(*geometry),
         suffix_pass=varlen and suffix_attention.works(*geometry),
+        prefix_flash=varlen and prefix_attention.works(*geometry),
     )

@@ -142,7 +142,7 @@ class SlotDecoder:
         #: the attention kernels steps run (:class:`.attention_kernels.Kernels` says what each is)
         geometry = (self.device, self.dtype, self.kv_heads, self.head_dim, groups)
         kernels = attention_kernels.checked(*geometry, triton)
-        self.varlen, self.flash = kernels.varlen, kernels.flash
+        self.varlen, self.flash, self.prefix_flash = kernels.varlen, kernels.flash, kernels.prefix_flash
         self.cascade, self.suffix_pass, self.rotary = kernels.cascade, kernels.suffix_pass, kernels.rotary
         regions = ((True, interactive_slots), (False, bulk_slots))  # each region's steps' layouts
         self._cascade = {
@@ -219,7 +219,7 @@ class SlotDecoder:
                     suffixes[i], slots[i], images[image].length, prefix_slot[image]
                 )
             kv_heads = self.kv_heads if self.suffix_pass else None
-            step = plan.build(self.device, self.last_token, self.kv_groups, kv_heads)
+            step = plan.build(self.device, self.last_token, self.kv_groups, kv_heads, self.prefix_flash)
             if images:
                 step.features = step_features(self.model, images, self.dtype)
             timer.lap("plan")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from molmo_backend.engine import slot_attention, suffix_attention
+from molmo_backend.engine import prefix_attention, slot_attention, suffix_attention
 
 
 @dataclass
@@ -44,13 +44,17 @@ class StepPlan:
     positions: torch.Tensor  # [T] each token's position in its row
     write_src: torch.Tensor  # [W] token whose keys/values are written ...
     write_dst: torch.Tensor  # [W] ... at this flat cache index (slot x stride + position)
-    full: slot_attention.Sequences | None  # tokens 0..n-1: read their slot up to a length
+    full: slot_attention.Sequences | None  # tokens full_start..: read their slot up to a length
     causal: slot_attention.Dense | None  # the suffix tokens, causal over their slot
     suffix: suffix_attention.SuffixLayout | None  # the same, an image's prefix read once (CUDA)
     bos: torch.Tensor | None  # tokens whose attention output is their own value
     logits_at: torch.Tensor  # [R] tokens whose next-token logits are wanted
     features: torch.Tensor | None = None  # [F, hidden] image features ...
     feature_at: torch.Tensor | None = None  # [F] ... added to these tokens' embeddings
+    #: the image prefixes, where they attend among themselves (:mod:`.prefix_attention`); then
+    #: ``full`` holds only the decode tokens, from token ``full_start``
+    prefixes: prefix_attention.Prefixes | None = None
+    full_start: int = 0
 
 
 @dataclass
@@ -116,10 +120,16 @@ class PlanBuilder:
         return len(self.logits_at) - 1
 
     def build(
-        self, device: torch.device, last_token: torch.Tensor, kv_groups: int, kv_heads: int | None = None
+        self,
+        device: torch.device,
+        last_token: torch.Tensor,
+        kv_groups: int,
+        kv_heads: int | None = None,
+        flash_prefixes: bool = False,
     ) -> StepPlan:
         """The step's device tensors; with ``kv_heads``, the suffixes' two-pass layout too
-        (:mod:`.suffix_attention`, on the CUDA kernel path)."""
+        (:mod:`.suffix_attention`), with ``flash_prefixes`` the image prefixes' own attention
+        (:mod:`.prefix_attention`; both on the CUDA kernel path)."""
 
         def tensor(values):
             return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
@@ -127,9 +137,15 @@ class PlanBuilder:
         ids = tensor(self.ids)
         if self.decode_at:
             ids[tensor(self.decode_at)] = last_token[tensor(self.decode_slots)]
-        full = None
-        if self.full:
-            full = slot_attention.Sequences.of(self.full, self.stride, kv_groups, device)
+        full, reads, prefixes, full_start = None, self.full, None, 0
+        if flash_prefixes and self.bos:  # each prefix is one entry of ``full``, a bos its first token
+            prefixes = prefix_attention.Prefixes.of(
+                [count for _, count, *_ in reads[: len(self.bos)]], device
+            )
+            full_start = prefixes.tokens
+            reads = [(start - full_start, *rest) for start, *rest in reads[len(self.bos) :]]
+        if reads:
+            full = slot_attention.Sequences.of(reads, self.stride, kv_groups, device)
         causal = suffix = None
         if self.causal:
             causal = slot_attention.Dense.causal(self.causal, self.stride, device)
@@ -151,6 +167,8 @@ class PlanBuilder:
             bos=tensor(self.bos) if self.bos else None,
             logits_at=tensor(self.logits_at),
             feature_at=tensor(self.feature_at) if self.feature_at else None,
+            prefixes=prefixes,
+            full_start=full_start,
         )
 
 
@@ -205,16 +223,18 @@ def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool):
     flat_keys.index_copy_(0, plan.write_dst, key[plan.write_src])
     flat_values.index_copy_(0, plan.write_dst, value[plan.write_src])
     out = torch.empty_like(query)
+    if plan.prefixes is not None:
+        out[: plan.prefixes.tokens] = prefix_attention.attend(query, key, value, plan.prefixes, attn.scaling)
     if plan.full is not None:
-        n = plan.full.tokens
+        start, end = plan.full_start, plan.full_start + plan.full.tokens
         if varlen:
-            out[:n] = slot_attention.varlen_attention(
-                query[:n], flat_keys, flat_values, plan.full, attn.scaling
+            out[start:end] = slot_attention.varlen_attention(
+                query[start:end], flat_keys, flat_values, plan.full, attn.scaling
             )
-            if plan.bos is not None:  # a bos token sees only itself: its output is its value
-                out[plan.bos] = value[plan.bos].repeat_interleave(attn.num_key_value_groups, dim=1)
         else:
-            out[:n] = slot_attention.dense_attention(query, keys, values, plan.full.dense, attn.scaling)
+            out[:end] = slot_attention.dense_attention(query, keys, values, plan.full.dense, attn.scaling)
+    if varlen and plan.bos is not None:  # a bos token sees only itself: its output is its value
+        out[plan.bos] = value[plan.bos].repeat_interleave(attn.num_key_value_groups, dim=1)
     if plan.suffix is not None:
         start = plan.causal.start
         out[start:] = suffix_attention.attend(
