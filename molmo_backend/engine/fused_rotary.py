@@ -178,6 +178,11 @@ def install() -> None:
     module.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
+def installed() -> bool:
+    """Whether :func:`install` put the kernel in place (and :func:`uninstall` has not undone it)."""
+    return _ORIGINAL is not None and _module().apply_rotary_pos_emb is apply_rotary_pos_emb
+
+
 def uninstall() -> None:
     """Hugging Face's function back (the benchmark's side-by-side variant)."""
     if _ORIGINAL is not None:

@@ -23,7 +23,9 @@ launches, large ones by the GPU.)
 
 The layer arithmetic is Hugging Face's ``Molmo2DecoderLayer`` (transformers 5.23), on its own
 modules and weights (norms, q/k norms, rotary tables, MLP); only the attention, the cache and
-the rotary arithmetic (:func:`apply_rotary`, the same four operations) are ours.
+the rotary arithmetic are ours (:func:`apply_rotary`, the same four operations, or
+:mod:`.fused_rotary`'s one kernel where the engine installed it: an H100 took 0.64 ms a layer for
+the four operations at 8,192 tokens, 23 ms of a ~320 ms packed step).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from molmo_backend.engine import prefix_attention, slot_attention, suffix_attention
+from molmo_backend.engine import fused_rotary, prefix_attention, slot_attention, suffix_attention
 
 
 @dataclass
@@ -197,13 +199,16 @@ def forward(model, plan: StepPlan, keys: list[torch.Tensor], values: list[torch.
     hidden = hidden[None]
     positions = plan.positions[None]
     rope = {"scaled": lm.rotary_emb(hidden, positions), "unscaled": lm.rotary_emb_unscaled(hidden, positions)}
+    # the one-kernel rotary embedding where the engine installed it for decode steps and generate()
+    rotate = fused_rotary.apply_rotary_pos_emb if fused_rotary.installed() else apply_rotary
     for index, layer in enumerate(lm.layers):
-        hidden = _layer(layer, hidden, rope[lm.rope_types[index]], plan, keys[index], values[index], varlen)
+        cos_sin = rope[lm.rope_types[index]]
+        hidden = _layer(layer, hidden, cos_sin, plan, keys[index], values[index], varlen, rotate)
     hidden = lm.norm(hidden[0, plan.logits_at])
     return model.lm_head(hidden).float()
 
 
-def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool):
+def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool, rotate):
     """``Molmo2DecoderLayer.forward`` with our attention over the slot cache."""
     attn = layer.self_attn
     count, head_dim = hidden.shape[1], attn.head_dim
@@ -217,7 +222,7 @@ def _layer(layer, hidden, cos_sin, plan: StepPlan, keys, values, varlen: bool):
     if attn.qk_norm_type == "qwen3":
         query, key = attn.q_norm(query), attn.k_norm(key)
     cos, sin = cos_sin
-    query, key = apply_rotary(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    query, key = rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     query, key = query.transpose(1, 2)[0], key.transpose(1, 2)[0]  # [tokens, heads, dim]
     flat_keys, flat_values = keys, values
     flat_keys.index_copy_(0, plan.write_dst, key[plan.write_src])

@@ -88,3 +88,33 @@ def test_compiled_for_an_h100_each_product_is_rounded_before_the_sum():
     an H100. Compiled here for sm_90 without a GPU, as the kernel is launched."""
     ptx = h100_ptx()["rotary"]
     assert "mul.rn.bf16" in ptx and "fma" not in ptx
+
+
+def test_packed_steps_run_the_kernel_where_it_is_installed(on_cpu, monkeypatch, demo_model_dir):
+    """The packed prefill (its own layer loop, not Hugging Face's attention) rotates through the
+    kernel once installed, and answers as with its written-out arithmetic."""
+    from molmo_backend.engine.base import PointQuery
+    from molmo_backend.engine.molmo2 import TransformersEngine
+    from tests.engine.test_engine import MIXED
+
+    engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=4, max_batch=4)
+    engine.processor.image_processor.max_crops = 2
+    query = PointQuery(MIXED[2], "Point to the dog", image_key=0, answer_tokens=4)
+    plain = engine.generate([query])[0]
+    kernel, rotated = fused_rotary.apply_rotary_pos_emb, []
+
+    def counting(q, k, cos, sin, unsqueeze_dim=1):
+        rotated.append(q.shape[2])
+        return kernel(q, k, cos, sin, unsqueeze_dim)
+
+    monkeypatch.setattr(fused_rotary, "apply_rotary_pos_emb", counting)
+    try:
+        fused_rotary.install()
+        assert fused_rotary.installed()
+        fused = engine.generate([query])[0]
+    finally:
+        fused_rotary.uninstall()
+    assert not fused_rotary.installed()
+    layers = engine.model.config.text_config.num_hidden_layers
+    assert max(rotated) > 1 and rotated.count(max(rotated)) == layers, "the packed step: every layer"
+    assert fused.text == plain.text and fused.token_logprobs == pytest.approx(plain.token_logprobs, abs=1e-5)
