@@ -18,7 +18,8 @@ each on the same inputs:
              (``cutlass``), steps of over 64 rows reading each sequence's keys in one program
              instead of 512-key chunks (``unsplit``), image prefixes reading their slots with
              CUTLASS's kernel instead of attending among themselves in FlashAttention-2's
-             (``prefixes``), Hugging Face's rotary embedding instead of one Triton kernel
+             (``prefixes``), the MLP's SiLU and multiplication as two kernels instead of one
+             (``mlp``), Hugging Face's rotary embedding instead of one Triton kernel
              (``rotary``), no cascade attention (``flat``, with CUTLASS), vision features
              computed in the packed step instead of on the preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
@@ -73,6 +74,10 @@ try:  # likewise (skip unsplit there)
     from molmo_backend.engine import flash_decode  # noqa: E402
 except ImportError:
     flash_decode = None
+try:  # likewise (skip mlp there)
+    from molmo_backend.engine import fused_mlp  # noqa: E402
+except ImportError:
+    fused_mlp = None
 try:  # likewise (skip rotary there)
     from molmo_backend.engine import fused_rotary  # noqa: E402
 except ImportError:
@@ -351,7 +356,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,prefixes,rotary,"
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,prefixes,mlp,rotary,"
         "flat,ahead,priority,norms,suffix,rows",
     )
     parser.add_argument(
@@ -427,6 +432,7 @@ def main() -> int:
     results["split_key_attention"] = getattr(engine.decoder, "flash", None)  # flash_decode.py
     results["fused_rotary"] = getattr(engine.decoder, "rotary", None)  # fused_rotary.py
     results["prefix_flash"] = getattr(engine.decoder, "prefix_flash", None)  # prefix_attention.py
+    results["fused_mlp"] = getattr(engine, "fused_mlp", None)  # fused_mlp.py
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
@@ -485,6 +491,13 @@ def main() -> int:
         engine.decoder.prefix_flash = False  # image prefixes read their slots with CUTLASS's kernel
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_prefixes_from_slots"))
         engine.decoder.prefix_flash = True
+        save()
+    if "mlp" not in skip and getattr(engine, "fused_mlp", False):  # SiLU and multiply apart
+        fused_mlp.unfuse(model)
+        recapture(engine.decoder)
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unfused_mlp"))
+        fused_mlp.fuse(model)
+        recapture(engine.decoder)
         save()
     if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
         fused_rotary.uninstall()
@@ -613,6 +626,7 @@ def main() -> int:
         "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
         "realistic_unsplit_big_steps_pairs_per_s": pick("d_unsplit_big_steps", "realistic"),
         "realistic_prefixes_from_slots_pairs_per_s": pick("d_prefixes_from_slots", "realistic"),
+        "realistic_unfused_mlp_pairs_per_s": pick("d_unfused_mlp", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),

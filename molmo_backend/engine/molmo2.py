@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from molmo_backend.engine import fused_norms, row_memory
+from molmo_backend.engine import fused_mlp, fused_norms, row_memory
 from molmo_backend.engine import slots as cache_slots
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import SlotDecoder
@@ -76,6 +76,7 @@ class TransformersEngine(StepEngine):
             raise ModelLoadError(f"{model_id!r} is a {config.model_type!r} model; this engine runs Molmo2")
         self.model, self.processor = model.eval(), processor
         fused_norms.fuse(model)  # one kernel per RMS norm, for every path on this model
+        self.fused_mlp = triton_kernels and fused_mlp.fuse(model)  # SiLU-and-multiply in one kernel, checked
         self.device, self.dtype = model.device, model.dtype
         self.model_id, self.revision, self.demo, self.family = model_id, revision, demo, "molmo2"
         self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
