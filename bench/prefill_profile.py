@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import build, noise_image  # noqa: E402
 
+from molmo_backend.engine import prefix_attention  # noqa: E402
 from molmo_backend.engine.decoding import SlotRow  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.prefill import image_features, prepare_image  # noqa: E402
@@ -115,13 +116,14 @@ def main() -> int:
         out[f"packed_prefill_{name}_tokens"] = sum(im.length for im in images)
         print(name, out[f"packed_prefill_{name}_ms"], flush=True)
 
-    if getattr(decoder, "prefix_flash", False):  # the same 8 mixed images, prefixes read from slots
-        decoder.prefix_flash = False
-        run, slots = prefix_forward(prepared(MIXED))
-        out["packed_prefill_8mixed_prefixes_from_slots_ms"] = ms(run)
-        decoder.release(slots)
+    geometry = (device, dtype, decoder.kv_heads, decoder.head_dim, decoder.kv_groups)
+    out["prefix_flash_works"] = decoder.varlen and prefix_attention.works(*geometry)
+    if out["prefix_flash_works"]:  # the same 8 mixed images, prefixes in FlashAttention-2 (not default)
         decoder.prefix_flash = True
-    out["prefix_flash"] = getattr(decoder, "prefix_flash", None)
+        run, slots = prefix_forward(prepared(MIXED))
+        out["packed_prefill_8mixed_flash_prefixes_ms"] = ms(run)
+        decoder.release(slots)
+        decoder.prefix_flash = False
     images = prepared([(1280, 960)] * 4)
     pictures = [noise_image((1280, 960), i) for i in range(4)]
     batch = processor(

@@ -16,16 +16,17 @@ each on the same inputs:
              workload: prefill and decode in forwards of their own (``apart``), decode
              attention in CUTLASS's kernel instead of the split-key Triton kernels
              (``cutlass``), steps of over 64 rows reading each sequence's keys in one program
-             instead of 512-key chunks (``unsplit``), image prefixes reading their slots with
-             CUTLASS's kernel instead of attending among themselves in FlashAttention-2's
-             (``prefixes``), the MLP's SiLU and multiplication as two kernels instead of one
-             (``mlp``), Hugging Face's rotary embedding instead of one Triton kernel
+             instead of 512-key chunks (``unsplit``), Hugging Face's rotary embedding instead of one Triton kernel
              (``rotary``), no cascade attention (``flat``, with CUTLASS), vision features
              computed in the packed step instead of on the preparation thread (``ahead``), preparations on a high-priority CUDA stream
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
              prompt suffixes reading their whole slots instead of their image's prefix once
              (``suffix``), and no more bulk rows than slots of the longest row's length would
              hold, as the engine had before runs sized by each row's length (``rows``)
+
+``--try`` runs kernels that are not on by default beside it: image prefixes attending among
+themselves in FlashAttention-2 instead of reading their slots with CUTLASS's kernel
+(``prefixes``), the MLP's SiLU and multiplication in one kernel (``mlp``), or ``both``.
 
 Then, for (d): open-task latency (1 task x 3 labels, 40 tokens, INTERACTIVE) idle and while the
 realistic bulk job runs, a phase profile of the realistic workload, answers against plain
@@ -74,10 +75,10 @@ try:  # likewise (skip unsplit there)
     from molmo_backend.engine import flash_decode  # noqa: E402
 except ImportError:
     flash_decode = None
-try:  # likewise (skip mlp there)
-    from molmo_backend.engine import fused_mlp  # noqa: E402
+try:  # likewise (no --try there)
+    from molmo_backend.engine import fused_mlp, prefix_attention  # noqa: E402
 except ImportError:
-    fused_mlp = None
+    fused_mlp = prefix_attention = None
 try:  # likewise (skip rotary there)
     from molmo_backend.engine import fused_rotary  # noqa: E402
 except ImportError:
@@ -182,6 +183,27 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
     if steps is not None:
         row["trace"] = trace_summary(steps, seconds)
     log(f"  {label} {workload.name}: {row}")
+    return row
+
+
+def try_kernels(engine, model, workload, device, log, trial: str) -> dict:
+    """The realistic workload with kernels that are not on by default (``--try``): ``prefixes``
+    (image prefixes attending among themselves in FlashAttention-2, prefix_attention.py), ``mlp``
+    (SiLU-and-multiply in one Triton kernel, fused_mlp.py) or ``both``; each only where its
+    check at start passes (the row says which ran). The default engine is restored after."""
+    decoder = engine.decoder
+    geometry = (decoder.device, decoder.dtype, decoder.kv_heads, decoder.head_dim, decoder.kv_groups)
+    prefixes = trial in ("prefixes", "both") and decoder.varlen and prefix_attention.works(*geometry)
+    mlp = trial in ("mlp", "both") and fused_mlp.fuse(model)
+    decoder.prefix_flash = prefixes
+    if mlp:
+        recapture(decoder)
+    row = scheduled(engine, workload, device, log, f"d_try_{trial}")
+    row.update(flash_prefixes=bool(prefixes), fused_mlp=bool(mlp))
+    decoder.prefix_flash = False
+    if mlp:
+        fused_mlp.unfuse(model)
+        recapture(decoder)
     return row
 
 
@@ -356,7 +378,7 @@ def main() -> int:
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,prefixes,mlp,rotary,"
+        help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,rotary,"
         "flat,ahead,priority,norms,suffix,rows",
     )
     parser.add_argument(
@@ -366,6 +388,13 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--summary", type=Path, help="write the summary (issue #13's keys) here")
+    parser.add_argument(
+        "--try",
+        dest="trials",
+        default="",
+        help="comma-separated kernels not on by default, each run on the realistic workload: prefixes "
+        "(image prefixes in FlashAttention-2), mlp (SiLU-and-multiply in one kernel), both",
+    )
     parser.add_argument(
         "--trace",
         type=Path,
@@ -431,8 +460,6 @@ def main() -> int:
     results["cascade_attention"] = getattr(engine.decoder, "cascade", None)
     results["split_key_attention"] = getattr(engine.decoder, "flash", None)  # flash_decode.py
     results["fused_rotary"] = getattr(engine.decoder, "rotary", None)  # fused_rotary.py
-    results["prefix_flash"] = getattr(engine.decoder, "prefix_flash", None)  # prefix_attention.py
-    results["fused_mlp"] = getattr(engine, "fused_mlp", None)  # fused_mlp.py
     started = time.perf_counter()
     results["graphs_captured"] = engine.decoder.capture_graphs()
     results["capture_s"] = round(time.perf_counter() - started, 1)
@@ -487,17 +514,8 @@ def main() -> int:
         flash_decode.BIG_CHUNK = big
         recapture(engine.decoder)
         save()
-    if "prefixes" not in skip and getattr(engine.decoder, "prefix_flash", False):
-        engine.decoder.prefix_flash = False  # image prefixes read their slots with CUTLASS's kernel
-        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_prefixes_from_slots"))
-        engine.decoder.prefix_flash = True
-        save()
-    if "mlp" not in skip and getattr(engine, "fused_mlp", False):  # SiLU and multiply apart
-        fused_mlp.unfuse(model)
-        recapture(engine.decoder)
-        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unfused_mlp"))
-        fused_mlp.fuse(model)
-        recapture(engine.decoder)
+    for trial in filter(None, args.trials.split(",")):  # kernels not on by default, one run each
+        results["runs"].append(try_kernels(engine, model, work["realistic"], device, log, trial))
         save()
     if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
         fused_rotary.uninstall()
@@ -625,8 +643,9 @@ def main() -> int:
         "realistic_cutlass_decode_pairs_per_s": pick("d_cutlass_decode", "realistic"),
         "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
         "realistic_unsplit_big_steps_pairs_per_s": pick("d_unsplit_big_steps", "realistic"),
-        "realistic_prefixes_from_slots_pairs_per_s": pick("d_prefixes_from_slots", "realistic"),
-        "realistic_unfused_mlp_pairs_per_s": pick("d_unfused_mlp", "realistic"),
+        "realistic_try_prefixes_pairs_per_s": pick("d_try_prefixes", "realistic"),
+        "realistic_try_mlp_pairs_per_s": pick("d_try_mlp", "realistic"),
+        "realistic_try_both_pairs_per_s": pick("d_try_both", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),

@@ -58,5 +58,5 @@ def checked(
         flash=flash,
         cascade=varlen and cascade.works(*geometry),
         suffix_pass=varlen and suffix_attention.works(*geometry),
-        prefix_flash=varlen and prefix_attention.works(*geometry),
+        prefix_flash=varlen and prefix_attention.ON and prefix_attention.works(*geometry),
     )

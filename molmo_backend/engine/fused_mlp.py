@@ -11,8 +11,10 @@ against PyTorch on the device once and allows one rounding step, as :mod:`.fused
 :mod:`.fused_rotary` do.
 
 :func:`fuse` swaps the forward of every MLP of one model instance, so the engine's steps and
-plain ``generate()`` on that model compute the same thing; :func:`unfuse` restores them (the
-benchmark's side-by-side variant).
+plain ``generate()`` on that model compute the same thing; :func:`unfuse` restores them.
+
+Off by default (:data:`ON`) until a GPU benchmark has measured it: ``bench/throughput.py --try
+mlp`` runs the realistic workload with it beside the default engine.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ MLP_CLASS = "Molmo2MLP"
 BLOCK = 1024
 #: run the kernel on CPU tensors too (tests, in Triton's interpreter)
 ON_CPU = False
+#: whether the engine fuses its model's MLPs (where :func:`works`); False until measured on a GPU
+ON = False
 
 if triton is not None:
 

@@ -76,7 +76,7 @@ class TransformersEngine(StepEngine):
             raise ModelLoadError(f"{model_id!r} is a {config.model_type!r} model; this engine runs Molmo2")
         self.model, self.processor = model.eval(), processor
         fused_norms.fuse(model)  # one kernel per RMS norm, for every path on this model
-        self.fused_mlp = triton_kernels and fused_mlp.fuse(model)  # SiLU-and-multiply in one kernel, checked
+        self.fused_mlp = triton_kernels and fused_mlp.ON and fused_mlp.fuse(model)  # one SiLU-and-mul kernel
         self.device, self.dtype = model.device, model.dtype
         self.model_id, self.revision, self.demo, self.family = model_id, revision, demo, "molmo2"
         self.max_new_tokens, self.max_batch = max_new_tokens, max_batch

@@ -9,6 +9,9 @@ natively (PyTorch ships the kernel for sm80 and newer GPUs). The slot reads thro
 memory-efficient kernel (:func:`.slot_attention.varlen_attention`), which ran at about a third
 of the H100's attention rate on image prefixes, stay for decode tokens, on the CPU, and
 wherever this kernel is missing or disagrees (:func:`works`, checked once at start).
+
+Off by default (:data:`ON`) until a GPU benchmark has measured it: ``bench/throughput.py --try
+prefixes`` runs the realistic workload with it beside the default engine.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from dataclasses import dataclass
 import torch
 
 log = logging.getLogger(__name__)
+
+#: whether slot decoders use it (where :func:`works`); False until measured on a GPU
+ON = False
 
 
 @dataclass

@@ -122,3 +122,18 @@ def test_answers_are_the_same_whether_prefixes_attend_among_themselves_or_read_t
     for slots, flash in zip(answers[False], answers[True]):
         assert slots.text == flash.text and slots.tokens == flash.tokens
         assert slots.token_logprobs == pytest.approx(flash.token_logprobs, abs=1e-4)
+
+
+def test_slot_decoders_use_it_only_when_asked_and_checked(monkeypatch):
+    """Off by default until a GPU benchmark has measured it (``prefix_attention.ON``)."""
+    from molmo_backend.engine import attention_kernels
+
+    monkeypatch.setattr(slot_attention, "available", lambda *args: True)  # as on CUDA
+    monkeypatch.setattr(slot_attention, "install", lambda: None)
+    monkeypatch.setattr(prefix_attention, "works", lambda *args: True)
+    geometry = (CPU, torch.float32, 2, 16, 4)
+    assert not attention_kernels.checked(*geometry).prefix_flash
+    monkeypatch.setattr(prefix_attention, "ON", True)
+    assert attention_kernels.checked(*geometry).prefix_flash
+    monkeypatch.setattr(prefix_attention, "works", lambda *args: False)
+    assert not attention_kernels.checked(*geometry).prefix_flash
