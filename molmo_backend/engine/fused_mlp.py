@@ -20,9 +20,10 @@ mlp`` runs the realistic workload with it beside the default engine.
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
+
+from molmo_backend.engine import forwards
 
 try:  # Triton comes with torch's CUDA wheels
     import triton
@@ -103,20 +104,14 @@ def works(device: torch.device, dtype: torch.dtype) -> bool:
 def fuse(model: torch.nn.Module) -> bool:
     """Give every Molmo2 MLP of ``model`` the one-kernel activation if :func:`works` on the
     model's device and type; returns whether it did."""
-    mlps = [m for m in model.modules() if type(m).__name__ == MLP_CLASS and m.config.hidden_act == "silu"]
+    mlps = [mlp for mlp in forwards.of_class(model, MLP_CLASS) if mlp.config.hidden_act == "silu"]
     parameter = next(model.parameters())
     if not mlps or not works(parameter.device, parameter.dtype):
         return False
-    for mlp in mlps:
-        mlp.forward = types.MethodType(_fused_forward, mlp)
+    forwards.swap(mlps, _fused_forward)
     return True
 
 
 def unfuse(model: torch.nn.Module) -> int:
     """Undo :func:`fuse`; returns how many MLPs went back to Hugging Face's forward."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ == MLP_CLASS and "forward" in vars(module):
-            del module.forward
-            count += 1
-    return count
+    return forwards.restore(model, MLP_CLASS)

@@ -15,9 +15,9 @@ and plain ``generate()`` on the same model compute the same thing. :func:`unfuse
 
 from __future__ import annotations
 
-import types
-
 import torch
+
+from molmo_backend.engine import forwards
 
 NORM_CLASS = "Molmo2RMSNorm"
 
@@ -30,17 +30,11 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def fuse(model: torch.nn.Module) -> int:
     """Make every Molmo2 RMS norm of ``model`` one kernel; returns how many there are."""
-    norms = [module for module in model.modules() if type(module).__name__ == NORM_CLASS]
-    for norm in norms:
-        norm.forward = types.MethodType(_fused_forward, norm)
+    norms = forwards.of_class(model, NORM_CLASS)
+    forwards.swap(norms, _fused_forward)
     return len(norms)
 
 
 def unfuse(model: torch.nn.Module) -> int:
     """Undo :func:`fuse`; returns how many norms went back to Hugging Face's forward."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ == NORM_CLASS and "forward" in vars(module):
-            del module.forward
-            count += 1
-    return count
+    return forwards.restore(model, NORM_CLASS)
