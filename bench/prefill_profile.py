@@ -119,11 +119,11 @@ def main() -> int:
     geometry = (device, dtype, decoder.kv_heads, decoder.head_dim, decoder.kv_groups)
     out["prefix_flash_works"] = decoder.varlen and prefix_attention.works(*geometry)
     if out["prefix_flash_works"]:  # the same 8 mixed images, prefixes in FlashAttention-2 (not default)
-        decoder.prefix_flash = True
+        default, decoder.prefix_flash = decoder.prefix_flash, True
         run, slots = prefix_forward(prepared(MIXED))
         out["packed_prefill_8mixed_flash_prefixes_ms"] = ms(run)
         decoder.release(slots)
-        decoder.prefix_flash = False
+        decoder.prefix_flash = default
     images = prepared([(1280, 960)] * 4)
     pictures = [noise_image((1280, 960), i) for i in range(4)]
     batch = processor(

@@ -193,15 +193,16 @@ def try_kernels(engine, model, workload, device, log, trial: str) -> dict:
     check at start passes (the row says which ran). The default engine is restored after."""
     decoder = engine.decoder
     geometry = (decoder.device, decoder.dtype, decoder.kv_heads, decoder.head_dim, decoder.kv_groups)
+    default_prefixes, default_mlp = decoder.prefix_flash, engine.fused_mlp
     prefixes = trial in ("prefixes", "both") and decoder.varlen and prefix_attention.works(*geometry)
     mlp = trial in ("mlp", "both") and fused_mlp.fuse(model)
-    decoder.prefix_flash = prefixes
-    if mlp:
+    decoder.prefix_flash = prefixes or default_prefixes
+    if mlp != default_mlp:
         recapture(decoder)
     row = scheduled(engine, workload, device, log, f"d_try_{trial}")
-    row.update(flash_prefixes=bool(prefixes), fused_mlp=bool(mlp))
-    decoder.prefix_flash = False
-    if mlp:
+    row.update(flash_prefixes=bool(decoder.prefix_flash), fused_mlp=bool(mlp or default_mlp))
+    decoder.prefix_flash = default_prefixes
+    if mlp and not default_mlp:
         fused_mlp.unfuse(model)
         recapture(decoder)
     return row
@@ -216,7 +217,7 @@ def trace_summary(steps: list[dict], seconds: float) -> dict:
         return round(sum(step[key] for step in part) / 1000, 3)
 
     def mean(part, key):
-        return round(sum(step[key] for step in part) / len(part), 3) if part else None
+        return round(sum(step[key] for step in part) / len(part), 3)
 
     packed = [step for step in steps if step["kind"] == "packed"]
     decode = [step for step in steps if step["kind"] == "decode"]
