@@ -66,6 +66,13 @@ def metrics(backend) -> dict:
     return requests.get(f"{backend.url}/metrics?format=json", timeout=10).json()["retrieve"]
 
 
+def settled(backend, expected: int) -> dict | None:
+    """The retrieve metrics once answered and written-back tasks add up to ``expected``; None
+    before. A count past ``expected`` is returned too, so the caller's assert reports it."""
+    stats = metrics(backend)
+    return stats if stats["answered_in_time"] + stats["written_back"] >= expected else None
+
+
 def scheduler_queries(backend) -> int:
     return requests.get(f"{backend.url}/metrics?format=json", timeout=10).json()["scheduler"]["queries"]
 
@@ -144,7 +151,9 @@ def test_a_retrieve_past_the_deadline_ends_with_one_prediction_per_task(
         assert all(len(p) <= 1 for p in stored(ls, sizes).values())
         if write_back:
             until(lambda: all(stored(ls, sizes).values()), "the write-back to store the rest")
-            final = metrics(backend)
+            # the write-back counts a chunk after Label Studio has stored it: the last count may
+            # land just after the test sees every task stored, so wait for it too
+            final = until(lambda: settled(backend, 30), "the write-back to count what it stored")
             assert final["written_back"] + final["answered_in_time"] == 30
             assert final["write_back_failures"] == 0
             retrieves = 1
@@ -294,7 +303,8 @@ def test_a_restart_in_the_middle_keeps_what_was_written_and_predicts_the_rest(
     with BackendServer(tmp_path / "two", env=env, answers=ANSWERS) as backend:
         assert ls.connect_ml(pid, backend.url)["model_version"] == version
         retrieve_until_all_stored(ls, pid, sizes)
-        after = metrics(backend)
+        missing = 30 - len(before_restart)
+        after = until(lambda: settled(backend, missing), "the backend to count what it stored")
         # only what was missing was computed and stored again
         assert after["answered_in_time"] + after["written_back"] == 30 - len(before_restart)
     check_one_each(ls, sizes, version)
