@@ -186,16 +186,16 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
     return row
 
 
-def try_kernels(engine, model, workload, device, log, trial: str) -> dict:
+def try_kernels(engine, model, workload, device, log, trial: str, plain: list[str]) -> dict:
     """The realistic workload with kernels that are not on by default (``--try``): ``prefixes``
     (image prefixes attending among themselves in FlashAttention-2, prefix_attention.py), ``mlp``
     (SiLU-and-multiply in one Triton kernel, fused_mlp.py) or ``both``; each only where its
     check at start passes (the row says which ran, and whether the engine's greedy answers still
-    equal plain ``generate()``'s with them). The default engine is restored after."""
+    equal ``plain``: plain ``generate()``'s, taken on the default model, since the fused MLP
+    runs in generate() too). The default engine is restored after."""
     decoder = engine.decoder
     geometry = (decoder.device, decoder.dtype, decoder.kv_heads, decoder.head_dim, decoder.kv_groups)
     default_prefixes, default_mlp = decoder.prefix_flash, engine.fused_mlp
-    plain = greedy_texts(engine, plain=True)  # before the trial's kernels change the modules
     prefixes = trial in ("prefixes", "both") and decoder.varlen and prefix_attention.works(*geometry)
     mlp = trial in ("mlp", "both") and fused_mlp.fuse(model)
     decoder.prefix_flash = prefixes or default_prefixes
@@ -330,11 +330,9 @@ def greedy_texts(engine, plain: bool) -> list[str]:
     return [a.text for a in answers]
 
 
-def equal_to_generate(engine, plain: list[str] | None = None) -> str:
-    """How many of the engine's greedy answers equal plain generate()'s: ``plain`` given when
-    the model's modules were changed since (a trial's fused MLP runs in generate() too)."""
+def equal_to_generate(engine, plain: list[str]) -> str:
+    """How many of the engine's greedy answers equal ``plain`` (plain generate()'s)."""
     fast = greedy_texts(engine, plain=False)
-    plain = greedy_texts(engine, plain=True) if plain is None else plain
     return f"{sum(f == p for f, p in zip(fast, plain))}/{len(plain)}"
 
 
@@ -490,7 +488,8 @@ def main() -> int:
         f"{engine.decoder.varlen}, cascade {results['cascade_attention']}, rotary {results['fused_rotary']}; "
         f"{results['graphs_captured']} decode graphs captured in {results['capture_s']} s"
     )
-    results["engine_equals_generate"] = equal_to_generate(engine)
+    plain_answers = greedy_texts(engine, plain=True)  # the default model's, for the trials too
+    results["engine_equals_generate"] = equal_to_generate(engine, plain_answers)
     log(f"  engine == generate(): {results['engine_equals_generate']}")
 
     work = {
@@ -535,7 +534,9 @@ def main() -> int:
         recapture(engine.decoder)
         save()
     for trial in filter(None, args.trials.split(",")):  # kernels not on by default, one run each
-        results["runs"].append(try_kernels(engine, model, work["realistic"], device, log, trial))
+        results["runs"].append(
+            try_kernels(engine, model, work["realistic"], device, log, trial, plain_answers)
+        )
         save()
     if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
         fused_rotary.uninstall()

@@ -7,7 +7,7 @@ size of 12,288 in bf16); one kernel reads the two projections and writes the pro
 and a decode step launches one kernel a layer instead of two. The arithmetic is PyTorch's: the
 SiLU in float32 as ``x / (1 + exp(-x))`` (the accurate exponential and an IEEE division), rounded
 to the input's type, then the product in float32, rounded again. :func:`works` checks the kernel
-against PyTorch on the device once and allows one rounding step, as :mod:`.fused_norms` and
+against PyTorch on the device once and allows one rounding step (:mod:`.kernel_check`), as :mod:`.fused_norms` and
 :mod:`.fused_rotary` do.
 
 :func:`fuse` swaps the forward of every MLP of one model instance, so the engine's steps and
@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from molmo_backend.engine import forwards
+from molmo_backend.engine import forwards, kernel_check
 
 try:  # Triton comes with torch's CUDA wheels
     import triton
@@ -84,21 +84,16 @@ def works(device: torch.device, dtype: torch.dtype) -> bool:
     step (random values over the SiLU's whole useful range, a count that is not a whole block)."""
     if triton is None or (device.type != "cuda" and not ON_CPU):
         return False
-    try:
+
+    def measure() -> float:
         gen = torch.Generator(device=device).manual_seed(5)
         gate = (torch.randn(3, 5000, device=device, generator=gen) * 6).to(dtype)
         up = torch.randn(3, 5000, device=device, generator=gen).to(dtype)
         got, want = silu_mul(gate, up), torch.nn.functional.silu(gate) * up
         step = torch.finfo(dtype).eps * want.abs().clamp(min=torch.finfo(dtype).tiny)
-        error = ((got.double() - want.double()).abs() / step.double()).max().item()
-        if not error <= 1:  # NaN fails too
-            log.warning("fused SiLU-and-multiply differs from PyTorch's: not used", extra={"steps": error})
-            return False
-        log.info("fused SiLU-and-multiply checked", extra={"rounding_steps_from_pytorch": error})
-        return True
-    except Exception as exc:  # noqa: BLE001 - Hugging Face's MLP then stays
-        log.info("fused SiLU-and-multiply unavailable", extra={"reason": repr(exc)[:200]})
-        return False
+        return ((got.double() - want.double()).abs() / step.double()).max().item()
+
+    return kernel_check.within_one_step(log, "fused SiLU-and-multiply", "PyTorch's", measure)
 
 
 def fuse(model: torch.nn.Module) -> bool:

@@ -9,8 +9,8 @@ Each product is rounded to the input's type before the sum, as PyTorch rounds ea
 so the outputs are bit-for-bit Hugging Face's. That needs floating-point fusion off: with it, the
 compiler made the second product and the sum one ``fma.rn.bf16`` (one rounding where PyTorch
 rounds twice), and an H100 run of this kernel failed a bit-for-bit check; with fusion off the
-H100's check found it bit for bit (bench/RESULTS.md). The check at start allows one rounding
-step of the input's type, as :mod:`.fused_norms` does; the engine's steps and plain
+H100's check found it bit for bit (bench/RESULTS.md). The check at start (:mod:`.kernel_check`) allows one
+rounding step of the input's type, as :mod:`.fused_norms` does; the engine's steps and plain
 ``generate()`` run the same function, so their answers stay equal either way.
 
 :func:`install` swaps the function in transformers' Molmo2 module for every model in the
@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from molmo_backend.engine import kernel_check
 
 try:  # Triton comes with torch's CUDA wheels
     import triton
@@ -142,7 +144,8 @@ def works(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, h
     attention has them)."""
     if triton is None or (device.type != "cuda" and not ON_CPU):
         return False
-    try:
+
+    def measure() -> float:
         original = _ORIGINAL or _module().apply_rotary_pos_emb
         gen = torch.Generator(device=device).manual_seed(4)
         error = 0.0
@@ -157,16 +160,9 @@ def works(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, h
             cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
             got, want = apply_rotary_pos_emb(q, k, cos, sin), original(q, k, cos, sin)
             error = max(error, *(difference(a, b) for a, b in zip(got, want)))
-        if not error <= 1:  # NaN fails too
-            log.warning(
-                "fused rotary embedding differs from Hugging Face's: not used", extra={"steps": error}
-            )
-            return False
-        log.info("fused rotary embedding checked", extra={"rounding_steps_from_hugging_face": error})
-        return True
-    except Exception as exc:  # noqa: BLE001 - Hugging Face's function then stays
-        log.info("fused rotary embedding unavailable", extra={"reason": repr(exc)[:200]})
-        return False
+        return error
+
+    return kernel_check.within_one_step(log, "fused rotary embedding", "Hugging Face's", measure)
 
 
 def install() -> None:
