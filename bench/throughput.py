@@ -22,11 +22,14 @@ each on the same inputs:
              (``priority``, an experiment), Hugging Face's unfused RMS norms (``norms``),
              prompt suffixes reading their whole slots instead of their image's prefix once
              (``suffix``), and no more bulk rows than slots of the longest row's length would
-             hold, as the engine had before runs sized by each row's length (``rows``)
+             hold, as the engine had before runs sized by each row's length (``rows``),
+             image prefixes reading their keys back from their slots with CUTLASS's kernel
+             instead of FlashAttention-2 (``prefixes``), and Python's own 5 ms GIL switch
+             interval instead of the step worker's 0.5 ms (``gil``: realistic and mean_length)
 
-``--try`` runs kernels that are not on by default beside it: image prefixes attending among
-themselves in FlashAttention-2 instead of reading their slots with CUTLASS's kernel
-(``prefixes``), the MLP's SiLU and multiplication in one kernel (``mlp``), or ``both``.
+``--try`` runs kernels that are not on by default beside it: the MLP's SiLU and multiplication in
+one kernel (``mlp``); ``prefixes`` and ``both`` were trials until the FlashAttention-2 prefixes
+were measured and turned on (with them on, ``both`` is ``mlp``).
 
 Then, for (d): open-task latency (1 task x 3 labels, 40 tokens, INTERACTIVE) idle and while the
 realistic bulk job runs, a phase profile of the realistic workload, answers against plain
@@ -62,6 +65,7 @@ if os.environ.get("MOLMO_BENCH_CODE"):
 from workloads import LABELS, build, fixed40, mean_length, noise_image, realistic, subset  # noqa: E402
 
 from molmo_backend.engine import phases  # noqa: E402
+from molmo_backend.engine import scheduler as scheduler_module  # noqa: E402
 from molmo_backend.engine.base import PointQuery  # noqa: E402
 from molmo_backend.engine.molmo2 import TransformersEngine  # noqa: E402
 from molmo_backend.engine.scheduler import Priority, Scheduler  # noqa: E402
@@ -153,6 +157,7 @@ def rate(pairs, seconds):
 
 def scheduled(engine, workload, device, log, label, **options) -> dict:
     scheduler = Scheduler(engine, **SCHEDULER_OPTIONS, **options)
+    switch = sys.getswitchinterval()  # as the scheduler left it (GIL_SWITCH_S)
     peak_reset(device)
     decoder = engine.decoder
     moves, waits = getattr(decoder, "moves", 0), getattr(decoder, "waits", 0)
@@ -179,6 +184,7 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
         "moves": getattr(decoder, "moves", 0) - moves,
         "waits": getattr(decoder, "waits", 0) - waits,
         "requeued": stats.get("requeued", 0),
+        "gil_switch_ms": round(switch * 1000, 3),
     }
     if steps is not None:
         row["trace"] = trace_summary(steps, seconds)
@@ -397,7 +403,7 @@ def main() -> int:
         "--skip",
         default="",
         help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,rotary,"
-        "flat,ahead,priority,norms,suffix,rows",
+        "flat,ahead,priority,norms,suffix,rows,prefixes,gil",
     )
     parser.add_argument(
         "--only",
@@ -410,8 +416,8 @@ def main() -> int:
         "--try",
         dest="trials",
         default="",
-        help="comma-separated kernels not on by default, each run on the realistic workload: prefixes "
-        "(image prefixes in FlashAttention-2), mlp (SiLU-and-multiply in one kernel), both",
+        help="comma-separated kernels not on by default, each run on the realistic workload: mlp "
+        "(SiLU-and-multiply in one kernel); prefixes, both (see above)",
     )
     parser.add_argument(
         "--trace",
@@ -532,6 +538,20 @@ def main() -> int:
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_unsplit_big_steps"))
         flash_decode.BIG_CHUNK = big
         recapture(engine.decoder)
+        save()
+    if "prefixes" not in skip and getattr(engine.decoder, "prefix_flash", False):
+        engine.decoder.prefix_flash = False  # image prefixes read back from their slots (CUTLASS)
+        results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_slot_prefixes"))
+        engine.decoder.prefix_flash = True
+        save()
+    if "gil" not in skip and hasattr(scheduler_module, "GIL_SWITCH_S"):
+        switch, ours = sys.getswitchinterval(), scheduler_module.GIL_SWITCH_S
+        scheduler_module.GIL_SWITCH_S = 0.005  # Python's default, kept by the schedulers made here
+        sys.setswitchinterval(0.005)
+        for name in ("realistic", "mean_length"):
+            results["runs"].append(scheduled(engine, work[name], device, log, "d_python_gil_switch"))
+        scheduler_module.GIL_SWITCH_S = ours
+        sys.setswitchinterval(switch)
         save()
     for trial in filter(None, args.trials.split(",")):  # kernels not on by default, one run each
         results["runs"].append(
@@ -673,6 +693,10 @@ def main() -> int:
         "realistic_prepare_high_priority_pairs_per_s": pick("d_prepare_high_priority", "realistic"),
         "realistic_suffix_dense_pairs_per_s": pick("d_suffix_dense", "realistic"),
         "realistic_rows_as_slots_pairs_per_s": pick("d_rows_as_slots", "realistic"),
+        "realistic_slot_prefixes_pairs_per_s": pick("d_slot_prefixes", "realistic"),
+        "realistic_python_gil_switch_pairs_per_s": pick("d_python_gil_switch", "realistic"),
+        "mean_length_python_gil_switch_pairs_per_s": pick("d_python_gil_switch", "mean_length"),
+        "gil_switch_s": sys.getswitchinterval(),
         "cascade_attention": results.get("cascade_attention"),
         "split_key_attention": results.get("split_key_attention"),
         "fused_rotary": results.get("fused_rotary"),

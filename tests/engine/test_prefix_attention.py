@@ -124,16 +124,18 @@ def test_answers_are_the_same_whether_prefixes_attend_among_themselves_or_read_t
         assert slots.token_logprobs == pytest.approx(flash.token_logprobs, abs=1e-4)
 
 
-def test_slot_decoders_use_it_only_when_asked_and_checked(monkeypatch):
-    """Off by default until a GPU benchmark has measured it (``prefix_attention.ON``)."""
+def test_slot_decoders_use_it_when_on_and_checked(monkeypatch):
+    """On by default (``prefix_attention.ON``, measured on an H100), and only where its check at
+    start passes; off when turned off."""
     from molmo_backend.engine import attention_kernels
 
     monkeypatch.setattr(slot_attention, "available", lambda *args: True)  # as on CUDA
     monkeypatch.setattr(slot_attention, "install", lambda: None)
     monkeypatch.setattr(prefix_attention, "works", lambda *args: True)
     geometry = (CPU, torch.float32, 2, 16, 4)
-    assert not attention_kernels.checked(*geometry).prefix_flash
-    monkeypatch.setattr(prefix_attention, "ON", True)
     assert attention_kernels.checked(*geometry).prefix_flash
     monkeypatch.setattr(prefix_attention, "works", lambda *args: False)
+    assert not attention_kernels.checked(*geometry).prefix_flash
+    monkeypatch.setattr(prefix_attention, "works", lambda *args: True)
+    monkeypatch.setattr(prefix_attention, "ON", False)
     assert not attention_kernels.checked(*geometry).prefix_flash
