@@ -24,8 +24,10 @@ each on the same inputs:
              (``suffix``), and no more bulk rows than slots of the longest row's length would
              hold, as the engine had before runs sized by each row's length (``rows``),
              image prefixes reading their keys back from their slots with CUTLASS's kernel
-             instead of FlashAttention-2 (``prefixes``), and Python's own 5 ms GIL switch
-             interval instead of the step worker's 0.5 ms (``gil``: realistic and mean_length)
+             instead of FlashAttention-2 (``prefixes``), and, on realistic and mean_length both,
+             the GIL switched every 0.5 ms instead of Python's 5 ms (``gil``), four preparation
+             threads instead of two (``workers``) and torch's CPU ops on 4 threads instead of one
+             a core (``threads``): experiments on the idle gaps between steps
 
 ``--try`` runs kernels that are not on by default beside it: the MLP's SiLU and multiplication in
 one kernel (``mlp``); ``prefixes`` and ``both`` were trials until the FlashAttention-2 prefixes
@@ -157,7 +159,7 @@ def rate(pairs, seconds):
 
 def scheduled(engine, workload, device, log, label, **options) -> dict:
     scheduler = Scheduler(engine, **SCHEDULER_OPTIONS, **options)
-    switch = sys.getswitchinterval()  # as the scheduler left it (GIL_SWITCH_S)
+    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
     peak_reset(device)
     decoder = engine.decoder
     moves, waits = getattr(decoder, "moves", 0), getattr(decoder, "waits", 0)
@@ -184,7 +186,14 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
         "moves": getattr(decoder, "moves", 0) - moves,
         "waits": getattr(decoder, "waits", 0) - waits,
         "requeued": stats.get("requeued", 0),
-        "gil_switch_ms": round(switch * 1000, 3),
+        "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3),
+        "cpu_threads": torch.get_num_threads(),
+        # the caching allocator freeing its blocks to retry a cudaMalloc (synchronises the GPU)
+        "alloc_retries": (
+            torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
+            if device.type == "cuda"
+            else 0
+        ),
     }
     if steps is not None:
         row["trace"] = trace_summary(steps, seconds)
@@ -403,7 +412,7 @@ def main() -> int:
         "--skip",
         default="",
         help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,rotary,"
-        "flat,ahead,priority,norms,suffix,rows,prefixes,gil",
+        "flat,ahead,priority,norms,suffix,rows,prefixes,gil,workers,threads",
     )
     parser.add_argument(
         "--only",
@@ -544,14 +553,25 @@ def main() -> int:
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_slot_prefixes"))
         engine.decoder.prefix_flash = True
         save()
-    if "gil" not in skip and hasattr(scheduler_module, "GIL_SWITCH_S"):
-        switch, ours = sys.getswitchinterval(), scheduler_module.GIL_SWITCH_S
-        scheduler_module.GIL_SWITCH_S = 0.005  # Python's default, kept by the schedulers made here
-        sys.setswitchinterval(0.005)
+    if "gil" not in skip:
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
         for name in ("realistic", "mean_length"):
-            results["runs"].append(scheduled(engine, work[name], device, log, "d_python_gil_switch"))
-        scheduler_module.GIL_SWITCH_S = ours
+            results["runs"].append(scheduled(engine, work[name], device, log, "d_gil_switch_0.5ms"))
         sys.setswitchinterval(switch)
+        save()
+    if "workers" not in skip and hasattr(scheduler_module, "PREPARE_WORKERS"):
+        workers, scheduler_module.PREPARE_WORKERS = scheduler_module.PREPARE_WORKERS, 4
+        for name in ("realistic", "mean_length"):
+            results["runs"].append(scheduled(engine, work[name], device, log, "d_prepare_workers_4"))
+        scheduler_module.PREPARE_WORKERS = workers
+        save()
+    if "threads" not in skip:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(4)
+        for name in ("realistic", "mean_length"):
+            results["runs"].append(scheduled(engine, work[name], device, log, "d_cpu_threads_4"))
+        torch.set_num_threads(threads)
         save()
     for trial in filter(None, args.trials.split(",")):  # kernels not on by default, one run each
         results["runs"].append(
@@ -694,9 +714,11 @@ def main() -> int:
         "realistic_suffix_dense_pairs_per_s": pick("d_suffix_dense", "realistic"),
         "realistic_rows_as_slots_pairs_per_s": pick("d_rows_as_slots", "realistic"),
         "realistic_slot_prefixes_pairs_per_s": pick("d_slot_prefixes", "realistic"),
-        "realistic_python_gil_switch_pairs_per_s": pick("d_python_gil_switch", "realistic"),
-        "mean_length_python_gil_switch_pairs_per_s": pick("d_python_gil_switch", "mean_length"),
-        "gil_switch_s": sys.getswitchinterval(),
+        **{
+            f"{name}_{variant}_pairs_per_s": pick(f"d_{variant}", name)
+            for variant in ("gil_switch_0.5ms", "prepare_workers_4", "cpu_threads_4")
+            for name in ("realistic", "mean_length")
+        },
         "cascade_attention": results.get("cascade_attention"),
         "split_key_attention": results.get("split_key_attention"),
         "fused_rotary": results.get("fused_rotary"),

@@ -28,7 +28,6 @@ answer.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -48,11 +47,8 @@ __all__ = ["CANCELLED", "Job", "Priority", "Scheduler", "SchedulerClosed"]
 
 #: images whose CPU-side preparation runs ahead of the GPU, per worker
 PREPARE_AHEAD = 32
-#: seconds a thread may hold the GIL while another waits for it (Python's default: 5 ms). A step
-#: worker waits on the GPU each step, then needs the GIL back from the preparation threads, whose
-#: eager vision tower launches kernels under it: on an H100 the realistic job's 200-row decode
-#: steps were 3.6 ms apart (0.8 ms when nothing was being prepared), about a fifth of a step
-GIL_SWITCH_S = 0.0005
+#: threads preparing them, per worker
+PREPARE_WORKERS = 2
 #: pairs/s is measured over the answers of this many recent seconds
 RATE_WINDOW_S = 60.0
 #: seconds from a query's submit to its answer: opened tasks take about 0.65 s on an H200
@@ -109,8 +105,6 @@ class Scheduler:
         #: called by a step worker with ("prefill" | "decode", engine index) after each prefill and
         #: decode step (tests use it to act at an exact step; never set in production)
         self.on_step: Callable[[str, int], None] | None = None
-        if any(engine.stepwise for engine in self.engines):
-            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
         self._workers = [
             threading.Thread(
                 target=self._run_steps if engine.stepwise else self._run_batches,
@@ -292,7 +286,7 @@ class Scheduler:
     # -- step engines: continuous batching -----------------------------------------------------
     def _run_steps(self, index: int, engine: StepEngine) -> None:
         running: list[Row] = []
-        preparer = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"prepare-{index}")
+        preparer = ThreadPoolExecutor(max_workers=PREPARE_WORKERS, thread_name_prefix=f"prepare-{index}")
         try:
             while True:
                 with self._cv:

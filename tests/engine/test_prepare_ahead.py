@@ -3,7 +3,6 @@ computed on the preparation thread, and Molmo2's RMS norms fused into one kernel
 
 from __future__ import annotations
 
-import sys
 import threading
 
 import pytest
@@ -15,9 +14,9 @@ from molmo_backend.engine import fused_norms
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.molmo2 import TransformersEngine
 from molmo_backend.engine.prefill import image_features, prepare_image, step_features
-from molmo_backend.engine.scheduler import GIL_SWITCH_S, Scheduler
+from molmo_backend.engine.scheduler import Scheduler
 from molmo_backend.settings import Settings
-from tests.support.scripted import ScriptedEngine, ScriptedStepEngine
+from tests.support.scripted import ScriptedStepEngine
 
 RED = Image.new("RGB", (640, 480), (200, 30, 30))
 BLUE = Image.new("RGB", (300, 500), (30, 30, 200))
@@ -54,26 +53,6 @@ class PreparingEngine(ScriptedStepEngine):
                 self.futures.setdefault(key, set()).add(id(row.prepared))
             assert done[key] == key
         super().prefill(rows)
-
-
-@pytest.fixture
-def python_switch_interval():
-    """Python's own 5 ms GIL switch interval for the test, restored after."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)
-    yield
-    sys.setswitchinterval(before)
-
-
-def test_a_step_worker_gets_the_gil_back_from_the_preparing_threads_soon(python_switch_interval):
-    """The worker waits on the GPU every step and must not then wait Python's 5 ms for the GIL
-    held by a preparation thread; engines that batch whole requests leave the interval alone."""
-    for engine, expected in ((ScriptedEngine({}), 0.005), (PreparingEngine(), GIL_SWITCH_S)):
-        scheduler = Scheduler(engine)
-        try:
-            assert sys.getswitchinterval() == pytest.approx(expected)
-        finally:
-            scheduler.close()
 
 
 def test_the_labels_of_one_image_share_one_preparation():
