@@ -27,7 +27,8 @@ each on the same inputs:
              instead of FlashAttention-2 (``prefixes``), and, on realistic and mean_length both,
              the GIL switched every 0.5 ms instead of Python's 5 ms (``gil``), four preparation
              threads instead of two (``workers``) and torch's CPU ops on 4 threads instead of one
-             a core (``threads``): experiments on the idle gaps between steps
+             a core (``threads``): what the time between steps is (bench/RESULTS.md: the
+             vision tower on the preparation stream; none of the three is faster)
 
 ``--try`` runs kernels that are not on by default beside it: the MLP's SiLU and multiplication in
 one kernel (``mlp``); ``prefixes`` and ``both`` were trials until the FlashAttention-2 prefixes
