@@ -10,10 +10,10 @@ memory-efficient kernel (:func:`.slot_attention.varlen_attention`), which ran at
 of the H100's attention rate on image prefixes, stay for decode tokens, on the CPU, and
 wherever this kernel is missing or disagrees (:func:`works`, checked once at start).
 
-On by default (:data:`ON`): on an H100 the realistic job ran at 42.50 pairs/s with it and 40.65
-without, in one run (packed steps' GPU time 16.2 s against 17.3 s; the engine's greedy answers
-still plain ``generate()``'s, bench/RESULTS.md). ``bench/throughput.py`` times it off too
-(the ``prefixes`` ablation).
+On by default (:data:`ON`): on two H100s the realistic job ran at 42.50 and 40.86 pairs/s with
+it, 40.65 and 39.96 without it in the same runs (the packed steps' GPU time ~1.1 s shorter; the
+engine's greedy answers still plain ``generate()``'s, bench/RESULTS.md). ``bench/throughput.py``
+times it off too (the ``prefixes`` ablation).
 """
 
 from __future__ import annotations
