@@ -232,6 +232,12 @@ def try_kernels(engine, model, workload, device, log, trial: str, plain: list[st
     return row
 
 
+def both_workloads(engine, work, device, log, label) -> list[dict]:
+    """Realistic and mean_length, one run each: for experiments on the time between steps,
+    whose share of the two differs."""
+    return [scheduled(engine, work[name], device, log, label) for name in ("realistic", "mean_length")]
+
+
 def trace_summary(steps: list[dict], seconds: float) -> dict:
     """Where a traced run's wall time went: the GPU's time in packed and decode steps, the host's
     time building them, the idle gaps between steps, and the decode steps by their row count;
@@ -554,25 +560,24 @@ def main() -> int:
         results["runs"].append(scheduled(engine, work["realistic"], device, log, "d_slot_prefixes"))
         engine.decoder.prefix_flash = True
         save()
-    if "gil" not in skip:
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(0.0005)
-        for name in ("realistic", "mean_length"):
-            results["runs"].append(scheduled(engine, work[name], device, log, "d_gil_switch_0.5ms"))
-        sys.setswitchinterval(switch)
-        save()
-    if "workers" not in skip and hasattr(scheduler_module, "PREPARE_WORKERS"):
-        workers, scheduler_module.PREPARE_WORKERS = scheduler_module.PREPARE_WORKERS, 4
-        for name in ("realistic", "mean_length"):
-            results["runs"].append(scheduled(engine, work[name], device, log, "d_prepare_workers_4"))
-        scheduler_module.PREPARE_WORKERS = workers
-        save()
-    if "threads" not in skip:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(4)
-        for name in ("realistic", "mean_length"):
-            results["runs"].append(scheduled(engine, work[name], device, log, "d_cpu_threads_4"))
-        torch.set_num_threads(threads)
+    # the time between steps: each knob set for one run of both workloads, then put back
+    # (older code timed through MOLMO_BENCH_CODE has no PREPARE_WORKERS: skipped there)
+    experiments = {
+        "gil": ("d_gil_switch_0.5ms", sys.getswitchinterval, sys.setswitchinterval, 0.0005),
+        "workers": (
+            "d_prepare_workers_4",
+            lambda: getattr(scheduler_module, "PREPARE_WORKERS", None),
+            lambda value: setattr(scheduler_module, "PREPARE_WORKERS", value),
+            4,
+        ),
+        "threads": ("d_cpu_threads_4", torch.get_num_threads, torch.set_num_threads, 4),
+    }
+    for part, (label, get, put, value) in experiments.items():
+        if part in skip or (before := get()) is None:
+            continue
+        put(value)
+        results["runs"] += both_workloads(engine, work, device, log, label)
+        put(before)
         save()
     for trial in filter(None, args.trials.split(",")):  # kernels not on by default, one run each
         results["runs"].append(
