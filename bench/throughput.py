@@ -30,9 +30,9 @@ each on the same inputs:
              a core (``threads``): what the time between steps is (bench/RESULTS.md: the
              vision tower on the preparation stream; none of the three is faster)
 
-``--try`` runs kernels that are not on by default beside it: the MLP's SiLU and multiplication in
-one kernel (``mlp``); ``prefixes`` and ``both`` were trials until the FlashAttention-2 prefixes
-were measured and turned on (with them on, ``both`` is ``mlp``).
+``--try mlp`` runs the kernel that is not on by default beside it: the MLP's SiLU and
+multiplication in one kernel (the FlashAttention-2 prefixes were a trial too until measured and
+turned on; the ``prefixes`` ablation times them off).
 
 Then, for (d): open-task latency (1 task x 3 labels, 40 tokens, INTERACTIVE) idle and while the
 realistic bulk job runs, a phase profile of the realistic workload, answers against plain
@@ -83,9 +83,9 @@ try:  # likewise (skip unsplit there)
 except ImportError:
     flash_decode = None
 try:  # likewise (no --try there)
-    from molmo_backend.engine import fused_mlp, prefix_attention  # noqa: E402
+    from molmo_backend.engine import fused_mlp  # noqa: E402
 except ImportError:
-    fused_mlp = prefix_attention = None
+    fused_mlp = None
 try:  # likewise (skip rotary there)
     from molmo_backend.engine import fused_rotary  # noqa: E402
 except ImportError:
@@ -203,32 +203,25 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
 
 
 def try_kernels(engine, model, workload, device, log, trial: str, plain: list[str]) -> dict:
-    """The realistic workload with kernels that are not on by default (``--try``): ``prefixes``
-    (image prefixes attending among themselves in FlashAttention-2, prefix_attention.py), ``mlp``
-    (SiLU-and-multiply in one Triton kernel, fused_mlp.py) or ``both``; each only where its
-    check at start passes (the row says which ran, and whether the engine's greedy answers still
-    equal ``plain``: plain ``generate()``'s, taken on the default model, since the fused MLP
-    runs in generate() too). The default engine is restored after."""
-    decoder = engine.decoder
-    geometry = (decoder.device, decoder.dtype, decoder.kv_heads, decoder.head_dim, decoder.kv_groups)
-    default_prefixes, default_mlp = decoder.prefix_flash, engine.fused_mlp
-    prefixes = trial in ("prefixes", "both") and decoder.varlen and prefix_attention.works(*geometry)
-    mlp = trial in ("mlp", "both") and fused_mlp.fuse(model)
-    decoder.prefix_flash = prefixes or default_prefixes
-    if mlp != default_mlp:
-        recapture(decoder)
+    """The realistic workload with a kernel that is not on by default (``--try``): ``mlp``
+    (SiLU-and-multiply in one Triton kernel, fused_mlp.py), only where its check at start passes
+    (the row says whether it ran, and whether the engine's greedy answers still equal ``plain``:
+    plain ``generate()``'s, taken on the default model, since the fused MLP runs in generate()
+    too). The default engine is restored after."""
+    default = engine.fused_mlp
+    fused = default or fused_mlp.fuse(model)
+    if fused != default:
+        recapture(engine.decoder)
     row = scheduled(engine, workload, device, log, f"d_try_{trial}")
     row.update(
-        flash_prefixes=bool(decoder.prefix_flash),
-        fused_mlp=bool(mlp or default_mlp),
+        fused_mlp=bool(fused),
         # what turning the trial on by default would need: greedy answers still plain generate()'s
         engine_equals_generate=equal_to_generate(engine, plain),
     )
     log(f"  d_try_{trial} == generate(): {row['engine_equals_generate']}")
-    decoder.prefix_flash = default_prefixes
-    if mlp and not default_mlp:
+    if fused and not default:
         fused_mlp.unfuse(model)
-        recapture(decoder)
+        recapture(engine.decoder)
     return row
 
 
@@ -432,8 +425,9 @@ def main() -> int:
         "--try",
         dest="trials",
         default="",
-        help="comma-separated kernels not on by default, each run on the realistic workload: mlp "
-        "(SiLU-and-multiply in one kernel); prefixes, both (see above)",
+        choices=["", "mlp"],
+        help="a kernel not on by default, run on the realistic workload: mlp (SiLU-and-multiply "
+        "in one kernel)",
     )
     parser.add_argument(
         "--trace",
@@ -579,9 +573,9 @@ def main() -> int:
         results["runs"] += both_workloads(engine, work, device, log, label)
         put(before)
         save()
-    for trial in filter(None, args.trials.split(",")):  # kernels not on by default, one run each
+    if args.trials:  # the kernel not on by default
         results["runs"].append(
-            try_kernels(engine, model, work["realistic"], device, log, trial, plain_answers)
+            try_kernels(engine, model, work["realistic"], device, log, args.trials, plain_answers)
         )
         save()
     if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
@@ -710,9 +704,7 @@ def main() -> int:
         "realistic_cutlass_decode_pairs_per_s": pick("d_cutlass_decode", "realistic"),
         "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
         "realistic_unsplit_big_steps_pairs_per_s": pick("d_unsplit_big_steps", "realistic"),
-        "realistic_try_prefixes_pairs_per_s": pick("d_try_prefixes", "realistic"),
         "realistic_try_mlp_pairs_per_s": pick("d_try_mlp", "realistic"),
-        "realistic_try_both_pairs_per_s": pick("d_try_both", "realistic"),
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),
