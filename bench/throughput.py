@@ -28,7 +28,8 @@ each on the same inputs:
              the GIL switched every 0.5 ms instead of Python's 5 ms (``gil``), four preparation
              threads instead of two (``workers``) and torch's CPU ops on 4 threads instead of one
              a core (``threads``): what the time between steps is (bench/RESULTS.md: the
-             vision tower on the preparation stream; none of the three is faster)
+             vision tower on the preparation stream; none of the three is faster), and 384
+             and 256 bulk rows where ``--batch`` gave more (``rows384``, ``rows256``)
 
 ``--try mlp`` runs the kernel that is not on by default beside it: the MLP's SiLU and
 multiplication in one kernel (the FlashAttention-2 prefixes were a trial too until measured and
@@ -397,6 +398,13 @@ def main() -> int:
         default=480,
         help="images of the realistic and mean_length workloads: a bulk retrieve of that many tasks",
     )
+    parser.add_argument(
+        "--long-images",
+        type=int,
+        default=0,
+        help="images of realistic_long and mean_length_long (--only names them): a larger bulk "
+        "retrieve, over which the heavy tail's drain is paid once",
+    )
     parser.add_argument("--batch", type=int, default=128, help="bulk rows of (d)")
     parser.add_argument(
         "--prefill-tokens",
@@ -412,7 +420,7 @@ def main() -> int:
         "--skip",
         default="",
         help="comma-separated parts to skip: a,b,latency,profile,apart,cutlass,unsplit,rotary,"
-        "flat,ahead,priority,norms,suffix,rows,prefixes,gil,workers,threads",
+        "flat,ahead,priority,norms,suffix,rows,prefixes,gil,workers,threads,rows384,rows256",
     )
     parser.add_argument(
         "--only",
@@ -515,6 +523,10 @@ def main() -> int:
     }
     work["realistic_small"].name = "realistic_small"
     work["mean_length"] = mean_length(work["realistic"])
+    if args.long_images:
+        work["realistic_long"] = realistic(args.long_images, 6)
+        work["mean_length_long"] = mean_length(work["realistic_long"])
+        work["realistic_long"].name, work["mean_length_long"].name = "realistic_long", "mean_length_long"
     results["workloads"] = {name: w.describe() for name, w in work.items()}
     log(f"  workloads: {json.dumps(results['workloads'])}")
     results["runs"] = []
@@ -565,6 +577,19 @@ def main() -> int:
             4,
         ),
         "threads": ("d_cpu_threads_4", torch.get_num_threads, torch.set_num_threads, 4),
+        # fewer bulk rows than --batch, in the same process and pool: does the heavy tail's drain
+        # shrink when more rows run (its last long answers admitted earlier)?
+        **{
+            f"rows{rows}": (
+                f"d_rows_{rows}",
+                lambda rows=rows, space=space: (
+                    space.limit[False] if space and space.limit[False] > rows else None
+                ),
+                lambda value, space=space: space.limit.__setitem__(False, value),
+                rows,
+            )
+            for rows in (384, 256)
+        },
     }
     for part, (label, get, put, value) in experiments.items():
         if part in skip or (before := get()) is None:
@@ -714,7 +739,7 @@ def main() -> int:
         "realistic_slot_prefixes_pairs_per_s": pick("d_slot_prefixes", "realistic"),
         **{
             f"{name}_{variant}_pairs_per_s": pick(f"d_{variant}", name)
-            for variant in ("gil_switch_0.5ms", "prepare_workers_4", "cpu_threads_4")
+            for variant in ("gil_switch_0.5ms", "prepare_workers_4", "cpu_threads_4", "rows_384", "rows_256")
             for name in ("realistic", "mean_length")
         },
         "cascade_attention": results.get("cascade_attention"),
@@ -723,6 +748,8 @@ def main() -> int:
         "realistic_small_pairs_per_s": pick("d_engine", "realistic_small"),
         "fixed40_pairs_per_s": pick("d_engine", "fixed40"),
         "mean_length_pairs_per_s": pick("d_engine", "mean_length"),
+        "realistic_long_pairs_per_s": pick("d_engine", "realistic_long"),
+        "mean_length_long_pairs_per_s": pick("d_engine", "mean_length_long"),
         "plain_generate_realistic_pairs_per_s": pick("b_plain_generate", "realistic"),
         "plain_generate_fixed40_pairs_per_s": pick("b_plain_generate", "fixed40"),
         "seed_realistic_pairs_per_s": pick("a_seed", "realistic"),

@@ -52,13 +52,7 @@ NONE_TOKENS, TAG_TOKENS, POINT_TOKENS = 4, 15, 10
 def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
     """(model, processor, parameter count) of a random-weight Molmo2; ``tiny`` for CPU checks;
     ``layers`` shortens the text model (quick GPU checks of the engine's mechanics)."""
-    from transformers import (
-        Molmo2Config,
-        Molmo2ForConditionalGeneration,
-        Molmo2ImageProcessor,
-        Molmo2Processor,
-        Molmo2VideoProcessor,
-    )
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
 
     tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
     ids = {
@@ -137,6 +131,15 @@ def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | Non
         torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    params = sum(p.numel() for p in model.parameters())
+    return model.eval(), build_processor(size, tokenizer), params
+
+
+def build_processor(size: str, tokenizer=None):
+    """The processor of :func:`build`'s model (the released Molmo2 image geometry but for
+    ``tiny``), without the model: it counts an image's prefix tokens."""
+    from transformers import Molmo2ImageProcessor, Molmo2Processor, Molmo2VideoProcessor
+
     crop = 56 if size == "tiny" else 378
     image_processor = Molmo2ImageProcessor(
         size={"height": crop, "width": crop},
@@ -147,17 +150,15 @@ def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | Non
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
     )
-    processor = Molmo2Processor(
+    return Molmo2Processor(
         image_processor=image_processor,
         video_processor=Molmo2VideoProcessor(),
-        tokenizer=tokenizer,
+        tokenizer=tokenizer or build_tokenizer(Path(tempfile.mkdtemp())),
         chat_template=CHAT_TEMPLATE,
         image_use_col_tokens=True,
         use_single_crop_col_tokens=False,
         use_single_crop_start_token=True,
     )
-    params = sum(p.numel() for p in model.parameters())
-    return model.eval(), processor, params
 
 
 def noise_image(size: tuple[int, int], seed: int) -> Image.Image:
@@ -225,11 +226,17 @@ def fixed40(images: int, seed: int, size=(1280, 960)) -> Workload:
     return Workload("fixed40", _pairs(imgs, [40] * (images * len(LABELS)), seed))
 
 
-def realistic(images: int, seed: int) -> Workload:
+def realistic_plan(images: int, seed: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The realistic workload's image sizes and answer lengths (pairs in queue order), without
+    the images."""
     rng = random.Random(seed)
     sizes = rng.choices([s for s, _ in IMAGE_SIZES], weights=[w for _, w in IMAGE_SIZES], k=images)
+    return sizes, [answer_length(rng) for _ in range(images * len(LABELS))]
+
+
+def realistic(images: int, seed: int) -> Workload:
+    sizes, lengths = realistic_plan(images, seed)
     imgs = [noise_image(size, seed * 100_000 + i) for i, size in enumerate(sizes)]
-    lengths = [answer_length(rng) for _ in range(images * len(LABELS))]
     return Workload("realistic", _pairs(imgs, lengths, seed))
 
 

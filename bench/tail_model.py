@@ -1,0 +1,163 @@
+"""A model of the realistic job's makespan, calibrated on a measured step trace: which changes
+would bring realistic to 0.9x mean_length (issue #13), before spending GPU time on them.
+
+    python bench/tail_model.py [--trace bench/trace-h100-prefixes-on.json.gz]
+
+It replays the scheduler's admission rule (engine/admission.py: a step admits images up to the
+prefill token budget when a fifth of the bulk rows are free, or all that waits fits) over the
+workload's real answer lengths and prefix token counts (the benchmark's processor), with each
+step's GPU time from least-squares fits to the trace of the same workload (decode steps:
+``a + b x rows``; packed steps: ``c + d x prefill tokens + e x decoding rows``), plus the run's
+time outside steps (the vision tower between them, start and end) as measured, per image. It
+first replays the measured run and prints how far the model is from it, then the variants:
+more bulk rows, a cheaper fixed part of every decode step (the small steps of the drain are
+mostly that: reading the weights), and larger jobs. A model, not a measurement: bench/RESULTS.md
+says which of its answers were then measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workloads import LABELS, build_processor, noise_image, realistic_plan  # noqa: E402
+
+from molmo_backend.engine.admission import ADMIT_FREE_FRACTION, PREFILL_TOKENS_PER_STEP  # noqa: E402
+from molmo_backend.engine.prefill import prepare_image  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+#: the run the model is calibrated on: its trace and its results (walls, rows, images)
+TRACE = HERE / "trace-h100-prefixes-on.json.gz"
+RESULTS = HERE / "results-h100-prefixes-on.json"
+#: prompt suffix tokens a row adds to its image's prefix ("Point to the person." and the template)
+SUFFIX_TOKENS = 12
+#: decode steps of this many rows or fewer: the drain's, whose cost is mostly reading the weights
+SMALL = 32
+
+
+def fit(steps, columns) -> numpy.ndarray:
+    """Least-squares coefficients of ``gpu_ms`` on 1 and ``columns`` of ``steps``."""
+    x = numpy.array([[1.0] + [step[c] for c in columns] for step in steps])
+    y = numpy.array([step["gpu_ms"] for step in steps])
+    return numpy.linalg.lstsq(x, y, rcond=None)[0]
+
+
+def makespan(prefixes, lengths, rows, decode, packed, small_cheaper_ms=0.0, budget=PREFILL_TOKENS_PER_STEP):
+    """(GPU seconds of the steps, steps, seconds at the last admission): the scheduler's steps
+    over images with ``prefixes`` tokens each, asked ``len(LABELS)`` labels with answers of
+    ``lengths`` tokens, at most ``rows`` rows running; decode steps of at most :data:`SMALL`
+    rows ``small_cheaper_ms`` cheaper than the fit."""
+    labels = len(LABELS)
+    waiting, running = list(range(len(prefixes))), []  # running: tokens each row has still to make
+    ms = last_admission = 0.0
+    steps = 0
+    while waiting or running:
+        free = rows - len(running)
+        join = (
+            waiting
+            and free >= labels
+            and (
+                not running
+                or free >= max(1, int(rows * ADMIT_FREE_FRACTION))
+                or labels * len(waiting) <= free
+            )
+        )
+        if join:
+            tokens, admitted, left = 0, [], budget
+            while waiting and free >= labels:
+                cost = prefixes[waiting[0]] + SUFFIX_TOKENS
+                if admitted and cost > left:
+                    break
+                image = waiting.pop(0)
+                admitted += [lengths[image * labels + j] for j in range(labels)]
+                tokens += prefixes[image] + labels * SUFFIX_TOKENS
+                left -= cost
+                free -= labels
+            ms += packed[0] + packed[1] * tokens + packed[2] * len(running)
+            running = [left - 1 for left in running] + [length - 1 for length in admitted]
+            last_admission = ms
+        else:
+            ms += decode[0] + decode[1] * len(running) - (small_cheaper_ms if len(running) <= SMALL else 0)
+            running = [left - 1 for left in running]
+        running = [left for left in running if left > 0]
+        steps += 1
+    return ms / 1000, steps, last_admission / 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trace", type=Path, default=TRACE)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--variant", default="d_engine", help="the traced runs' variant")
+    args = parser.parse_args()
+    opener = gzip.open if args.trace.suffix == ".gz" else open
+    with opener(args.trace, "rt") as file:
+        traces = json.load(file)
+    results = json.loads(args.results.read_text())
+    rows = results["bulk_rows"]
+    images = results["workloads"]["realistic"]["images"]
+    processor = build_processor("8b")
+    prefix_of = {}  # tokens of an image's prefix, by size
+
+    def prefixes(sizes):
+        for size in sizes:
+            if size not in prefix_of:
+                prefix_of[size] = prepare_image(processor, noise_image(size, 0)).length
+        return [prefix_of[size] for size in sizes]
+
+    sizes, lengths = realistic_plan(images, 2)  # the measured run's workload (throughput.py)
+    mean = round(sum(lengths) / len(lengths))
+    jobs = {"realistic": lengths, "mean_length": [mean] * len(lengths)}
+    model = {}
+    print(f"calibrated on {args.trace.name}: {rows} rows, {images} images")
+    for name, answers in jobs.items():
+        steps = traces[f"{args.variant}/{name}"]
+        run = next(r for r in results["runs"] if r["variant"] == args.variant and r["workload"] == name)
+        decode = fit([s for s in steps if s["kind"] == "decode"], ["rows"])
+        packed = fit([s for s in steps if s["kind"] == "packed"], ["tokens", "rows"])
+        gpu = sum(s["gpu_ms"] for s in steps) / 1000
+        outside = (run["seconds"] - gpu) / images  # per image: the vision tower, start and end
+        model[name] = decode, packed, outside
+        seconds, count, admitted = makespan(prefixes(sizes), answers, rows, decode, packed)
+        print(
+            f"  {name}: decode step {decode[0]:.2f} + {decode[1]:.4f} x rows ms; packed "
+            f"{packed[0]:.1f} + {packed[1]:.4f} x tokens + {packed[2]:.3f} x rows ms; outside "
+            f"steps {outside * images:.2f} s. Measured {run['seconds']} s, {len(steps)} steps; "
+            f"model {seconds + outside * images:.2f} s, {count} steps, last admission at {admitted:.1f} s"
+        )
+
+    def ratio(job_images, rows, cheaper_ms=0.0, small_cheaper_ms=0.0) -> str:
+        job_sizes, job_lengths = (sizes, lengths) if job_images == images else realistic_plan(job_images, 6)
+        mean = round(sum(job_lengths) / len(job_lengths))
+        walls = []
+        for name, answers in (("realistic", job_lengths), ("mean_length", [mean] * len(job_lengths))):
+            decode, packed, outside = model[name]
+            decode = (decode[0] - cheaper_ms, decode[1])
+            steps = makespan(prefixes(job_sizes), answers, rows, decode, packed, small_cheaper_ms)
+            walls.append(steps[0] + outside * job_images)
+        return f"realistic {walls[0]:6.2f} s, mean_length {walls[1]:6.2f} s: {walls[1] / walls[0]:.3f}x"
+
+    print("variants (model):")
+    for more in (rows, 384, 512, 768):
+        print(f"  {more} rows: {ratio(images, more)}")
+    for cheaper in (1.0, 2.0, 3.0, 4.0):
+        print(f"  every decode step {cheaper} ms cheaper: {ratio(images, rows, cheaper)}")
+    for cheaper in (2.0, 3.0, 4.0):
+        print(f"  decode steps of <= {SMALL} rows {cheaper} ms cheaper: {ratio(images, rows, 0, cheaper)}")
+    for job in (960, 1440, 2880):
+        print(f"  {job} images: {ratio(job, rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
