@@ -3,17 +3,17 @@ would bring realistic to 0.9x mean_length (issue #13), before spending GPU time 
 
     python bench/tail_model.py [--trace bench/trace-h100-prefixes-on.json.gz]
 
-It replays the scheduler's admission rule (engine/admission.py: a step admits images up to the
-prefill token budget when a fifth of the bulk rows are free, or all that waits fits) over the
-workload's real answer lengths and prefix token counts (the benchmark's processor), with each
-step's GPU time from least-squares fits to the trace of the same workload (decode steps:
-``a + b x rows``; packed steps: ``c + d x prefill tokens + e x decoding rows``), plus the run's
-time outside steps (the vision tower between them, start and end) as measured, per image. It
-first replays the measured run and prints how far the model is from it, then the variants:
-more bulk rows, a cheaper fixed part of every decode step (the small steps of the drain are
-mostly that: reading the weights), more than one token a step in the drain's small steps, and
-larger jobs. A model, not a measurement: bench/RESULTS.md
-says which of its answers were then measured.
+It replays the scheduler's admission rule (engine/admission.py's own ``bulk_should_join``: a
+step admits images up to the prefill token budget when a fifth of the bulk rows are free, or
+all that waits fits) over the workload's real answer lengths and prefix token counts (the
+benchmark's processor), with each step's GPU time from least-squares fits to the trace of the
+same workload (decode steps: ``a + b x rows``; packed steps: ``c + d x prefill tokens + e x
+decoding rows``), plus the run's time outside steps (the vision tower between them, start and
+end) as measured, per image. It first replays the measured run and prints how far the model is
+from it, then the variants: more bulk rows, a cheaper fixed part of every decode step (the
+small steps of the drain are mostly that: reading the weights), more than one token a step in
+the drain's small steps, and larger jobs. A model, not a measurement: bench/RESULTS.md says
+which of its answers were then measured.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import gzip
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy
 
@@ -31,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads import LABELS, build_processor, noise_image, realistic_plan  # noqa: E402
 
-from molmo_backend.engine.admission import ADMIT_FREE_FRACTION, PREFILL_TOKENS_PER_STEP  # noqa: E402
+from molmo_backend.engine.admission import PREFILL_TOKENS_PER_STEP, bulk_should_join  # noqa: E402
 from molmo_backend.engine.prefill import prepare_image  # noqa: E402
+from molmo_backend.engine.queue import Priority  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 #: the run the model is calibrated on: its trace and its results (walls, rows, images)
@@ -42,6 +44,20 @@ RESULTS = HERE / "results-h100-prefixes-on.json"
 SUFFIX_TOKENS = 12
 #: decode steps of this many rows or fewer: the drain's, whose cost is mostly reading the weights
 SMALL = 32
+
+
+class Waiting:
+    """What the engine's admission rule asks of its queue here: how many bulk rows wait."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def waiting(self, priority: Priority) -> int:
+        return self.rows if priority == Priority.BULK else 0
+
+
+#: a running bulk row, as the admission rule sees one
+BULK_ROW = SimpleNamespace(interactive=False)
 
 
 def fit(steps, columns) -> numpy.ndarray:
@@ -72,14 +88,8 @@ def makespan(
     steps = 0
     while waiting or running:
         free = rows - len(running)
-        join = (
-            waiting
-            and free >= labels
-            and (
-                not running
-                or free >= max(1, int(rows * ADMIT_FREE_FRACTION))
-                or labels * len(waiting) <= free
-            )
+        join = free >= labels and bulk_should_join(
+            Waiting(labels * len(waiting)), [BULK_ROW] * len(running), free
         )
         if join:
             tokens, admitted, left = 0, [], budget
