@@ -92,15 +92,15 @@ def makespan(
             Waiting(labels * len(waiting)), [BULK_ROW] * len(running), free
         )
         if join:
-            tokens, admitted, left = 0, [], budget
+            tokens, admitted, room = 0, [], budget
             while waiting and free >= labels:
                 cost = prefixes[waiting[0]] + SUFFIX_TOKENS
-                if admitted and cost > left:
+                if admitted and cost > room:
                     break
                 image = waiting.pop(0)
                 admitted += [lengths[image * labels + j] for j in range(labels)]
                 tokens += prefixes[image] + labels * SUFFIX_TOKENS
-                left -= cost
+                room -= cost
                 free -= labels
             ms += packed[0] + packed[1] * tokens + packed[2] * len(running)
             running = [left - 1 for left in running] + [length - 1 for length in admitted]
@@ -160,6 +160,8 @@ def main() -> int:
         )
 
     def ratio(job_images, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0) -> str:
+        """realistic and mean_length modelled, and their ratio; a job of another size is the
+        bench's realistic_long of that many images (its seed, 6)."""
         job_sizes, job_lengths = (sizes, lengths) if job_images == images else realistic_plan(job_images, 6)
         mean = round(sum(job_lengths) / len(job_lengths))
         walls = []
