@@ -30,7 +30,15 @@ import numpy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workloads import LABELS, build_processor, noise_image, realistic_plan  # noqa: E402
+from workloads import (  # noqa: E402
+    LABELS,
+    LONG_SEED,
+    REALISTIC_SEED,
+    build_processor,
+    mean_answer,
+    noise_image,
+    realistic_plan,
+)
 
 from molmo_backend.engine.admission import PREFILL_TOKENS_PER_STEP, bulk_should_join  # noqa: E402
 from molmo_backend.engine.prefill import prepare_image  # noqa: E402
@@ -58,6 +66,11 @@ class Waiting:
 
 #: a running bulk row, as the admission rule sees one
 BULK_ROW = SimpleNamespace(interactive=False)
+
+
+def both_jobs(lengths: list[int]) -> dict[str, list[int]]:
+    """The answers of realistic and of mean_length (the same images)."""
+    return {"realistic": lengths, "mean_length": [mean_answer(lengths)] * len(lengths)}
 
 
 def fit(steps, columns) -> numpy.ndarray:
@@ -138,12 +151,10 @@ def main() -> int:
                 prefix_of[size] = prepare_image(processor, noise_image(size, 0)).length
         return [prefix_of[size] for size in sizes]
 
-    sizes, lengths = realistic_plan(images, 2)  # the measured run's workload (throughput.py)
-    mean = round(sum(lengths) / len(lengths))
-    jobs = {"realistic": lengths, "mean_length": [mean] * len(lengths)}
+    sizes, lengths = realistic_plan(images, REALISTIC_SEED)  # the measured run's workload
     model = {}
     print(f"calibrated on {args.trace.name}: {rows} rows, {images} images")
-    for name, answers in jobs.items():
+    for name, answers in both_jobs(lengths).items():
         steps = traces[f"{args.variant}/{name}"]
         run = next(r for r in results["runs"] if r["variant"] == args.variant and r["workload"] == name)
         decode = fit([s for s in steps if s["kind"] == "decode"], ["rows"])
@@ -161,11 +172,12 @@ def main() -> int:
 
     def ratio(job_images, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0) -> str:
         """realistic and mean_length modelled, and their ratio; a job of another size is the
-        bench's realistic_long of that many images (its seed, 6)."""
-        job_sizes, job_lengths = (sizes, lengths) if job_images == images else realistic_plan(job_images, 6)
-        mean = round(sum(job_lengths) / len(job_lengths))
+        bench's realistic_long of that many images."""
+        job_sizes, job_lengths = (
+            (sizes, lengths) if job_images == images else realistic_plan(job_images, LONG_SEED)
+        )
         walls = []
-        for name, answers in (("realistic", job_lengths), ("mean_length", [mean] * len(job_lengths))):
+        for name, answers in both_jobs(job_lengths).items():
             decode, packed, outside = model[name]
             decode = (decode[0] - cheaper_ms, decode[1])
             steps = makespan(

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -66,7 +67,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if os.environ.get("MOLMO_BENCH_CODE"):
     sys.path.insert(0, os.environ["MOLMO_BENCH_CODE"])
 
-from workloads import LABELS, build, fixed40, mean_length, noise_image, realistic, subset  # noqa: E402
+from workloads import (  # noqa: E402
+    LABELS,
+    LONG_SEED,
+    REALISTIC_SEED,
+    build,
+    fixed40,
+    mean_length,
+    noise_image,
+    realistic,
+    subset,
+)
 
 from molmo_backend.engine import phases  # noqa: E402
 from molmo_backend.engine import scheduler as scheduler_module  # noqa: E402
@@ -224,6 +235,15 @@ def try_kernels(engine, model, workload, device, log, trial: str, plain: list[st
         fused_mlp.unfuse(model)
         recapture(engine.decoder)
     return row
+
+
+def bulk_row_limit(space) -> int:
+    """Most bulk rows running at once (0 in older code, which has no row space)."""
+    return space.limit[False] if space is not None else 0
+
+
+def set_bulk_row_limit(space, rows: int) -> None:
+    space.limit[False] = rows
 
 
 def both_workloads(engine, work, device, log, label) -> list[dict]:
@@ -518,13 +538,13 @@ def main() -> int:
 
     work = {
         "fixed40": fixed40(args.images, 1),
-        "realistic": realistic(args.realistic_images, 2),
+        "realistic": realistic(args.realistic_images, REALISTIC_SEED),
         "realistic_small": realistic(args.images, 5),
     }
     work["realistic_small"].name = "realistic_small"
     work["mean_length"] = mean_length(work["realistic"])
     if args.long_images:
-        work["realistic_long"] = realistic(args.long_images, 6)
+        work["realistic_long"] = realistic(args.long_images, LONG_SEED)
         work["mean_length_long"] = mean_length(work["realistic_long"])
         work["realistic_long"].name, work["mean_length_long"].name = "realistic_long", "mean_length_long"
     results["workloads"] = {name: w.describe() for name, w in work.items()}
@@ -582,10 +602,8 @@ def main() -> int:
         **{
             f"rows{rows}": (
                 f"d_rows_{rows}",
-                lambda rows=rows, space=space: (
-                    space.limit[False] if space and space.limit[False] > rows else None
-                ),
-                lambda value, space=space: space.limit.__setitem__(False, value),
+                lambda rows=rows, limit=bulk_row_limit(space): limit if limit > rows else None,
+                functools.partial(set_bulk_row_limit, space),
                 rows,
             )
             for rows in (384, 256)
@@ -739,7 +757,7 @@ def main() -> int:
         "realistic_slot_prefixes_pairs_per_s": pick("d_slot_prefixes", "realistic"),
         **{
             f"{name}_{variant}_pairs_per_s": pick(f"d_{variant}", name)
-            for variant in ("gil_switch_0.5ms", "prepare_workers_4", "cpu_threads_4", "rows_384", "rows_256")
+            for variant in (label.removeprefix("d_") for label, *_ in experiments.values())
             for name in ("realistic", "mean_length")
         },
         "cascade_attention": results.get("cascade_attention"),

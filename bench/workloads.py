@@ -47,6 +47,9 @@ IMAGE_SIZES = [
     ((300, 200), 0.05),
 ]
 NONE_TOKENS, TAG_TOKENS, POINT_TOKENS = 4, 15, 10
+#: seeds of throughput.py's realistic workload and of its larger retrieve (``--long-images``);
+#: bench/tail_model.py replays the same two
+REALISTIC_SEED, LONG_SEED = 2, 6
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
@@ -240,9 +243,14 @@ def realistic(images: int, seed: int) -> Workload:
     return Workload("realistic", _pairs(imgs, lengths, seed))
 
 
+def mean_answer(lengths: list[int]) -> int:
+    """The answer length every answer of a mean_length workload has."""
+    return round(sum(lengths) / len(lengths))
+
+
 def mean_length(workload: Workload) -> Workload:
     """The same images, every answer at the workload's mean length."""
-    mean = round(workload.mean_tokens)
+    mean = mean_answer([q.answer_tokens for q in workload.queries])
     return Workload(
         "mean_length",
         [
