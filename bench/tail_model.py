@@ -12,8 +12,10 @@ decoding rows``), plus the run's time outside steps (the vision tower between th
 end) as measured, per image. It first replays the measured run and prints how far the model is
 from it, then the variants: more bulk rows, a cheaper fixed part of every decode step (the
 small steps of the drain are mostly that: reading the weights), more than one token a step in
-the drain's small steps, and larger jobs. A model, not a measurement: bench/RESULTS.md says
-which of its answers were then measured.
+the drain's small steps, both of those together, and larger jobs. ``--seeds N`` also models
+the job on N other draws of the realistic workload (seeds 0 to N-1: other image sizes and answer
+lengths from the same distributions), to say whether the measured draw is a typical one. A
+model, not a measurement: bench/RESULTS.md says which of its answers were then measured.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,6 +138,9 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, default=TRACE)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--variant", default="d_engine", help="the traced runs' variant")
+    parser.add_argument(
+        "--seeds", type=int, default=0, help="also model N other draws of the realistic workload"
+    )
     args = parser.parse_args()
     opener = gzip.open if args.trace.suffix == ".gz" else open
     with opener(args.trace, "rt") as file:
@@ -170,21 +176,25 @@ def main() -> int:
             f"model {seconds + outside * images:.2f} s, {count} steps, last admission at {admitted:.1f} s"
         )
 
-    def ratio(job_images, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0) -> str:
-        """realistic and mean_length modelled, and their ratio; a job of another size is the
-        bench's realistic_long of that many images."""
-        job_sizes, job_lengths = (
-            (sizes, lengths) if job_images == images else realistic_plan(job_images, LONG_SEED)
-        )
-        walls = []
+    def walls(job_sizes, job_lengths, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0):
+        """realistic's and mean_length's modelled walls, in seconds, for a job of these images
+        and answers."""
+        out = []
         for name, answers in both_jobs(job_lengths).items():
             decode, packed, outside = model[name]
             decode = (decode[0] - cheaper_ms, decode[1])
             steps = makespan(
                 prefixes(job_sizes), answers, rows, decode, packed, small_cheaper_ms, small_tokens
             )
-            walls.append(steps[0] + outside * job_images)
-        return f"realistic {walls[0]:6.2f} s, mean_length {walls[1]:6.2f} s: {walls[1] / walls[0]:.3f}x"
+            out.append(steps[0] + outside * len(job_sizes))
+        return out
+
+    def ratio(job_images, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0) -> str:
+        """realistic and mean_length modelled, and their ratio; a job of another size is the
+        bench's realistic_long of that many images."""
+        job = (sizes, lengths) if job_images == images else realistic_plan(job_images, LONG_SEED)
+        realistic, mean = walls(*job, rows, cheaper_ms, small_cheaper_ms, small_tokens)
+        return f"realistic {realistic:6.2f} s, mean_length {mean:6.2f} s: {mean / realistic:.3f}x"
 
     print("variants (model):")
     for more in (rows, 384, 512, 768):
@@ -199,8 +209,34 @@ def main() -> int:
         print(
             f"  decode steps of <= {SMALL} rows making {tokens} tokens a row: {ratio(images, rows, 0, 0, tokens)}"
         )
+    for cheaper in (2.0, 3.0):
+        print(
+            f"  decode steps of <= {SMALL} rows {cheaper} ms cheaper and making 1.67 tokens a row: "
+            f"{ratio(images, rows, 0, cheaper, 1.67)}"
+        )
     for job in (960, 1440, 2880):
         print(f"  {job} images: {ratio(job, rows)}")
+    if args.seeds:
+        print(f"other draws of the realistic workload ({images} images, {rows} rows; model):")
+        ratios = {}
+        for seed in range(args.seeds):
+            job_sizes, job_lengths = realistic_plan(images, seed)
+            realistic, mean = walls(job_sizes, job_lengths, rows)
+            ratios[seed] = mean / realistic
+            longest = max(job_lengths)
+            where = job_lengths.index(longest) / len(job_lengths)
+            print(
+                f"  seed {seed:3d}: realistic {realistic:6.2f} s, mean_length {mean:6.2f} s: "
+                f"{ratios[seed]:.3f}x (longest answer {longest} tokens, {where:.0%} into the queue)"
+            )
+        values = list(ratios.values())
+        print(
+            f"  median {statistics.median(values):.3f}x, lowest {min(values):.3f}x, "
+            f"highest {max(values):.3f}x"
+        )
+        if REALISTIC_SEED in ratios:
+            higher = sum(r > ratios[REALISTIC_SEED] for r in values)
+            print(f"  the measured draw (seed {REALISTIC_SEED}): {higher} of {len(values)} model higher")
     return 0
 
 
