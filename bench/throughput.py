@@ -170,9 +170,15 @@ def rate(pairs, seconds):
     return round(pairs / seconds, 2)
 
 
+def alloc_retries(device) -> int:
+    """Times the caching allocator has freed its blocks to retry a cudaMalloc (each one
+    synchronises the GPU); 0 off CUDA."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def scheduled(engine, workload, device, log, label, **options) -> dict:
     scheduler = Scheduler(engine, **SCHEDULER_OPTIONS, **options)
-    retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+    retries = alloc_retries(device)
     peak_reset(device)
     decoder = engine.decoder
     moves, waits = getattr(decoder, "moves", 0), getattr(decoder, "waits", 0)
@@ -201,12 +207,7 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
         "requeued": stats.get("requeued", 0),
         "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3),
         "cpu_threads": torch.get_num_threads(),
-        # the caching allocator freeing its blocks to retry a cudaMalloc (synchronises the GPU)
-        "alloc_retries": (
-            torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
-            if device.type == "cuda"
-            else 0
-        ),
+        "alloc_retries": alloc_retries(device) - retries,
     }
     if steps is not None:
         row["trace"] = trace_summary(steps, seconds)
