@@ -4,7 +4,9 @@ Opened tasks join at once, into slots of their own. Bulk rows join by the chunk:
 slots are free, or nothing bulk is running, or all that waits fits, and never in the step where
 an opened task joins or while one is decoding (its steps stay small). A step's prefill is bounded
 by a token budget, and a distinct image joins with all the labels queued behind it (one prefill
-serves them all).
+serves them all), unless they are more than the region's free rows while none of its rows runs
+(a pose project's 17 labels, 16 rows for opened tasks): they then join in parts, each prefilling
+the image again, rather than never.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def admit(
                 dropped.extend(queue.pop_image_group(priority))
                 continue
             cost = ask(engine.prefill_cost, head.query) or 0
+            if size > free > 0 and not groups and not any(r.interactive == interactive for r in running):
+                size = free  # more labels than the region's free rows with none of its rows to end: in parts
             if size > free or (groups and cost > budget):
                 break
-            items = queue.pop_image_group(priority)
+            items = queue.pop_image_group(priority, size)
             groups.append(
                 [Row(item.query, interactive, ticket=item, prepared=item.prepared) for item in items]
             )

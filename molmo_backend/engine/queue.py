@@ -72,13 +72,19 @@ class RequestQueue:
     def pop(self, priority: Priority) -> Item:
         return self._classes[priority].popleft()
 
-    def pop_image_group(self, priority: Priority) -> list[Item]:
+    def pop_image_group(self, priority: Priority, most: int | None = None) -> list[Item]:
         """The head item and the items right behind it that show the same image for the same
-        job: one image prefill serves them all (a task's labels are queued together)."""
+        job: one image prefill serves them all (a task's labels are queued together); at most
+        ``most`` of them."""
         queue = self._classes[priority]
         first = queue.popleft()
         group = [first]
-        while queue and queue[0].job is first.job and queue[0].image_key == first.image_key:
+        while (
+            queue
+            and (most is None or len(group) < most)
+            and queue[0].job is first.job
+            and queue[0].image_key == first.image_key
+        ):
             group.append(queue.popleft())
         return group
 

@@ -191,6 +191,27 @@ def test_labels_of_one_image_are_prefilled_together_and_several_engines_share_th
     scheduler.close()
 
 
+def test_an_image_with_more_labels_than_its_region_has_rows_is_answered_in_parts():
+    """A pose project's 17 keypoints on one opened task (16 rows for opened tasks; here 2), or a
+    bulk task with more labels than bulk rows: the labels join in parts as rows free up, each
+    part prefilling the image again, instead of waiting for room that never comes. A part
+    waits while rows of its region still run (they free their rows)."""
+    engine = CountingEngine(bulk_slots=2, interactive_slots=2)
+    scheduler = Scheduler(engine)
+    image = Image.new("RGB", (8, 8))
+    opened = scheduler.submit_async(
+        [PointQuery(image, f"k{i}:2", image_key="pose") for i in range(5)], Priority.INTERACTIVE
+    )
+    assert opened.wait(10), "the opened task never got its rows"
+    bulk = scheduler.submit_async([PointQuery(image, f"b{i}:1", image_key="task") for i in range(3)])
+    assert bulk.wait(10), "the bulk task never got its rows"
+    assert [a.text for a in opened.answers] == [f"k{i}" for i in range(5)]
+    assert [a.text for a in bulk.answers] == ["b0", "b1", "b2"]
+    assert steps_of(engine, "prefill") == [["k0", "k1"], ["k2", "k3"], ["k4"], ["b0", "b1"], ["b2"]]
+    assert engine.free == {False: 2, True: 2}
+    scheduler.close()
+
+
 def test_queries_left_waiting_at_close_still_get_an_answer():
     engine = CountingEngine(bulk_slots=1)
     scheduler = Scheduler(engine)
