@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from molmo_backend.pointing.points import molmo2_answer
+
 #: shape colours (RGB) the model knows; each is jittered a little per shape
 COLOURS = {
     "red": (215, 35, 35),
@@ -61,7 +63,7 @@ def answer_for(scene: Scene, label: str, grid: int = 1) -> str:
         return NONE_ANSWER
     x = to_1000(shape.x, scene.image.width, grid)
     y = to_1000(shape.y, scene.image.height, grid)
-    return f'<points coords="1 1 {x:03d} {y:03d}">{label}</points>'
+    return molmo2_answer([(x, y)], label)
 
 
 def to_1000(value: float, size: int, grid: int = 1) -> int:

@@ -70,7 +70,20 @@ def parse_points(answer: str) -> list[Point]:
 
 #: "shows a total of 3", "a total of 1,204"
 _TOTAL = re.compile(r"\btotal\s+of\s+(\d[\d,]{0,12})(?![\d.]*\d)", re.IGNORECASE)
+
+
 #: how Molmo says there is nothing to point at or count (Molmo2; v1's prompt asks for the second)
+def molmo2_answer(points: list[tuple[int, int]], label: str) -> str:
+    """The answer Molmo2 writes for ``points`` (x, y on its 0-1000 scale) of ``label`` in one
+    image, as allenai/molmo2's point formatter writes it: the points sorted by x then y,
+    numbered from 1, each coordinate as ``%03d``; "There are none." for no point. The demo's
+    training answers and the benchmarks' forced answers are written here."""
+    if not points:
+        return "There are none."
+    coords = " ".join(f"{i} {x:03d} {y:03d}" for i, (x, y) in enumerate(sorted(points), 1))
+    return f'<points coords="1 {coords}">{label}</points>'
+
+
 NONE_PHRASES = ("there are none", "isn't in the image", "is not in the image")
 #: counts above this are not believed (a runaway answer), nor are they useful in a Number field
 MAX_COUNT = 100_000

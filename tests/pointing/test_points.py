@@ -5,8 +5,10 @@ import time
 from collections import Counter
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from molmo_backend.pointing.points import Point, parse_points
+from molmo_backend.pointing.points import Point, molmo2_answer, parse_points
 
 # Real answer shapes (Molmo2's point formatter; Molmo v1's model cards)
 MOLMO2_ONE = '<points coords="1 1 461 527">cat</points>'
@@ -256,3 +258,12 @@ def test_long_garbage_is_fast():
     finally:
         gc.enable()
     assert spent < 1.0
+
+
+@given(st.lists(st.tuples(st.integers(0, 999), st.integers(0, 999)), max_size=40))
+def test_a_written_molmo2_answer_reads_back_as_its_points_sorted_by_x_then_y(points):
+    """The writer the demo's training and the benchmarks' forced answers use is the parser's
+    inverse: Molmo2's own order (x, then y) and its 0-1000 scale, read back in percent."""
+    answer = molmo2_answer(points, "cat")
+    assert answer == "There are none." if not points else answer.endswith('">cat</points>')
+    assert [(p.x, p.y) for p in parse_points(answer)] == [(x / 10, y / 10) for x, y in sorted(points)]
