@@ -92,7 +92,7 @@ def main() -> int:
         max_new_tokens=args.tokens,
         max_batch=128,
     )
-    engine.answer_tokens = args.tokens  # every answer args.tokens long (random weights stop anywhere)
+    engine.seam.answer_tokens = args.tokens  # every answer args.tokens long (random weights stop anywhere)
     backend = build_backend(Settings(max_new_tokens=args.tokens), engine)
     print(
         f"{torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, Molmo2-{args.model}, "

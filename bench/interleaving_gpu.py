@@ -71,6 +71,12 @@ def main() -> int:
         help="1 (the server's default, MOLMO_TRITON_KERNELS): split-key decode attention and the fused "
         "rotary embedding where they pass their checks; 0: CUTLASS's kernels and Hugging Face's",
     )
+    parser.add_argument(
+        "--texts",
+        action="store_true",
+        help="force every answer as a pointing answer of 0-3 points and check guessed tokens in the "
+        "decode steps (MOLMO_DRAFT): one slot several entries of a captured step",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     cascade.MIN_ROWS = args.cascade_min_rows
@@ -96,10 +102,11 @@ def main() -> int:
             processor,
             model_id="check",
             revision="random",
-            max_new_tokens=12,
+            max_new_tokens=64 if args.texts else 12,
             max_batch=24,
             compile_step=compiled,
             triton_kernels=args.triton == "1",
+            draft=args.texts,
         )
         if args.pool_rows:  # the same decoder over a small bulk pool (the big one freed first)
             longest, engine.decoder = engine.decoder.max_length, None
@@ -119,12 +126,17 @@ def main() -> int:
         started = time.perf_counter()
         engine.warm_up()
         warm = round(time.perf_counter() - started, 1)
-        trials = run_trials(engine, images, args.trials, seed_base=7000 + 100 * compiled, tolerance=1e-3)
+        engine.decoder.profile = {} if args.texts else None  # counts the guessed tokens checked
+        trials = run_trials(
+            engine, images, args.trials, seed_base=7000 + 100 * compiled, tolerance=1e-3, texts=args.texts
+        )
         row = {
             "cuda_graphs": engine.decoder.use_cuda_graph,
             "compiled_step": engine.decoder.compile_step,
             "split_key": engine.decoder.flash,
             "fused_rotary": engine.decoder.rotary,
+            "drafting": engine.drafting is not None,
+            "guessed_tokens": (engine.decoder.profile or {}).get("guessed", 0),
             "cascade": engine.decoder.cascade,
             "cascade_min_rows": cascade.MIN_ROWS,
             "suffix_two_pass": engine.decoder.suffix_pass,

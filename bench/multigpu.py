@@ -52,7 +52,7 @@ def main() -> int:
             max_new_tokens=NEW_TOKENS,
             max_batch=args.batch,
         )
-        engine.answer_tokens = NEW_TOKENS  # every answer NEW_TOKENS long (random weights stop anywhere)
+        engine.seam.answer_tokens = NEW_TOKENS  # every answer NEW_TOKENS long (random weights stop anywhere)
         engines.append(engine)
     print(f"{count} x {torch.cuda.get_device_name(0)}, Molmo2-{args.model.upper()}", flush=True)
 

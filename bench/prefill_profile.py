@@ -195,7 +195,7 @@ def main() -> int:
         decoder.live[index] = 1
         decoder.lengths[index] = 1000
         with torch.inference_mode():
-            steps = decoder._load_step(False, rows)
+            steps = decoder._load_step(False, [(row, 0, 0) for row in rows])
             if decoder.use_cuda_graph:
                 graph = decoder._graph(False, steps, read)
                 graph.replay()

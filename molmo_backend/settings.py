@@ -41,6 +41,7 @@ class Settings:
     cuda_graphs: str = "1"
     compile_step: str = "0"  # torch.compile the opened tasks' decode step (CUDA graphs on CUDA only)
     triton_kernels: str = "1"  # decode attention split over the keys, rotary embedding: Triton (CUDA)
+    draft: str = "0"  # check the point format's guessed tokens in small decode steps (engine/drafting.py)
     prompt_template: str | None = None  # None: the trained phrasing of the model's family
     point_width: float = 0.75
     min_point_score: float = 0.0  # points scored below this are dropped (docs/confidence.md)
@@ -101,8 +102,10 @@ class Settings:
             raise SettingsError("MOLMO_MAX_BATCH, MOLMO_MAX_NEW_TOKENS and THREADS must be >= 1")
         if self.decoder not in ("fast", "generate"):
             raise SettingsError("MOLMO_DECODER must be fast or generate")
-        if {self.cuda_graphs, self.compile_step, self.triton_kernels} - {"0", "1"}:
-            raise SettingsError("MOLMO_CUDA_GRAPHS, MOLMO_COMPILE and MOLMO_TRITON_KERNELS must be 1 or 0")
+        if {self.cuda_graphs, self.compile_step, self.triton_kernels, self.draft} - {"0", "1"}:
+            raise SettingsError(
+                "MOLMO_CUDA_GRAPHS, MOLMO_COMPILE, MOLMO_TRITON_KERNELS and MOLMO_DRAFT must be 1 or 0"
+            )
         if self.engine not in ("transformers", "openai"):
             raise SettingsError("MOLMO_ENGINE must be transformers or openai")
         if self.engine == "openai" and not self.engine_url:
@@ -184,6 +187,13 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "`1` (default): decode attention split over the keys and the rotary embedding in one "
         "kernel, in Triton, on CUDA (each checked at start and left out if it disagrees or Triton "
         "cannot build its kernels); `0`: CUTLASS's attention kernel, Hugging Face's rotary embedding",
+    ),
+    "draft": (
+        "MOLMO_DRAFT",
+        "`1`: in decode steps of up to 64 rows, check the tokens Molmo2's point format fixes "
+        "(the spaces, the next point's id, most often the first digit of x) in the same step as "
+        "the row's next token, so one step can confirm several; answers stay greedy's "
+        "(engine/drafting.py). Not yet measured on a GPU; `0` (default): one token a step",
     ),
     "prompt_template": (
         "MOLMO_PROMPT_TEMPLATE",

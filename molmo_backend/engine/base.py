@@ -29,15 +29,17 @@ class PointQuery:
     """One (image, prompt) pair. Queries with the same ``image_key`` show the same image, so an
     engine may encode that image once for all of them.
 
-    ``answer_tokens`` is a benchmark and test seam for random-weight models, whose answers are
-    garbage of arbitrary length: when set, the step engine generates exactly that many tokens
-    for this query (end tokens do not stop it) and stops. Nothing else changes: the same prefill,
-    slots, CUDA graphs and scheduling run. Never set by the backend."""
+    ``answer_tokens`` and ``answer_text`` are a benchmark and test seam for random-weight models,
+    whose answers are garbage of arbitrary length: the step engine then generates exactly that
+    many tokens for this query (end tokens do not stop it), or this text's tokens, and stops
+    (engine/answer_seam.py). Nothing else changes: the same prefill, slots, CUDA graphs and
+    scheduling run. Never set by the backend."""
 
     image: Image.Image
     prompt: str
     image_key: Hashable | None = None
     answer_tokens: int | None = None
+    answer_text: str | None = None
 
 
 @dataclass(frozen=True)

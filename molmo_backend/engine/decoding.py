@@ -17,8 +17,11 @@ and the next waiting row takes it.
   tasks' region or all in the bulk region, wherever their slots are: the step runs over a list
   of slots (the rows', padded to a row bucket with a free block of the region, whose length stays
   0 so it reads one key), so its cost follows the rows still running, not the highest slot in
-  use. On CUDA the step is captured as a graph per (region, row bucket, read length) and
-  replayed; optionally (``compile_step``) the opened tasks' step is compiled first.
+  use. A row may also give tokens guessed to follow its last one (:mod:`.drafting`): each is
+  one more entry of the step's list, its slot again at the next position, so the step checks
+  them all and the row keeps what the model confirms (:meth:`SlotDecoder.settle`). On CUDA
+  the step is captured as a graph per (region, entry bucket, read length) and replayed;
+  optionally (``compile_step``) the opened tasks' step is compiled first.
 
 The pool's first blocks belong to opened tasks (16 rows of the longest length), the rest to
 bulk work. Numerics are those of greedy ``generate()`` on the same inputs (a test checks equal
@@ -28,7 +31,6 @@ answers).
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,9 +53,7 @@ from molmo_backend.engine.slots import (
     round_up,
     row_bucket,
 )
-from molmo_backend.engine.step_graph import StepGraph
-
-log = logging.getLogger(__name__)
+from molmo_backend.engine.step_graph import StepGraph, capture_all, compiled_logits
 
 
 @dataclass
@@ -65,6 +65,7 @@ class SlotRow:
     length: int  # tokens in its slot
     prefix: int = 0  # its image prefix's tokens (the first of them in its slot)
     group: int = -1  # rows of one group hold the same prefix (one image, admitted in one step)
+    draft: object = None  # the engine's guesser of this row's next tokens (:mod:`.drafting`)
 
 
 class SlotDecoder:
@@ -121,16 +122,19 @@ class SlotDecoder:
         # per-row state, indexed by the row's slot (its run's first block)
         self.last_token = torch.zeros((blocks,), dtype=torch.long, device=device)
         self.lengths = torch.zeros((blocks,), dtype=torch.long, device=device)
-        self.out_token = torch.zeros((blocks,), dtype=torch.long, device=device)
-        self.out_logprob = torch.zeros((blocks,), dtype=torch.float, device=device)
         self.positions = torch.arange(max_length, device=device)
         #: 1 for a slot holding a row; a free block's length stays 0 when a step pads with it
         self.live = torch.zeros((blocks,), dtype=torch.long, device=device)
-        #: per region (interactive or not), the slots of the next decode step in its first
-        #: ``count`` places: captured graphs read them from here
-        self.step_slots = {
-            True: torch.zeros(interactive_slots, dtype=torch.long, device=device),
-            False: torch.zeros(bulk_slots, dtype=torch.long, device=device),
+        regions = ((True, interactive_slots), (False, bulk_slots))  # each region's steps' layouts
+        #: per region (interactive or not), the next decode step's entries in its first ``count``
+        #: columns, where captured graphs read them: each entry's slot, its offset past the
+        #: slot's length (0; more for a guessed token checked in the step: :mod:`.drafting`) and
+        #: that guessed token, its input
+        self.step_entries = {i: torch.zeros((3, n), dtype=torch.long, device=device) for i, n in regions}
+        #: per region, each entry's pick and its log-probability after a decode step
+        self.entry_out = {
+            i: (torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, device=device))
+            for i, n in regions
         }
         #: rows moved to a longer run, and steps where a row waited for memory (benchmarks);
         #: whether a row waited at the last step (:mod:`.row_memory` sets them)
@@ -144,7 +148,6 @@ class SlotDecoder:
         kernels = attention_kernels.checked(*geometry, triton)
         self.varlen, self.flash, self.prefix_flash = kernels.varlen, kernels.flash, kernels.prefix_flash
         self.cascade, self.suffix_pass, self.rotary = kernels.cascade, kernels.suffix_pass, kernels.rotary
-        regions = ((True, interactive_slots), (False, bulk_slots))  # each region's steps' layouts
         self._cascade = {
             i: cascade.StepBuffer(n, self.kv_heads, groups, BLOCK_TOKENS, device) for i, n in regions
         }
@@ -249,62 +252,96 @@ class SlotDecoder:
     # -- decode --------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(
-        self, rows: Sequence[SlotRow], generated: Sequence[Sequence[int]] = (), logits_processors=()
-    ) -> tuple[list[int], list[float]]:
-        """One token for each of ``rows`` (all in the opened tasks' region or all in the bulk
-        region); ``generated`` (each row's tokens so far) is only read by logits processors."""
+        self,
+        rows: Sequence[SlotRow],
+        generated: Sequence[Sequence[int]] = (),
+        logits_processors=(),
+        guesses: Sequence[Sequence[int]] = (),
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """The next token of each of ``rows`` (all in the opened tasks' region or all in the bulk
+        region), and its log-probability; ``generated`` (each row's tokens so far) is only read
+        by logits processors. ``guesses``: token ids guessed to follow each row's last one, each
+        checked in the same step as one more entry of its slot, at its own position (without
+        logits processors; each row's run must hold them). Returns, per row, the pick after its
+        last token and then after each guess: the caller keeps the picks up to the first that
+        differs from its guess, and must then :meth:`settle` every row it gave guesses."""
         if not rows:
             return [], []
+        guesses = list(guesses) or [()] * len(rows)
         with self.on_device():
             timer = PhaseTimer(self.profile, self.device, self.trace)
             interactive = self.space.interactive(rows[0].slot)
-            slots = [row.slot for row in rows]
             order = sorted(range(len(rows)), key=lambda i: rows[i].group)  # an image's rows adjacent
-            rows = [rows[i] for i in order]
+            entries = [(rows[i], j, token) for i in order for j, token in enumerate((0, *guesses[i]))]
             generated = [generated[i] for i in order] if generated else ()
-            count = self._load_step(interactive, rows)
-            read_length = min(round_up(max(row.length for row in rows) + 1, LENGTH_STEP), self.max_length)
+            count = self._load_step(interactive, entries)
+            longest = max(row.length + offset for row, offset, _ in entries)
+            read_length = min(round_up(longest + 1, LENGTH_STEP), self.max_length)
             timer.mark()
             if logits_processors:
-                self._eager_step(interactive, count, read_length, rows, generated, logits_processors)
+                stepping = [row for row, offset, _ in entries]
+                self._eager_step(interactive, count, read_length, stepping, generated, logits_processors)
             elif self.use_cuda_graph:
                 self._graph(interactive, count, read_length).replay()
             else:
                 self._step(interactive, count, read_length, compiled=interactive and self.compile_step)
-            tokens, logprobs = self.out_token.tolist(), self.out_logprob.tolist()
+            tokens, logprobs = (out[: len(entries)].tolist() for out in self.entry_out[interactive])
             for row in rows:
                 row.length += 1
             timer.lap("decode")
-            timer.count(steps=1)
-            timer.traced("decode", rows=len(rows), count=count, read=read_length)
-            return [tokens[s] for s in slots], [logprobs[s] for s in slots]
+            guessed = len(entries) - len(rows)
+            timer.count(steps=1, guessed=guessed)
+            timer.traced("decode", rows=len(rows), count=count, read=read_length, guessed=guessed)
+            picks: list[list[int]] = [[] for _ in rows]
+            picked: list[list[float]] = [[] for _ in rows]
+            first = 0
+            for i in order:  # the entries are in step order, each row's together
+                size = 1 + len(guesses[i])
+                picks[i], picked[i] = tokens[first : first + size], logprobs[first : first + size]
+                first += size
+            return picks, picked
 
-    def _load_step(self, interactive: bool, rows: Sequence[SlotRow]) -> int:
-        """Put the rows' slots first in the region's step list, padded up to a row bucket with
-        one free block of the region (its writes land in a block nobody reads; it reads one key),
-        and their cascade layout in the region's buffer; returns the step's row count (exactly
-        ``len(rows)`` if the region has no free block)."""
+    def settle(self, rows: Sequence[SlotRow], taken: Sequence[int], last: Sequence[int]) -> None:
+        """After a :meth:`decode` with guesses: each row keeps ``taken[i]`` tokens more than the
+        step's one, ``last[i]`` the last of them (its next step's input)."""
+        with self.on_device():
+            index = torch.tensor([row.slot for row in rows], device=self.device)
+            for row, more in zip(rows, taken):
+                row.length += more
+            self.lengths.index_copy_(0, index, torch.tensor([row.length for row in rows], device=self.device))
+            self.last_token.index_copy_(0, index, torch.tensor(list(last), device=self.device))
+
+    def _load_step(self, interactive: bool, entries: Sequence[tuple[SlotRow, int, int]]) -> int:
+        """Put the step's entries (row, offset past its length, guessed input token) first in the
+        region's step list, padded up to a row bucket with one free block of the region (its
+        writes land in a block nobody reads; it reads one key), and their cascade layout in the
+        region's buffer; returns the step's entry count (exactly ``len(entries)`` if the region
+        has no free block)."""
         size = self.interactive_slots if interactive else self.bulk_slots
-        count = min(row_bucket(len(rows), interactive), size)
+        count = min(row_bucket(len(entries), interactive), size)
         pad = self.space.lowest_free(interactive)
         if pad is None:
-            count, pad = len(rows), 0
-        slots = [row.slot for row in rows] + [pad] * (count - len(rows))
-        self.step_slots[interactive][:count].copy_(torch.tensor(slots, dtype=torch.long))
-        layout = [(row.slot, row.group, row.prefix) for row in rows] + [(pad, None, 0)] * (count - len(rows))
+            count, pad = len(entries), 0
+        padding = [(pad, 0, 0)] * (count - len(entries))
+        columns = [(row.slot, offset, token) for row, offset, token in entries] + padding
+        self.step_entries[interactive][:, :count].copy_(torch.tensor(columns, dtype=torch.long).T)
+        layout = [(row.slot, row.group, row.prefix) for row, *_ in entries] + [(pad, None, 0)] * len(padding)
         if self.flash:
             self._flash[interactive].load(layout)
         elif self._uses_cascade(count):
             self._cascade[interactive].load(layout)
         return count
 
-    def _step_logits(self, slots, key_positions, varlen: bool = False, shared=None) -> torch.Tensor:
-        """The forward of one decode step over ``slots`` (graph-safe: device tensors only, so a
-        compiled step sees the row count and positions read as dynamic shapes). ``varlen``:
+    def _step_logits(self, entries, key_positions, varlen: bool = False, shared=None) -> torch.Tensor:
+        """The forward of one decode step over ``entries`` (graph-safe: device tensors only, so a
+        compiled step sees the row count and positions read as dynamic shapes): each entry one
+        query token of a slot, its last token or a guessed one past it. ``varlen``:
         each row's attention reads its own keys in place (:mod:`.slot_attention`); else SDPA
         over a copy of the rows' first ``len(key_positions)`` positions. ``shared``: with varlen, a
         :class:`.cascade.Cascade` (image prefixes read once)."""
-        last_token, lengths = self.last_token[slots], self.lengths[slots]
+        slots, offsets, guessed = entries
+        last_token = torch.where(offsets > 0, guessed, self.last_token[slots])
+        lengths = self.lengths[slots] + offsets
         mask = torch.where(key_positions[None, :] <= lengths[:, None], 0.0, self.neg)
         mask = mask.to(self.dtype)[:, None, None, :]
         positions = lengths[:, None]
@@ -339,7 +376,7 @@ class SlotDecoder:
         return self.lm_head(hidden[:, -1]).float()
 
     def _step_inputs(self, interactive: bool, count: int, read_length: int) -> tuple:
-        return self.step_slots[interactive][:count], self.positions[:read_length]
+        return self.step_entries[interactive][:, :count], self.positions[:read_length]
 
     def _uses_cascade(self, count: int) -> bool:
         return self.cascade and self.varlen and count >= cascade.MIN_ROWS
@@ -356,32 +393,34 @@ class SlotDecoder:
 
     def _step(self, interactive: bool, count: int, read_length: int, compiled: bool = False) -> None:
         """One decode step writing its picks into the state buffers (graph-safe)."""
-        slots, key_positions = self._step_inputs(interactive, count, read_length)
+        entries, key_positions = self._step_inputs(interactive, count, read_length)
         if compiled:
-            logits = self._compiled_logits(slots, key_positions)
+            logits = compiled_logits(self, entries, key_positions)
         else:
             shared = self._shared(interactive, count)
-            logits = self._step_logits(slots, key_positions, self.varlen or self.flash, shared)
+            logits = self._step_logits(entries, key_positions, self.varlen or self.flash, shared)
         logprob, token = torch.log_softmax(logits, dim=-1).max(dim=-1)
-        self._advance(slots, token, logprob)
+        self._advance(interactive, entries, token, logprob)
 
-    def _advance(self, slots, token, logprob) -> None:
-        """Store the step's picks; a padding (free) slot keeps length 0."""
-        self.out_token[slots] = token
-        self.out_logprob[slots] = logprob
+    def _advance(self, interactive: bool, entries, token, logprob) -> None:
+        """Store the step's picks; a padding (free) slot keeps length 0. (A slot with guesses
+        has several entries: what they write to its state here, :meth:`settle` corrects.)"""
+        slots, count = entries[0], entries.shape[1]
+        self.entry_out[interactive][0][:count] = token
+        self.entry_out[interactive][1][:count] = logprob
         self.last_token[slots] = token
         grown = (self.lengths[slots] + 1) * self.live[slots]
         self.lengths[slots] = grown.clamp(max=self.max_length - 1)
 
     def _eager_step(self, interactive, count, read_length, rows, generated, logits_processors) -> None:
         """A step whose picks go through logits processors (tests force answers with them)."""
-        slots, key_positions = self._step_inputs(interactive, count, read_length)
-        logits = self._step_logits(slots, key_positions)
+        entries, key_positions = self._step_inputs(interactive, count, read_length)
+        logits = self._step_logits(entries, key_positions)
         history = [list(row.prompt_ids) + list(done) for row, done in zip(rows, generated)]
         picked = self._process(logits[: len(rows)], history, logits_processors)
         full = torch.cat((picked, logits[len(rows) :]))
         logprob, token = torch.log_softmax(full, dim=-1).max(dim=-1)
-        self._advance(slots, token, logprob)
+        self._advance(interactive, entries, token, logprob)
 
     def _process(self, logits, histories: list[list[int]], logits_processors) -> torch.Tensor:
         width = max(len(h) for h in histories)
@@ -392,48 +431,9 @@ class SlotDecoder:
             logits = processor(input_ids, logits)
         return logits
 
-    def _compiled_logits(self, *inputs) -> torch.Tensor:
-        """:meth:`_step_logits` through torch.compile, compiled on first use (outside any graph
-        capture: a capture warms up first). Dynamic shapes: one compile serves every row count
-        and cache length. Casts are rounded where eager rounds them, so greedy picks stay those
-        of the eager step. If compiling fails, the step runs eagerly from then on (same
-        answers, slower) and the log says why."""
-        if self._compiled is None:
-            self._compiled = torch.compile(
-                self._step_logits, dynamic=True, options={"emulate_precision_casts": True}
-            )
-        try:
-            return self._compiled(*inputs)
-        except torch._dynamo.exc.TorchDynamoException:  # raised while compiling, before any work
-            log.warning(
-                "torch.compile of the decode step failed: decoding without it "
-                "(MOLMO_COMPILE=0 skips the attempt)",
-                exc_info=True,
-            )
-            self.compile_step = False
-            return self._step_logits(*inputs)
-
-    @torch.inference_mode()
     def capture_graphs(self) -> int:
-        """Capture the decode step for every row bucket and read length now, while no slot is
-        in use (a capture runs one real step over its slots), so that no step waits for one
-        later. Returns how many were captured; a no-op without CUDA graphs."""
-        if not self.use_cuda_graph:
-            return 0
-        if self.space.held:
-            raise RuntimeError("capture_graphs needs every slot free")
-        before = len(self._graphs)
-        with self.on_device():
-            for interactive, size in ((True, self.interactive_slots), (False, self.bulk_slots)):
-                counts = sorted({min(row_bucket(n, interactive), size) for n in range(1, size + 1)})
-                first = self.space.regions[interactive].first
-                self.step_slots[interactive].copy_(torch.arange(first, first + size))
-                for count in counts:
-                    for read_length in range(LENGTH_STEP, self.max_length + 1, LENGTH_STEP):
-                        self._graph(interactive, count, read_length).replay()
-            self.lengths.zero_()
-            self.last_token.zero_()
-        return len(self._graphs) - before
+        """Capture every decode step's graph now (:func:`.step_graph.capture_all`)."""
+        return capture_all(self)
 
     def _graph(self, interactive: bool, count: int, read_length: int) -> StepGraph:
         compiled = interactive and self.compile_step

@@ -16,20 +16,21 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor
 
 from molmo_backend.engine import fused_mlp, fused_norms, row_memory
 from molmo_backend.engine import slots as cache_slots
+from molmo_backend.engine.answer_seam import AnswerSeam
 from molmo_backend.engine.base import Answer, PointQuery, Row, StepEngine, mean_probability
 from molmo_backend.engine.decoding import SlotDecoder
+from molmo_backend.engine.drafting import Drafting, settle
 from molmo_backend.engine.inprocess import (
     ModelLoadError,
-    TokenLogprobs,
-    cut_at_end,
     load_options,
     local_revision,
     pick_device,
 )
+from molmo_backend.engine.plain_generate import plain_generate
 from molmo_backend.engine.prefill import PreparedImage, prepare_image, with_features
 from molmo_backend.engine.token_text import TokenTexts
 from molmo_backend.settings import Settings
@@ -67,6 +68,7 @@ class TransformersEngine(StepEngine):
         cuda_graphs: bool = True,
         compile_step: bool = False,
         triton_kernels: bool = False,
+        draft: bool = False,
         demo: bool = False,
     ):
         if decoder not in DECODERS:
@@ -82,10 +84,8 @@ class TransformersEngine(StepEngine):
         self.max_new_tokens, self.max_batch = max_new_tokens, max_batch
         self.logits_processors = list(logits_processors)
         self.decoder_name, self.stepwise = decoder, decoder == "fast"
-        #: benchmark seam: when set, every query without its own ``answer_tokens`` generates
-        #: exactly this many tokens (see PointQuery.answer_tokens); None in production
-        self.answer_tokens: int | None = None
         tokenizer = processor.tokenizer
+        self.seam = AnswerSeam(tokenizer)  # forced answers, for tests and benchmarks only
         self._pad_id = tokenizer.pad_token_id
         self._eos_ids = set(_as_list(model.generation_config.eos_token_id) or [tokenizer.eos_token_id])
         self._token_texts = TokenTexts(tokenizer)
@@ -102,6 +102,10 @@ class TransformersEngine(StepEngine):
         steps = (cuda_graphs, compile_step and cuda_graphs and model.device.type == "cuda", triton_kernels)
         #: cache slots and their steps; None for ``generate`` (slots would take its memory)
         self.decoder = self._slot_decoder(*steps) if self.stepwise else None
+        #: guessed tokens of pointing answers checked in decode steps (MOLMO_DRAFT; not with
+        #: logits processors, which tests use to force answers)
+        drafting = draft and self.stepwise and not self.logits_processors
+        self.drafting = Drafting.for_tokenizer(tokenizer, self._token_texts.piece) if drafting else None
 
     def _slot_decoder(self, cuda_graphs: bool, compile_step: bool, triton_kernels: bool) -> SlotDecoder:
         """The cache pool: rows up to the longest this model can have (its largest image, a long
@@ -165,19 +169,10 @@ class TransformersEngine(StepEngine):
             model, processor, model_id=model_id or model_path, revision=revision, demo=demo, **options
         )
         engine.warm_up()
-        log.info(
-            "model loaded",
-            extra={
-                "model": engine.model_id,
-                "revision": engine.revision,
-                "device": str(engine.device),
-                "dtype": str(dtype).removeprefix("torch."),
-                "demo": demo,
-                "decoder": engine.decoder_name,
-                "bulk_rows": engine.max_batch,
-                "load_s": round(time.monotonic() - started, 2),
-            },
-        )
+        loaded = dict(model=engine.model_id, revision=engine.revision, device=str(engine.device))
+        loaded |= dict(dtype=str(dtype).removeprefix("torch."), demo=demo, decoder=engine.decoder_name)
+        loaded |= dict(bulk_rows=engine.max_batch, drafting=engine.drafting is not None)
+        log.info("model loaded", extra=loaded | {"load_s": round(time.monotonic() - started, 2)})
         return engine
 
     @classmethod
@@ -204,6 +199,7 @@ class TransformersEngine(StepEngine):
             cuda_graphs=settings.cuda_graphs == "1",
             compile_step=settings.compile_step == "1",
             triton_kernels=settings.triton_kernels == "1",
+            draft=settings.draft == "1",
             **kwargs,
         )
 
@@ -275,28 +271,8 @@ class TransformersEngine(StepEngine):
         return super().generate(queries, interactive=interactive)
 
     def generate_plain(self, queries: Sequence[PointQuery]) -> list[Answer]:
-        """Hugging Face ``generate()`` on left-padded full prompts: the reference for the fast path."""
-        inputs = self.processor(
-            images=[[q.image] for q in queries],
-            text=[self.chat_text(q.prompt) for q in queries],
-            padding=True,
-            return_tensors="pt",
-        ).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        recorder = TokenLogprobs()
-        with torch.inference_mode():
-            sequences = self.model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                logits_processor=LogitsProcessorList([*self.logits_processors, recorder]),
-            )
-        ends = self._eos_ids | ({self._pad_id} if self._pad_id is not None else set())
-        tokens, logprobs = cut_at_end(
-            sequences[:, inputs["input_ids"].shape[1] :].tolist(), recorder.steps, ends
-        )
-        return self._answers(tokens, logprobs, [len(t) >= self.max_new_tokens for t in tokens])
+        """Hugging Face ``generate()``: the reference for the fast path (:mod:`.plain_generate`)."""
+        return plain_generate(self, queries)
 
     # -- rows in slots (StepEngine) -------------------------------------------------------------
     def free_slots(self, interactive: bool) -> int:
@@ -363,11 +339,11 @@ class TransformersEngine(StepEngine):
             except BaseException:
                 self.decoder.release(slots)
                 raise
-        for row, state, token, logprob in zip(admit, states, tokens, logprobs):
-            row.slot, row.state = state.slot, state
-            self._record(row, token, logprob)
-        for row, token, logprob in zip(decode, next_tokens, next_logprobs):
-            self._record(row, token, logprob)
+            for row, state in zip(admit, states):
+                row.slot, row.state = state.slot, state
+            rows, picks = [*admit, *decode], [[token] for token in [*tokens, *next_tokens]]
+            kept = self._settle(rows, picks, [[lp] for lp in [*logprobs, *next_logprobs]], [[]] * len(rows))
+        self._keep(rows, kept)
 
     def _prepared_images(self, rows: Sequence[Row]) -> tuple[list[PreparedImage], list[int]]:
         """Each distinct image of ``rows`` prepared once (ahead on a CPU thread where the scheduler
@@ -387,27 +363,48 @@ class TransformersEngine(StepEngine):
 
     def decode(self, rows: Sequence[Row]) -> None:
         """One token for each row that has room for it (the others wait for memory; if none has
-        room, the youngest rows are handed back until one has)."""
+        room, the youngest rows are handed back until one has), more where the step confirms
+        tokens the point format guessed (``drafting``)."""
         with self._lock:
             if not (stepping := row_memory.with_room(self.decoder, rows)):
                 stepping = row_memory.evict_for_room(self.decoder, rows)
-            tokens, logprobs = self.decoder.decode(
-                [row.state for row in stepping], [row.tokens for row in stepping], self.logits_processors
-            )
-        for row, token, logprob in zip(stepping, tokens, logprobs):
-            self._record(row, token, logprob)
+            states = [row.state for row in stepping]
+            guesses = self.drafting.guesses(self.decoder, states) if self.drafting else [[]] * len(states)
+            tokens = [row.tokens for row in stepping]
+            picks, logprobs = self.decoder.decode(states, tokens, self.logits_processors, guesses)
+            kept = self._settle(stepping, picks, logprobs, guesses)
+        self._keep(stepping, kept)
+
+    def _settle(self, rows, picks, logprobs, guesses) -> list[list[tuple[int, float]]]:
+        """Each row's tokens of a step (caller holds the lock): its picks, steered where its answer
+        is forced, up to the first that differs from its guess."""
+        steered = [row.query.answer_text is not None for row in rows]
+        if not any(steered) and not any(guesses):  # one token a row, the model's: the usual step
+            return [[(row_picks[0], lps[0])] for row_picks, lps in zip(picks, logprobs)]
+        picks = [self.seam.steer(row, row_picks) for row, row_picks in zip(rows, picks)]
+        return settle(self.decoder, [row.state for row in rows], guesses, picks, logprobs, steered)
+
+    def _keep(self, rows: Sequence[Row], kept: list[list[tuple[int, float]]]) -> None:
+        for row, tokens in zip(rows, kept):
+            for token, logprob in tokens:
+                if not row.finished:
+                    self._record(row, token, logprob)
 
     def _record(self, row: Row, token: int, logprob: float) -> None:
         """Keep the row's new token; decide whether the row has ended."""
-        forced = row.query.answer_tokens or self.answer_tokens
+        forced = self.seam.length(row.query)
         if forced is None and token in self._eos_ids:
             row.finished = True  # the end token itself is not part of the answer
             return
         row.tokens.append(token)
         row.logprobs.append(logprob)
-        if forced is not None:
-            row.finished = len(row.tokens) >= forced
-        elif len(row.tokens) >= self.max_new_tokens or row.state.length + 1 >= self.decoder.max_length:
+        if self.drafting:
+            self.drafting.feed(row.state, token)
+        # the row's length once this token is in its slot (a step may have taken several)
+        length = len(row.state.prompt_ids) + len(row.tokens)
+        if forced is not None and len(row.tokens) >= forced:
+            row.finished = True
+        elif (forced is None and len(row.tokens) >= self.max_new_tokens) or length >= self.decoder.max_length:
             row.finished = row.truncated = True
 
     def answer(self, row: Row) -> Answer:

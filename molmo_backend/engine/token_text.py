@@ -31,6 +31,12 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self._piece: dict[int, str] = {}
 
+    def piece(self, token_id: int) -> str:
+        """One token's text, decoded alone (cached)."""
+        if token_id not in self._piece:
+            self._piece[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=True)
+        return self._piece[token_id]
+
     def split(self, ids: Sequence[int], text: str) -> tuple[str, ...]:
         """``text`` must be ``tokenizer.decode(ids, skip_special_tokens=True)``."""
         missing = [i for i in dict.fromkeys(ids) if i not in self._piece]

@@ -131,9 +131,9 @@ def test_the_engine_on_the_kernel_path_with_cascade_answers_as_on_the_cpu_path(
     steps = []
     load = decoder._load_step
 
-    def recording_load(interactive, rows):
-        steps.append([row.group for row in rows])
-        return load(interactive, rows)
+    def recording_load(interactive, entries):
+        steps.append([row.group for row, *_ in entries])
+        return load(interactive, entries)
 
     decoder._load_step = recording_load
     monkeypatch.setattr(cascade, "MIN_ROWS", 1)  # this engine's steps are small

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from molmo_backend.demo.models import SHIPPED_DEMO
 from molmo_backend.engine.molmo2 import TransformersEngine
 from tests.support.interleave import run_trials
 
@@ -56,3 +57,20 @@ def test_opened_tasks_mid_bulk_leave_every_answer_as_it_is_alone(demo_model_dir,
         )
     mid_bulk = sum(trial["arrived_mid_bulk"] for trial in trials)
     assert mid_bulk >= TRIALS // 2, f"only {mid_bulk} of {TRIALS} trials had an opened task arrive mid-bulk"
+
+
+@pytest.mark.parametrize("max_batch", [4, 24])
+def test_with_guessed_tokens_opened_tasks_mid_bulk_leave_every_answer_as_it_is_alone(images, max_batch):
+    """The same check with MOLMO_DRAFT on the shapes demo (its tokenizer writes a digit a token)
+    and every answer forced as a pointing answer, so that steps confirm guessed tokens."""
+    engine = TransformersEngine.load(str(SHIPPED_DEMO), max_new_tokens=64, max_batch=max_batch, draft=True)
+    assert engine.drafting is not None
+    engine.processor.image_processor.max_crops = 4
+    engine.decoder.profile = {}
+    trials = run_trials(
+        engine, images, TRIALS, seed_base=5000 + max_batch, tolerance=LOGPROB_TOLERANCE, texts=True
+    )
+    for trial in trials:
+        assert not trial["mismatches"], f"seed {trial['seed']}: answers differ: {trial['mismatches'][:3]}"
+    assert sum(trial["arrived_mid_bulk"] for trial in trials) >= TRIALS // 2
+    assert engine.decoder.profile["guessed"] > 0, "guesses rode in the steps"

@@ -5,6 +5,10 @@ Each trial: a bulk job of a random size class (1-20 queries over several images,
 queued together) and 1-2 opened tasks (1-3 queries each) submitted at random prefill or decode
 steps of the bulk work, through the real scheduler. Every answer, text and per-token
 log-probabilities, is compared with the same query's answer run alone on the same engine.
+With ``texts``, each query's answer is forced as a pointing answer of 0-3 points (the
+engine's ``answer_text`` seam), so that an engine with ``MOLMO_DRAFT`` confirms guessed tokens
+in its steps; the log-probabilities (the model's own picks over the forced tokens' keys and
+values) still have to match.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import threading
 
 from molmo_backend.engine.base import PointQuery
 from molmo_backend.engine.scheduler import Priority, Scheduler
+from molmo_backend.pointing.points import molmo2_answer
 
 SIZE_CLASSES = [1, 2, 3, 5, 8, 13, 16, 17, 20]
 WORDS = ["red", "small", "cat", "left", "dog", "the"]
 
 
-def make_job(rng: random.Random, images, size: int, tag: str) -> list[PointQuery]:
+def make_job(rng: random.Random, images, size: int, tag: str, texts: bool = False) -> list[PointQuery]:
     """``size`` queries over a few images, each image asked about by consecutive queries (as
     the backend submits a task's labels), with prompts of different lengths."""
     queries, key = [], rng.randrange(10**6)
@@ -27,7 +32,15 @@ def make_job(rng: random.Random, images, size: int, tag: str) -> list[PointQuery
         image = rng.randrange(len(images))
         for _ in range(min(rng.randint(1, 3), size - len(queries))):
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
-            queries.append(PointQuery(images[image], f"Point to {tag} {words}", image_key=(tag, key, image)))
+            points = [(rng.randrange(1000), rng.randrange(1000)) for _ in range(rng.randint(0, 3))]
+            queries.append(
+                PointQuery(
+                    images[image],
+                    f"Point to {tag} {words}",
+                    image_key=(tag, key, image),
+                    answer_text=molmo2_answer(points, words) if texts else None,
+                )
+            )
         key += 1
     return queries
 
@@ -93,7 +106,9 @@ def interleave(scheduler: Scheduler, engine, bulk, opened, rng: random.Random) -
     }
 
 
-def run_trials(engine, images, trials: int, seed_base: int, tolerance: float) -> list[dict]:
+def run_trials(
+    engine, images, trials: int, seed_base: int, tolerance: float, texts: bool = False
+) -> list[dict]:
     """One dict per trial: seed, sizes, whether an opened task arrived mid-bulk, and the
     prompts whose answers differ from alone (empty when all agree)."""
     alone: dict[tuple, object] = {}
@@ -103,17 +118,23 @@ def run_trials(engine, images, trials: int, seed_base: int, tolerance: float) ->
         for trial in range(trials):
             seed = seed_base + trial
             rng = random.Random(seed)
-            bulk = make_job(rng, images, rng.choice(SIZE_CLASSES), "bulk")
-            opened = [make_job(rng, images, rng.randint(1, 3), f"open{k}") for k in range(rng.randint(1, 2))]
+            bulk = make_job(rng, images, rng.choice(SIZE_CLASSES), "bulk", texts)
+            opened = [
+                make_job(rng, images, rng.randint(1, 3), f"open{k}", texts) for k in range(rng.randint(1, 2))
+            ]
             for query in bulk + [q for job in opened for q in job]:
-                key = (query.image_key, query.prompt)
+                key = (query.image_key, query.prompt, query.answer_text)  # a query's whole identity
                 if key not in alone:
                     alone[key] = engine.generate([query])[0]
             answers = interleave(scheduler, engine, bulk, opened, rng)
             pairs = list(zip(bulk, answers["bulk"])) + [
                 pair for job, got in zip(opened, answers["opened"]) for pair in zip(job, got)
             ]
-            wrong = [q.prompt for q, a in pairs if not same(a, alone[(q.image_key, q.prompt)], tolerance)]
+            wrong = [
+                q.prompt
+                for q, a in pairs
+                if not same(a, alone[(q.image_key, q.prompt, q.answer_text)], tolerance)
+            ]
             out.append(
                 {
                     "seed": seed,
