@@ -37,13 +37,19 @@ from workloads import (  # noqa: E402
     LABELS,
     LONG_SEED,
     REALISTIC_SEED,
+    Workload,
     build_processor,
     mean_answer,
+    mean_length_text,
     noise_image,
     realistic_plan,
+    realistic_text,
 )
 
 from molmo_backend.engine.admission import PREFILL_TOKENS_PER_STEP, bulk_should_join  # noqa: E402
+from molmo_backend.engine.base import PointQuery  # noqa: E402
+from molmo_backend.engine.drafting import GUESSES, MOST_ROWS  # noqa: E402
+from molmo_backend.engine.point_drafts import replay  # noqa: E402
 from molmo_backend.engine.prefill import prepare_image  # noqa: E402
 from molmo_backend.engine.queue import Priority  # noqa: E402
 
@@ -92,14 +98,19 @@ def makespan(
     small_cheaper_ms=0.0,
     small_tokens=1.0,
     budget=PREFILL_TOKENS_PER_STEP,
+    small_entries=1.0,
+    small_rows=SMALL,
 ):
     """(GPU seconds of the steps, steps, seconds at the last admission): the scheduler's steps
     over images with ``prefixes`` tokens each, asked ``len(LABELS)`` labels with answers of
     ``lengths`` tokens, at most ``rows`` rows running; decode steps of at most :data:`SMALL`
     rows ``small_cheaper_ms`` cheaper than the fit, each row taking ``small_tokens`` tokens in
-    them on average (more than one: drafted tokens checked in the step)."""
+    them on average (more than one: drafted tokens checked in the step) and costing as
+    ``small_entries`` rows each (a drafted token checked as one more query row of its slot)."""
     labels = len(LABELS)
-    waiting, running = list(range(len(prefixes))), []  # running: tokens each row has still to make
+    # ``small_tokens`` per answer (a list): each row's own tokens a step, its entries as many
+    per_row = isinstance(small_tokens, list)
+    waiting, running = list(range(len(prefixes))), []  # running: (tokens still to make, pair)
     ms = last_admission = 0.0
     steps = 0
     while waiting or running:
@@ -114,21 +125,29 @@ def makespan(
                 if admitted and cost > room:
                     break
                 image = waiting.pop(0)
-                admitted += [lengths[image * labels + j] for j in range(labels)]
+                admitted += [image * labels + j for j in range(labels)]
                 tokens += prefixes[image] + labels * SUFFIX_TOKENS
                 room -= cost
                 free -= labels
             ms += packed[0] + packed[1] * tokens + packed[2] * len(running)
-            running = [left - 1 for left in running] + [length - 1 for length in admitted]
+            running = [(left - 1, i) for left, i in running] + [(lengths[i] - 1, i) for i in admitted]
             last_admission = ms
         else:
-            small = len(running) <= SMALL
-            ms += decode[0] + decode[1] * len(running) - (small_cheaper_ms if small else 0)
-            step = small_tokens if small else 1
-            running = [left - step for left in running]
-        running = [left for left in running if left > 0]
+            small = len(running) <= small_rows
+            rate = [(small_tokens[i] if per_row else small_tokens) if small else 1.0 for _, i in running]
+            entries = sum(rate) if per_row else len(running) * (small_entries if small else 1)
+            ms += decode[0] + decode[1] * entries - (small_cheaper_ms if small else 0)
+            running = [(left - step, i) for (left, i), step in zip(running, rate)]
+        running = [(left, i) for left, i in running if left > 0]
         steps += 1
     return ms / 1000, steps, last_admission / 1000
+
+
+def tokens_a_step(tokenizer, text: str) -> float:
+    """An answer's tokens per decode step with the point format's guesses checked in each step
+    (engine/drafting.py), replayed on its text (point_drafts.replay)."""
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(text, add_special_tokens=False)]
+    return len(pieces) / replay(pieces, GUESSES)[0]
 
 
 def main() -> int:
@@ -176,7 +195,9 @@ def main() -> int:
             f"model {seconds + outside * images:.2f} s, {count} steps, last admission at {admitted:.1f} s"
         )
 
-    def walls(job_sizes, job_lengths, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0):
+    def walls(
+        job_sizes, job_lengths, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0, entries=1.0
+    ):
         """realistic's and mean_length's modelled walls, in seconds, for a job of these images
         and answers."""
         out = []
@@ -184,16 +205,23 @@ def main() -> int:
             decode, packed, outside = model[name]
             decode = (decode[0] - cheaper_ms, decode[1])
             steps = makespan(
-                prefixes(job_sizes), answers, rows, decode, packed, small_cheaper_ms, small_tokens
+                prefixes(job_sizes),
+                answers,
+                rows,
+                decode,
+                packed,
+                small_cheaper_ms,
+                small_tokens,
+                small_entries=entries,
             )
             out.append(steps[0] + outside * len(job_sizes))
         return out
 
-    def ratio(job_images, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0) -> str:
+    def ratio(job_images, rows, cheaper_ms=0.0, small_cheaper_ms=0.0, small_tokens=1.0, entries=1.0) -> str:
         """realistic and mean_length modelled, and their ratio; a job of another size is the
         bench's realistic_long of that many images."""
         job = (sizes, lengths) if job_images == images else realistic_plan(job_images, LONG_SEED)
-        realistic, mean = walls(*job, rows, cheaper_ms, small_cheaper_ms, small_tokens)
+        realistic, mean = walls(*job, rows, cheaper_ms, small_cheaper_ms, small_tokens, entries)
         return f"realistic {realistic:6.2f} s, mean_length {mean:6.2f} s: {mean / realistic:.3f}x"
 
     print("variants (model):")
@@ -209,13 +237,40 @@ def main() -> int:
         print(
             f"  decode steps of <= {SMALL} rows making {tokens} tokens a row: {ratio(images, rows, 0, 0, tokens)}"
         )
+    # checked in the captured decode step itself: each drafted token one more query row of its
+    # slot, at its own position (10 tokens in 6 steps: 1.67 rows a row, each costing a row's share)
+    print(
+        f"  decode steps of <= {SMALL} rows making 1.67 tokens a row, each checked as a query row "
+        f"of the step: {ratio(images, rows, 0, 0, 1.67, 1.67)}"
+    )
     for cheaper in (2.0, 3.0):
         print(
             f"  decode steps of <= {SMALL} rows {cheaper} ms cheaper and making 1.67 tokens a row: "
-            f"{ratio(images, rows, 0, cheaper, 1.67)}"
+            f"{ratio(images, rows, 0, cheaper, 1.67)}; each token a query row: "
+            f"{ratio(images, rows, 0, cheaper, 1.67, 1.67)}"
         )
     for job in (960, 1440, 2880):
         print(f"  {job} images: {ratio(job, rows)}")
+    # the drafter as built (engine/drafting.py): each answer's own tokens a step, replayed on
+    # its pointing text, in steps of up to MOST_ROWS rows; mean_length's answers drafted too
+    tokenizer = processor.tokenizer
+    queries = [PointQuery(None, "", image_key=(0, i), answer_tokens=n) for i, n in enumerate(lengths)]
+    texts = realistic_text(Workload("realistic", queries), tokenizer)
+    drafted, rates = [], {}
+    for name, job in (("realistic", texts), ("mean_length", mean_length_text(texts, tokenizer))):
+        decode, packed, outside = model[name]
+        rates[name] = [tokens_a_step(tokenizer, q.answer_text) for q in job.queries]
+        answers = both_jobs(lengths)[name]
+        steps = makespan(
+            prefixes(sizes), answers, rows, decode, packed, 0.0, rates[name], small_rows=MOST_ROWS
+        )
+        drafted.append(steps[0] + outside * images)
+    print(
+        f"  the drafter as built (each answer's tokens a step replayed on its pointing text, in steps "
+        f"of <= {MOST_ROWS} rows, both jobs): realistic {drafted[0]:6.2f} s, mean_length "
+        f"{drafted[1]:6.2f} s: {drafted[1] / drafted[0]:.3f}x ({statistics.mean(rates['realistic']):.2f} "
+        f"tokens a step on realistic's answers, {rates['mean_length'][0]:.2f} on mean_length's)"
+    )
     if args.seeds:
         print(f"other draws of the realistic workload ({images} images, {rows} rows; model):")
         ratios = {}

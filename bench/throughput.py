@@ -33,7 +33,11 @@ each on the same inputs:
 
 ``--try mlp`` runs the kernel that is not on by default beside it: the MLP's SiLU and
 multiplication in one kernel (the FlashAttention-2 prefixes were a trial too until measured and
-turned on; the ``prefixes`` ablation times them off).
+turned on; the ``prefixes`` ablation times them off). ``--try draft`` runs the realistic
+workload's images and point counts with each answer forced as Molmo2's pointing text
+(``realistic_text``) and its mean-length twin (``mean_length_text``), one token a step
+(``d_text``) and with the point format's guesses checked in the step (``d_draft``,
+``MOLMO_DRAFT=1``), and the open-task latency with a three-point answer each way.
 
 Then, for (d): open-task latency (1 task x 3 labels, 40 tokens, INTERACTIVE) idle and while the
 realistic bulk job runs, a phase profile of the realistic workload, answers against plain
@@ -51,6 +55,7 @@ import gc
 import json
 import logging
 import os
+import random
 import statistics
 import sys
 import threading
@@ -74,8 +79,11 @@ from workloads import (  # noqa: E402
     build,
     fixed40,
     mean_length,
+    mean_length_text,
     noise_image,
+    pointing_text,
     realistic,
+    realistic_text,
     subset,
 )
 
@@ -184,7 +192,8 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
     moves, waits = getattr(decoder, "moves", 0), getattr(decoder, "waits", 0)
     if TRACES is not None:
         decoder.trace = []
-    seconds = timed(lambda: scheduler.submit(workload.queries, Priority.BULK), device)
+    answers = []
+    seconds = timed(lambda: answers.extend(scheduler.submit(workload.queries, Priority.BULK)), device)
     stats = dict(scheduler.stats)
     scheduler.close()
     steps = None
@@ -212,7 +221,34 @@ def scheduled(engine, workload, device, log, label, **options) -> dict:
     if steps is not None:
         row["trace"] = trace_summary(steps, seconds)
     log(f"  {label} {workload.name}: {row}")
+    if workload.lengths is not None:  # forced texts: the caller checks them (not logged)
+        row["texts"] = [a.text for a in answers]
     return row
+
+
+def try_draft(engine, drafting, workload, tokenizer, device, log, args) -> dict:
+    """``workload``'s images and point counts with forced pointing texts, and their mean-length
+    twin, one token a step and with guesses (``drafting``); the open-task latency with a
+    three-point answer each way. Every answer must come out as its forced text."""
+    texts = realistic_text(workload, tokenizer)
+    twin = mean_length_text(texts, tokenizer)
+    out = {"draft_workloads": {w.name: w.describe() for w in (texts, twin)}, "draft_runs": []}
+    log(f"  draft workloads: {json.dumps(out['draft_workloads'])}")
+    if drafting is None:
+        log("  --try draft: this tokenizer gets no guesses")
+        return out
+    opened = pointing_text(3, random.Random(5), "person")
+    for label, guesses in (("d_text", None), ("d_draft", drafting)):
+        engine.drafting = guesses
+        for job in (texts, twin):
+            row = scheduled(engine, job, device, log, label)
+            row["answers_are_the_texts"] = row.pop("texts") == [q.answer_text for q in job.queries]
+            out["draft_runs"].append(row)
+            log(f"  {label} {job.name}: answers are the forced texts: {row['answers_are_the_texts']}")
+        out[f"open_task_idle_{label}"] = open_task_latency(engine, device, args.latency_runs, text=opened)
+        log(f"  {label} open task idle, three points: {out[f'open_task_idle_{label}']}")
+    engine.drafting = None
+    return out
 
 
 def try_kernels(engine, model, workload, device, log, trial: str, plain: list[str]) -> dict:
@@ -291,16 +327,23 @@ def trace_summary(steps: list[dict], seconds: float) -> dict:
     }
 
 
-def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7) -> dict:
-    """Seconds for 1 task x 3 labels (40 tokens each) at INTERACTIVE priority, one after
-    another; with ``bulk``, while that job runs (the timings end when it does)."""
+def open_task_latency(engine, device, runs, bulk=None, gap=0.2, seed=7, text=None) -> dict:
+    """Seconds for 1 task x 3 labels (40 tokens each, or each answer ``text``) at INTERACTIVE
+    priority, one after another; with ``bulk``, while that job runs (the timings end when it
+    does)."""
     scheduler = Scheduler(engine, **SCHEDULER_OPTIONS)
     keys = iter(range(10**6))
     images = [noise_image((1280, 960), seed * 1000 + i) for i in range(runs + 1)]
 
     def one(img):
         queries = [
-            PointQuery(img, f"Point to the {label}.", image_key=("open", next(keys)), answer_tokens=40)
+            PointQuery(
+                img,
+                f"Point to the {label}.",
+                image_key=("open", next(keys)),
+                answer_tokens=None if text else 40,
+                answer_text=text,
+            )
             for label in LABELS
         ]
         started = time.perf_counter()
@@ -454,9 +497,9 @@ def main() -> int:
         "--try",
         dest="trials",
         default="",
-        choices=["", "mlp"],
-        help="a kernel not on by default, run on the realistic workload: mlp (SiLU-and-multiply "
-        "in one kernel)",
+        choices=["", "mlp", "draft"],
+        help="what is not on by default: mlp (SiLU-and-multiply in one kernel, on the realistic "
+        "workload); draft (guessed tokens of pointing answers, on forced pointing texts)",
     )
     parser.add_argument(
         "--trace",
@@ -513,7 +556,9 @@ def main() -> int:
         max_new_tokens=1024,
         max_batch=args.batch,
         triton_kernels=True,  # the default (MOLMO_TRITON_KERNELS); the cutlass ablation turns it off
+        draft=True,  # only --try draft uses it (MOLMO_DRAFT is off by default)
     )
+    drafting, engine.drafting = engine.drafting, None
     decoder = engine.decoder
     longest = getattr(decoder, "max_length", None) or decoder.slot_length  # older code: slot_length
     results["bulk_rows"], results["longest_row_tokens"] = engine.max_batch, longest
@@ -617,10 +662,13 @@ def main() -> int:
         results["runs"] += both_workloads(engine, work, device, log, label)
         put(before)
         save()
-    if args.trials:  # the kernel not on by default
+    if args.trials == "mlp":  # the kernel not on by default
         results["runs"].append(
             try_kernels(engine, model, work["realistic"], device, log, args.trials, plain_answers)
         )
+        save()
+    if args.trials == "draft":
+        results.update(try_draft(engine, drafting, work["realistic"], processor.tokenizer, device, log, args))
         save()
     if "rotary" not in skip and results["fused_rotary"]:  # Hugging Face's ten rotary kernels
         fused_rotary.uninstall()
@@ -749,6 +797,12 @@ def main() -> int:
         "realistic_unfused_rotary_pairs_per_s": pick("d_unfused_rotary", "realistic"),
         "realistic_unsplit_big_steps_pairs_per_s": pick("d_unsplit_big_steps", "realistic"),
         "realistic_try_mlp_pairs_per_s": pick("d_try_mlp", "realistic"),
+        **{
+            f"{row['workload']}{'_draft' if row['variant'] == 'd_draft' else ''}_pairs_per_s": row[
+                "pairs_per_s"
+            ]
+            for row in results.get("draft_runs", [])
+        },
         "realistic_flat_decode_pairs_per_s": pick("d_flat_decode", "realistic"),
         "realistic_features_in_step_pairs_per_s": pick("d_features_in_step", "realistic"),
         "realistic_unfused_norms_pairs_per_s": pick("d_unfused_norms", "realistic"),

@@ -18,10 +18,18 @@ Workloads (3 labels per image; "pairs" are (image, label) pairs):
   so nothing is cut). Mean about 60 tokens; the sampled mean is reported with each run.
 - ``mean_length``: the realistic workload's images, every answer at its mean length: what
   continuous batching should come close to (the heavy tail then costs nothing extra).
+- ``realistic_text`` and ``mean_length_text`` (``throughput.py --try draft``): the same images
+  and point counts, each answer forced as the text Molmo2 would write (``answer_text``: its
+  point format, random points), so that guessed tokens (``MOLMO_DRAFT``) can be confirmed on
+  random weights; mean_length_text gives every answer the point count whose text is nearest
+  the realistic texts' mean length.
+
+The tokenizer writes each digit as a token of its own, as Molmo2's (Qwen3's) does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import tempfile
 from dataclasses import dataclass
@@ -30,8 +38,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from molmo_backend.demo.models import CHAT_TEMPLATE, build_tokenizer
+from molmo_backend.demo.models import CHAT_TEMPLATE, RANDOM_RECIPE, build_tokenizer
 from molmo_backend.engine.base import PointQuery
+from molmo_backend.pointing.points import molmo2_answer
 
 LABELS = ["person", "car", "dog"]
 # text dims: (hidden, layers, heads, kv heads, head_dim, mlp)
@@ -50,6 +59,8 @@ NONE_TOKENS, TAG_TOKENS, POINT_TOKENS = 4, 15, 10
 #: seeds of throughput.py's realistic workload and of its larger retrieve (``--long-images``);
 #: bench/tail_model.py replays the same two
 REALISTIC_SEED, LONG_SEED = 2, 6
+#: the demo tokenizer's text, written a digit a token as Qwen3 (Molmo2's text model) writes numbers
+RECIPE = dataclasses.replace(RANDOM_RECIPE, split_digits=True)
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
@@ -57,7 +68,7 @@ def build(size: str, device: torch.device, dtype: torch.dtype, layers: int | Non
     ``layers`` shortens the text model (quick GPU checks of the engine's mechanics)."""
     from transformers import Molmo2Config, Molmo2ForConditionalGeneration
 
-    tokenizer = build_tokenizer(Path(tempfile.mkdtemp()))
+    tokenizer = build_tokenizer(Path(tempfile.mkdtemp()), RECIPE)
     ids = {
         t: tokenizer.convert_tokens_to_ids(t)
         for t in [
@@ -156,7 +167,7 @@ def build_processor(size: str, tokenizer=None):
     return Molmo2Processor(
         image_processor=image_processor,
         video_processor=Molmo2VideoProcessor(),
-        tokenizer=tokenizer or build_tokenizer(Path(tempfile.mkdtemp())),
+        tokenizer=tokenizer or build_tokenizer(Path(tempfile.mkdtemp()), RECIPE),
         chat_template=CHAT_TEMPLATE,
         image_use_col_tokens=True,
         use_single_crop_col_tokens=False,
@@ -191,14 +202,20 @@ def answer_length(rng: random.Random) -> int:
 class Workload:
     name: str
     queries: list[PointQuery]
+    #: each answer's tokens where the queries force texts (else their ``answer_tokens``)
+    lengths: list[int] | None = None
 
     @property
     def mean_tokens(self) -> float:
-        return sum(q.answer_tokens for q in self.queries) / len(self.queries)
+        return sum(self.answer_lengths) / len(self.queries)
 
     @property
     def max_tokens(self) -> int:
-        return max(q.answer_tokens for q in self.queries)
+        return max(self.answer_lengths)
+
+    @property
+    def answer_lengths(self) -> list[int]:
+        return self.lengths or [q.answer_tokens for q in self.queries]
 
     def describe(self) -> dict:
         sizes: dict[str, int] = {}
@@ -262,3 +279,45 @@ def mean_length(workload: Workload) -> Workload:
 
 def subset(workload: Workload, pairs: int) -> Workload:
     return Workload(workload.name, workload.queries[:pairs])
+
+
+def pointing_text(points: int, rng: random.Random, label: str) -> str:
+    """An answer as Molmo2 writes it, of ``points`` random points."""
+    return molmo2_answer([(rng.randrange(1000), rng.randrange(1000)) for _ in range(points)], label)
+
+
+def points_of(length: int) -> int:
+    """The point count :func:`answer_length` drew for an answer of ``length`` tokens."""
+    return 0 if length == NONE_TOKENS else (length - TAG_TOKENS) // POINT_TOKENS
+
+
+def _texts(workload: Workload, name: str, points: list[int], tokenizer, seed: int) -> Workload:
+    rng = random.Random(seed)
+    queries = [
+        dataclasses.replace(
+            q,
+            image_key=(name,) + tuple(q.image_key),
+            answer_tokens=None,
+            answer_text=pointing_text(n, rng, LABELS[i % len(LABELS)]),
+        )
+        for i, (q, n) in enumerate(zip(workload.queries, points))
+    ]
+    lengths = [len(tokenizer.encode(q.answer_text, add_special_tokens=False)) for q in queries]
+    return Workload(name, queries, lengths)
+
+
+def realistic_text(workload: Workload, tokenizer) -> Workload:
+    """``workload``'s images and point counts, each answer forced as its pointing text."""
+    points = [points_of(q.answer_tokens) for q in workload.queries]
+    return _texts(workload, "realistic_text", points, tokenizer, seed=11)
+
+
+def mean_length_text(texts: Workload, tokenizer) -> Workload:
+    """``texts``' images, every answer of the point count whose text is nearest their mean length."""
+    rng, mean = random.Random(0), texts.mean_tokens
+    label = LABELS[0]
+    size = {
+        n: len(tokenizer.encode(pointing_text(n, rng, label), add_special_tokens=False)) for n in range(30)
+    }
+    nearest = min(size, key=lambda n: abs(size[n] - mean))
+    return _texts(texts, "mean_length_text", [nearest] * len(texts.queries), tokenizer, seed=12)
