@@ -24,7 +24,6 @@ from molmo_backend.demo.scenes import sample_scene
 from molmo_backend.demo.training_data import prompt_for
 from molmo_backend.engine import cascade, flash_decode, point_drafts, slot_attention
 from molmo_backend.engine.base import PointQuery
-from molmo_backend.engine.decoding import SlotDecoder
 from molmo_backend.engine.drafting import GUESSES, Drafting
 from molmo_backend.engine.molmo2 import TransformersEngine
 from molmo_backend.engine.point_drafts import PointDraft, accepted
@@ -34,6 +33,7 @@ from molmo_backend.pointing.points import molmo2_answer
 from molmo_backend.settings import Settings, SettingsError
 from tests.engine.test_cascade import reference_kernel
 from tests.support.forcing import ForceAnswers, by_label
+from tests.support.pools import tight_pool
 
 #: Qwen3 writes each digit, and each space before a digit, as a token of its own
 QWEN_TOKENS = re.compile(r"\d| (?=\d)|[^\d ]+| +")
@@ -211,17 +211,7 @@ def test_runs_that_must_grow_move_or_wait_with_guesses_lose_nothing(pool_rows):
     row's guesses never pass what its run holds, and every answer is still its forced text."""
     texts, queries = _forced()
     engine = _shapes()
-    engine.decoder = SlotDecoder(
-        engine.model,
-        sorted(engine._eos_ids),
-        engine._pad_id,
-        bulk_slots=4,
-        max_length=engine.decoder.max_length,
-        bulk_tokens=pool_rows * engine.decoder.max_length,
-        use_cuda_graph=False,
-    )
-    engine.decoder.space.typical = 1.0
-    engine.max_batch = 4
+    engine = tight_pool(engine, bulk_tokens=pool_rows * engine.decoder.max_length)
     assert [a.text for a in engine.generate(queries)] == texts
     assert engine.decoder.moves > 0
     assert not engine.decoder.space.held

@@ -14,11 +14,11 @@ from PIL import Image
 
 from molmo_backend.engine import row_memory
 from molmo_backend.engine.base import PointQuery
-from molmo_backend.engine.decoding import SlotDecoder
 from molmo_backend.engine.molmo2 import TransformersEngine
 from molmo_backend.engine.queue import Priority
 from molmo_backend.engine.scheduler import Scheduler
 from molmo_backend.engine.slots import ANSWER_ROOM, BLOCK_TOKENS, BlockRuns, RowSpace
+from tests.support.pools import tight_pool
 
 IMAGES = [
     Image.new("RGB", (640, 480), (200, 30, 30)),
@@ -84,17 +84,7 @@ def test_a_bulk_row_takes_its_prompt_and_some_answer_room_and_an_opened_task_the
 def _engine(demo_model_dir, bulk_tokens=None):
     engine = TransformersEngine.load(str(demo_model_dir), max_new_tokens=200, max_batch=4)
     if bulk_tokens is not None:  # a pool that holds fewer tokens than 4 rows may need
-        engine.decoder = SlotDecoder(
-            engine.model,
-            sorted(engine._eos_ids),
-            engine._pad_id,
-            bulk_slots=4,
-            max_length=engine.decoder.max_length,
-            bulk_tokens=bulk_tokens,
-            use_cuda_graph=False,
-        )
-        # this model's rows take one block each: admit as many as that allows, all at once
-        engine.decoder.space.typical = 1.0
+        tight_pool(engine, bulk_tokens)
     return engine
 
 
