@@ -103,13 +103,13 @@ def makespan(
 ):
     """(GPU seconds of the steps, steps, seconds at the last admission): the scheduler's steps
     over images with ``prefixes`` tokens each, asked ``len(LABELS)`` labels with answers of
-    ``lengths`` tokens, at most ``rows`` rows running; decode steps of at most :data:`SMALL`
+    ``lengths`` tokens, at most ``rows`` rows running; decode steps of at most ``small_rows``
     rows ``small_cheaper_ms`` cheaper than the fit, each row taking ``small_tokens`` tokens in
-    them on average (more than one: drafted tokens checked in the step) and costing as
-    ``small_entries`` rows each (a drafted token checked as one more query row of its slot)."""
+    them on average (more than one: drafted tokens checked in the step; a list: each pair's
+    own) and costing as ``small_entries`` rows each (a drafted token checked as one more query
+    row of its slot; None: as many as its tokens)."""
     labels = len(LABELS)
-    # ``small_tokens`` per answer (a list): each row's own tokens a step, its entries as many
-    per_row = isinstance(small_tokens, list)
+    tokens_of = small_tokens if isinstance(small_tokens, list) else [small_tokens] * len(lengths)
     waiting, running = list(range(len(prefixes))), []  # running: (tokens still to make, pair)
     ms = last_admission = 0.0
     steps = 0
@@ -134,8 +134,8 @@ def makespan(
             last_admission = ms
         else:
             small = len(running) <= small_rows
-            rate = [(small_tokens[i] if per_row else small_tokens) if small else 1.0 for _, i in running]
-            entries = sum(rate) if per_row else len(running) * (small_entries if small else 1)
+            rate = [tokens_of[i] if small else 1.0 for _, i in running]
+            entries = sum(rate) if small_entries is None else len(running) * (small_entries if small else 1)
             ms += decode[0] + decode[1] * entries - (small_cheaper_ms if small else 0)
             running = [(left - step, i) for (left, i), step in zip(running, rate)]
         running = [(left, i) for left, i in running if left > 0]
@@ -262,7 +262,15 @@ def main() -> int:
         rates[name] = [tokens_a_step(tokenizer, q.answer_text) for q in job.queries]
         answers = both_jobs(lengths)[name]
         steps = makespan(
-            prefixes(sizes), answers, rows, decode, packed, 0.0, rates[name], small_rows=MOST_ROWS
+            prefixes(sizes),
+            answers,
+            rows,
+            decode,
+            packed,
+            0.0,
+            rates[name],
+            small_entries=None,
+            small_rows=MOST_ROWS,
         )
         drafted.append(steps[0] + outside * images)
     print(

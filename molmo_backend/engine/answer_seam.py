@@ -22,6 +22,8 @@ from molmo_backend.engine.base import PointQuery, Row
 
 
 class AnswerSeam:
+    """An engine's forced answers: their lengths, and the tokens that replace the model's picks."""
+
     def __init__(self, tokenizer):
         #: when set, every query without its own ``answer_tokens`` or ``answer_text`` generates
         #: exactly this many tokens; None in production
